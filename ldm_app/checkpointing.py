@@ -1,0 +1,182 @@
+"""Training checkpoints shared by train_vae.py and train_ldm.py.
+
+accelerate's `save_state` / `load_state` hold the state (models, optimisers, LR schedulers, every RNG, and the
+GradScaler); this module adds what accelerate leaves to the caller:
+- atomic writes: all processes write into `.checkpoint-N.tmp`, the main process renames it to `checkpoint-N`
+  only when every file is on disk, so a SIGKILL leaves either the old set or the new one, never half of one;
+- `training_state.json` (step, epoch, batch position) so a resumed run continues mid-epoch;
+- `latest` resolution that skips a corrupt newest checkpoint (with a warning) for the one before it;
+- keeping the last K checkpoints;
+- a run-folder identity check, so resuming into a folder that holds a different run is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .config import diff_configs
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "checkpoint-"
+STATE_FILE = "training_state.json"
+RUN_CONFIG_FILE = "run_config.json"
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Finished checkpoints (renamed into place), oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=checkpoint_step)
+
+
+def check_checkpoint(path: Path) -> str | None:
+    """None when `path` looks loadable, else the reason it does not (cheap: reads headers, not tensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"{STATE_FILE} unreadable ({e.__class__.__name__})"
+    for f in sorted(path.rglob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                sf.keys()
+        except (SafetensorError, OSError) as e:
+            return f"{f.relative_to(path)} is corrupt ({str(e).splitlines()[0][:80]})"
+    for f in sorted(path.rglob("*")):
+        if f.is_file() and f.stat().st_size == 0:
+            return f"{f.relative_to(path)} is empty"
+        if f.suffix in (".bin", ".pkl") and not _zip_ok(f):  # torch.save files are zip archives
+            return f"{f.relative_to(path)} is truncated or corrupt"
+    return None
+
+
+def _zip_ok(f: Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(f) as z:
+            return z.testzip() is None
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def resolve_resume(output_dir: str | Path, spec: str | None) -> Path | None:
+    """`spec` is None (fresh run), "latest", or a checkpoint path. "latest" with none found logs and returns None;
+    a corrupt newest checkpoint falls back to the previous one with a warning; an explicit bad path is an error."""
+    if not spec:
+        return None
+    if spec != "latest":
+        path = Path(spec)
+        if not path.is_dir():
+            raise UserError(f"--resume_from_checkpoint {spec!r}: no such checkpoint folder (or pass 'latest')")
+        problem = check_checkpoint(path)
+        if problem:
+            raise UserError(f"checkpoint {spec!r} cannot be resumed: {problem}")
+        return path
+    checkpoints = list_checkpoints(output_dir)
+    for path in reversed(checkpoints):
+        problem = check_checkpoint(path)
+        if problem is None:
+            return path
+        logger.warning("checkpoint %s is corrupt (%s); falling back to the previous one", path.name, problem)
+    if checkpoints:
+        raise UserError(f"every checkpoint in {str(output_dir)!r} is corrupt; cannot resume (remove them to start fresh)")
+    logger.warning("no checkpoint in %s to resume from: starting a fresh run", output_dir)
+    return None
+
+
+def save_checkpoint(
+    accelerator: Any,
+    output_dir: str | Path,
+    step: int,
+    state: Mapping[str, Any],
+    write_extra: Callable[[Path], None] | None = None,
+    total_limit: int | None = None,
+) -> Path:
+    """Collective: every process must call it. `state` is the JSON training position (step, epoch, batch);
+    `write_extra(folder)` runs on the main process to add files (EMA weights, a loadable pipeline...)."""
+    output_dir = Path(output_dir)
+    final = output_dir / f"{PREFIX}{step}"
+    tmp = output_dir / f".{PREFIX}{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed run
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if write_extra is not None:
+            write_extra(tmp)
+        (tmp / STATE_FILE).write_text(json.dumps(dict(state), indent=2))
+        _fsync_tree(tmp)
+        if final.exists():  # same step saved twice (e.g. final save right after a periodic one)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        prune_checkpoints(output_dir, total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
+    """Restore accelerate's state from `path` and return its training position."""
+    accelerator.load_state(str(path))
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def prune_checkpoints(output_dir: Path, total_limit: int | None) -> None:
+    if total_limit is None:
+        return
+    for old in list_checkpoints(output_dir)[:-total_limit]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_run_folder(output_dir: str | Path, run_config: Mapping[str, Any], resuming: bool,
+                     may_differ: tuple[str, ...] = ()) -> None:
+    """Refuse to mix runs in one folder: an output dir with checkpoints must be resumed (not silently restarted
+    and overwritten), and only with the config it was made with (keys in `may_differ`, such as the step budget,
+    can change on resume)."""
+    output_dir = Path(output_dir)
+    saved_file = output_dir / RUN_CONFIG_FILE
+    has_work = bool(list_checkpoints(output_dir))
+    if has_work and not resuming:
+        raise UserError(
+            f"output dir {str(output_dir)!r} already holds checkpoints of a run; pass --resume_from_checkpoint latest "
+            "to continue it, or choose a new --output_dir"
+        )
+    if saved_file.is_file():
+        saved = json.loads(saved_file.read_text())
+        changed = [k for k in diff_configs(saved, dict(run_config)) if not k.startswith(may_differ)]
+        if changed:
+            raise UserError(
+                f"output dir {str(output_dir)!r} holds a different run (config differs at {', '.join(changed[:3])}); "
+                "use a new --output_dir"
+            )
+
+
+def write_run_config(output_dir: str | Path, run_config: Mapping[str, Any]) -> None:
+    from .fileio import atomic_write_text
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output_dir / RUN_CONFIG_FILE, json.dumps(dict(run_config), indent=2))
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())

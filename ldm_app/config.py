@@ -1,0 +1,351 @@
+"""Typed configs: defaults live in these dataclasses, `configs/*.yaml` override fields, `--set key=value` flags
+override both. Every model folder and checkpoint carries the config that built it (`save_config`).
+
+Loading is strict: an unknown key, a value of the wrong type or an impossible value is a `UserError` that names
+the key. Configs never name classes to import (no `target: ldm.models...`): builders in `ldm_app.models` turn
+them into diffusers / transformers objects with explicit `if kind == ...` factories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
+
+import yaml
+
+from .errors import UserError
+from .fileio import atomic_write_text
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Component configs
+
+
+@dataclass
+class AutoencoderConfig:
+    """First stage (LDM, Rombach et al. 2022): a KL- or VQ-regularised autoencoder, downsampling factor
+    f = 2 ** (len(block_out_channels) - 1); four levels give the f=8 of Stable Diffusion."""
+
+    kind: Literal["kl", "vq"] = "kl"
+    in_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = (64, 128, 128, 128)
+    layers_per_block: int = 1
+    norm_num_groups: int = 32
+    num_vq_embeddings: int = 256  # codebook size (vq only)
+    sample_size: int = 64
+    scaling_factor: float = 1.0  # measured from data after training (LDM's scale_by_std)
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def validate(self) -> None:
+        _positive(self, "in_channels", "latent_channels", "layers_per_block", "norm_num_groups", "sample_size")
+        _positive_tuple(self, "block_out_channels")
+        _divisible_by_groups(self, "block_out_channels", self.norm_num_groups)
+        if self.kind == "vq" and self.num_vq_embeddings < 2:
+            raise UserError(f"num_vq_embeddings must be >= 2 for a VQ autoencoder, got {self.num_vq_embeddings}")
+        if self.scaling_factor <= 0:
+            raise UserError(f"scaling_factor must be > 0, got {self.scaling_factor}")
+
+
+@dataclass
+class UNetConfig:
+    """Denoiser eps_theta(x_t, t, c): a U-Net with ResNet blocks, self-attention and cross-attention to the text
+    embeddings (the seeds' U-Net; diffusers' UNet2DConditionModel). One entry of `attention` per level says
+    whether that level has (cross-)attention blocks."""
+
+    in_channels: int = 4  # must equal the autoencoder's latent_channels
+    sample_size: int = 8  # latent side = image side / f
+    block_out_channels: tuple[int, ...] = (64, 128, 256)
+    attention: tuple[bool, ...] = (False, True, True)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_num_groups: int = 32
+
+    def validate(self) -> None:
+        _positive(self, "in_channels", "sample_size", "layers_per_block", "attention_head_dim", "norm_num_groups")
+        _positive_tuple(self, "block_out_channels")
+        _divisible_by_groups(self, "block_out_channels", self.norm_num_groups)
+        if len(self.attention) != len(self.block_out_channels):
+            raise UserError(
+                f"attention needs one entry per level ({len(self.block_out_channels)}), got {len(self.attention)}"
+            )
+        if not any(self.attention):
+            raise UserError("attention must enable at least one level: text conditioning is cross-attention")
+
+
+@dataclass
+class TextEncoderConfig:
+    """Conditioning stage tau_theta: a CLIP text transformer. Either a pretrained folder (kept frozen) or a small
+    CLIPTextModel trained jointly from scratch with the U-Net (LDM's trainable conditioning)."""
+
+    pretrained: str | None = None
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 1024
+    max_position_embeddings: int = 77
+
+    def validate(self) -> None:
+        _positive(self, "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        if self.hidden_size % self.num_attention_heads:
+            raise UserError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if not 2 <= self.max_position_embeddings <= 77:
+            raise UserError(f"max_position_embeddings must be in 2..77, got {self.max_position_embeddings}")
+
+
+@dataclass
+class NoiseScheduleConfig:
+    """Forward process q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I) (Ho et al. 2020)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear"] = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+
+    def validate(self) -> None:
+        _positive(self, "num_train_timesteps")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise UserError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start} and {self.beta_end}")
+
+
+@dataclass
+class DataConfig:
+    train_data_dir: str | None = None  # an imagefolder: images + metadata.jsonl
+    dataset_name: str | None = None  # or a hub dataset (needs a network)
+    image_column: str = "image"
+    caption_column: str = "text"
+    resolution: int = 64
+    center_crop: bool = True
+    random_flip: bool = False  # off by default: captions say left/right
+    holdout_fraction: float = 0.05
+    max_samples: int | None = None
+    dataloader_num_workers: int = 0
+
+    def validate(self) -> None:
+        _positive(self, "resolution")
+        if not 0 <= self.holdout_fraction < 1:
+            raise UserError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        if self.dataloader_num_workers < 0:
+            raise UserError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by train_vae.py and train_ldm.py."""
+
+    seed: int = 0
+    learning_rate: float = 1e-4
+    scale_lr: bool = False  # lr *= batch * accumulation * processes
+    train_batch_size: int = 16  # per process
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 1000
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = 3
+    log_every: int = 10
+
+    def validate(self) -> None:
+        _positive(self, "learning_rate", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
+                  "checkpointing_steps", "log_every")
+        if self.lr_warmup_steps < 0:
+            raise UserError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise UserError(f"checkpoints_total_limit must be >= 1 or null, got {self.checkpoints_total_limit}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation helpers
+
+
+def _positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value <= 0:
+            raise UserError(f"{name} must be > 0, got {value}")
+
+
+def _positive_tuple(cfg: Any, name: str) -> None:
+    values = getattr(cfg, name)
+    if not values or any(v <= 0 for v in values):
+        raise UserError(f"{name} must be a non-empty list of positive numbers, got {list(values)}")
+
+
+def _divisible_by_groups(cfg: Any, name: str, groups: int) -> None:
+    bad = [c for c in getattr(cfg, name) if c % groups]
+    if bad:
+        raise UserError(f"{name}: channels {bad} are not divisible by norm_num_groups={groups}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dict <-> dataclass, strict
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> T:
+    """Build dataclass `cls` from a (nested) mapping; unknown keys and wrong types raise UserError naming the key."""
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise UserError(f"{where or 'config'} must be a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise UserError(f"unknown config key {key!r}; valid keys here: {', '.join(sorted(fields))}")
+    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}" if where else name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{key} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key} must be a list, got {value!r}")
+        item = args[0]
+        items = [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the float it means
+            return float(value)
+        except ValueError:
+            raise UserError(f"{key} must be a number, got {value!r}") from None
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise UserError(f"{key} must be of type {tp.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) suitable for YAML/JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def validate(cfg: Any, where: str = "") -> None:
+    """Call `validate()` on `cfg` and every nested dataclass that has one; errors name the section."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, f"{where}.{f.name}" if where else f.name)
+    if hasattr(cfg, "validate"):
+        try:
+            cfg.validate()
+        except UserError as e:
+            raise UserError(f"config {where}: {e}" if where else str(e)) from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# YAML files and command-line overrides
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """`["train.learning_rate=1e-4", "unet.attention=[false,true]"]` -> nested dict; values parse as YAML."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} must look like section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r} conflicts with another override of {p!r}")
+        node[leaf] = value
+    return nested
+
+
+def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: values in `update` win."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return data or {}
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] | Mapping = ()) -> T:
+    """Defaults from `cls`, then the YAML file at `path`, then `overrides` (a list of "a.b=v" or a nested dict);
+    the result is validated."""
+    data = read_yaml(path) if path else {}
+    extra = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    cfg = from_dict(cls, merge(data, extra))
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def diff_configs(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Keys (dotted) whose values differ between two plain config dicts."""
+    keys = sorted(set(a) | set(b))
+    out: list[str] = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += diff_configs(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+__all__ = [
+    "AutoencoderConfig", "UNetConfig", "TextEncoderConfig", "NoiseScheduleConfig", "DataConfig", "TrainConfig",
+    "from_dict", "to_dict", "validate", "parse_overrides", "merge", "read_yaml", "load_config", "save_config",
+    "diff_configs",
+]

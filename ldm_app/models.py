@@ -1,0 +1,117 @@
+"""Builders: typed configs -> diffusers / transformers models. Nothing here re-implements a network.
+
+- first stage: diffusers `AutoencoderKL` or `VQModel` (f = 2 ** (levels - 1));
+- denoiser: diffusers `UNet2DConditionModel` with cross-attention to the text embeddings;
+- conditioning: transformers `CLIPTextModel` + the real CLIP BPE `CLIPTokenizer` shipped in `assets/tokenizer`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffusers import AutoencoderKL, UNet2DConditionModel, VQModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .config import AutoencoderConfig, TextEncoderConfig, UNetConfig
+from .errors import UserError
+
+TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
+CLIP_VOCAB_SIZE = 49408
+CLIP_BOS, CLIP_EOS = 49406, 49407
+
+Autoencoder = AutoencoderKL | VQModel
+
+
+def build_autoencoder(cfg: AutoencoderConfig) -> Autoencoder:
+    """A fresh (random) autoencoder with len(block_out_channels) resolution levels."""
+    levels = len(cfg.block_out_channels)
+    common = dict(
+        in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        sample_size=cfg.sample_size,
+        scaling_factor=cfg.scaling_factor,
+    )
+    if cfg.kind == "kl":
+        return AutoencoderKL(**common)
+    if cfg.kind == "vq":
+        return VQModel(**common, num_vq_embeddings=cfg.num_vq_embeddings, vq_embed_dim=cfg.latent_channels)
+    raise ValueError(f"unknown autoencoder kind {cfg.kind!r}")
+
+
+def build_unet(cfg: UNetConfig, cross_attention_dim: int) -> UNet2DConditionModel:
+    """eps_theta(x_t, t, c): attention levels get CrossAttn blocks (self-attention + cross-attention to c)."""
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention))
+    return UNet2DConditionModel(
+        sample_size=cfg.sample_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=cfg.norm_num_groups,
+        cross_attention_dim=cross_attention_dim,
+    )
+
+
+def build_text_encoder(cfg: TextEncoderConfig) -> CLIPTextModel:
+    """A pretrained CLIP text model from a local folder, or a fresh one sized by `cfg` (trained from scratch)."""
+    if cfg.pretrained:
+        return load_text_encoder(cfg.pretrained)
+    config = CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=CLIP_BOS,
+        eos_token_id=CLIP_EOS,
+        pad_token_id=CLIP_EOS,
+    )
+    return CLIPTextModel(config)
+
+
+def load_text_encoder(path: str | Path) -> CLIPTextModel:
+    path = _component_dir(path, "text encoder")
+    return CLIPTextModel.from_pretrained(path, use_safetensors=True)
+
+
+def load_tokenizer(path: str | Path | None = None, model_max_length: int = 77) -> CLIPTokenizer:
+    """The bundled CLIP BPE tokenizer (or one saved in a model folder). Never downloads."""
+    path = _component_dir(path or TOKENIZER_DIR, "tokenizer")
+    return CLIPTokenizer.from_pretrained(path, model_max_length=model_max_length)
+
+
+def load_autoencoder(path: str | Path) -> Autoencoder:
+    """Load an `AutoencoderKL` or `VQModel` folder, whichever its config.json names."""
+    path = _component_dir(path, "autoencoder")
+    config_file = path / "config.json"
+    try:
+        class_name = json.loads(config_file.read_text()).get("_class_name")
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"{path} is not an autoencoder folder: config.json is missing or unreadable") from None
+    classes = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
+    if class_name not in classes:
+        raise UserError(f"{path} holds a {class_name!r}, expected an AutoencoderKL or VQModel folder")
+    return classes[class_name].from_pretrained(path, use_safetensors=True)
+
+
+def downsampling_factor(vae: Autoencoder) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _component_dir(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{what} folder {str(path)!r} not found")
+    return path

@@ -1,0 +1,119 @@
+"""Pieces both training loops share: the accelerator, a data order that a resumed run can re-enter mid-epoch,
+per-step random generators, the optimiser and the LR schedule.
+
+Exact resume by construction: the data order of epoch e is a permutation drawn from (seed, e), and every random
+draw of step s (timesteps, noise, caption dropout, latent sampling) comes from a generator seeded by
+(seed, s, process). A resumed run therefore needs only (step, epoch, batch-in-epoch) besides the weights and
+optimiser state that accelerate saves; no global RNG state has to round-trip.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def make_accelerator(cfg: TrainConfig, output_dir: str | Path, cpu: bool = False):
+    """accelerate owns device placement, mixed precision, distribution and gradient accumulation."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs"))
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_config=project,
+        cpu=cpu,
+    )
+
+
+def step_generator(seed: int, step: int, process_index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator for every random draw of one optimisation step on one process (see module docstring)."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step * 1_009 + process_index) % (2**63 - 1))
+    return g
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 10_007 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+@dataclass
+class Position:
+    """Where the data stream stands: `batch` batches of `epoch` are already consumed (per process)."""
+
+    epoch: int = 0
+    batch: int = 0
+
+
+def batches(
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    accelerator: Any,
+    start: Position,
+    collate_fn: Callable | None = None,
+    num_workers: int = 0,
+) -> Iterator[tuple[Position, Any]]:
+    """Endless stream of (position after this batch, batch), sharded over processes by accelerate, starting at
+    `start` (mid-epoch on resume: the first `start.batch` batches of that epoch are skipped, not replayed)."""
+    from accelerate.data_loader import prepare_data_loader, skip_first_batches
+
+    epoch, skip = start.epoch, start.batch
+    while True:
+        order = epoch_permutation(len(dataset), seed, epoch)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=collate_fn,
+                            num_workers=num_workers, drop_last=True)
+        loader = prepare_data_loader(loader, device=accelerator.device, num_processes=accelerator.num_processes,
+                                     process_index=accelerator.process_index, put_on_device=True)
+        if skip:
+            loader = skip_first_batches(loader, skip)
+        for i, batch in enumerate(loader, start=skip):
+            yield Position(epoch, i + 1), batch
+        epoch, skip = epoch + 1, 0
+
+
+def batches_per_epoch(n: int, batch_size: int, num_processes: int) -> int:
+    return n // (batch_size * num_processes)
+
+
+def make_optimizer(params, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+
+
+def effective_lr(cfg: TrainConfig, num_processes: int) -> float:
+    """With `scale_lr`, the LR grows linearly with the effective batch (batch x accumulation x processes)."""
+    if not cfg.scale_lr:
+        return cfg.learning_rate
+    return cfg.learning_rate * cfg.train_batch_size * cfg.gradient_accumulation_steps * num_processes
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    """diffusers' LR schedules, counted in optimisation steps."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                         num_training_steps=cfg.max_train_steps)
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of images in [-1, 1], per image: 10 log10(MAX^2 / MSE) with MAX = 2."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    return 10 * torch.log10(4.0 / mse)
+
+
+def epochs_for(steps: int, per_epoch: int) -> int:
+    return math.ceil(steps / max(per_epoch, 1))
