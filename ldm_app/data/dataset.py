@@ -1,0 +1,277 @@
+"""Image-caption data for training: a local `imagefolder` folder (or a hub dataset) as a torch Dataset.
+
+The folder layout is the one `datasets` reads with `load_dataset("imagefolder", data_dir=...)`: image files and a
+`metadata.jsonl` with one `{"file_name": "0001.png", "text": "a caption"}` a line.
+
+Images are decoded here, lazily and one at a time, instead of by `datasets`: a corrupt or unreadable file must
+not stop a long run, so `__getitem__` returns None for it (with a warning naming the file) and `collate_fn` drops
+it. The folder itself (missing, empty, no metadata.jsonl, no caption column) is checked before any training
+starts, and a problem there is a one-line `UserError`.
+
+Counting skipped images: `ImageCaptionDataset.skipped` holds the indices that failed to decode *in this process*,
+so with DataLoader workers (separate processes) the main process never sees them. The count that survives
+workers is `batch["num_skipped"]` from `collate_fn`: sum it over the run for the training log. Call
+`validate_images()` to find every unreadable file up front instead (it decodes the whole dataset).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
+from PIL import Image, ImageOps
+
+from ldm_app.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "metadata.jsonl"
+_LAYOUT = f'image files plus a {METADATA_FILE} with lines like {{"file_name": "0001.png", "text": "a caption"}}'
+# What PIL raises for an unreadable image: missing/truncated/unidentified files are OSError (incl.
+# UnidentifiedImageError), some malformed headers surface as SyntaxError, and oversized ones as
+# DecompressionBombError.
+_DECODE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
+
+
+# ---- transforms (torchvision does not import with this torch build, so these are PIL/numpy) ----
+
+
+def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
+    """Scale so the shorter side is `resolution`, keeping the aspect ratio (bilinear, as diffusers' scripts)."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    return image if size == (w, h) else image.resize(size, Image.Resampling.BILINEAR)
+
+
+def crop_square(image: Image.Image, resolution: int, center: bool) -> Image.Image:
+    """A `resolution` x `resolution` crop: centred, or at a random offset (torch RNG, so seeded per worker)."""
+    w, h = image.size
+    if center:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left = int(torch.randint(0, w - resolution + 1, ()))
+        top = int(torch.randint(0, h - resolution + 1, ()))
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float tensor (3, H, W) in [-1, 1], the range the autoencoder is trained on."""
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32))  # (H, W, 3) in [0, 255]
+    return x.permute(2, 0, 1) / 127.5 - 1.0
+
+
+def transform_image(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool) -> torch.Tensor:
+    """Resize, crop and (optionally) flip an RGB image into a (3, resolution, resolution) tensor in [-1, 1].
+
+    Flipping is off by default because captions say "left"/"right": a flipped image contradicts its caption.
+    """
+    image = crop_square(resize_shorter_side(image, resolution), resolution, center_crop)
+    if random_flip and bool(torch.rand(()) < 0.5):
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_tensor(image)
+
+
+def _decode(source: dict[str, Any]) -> Image.Image:
+    """Decode an undecoded `datasets.Image` value ({"bytes", "path"}) to RGB, fully, so errors surface here."""
+    fp = io.BytesIO(source["bytes"]) if source.get("bytes") is not None else source["path"]
+    with Image.open(fp) as image:
+        image.load()
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+# ---- the dataset ----
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Items are {"pixel_values": (3, R, R) float in [-1, 1], "caption": str, "index": int}, or None for an
+    image that cannot be decoded (see the module docstring for how skipped images are counted)."""
+
+    def __init__(
+        self,
+        hf_dataset: datasets.Dataset,
+        resolution: int,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        caption_column: str = "text",
+        image_column: str = "image",
+    ):
+        self.hf_dataset = hf_dataset  # image column cast to datasets.Image(decode=False)
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.caption_column = caption_column
+        self.image_column = image_column
+        self.captions: list[str] = list(hf_dataset[caption_column])
+        self.skipped: set[int] = set()  # indices that failed to decode in this process
+
+    def __len__(self) -> int:
+        return len(self.hf_dataset)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def image_name(self, index: int) -> str:
+        """The image's file path, or a description for an image stored as bytes (hub datasets)."""
+        source = self.hf_dataset[index][self.image_column]
+        return source.get("path") or f"row {index} (embedded bytes)"
+
+    def load_image(self, index: int) -> Image.Image | None:
+        """The decoded RGB image, or None (with a warning naming the file) if it cannot be read."""
+        source = self.hf_dataset[index][self.image_column]
+        try:
+            return _decode(source)
+        except _DECODE_ERRORS as e:
+            if index not in self.skipped:  # warn once per file, not once per epoch
+                logger.warning("skipping unreadable image %s: %s", self.image_name(index), e)
+            self.skipped.add(index)
+            return None
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        image = self.load_image(index)
+        if image is None:
+            return None
+        pixel_values = transform_image(image, self.resolution, self.center_crop, self.random_flip)
+        return {"pixel_values": pixel_values, "caption": self.captions[index], "index": index}
+
+    def validate_images(self) -> list[int]:
+        """Decode every image once; return the indices of the unreadable ones (each also warned and counted)."""
+        return [i for i in range(len(self)) if self.load_image(i) is None]
+
+    def select(self, indices: Sequence[int]) -> ImageCaptionDataset:
+        """A dataset over the given rows (e.g. the train part of `split_indices`), with the same transforms."""
+        return ImageCaptionDataset(
+            self.hf_dataset.select(indices),
+            self.resolution,
+            self.center_crop,
+            self.random_flip,
+            self.caption_column,
+            self.image_column,
+        )
+
+
+def collate_fn(items: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """Stack the decodable items into a batch and count the dropped ones.
+
+    Returns {"pixel_values": (B, 3, R, R), "captions": list[str], "indices": (B,) long, "num_skipped": int}.
+    If every item was unreadable B is 0 and pixel_values is an empty tensor: skip that step.
+    """
+    kept = [item for item in items if item is not None]
+    return {
+        "pixel_values": torch.stack([item["pixel_values"] for item in kept]) if kept else torch.empty(0),
+        "captions": [item["caption"] for item in kept],
+        "indices": torch.tensor([item["index"] for item in kept], dtype=torch.long),
+        "num_skipped": len(items) - len(kept),
+    }
+
+
+# ---- loading and up-front checks ----
+
+
+def _check_folder(folder: Path, caption_column: str) -> None:
+    """Cheap checks of an imagefolder before anything is loaded: exists, not empty, metadata with the columns."""
+    if not folder.is_dir():
+        raise UserError(f"train_data_dir {folder} is not a folder: expected a folder of {_LAYOUT}")
+    if not any(folder.iterdir()):
+        raise UserError(f"train_data_dir {folder} is empty: expected {_LAYOUT}")
+    metadata = folder / METADATA_FILE
+    if not metadata.is_file():
+        raise UserError(f"train_data_dir {folder} has no {METADATA_FILE}: expected {_LAYOUT}")
+    with metadata.open(encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), None)
+    if first is None:
+        raise UserError(f"{metadata} is empty: expected one line per image, like {_LAYOUT}")
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{metadata} is not JSON lines ({e}): expected {_LAYOUT}") from None
+    if not isinstance(record, dict) or "file_name" not in record:
+        raise UserError(f"{metadata}: first record has no 'file_name' key: expected {_LAYOUT}")
+    if caption_column not in record:
+        raise UserError(
+            f"{metadata} has no caption column {caption_column!r} (keys: {sorted(record)}): "
+            "set caption_column to one of those keys or add the captions"
+        )
+
+
+def _load(train_data_dir: str | None, dataset_name: str | None, cache_dir: str | None) -> datasets.Dataset:
+    if (train_data_dir is None) == (dataset_name is None):
+        raise UserError("give exactly one of train_data_dir (a local imagefolder) or dataset_name (a hub dataset)")
+    try:
+        if train_data_dir is not None:
+            return datasets.load_dataset("imagefolder", data_dir=train_data_dir, split="train", cache_dir=cache_dir)
+        return datasets.load_dataset(dataset_name, split="train", cache_dir=cache_dir)
+    except (DatasetNotFoundError, ConnectionError) as e:
+        raise UserError(
+            f"could not get dataset {dataset_name!r} from the hub ({str(e).splitlines()[0]}): "
+            "check the name and the network, or pass a local folder as train_data_dir"
+        ) from None
+    except (DatasetGenerationError, ValueError) as e:
+        # ValueError covers malformed metadata (pyarrow.ArrowInvalid: bad JSON line; an unsafe file_name).
+        cause = e.__cause__ or e
+        raise UserError(f"could not read {train_data_dir or dataset_name}: {str(cause).splitlines()[0]}") from None
+
+
+def _check_columns(ds: datasets.Dataset, source: str, caption_column: str, image_column: str) -> datasets.Dataset:
+    """Check the loaded columns and rows, and stop `datasets` from decoding images (we decode in the Dataset)."""
+    for kind, column in (("caption", caption_column), ("image", image_column)):
+        if column not in ds.column_names:
+            raise UserError(f"{source} has no {kind} column {column!r} (columns: {ds.column_names})")
+    if len(ds) == 0:
+        raise UserError(f"{source} has no rows: expected {_LAYOUT}")
+    feature = ds.features[image_column]
+    if not isinstance(feature, datasets.Image) and feature != datasets.Value("string"):
+        raise UserError(f"{source}: column {image_column!r} holds {feature}, not images or image paths")
+    return ds.cast_column(image_column, datasets.Image(decode=False))
+
+
+def build_dataset(
+    train_data_dir: str | None,
+    dataset_name: str | None,
+    resolution: int,
+    center_crop: bool = True,
+    random_flip: bool = False,
+    caption_column: str = "text",
+    image_column: str = "image",
+    max_samples: int | None = None,
+    cache_dir: str | None = None,
+) -> ImageCaptionDataset:
+    """Load a local imagefolder (`train_data_dir`) or a hub dataset (`dataset_name`, needs a network), check it,
+    and wrap it with the training transforms. `max_samples` keeps the first rows only; `cache_dir` is where
+    `datasets` writes its Arrow cache (default: its own)."""
+    if resolution < 1:
+        raise UserError(f"resolution must be a positive number of pixels, got {resolution}")
+    if max_samples is not None and max_samples < 1:
+        raise UserError(f"max_samples must be at least 1 (or unset for all), got {max_samples}")
+    if train_data_dir is not None:
+        _check_folder(Path(train_data_dir), caption_column)
+    ds = _load(train_data_dir, dataset_name, cache_dir)
+    ds = _check_columns(ds, str(train_data_dir or dataset_name), caption_column, image_column)
+    if max_samples is not None:
+        ds = ds.select(range(min(max_samples, len(ds))))
+    dataset = ImageCaptionDataset(ds, resolution, center_crop, random_flip, caption_column, image_column)
+    bad = next((i for i, c in enumerate(dataset.captions) if not isinstance(c, str)), None)
+    if bad is not None:
+        raise UserError(f"image {dataset.image_name(bad)} has no caption in column {caption_column!r}")
+    return dataset
+
+
+def split_indices(n: int, holdout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic (train, held-out) split of range(n): round(n * holdout_fraction) random rows held out.
+
+    Both lists are sorted; the same (n, fraction, seed) always gives the same split.
+    """
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise UserError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_holdout = round(n * holdout_fraction)
+    return sorted(order[n_holdout:].tolist()), sorted(order[:n_holdout].tolist())

@@ -1,0 +1,183 @@
+"""Loading image-caption folders: transforms, skipping unreadable images, and clear errors before training."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm_app.data import shapes
+from ldm_app.data.dataset import (
+    build_dataset,
+    collate_fn,
+    crop_square,
+    resize_shorter_side,
+    split_indices,
+    to_tensor,
+    transform_image,
+)
+from ldm_app.errors import UserError
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    return shapes.make_dataset(tmp_path_factory.mktemp("data") / "shapes", N, 32, seed=0)
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return str(tmp_path / "hf_cache")  # keep `datasets`' Arrow cache out of the user's home
+
+
+def _captions(folder) -> list[str]:
+    return [json.loads(line)["text"] for line in (folder / "metadata.jsonl").read_text().splitlines()]
+
+
+def test_items_shape_range_and_captions(shapes_dir, cache):
+    ds = build_dataset(str(shapes_dir), None, 16, cache_dir=cache)
+    assert len(ds) == N and ds.captions == _captions(shapes_dir)
+    item = ds[3]
+    x = item["pixel_values"]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1 and x.max() - x.min() > 0.5  # uses the [-1, 1] range, not [0, 1]
+    assert item["caption"] == ds.captions[3] and item["index"] == 3
+    batch = collate_fn([ds[i] for i in range(4)])
+    assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["num_skipped"] == 0
+    assert batch["captions"] == ds.captions[:4] and batch["indices"].tolist() == [0, 1, 2, 3]
+
+
+def test_max_samples_and_select(shapes_dir, cache):
+    ds = build_dataset(str(shapes_dir), None, 32, max_samples=3, cache_dir=cache)
+    assert len(ds) == 3 and ds.captions == _captions(shapes_dir)[:3]
+    sub = ds.select([2, 0])
+    assert sub.captions == [ds.captions[2], ds.captions[0]]
+    assert torch.equal(sub[0]["pixel_values"], ds[2]["pixel_values"])
+
+
+def test_values_match_the_file_and_flip_is_off_by_default(shapes_dir, cache):
+    ds = build_dataset(str(shapes_dir), None, 32, cache_dir=cache)  # native size: no resize, no crop
+    files = [to_tensor(Image.open(shapes_dir / f"{i:06d}.png").convert("RGB")) for i in range(N)]
+    # Pick an image that is not mirror-symmetric, so that a flip would show.
+    i = next(i for i, x in enumerate(files) if not torch.equal(x, x.flip(-1)))
+    expected = files[i]
+    torch.manual_seed(0)
+    assert all(torch.equal(ds[i]["pixel_values"], expected) for _ in range(20))
+    flipping = build_dataset(str(shapes_dir), None, 32, random_flip=True, cache_dir=cache)
+    seen = {torch.equal(flipping[i]["pixel_values"], expected) for _ in range(20)}
+    assert seen == {True, False}  # both orientations occur
+    assert any(torch.equal(flipping[i]["pixel_values"], expected.flip(-1)) for _ in range(20))
+
+
+def test_resize_and_crops():
+    # 40x20 image: left half red, right half blue; shorter side -> 16 gives 32x16.
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (20, 0, 40, 20))
+    assert resize_shorter_side(image, 16).size == (32, 16)
+    assert resize_shorter_side(Image.new("RGB", (20, 50)), 16).size == (16, 40)
+    x = transform_image(image, 16, center_crop=True, random_flip=False)
+    assert x.shape == (3, 16, 16)
+    # The centre crop straddles the red/blue boundary: left columns red, right columns blue.
+    assert x[0, :, 0].min() > 0.9 and x[2, :, 0].max() < -0.9
+    assert x[2, :, -1].min() > 0.9 and x[0, :, -1].max() < -0.9
+    # Random crops of a horizontal gradient land at different offsets; each is a contiguous 16-wide window.
+    gradient = Image.fromarray(np.tile(np.arange(48, dtype=np.uint8) * 5, (16, 1))).convert("RGB")
+    torch.manual_seed(0)
+    lefts = {np.asarray(crop_square(gradient, 16, center=False))[0, 0, 0] // 5 for _ in range(30)}
+    assert len(lefts) > 5 and min(lefts) >= 0 and max(lefts) <= 32
+    assert np.asarray(crop_square(gradient, 16, center=True))[0, 0, 0] // 5 == 16
+
+
+def test_corrupt_images_are_skipped_with_a_warning_and_counted(shapes_dir, tmp_path, cache, caplog):
+    folder = tmp_path / "broken"
+    shutil.copytree(shapes_dir, folder)
+    (folder / "000001.png").write_bytes(b"not an image")
+    good = (folder / "000004.png").read_bytes()
+    (folder / "000004.png").write_bytes(good[: len(good) // 2])  # truncated mid-stream
+    (folder / "000006.png").unlink()  # listed in metadata.jsonl but missing
+    ds = build_dataset(str(folder), None, 16, cache_dir=cache)  # loading does not decode: no error yet
+    with caplog.at_level(logging.WARNING, logger="ldm_app.data.dataset"):
+        items = [ds[i] for i in range(N)]
+    assert [i for i, item in enumerate(items) if item is None] == [1, 4, 6]
+    for name in ("000001.png", "000004.png", "000006.png"):
+        assert sum(name in r.getMessage() for r in caplog.records) == 1
+    assert ds.num_skipped == 3
+    batch = collate_fn(items)
+    assert batch["num_skipped"] == 3 and batch["pixel_values"].shape == (N - 3, 3, 16, 16)
+    assert batch["indices"].tolist() == [0, 2, 3, 5, 7]
+    assert collate_fn([None, None])["captions"] == []  # an all-bad batch is empty, not a crash
+    # A second pass does not warn again, and validate_images finds the same files.
+    caplog.clear()
+    assert ds.validate_images() == [1, 4, 6] and not caplog.records and ds.num_skipped == 3
+
+
+def test_skip_count_survives_dataloader_workers(shapes_dir, tmp_path, cache):
+    folder = tmp_path / "broken"
+    shutil.copytree(shapes_dir, folder)
+    (folder / "000002.png").write_bytes(b"\x89PNG garbage")
+    ds = build_dataset(str(folder), None, 16, cache_dir=cache)
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, collate_fn=collate_fn)
+    batches = list(loader)
+    assert sum(b["num_skipped"] for b in batches) == 1
+    assert sum(len(b["captions"]) for b in batches) == N - 1
+
+
+def _one_line_error(*args, **kwargs) -> str:
+    with pytest.raises(UserError) as info:
+        build_dataset(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_folder_errors_are_one_line_user_errors(shapes_dir, tmp_path, cache):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "is empty" in _one_line_error(str(empty), None, 16, cache_dir=cache)
+    assert "is not a folder" in _one_line_error(str(tmp_path / "nope"), None, 16, cache_dir=cache)
+
+    no_meta = tmp_path / "no_meta"
+    no_meta.mkdir()
+    shutil.copy(shapes_dir / "000000.png", no_meta)
+    assert "has no metadata.jsonl" in _one_line_error(str(no_meta), None, 16, cache_dir=cache)
+
+    message = _one_line_error(str(shapes_dir), None, 16, caption_column="caption", cache_dir=cache)
+    assert "no caption column 'caption'" in message and "text" in message
+
+    bad_json = tmp_path / "bad_json"
+    shutil.copytree(shapes_dir, bad_json)
+    with (bad_json / "metadata.jsonl").open("a") as f:
+        f.write("{not json\n")
+    assert "could not read" in _one_line_error(str(bad_json), None, 16, cache_dir=cache)
+
+    no_caption = tmp_path / "no_caption"
+    shutil.copytree(shapes_dir, no_caption)
+    lines = (no_caption / "metadata.jsonl").read_text().splitlines()
+    lines[2] = json.dumps({"file_name": "000002.png"})
+    (no_caption / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    assert "000002.png has no caption" in _one_line_error(str(no_caption), None, 16, cache_dir=cache)
+
+    assert "exactly one of" in _one_line_error(None, None, 16, cache_dir=cache)
+    assert "exactly one of" in _one_line_error(str(shapes_dir), "user/data", 16, cache_dir=cache)
+
+
+@pytest.mark.skipif(os.environ.get("HF_HUB_OFFLINE") != "1", reason="would try the network")
+def test_unreachable_hub_dataset_is_a_user_error(cache):
+    assert "from the hub" in _one_line_error(None, "someone/no-such-dataset", 16, cache_dir=cache)
+
+
+def test_split_indices_is_a_deterministic_partition():
+    train, held = split_indices(100, 0.2, seed=0)
+    assert len(held) == 20 and sorted(train + held) == list(range(100))
+    assert (train, held) == split_indices(100, 0.2, seed=0)
+    assert held != split_indices(100, 0.2, seed=1)[1]
+    assert split_indices(5, 0.0, seed=0) == ([0, 1, 2, 3, 4], [])
+    with pytest.raises(UserError, match="holdout_fraction"):
+        split_indices(10, 1.0, seed=0)
