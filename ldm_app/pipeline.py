@@ -1,0 +1,406 @@
+"""Text-to-image inference: a latent diffusion pipeline (Rombach et al. 2022) in the Stable Diffusion 1.x layout.
+
+Sampling: prompt -> CLIP text embeddings c (B, 77, D); x_T ~ N(0, I) in latent space (B, C, H/f, W/f); the
+scheduler (a sampler from `ldm_app.samplers`) denoises x_t -> x_{t-1} with the U-Net's prediction under
+classifier-free guidance; the autoencoder decodes x0 / scaling_factor to pixels.
+
+The model folder is diffusers' own (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/, weights
+only as safetensors), so a folder moves both ways between this pipeline and `diffusers.StableDiffusionPipeline`.
+We subclass diffusers' `DiffusionPipeline` (loading, saving, devices, offload, progress bars) rather than
+`StableDiffusionPipeline` because we also accept a VQ autoencoder and want no safety-checker/IP-adapter machinery.
+Extra file of ours: `ldm_app.json`, the recommended sampling settings stored with the model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel, VQModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from safetensors import SafetensorError, safe_open
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ldm_app.errors import UserError
+from ldm_app.fileio import atomic_dir, atomic_write_text
+from ldm_app.samplers import check_sampler_name, make_scheduler
+
+logger = logging.getLogger(__name__)
+
+DEFAULTS_FILE = "ldm_app.json"
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# Keys allowed under "sampling" in ldm_app.json, with their types.
+SAMPLING_KEYS: dict[str, type | tuple[type, ...]] = {
+    "sampler": str,
+    "num_inference_steps": int,
+    "guidance_scale": (int, float),
+    "height": int,
+    "width": int,
+}
+# Used when neither the caller nor ldm_app.json gives a value (diffusers' StableDiffusionPipeline defaults).
+FALLBACK_STEPS = 50
+FALLBACK_GUIDANCE = 7.5
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """Turn user choices ("auto|cpu|cuda[:n]|mps", "auto|fp32|fp16|bf16") into a checked (device, dtype).
+
+    auto device: cuda, else mps, else cpu. auto dtype: fp16 on cuda, fp32 elsewhere. Half precision on CPU is
+    refused: CPU kernels for it are slow or missing, and fp32 is what diffusers uses there too.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; expected auto, cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if dev.type not in available:
+        raise UserError(f"unknown device {device!r}; expected auto, cpu, cuda, cuda:N or mps")
+    if not available[dev.type]:
+        raise UserError(f"device {device!r} is not available on this machine; use --device cpu or auto")
+    if dtype == "auto":
+        dtype = "fp16" if dev.type == "cuda" else "fp32"
+    if dtype not in _DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; expected auto, fp32, fp16 or bf16")
+    if dev.type == "cpu" and dtype != "fp32":
+        raise UserError(f"dtype {dtype} is not supported on CPU; use fp32 (half precision needs a GPU)")
+    return dev, _DTYPES[dtype]
+
+
+def make_generators(seed: int, n: int, device: str | torch.device = "cpu") -> list[torch.Generator]:
+    """One generator per image, seeded seed, seed+1, ...: image k of a batch then equals a run of its prompt alone
+    with seed+k. CPU generators (the default) give the same noise whatever device the model runs on."""
+    return [torch.Generator(device).manual_seed(seed + k) for k in range(n)]
+
+
+def check_sampling_defaults(sampling: Any, where: str) -> dict[str, Any]:
+    """Validate the "sampling" object of ldm_app.json: known keys, right types, a known sampler name."""
+    if not isinstance(sampling, dict):
+        raise UserError(f"{where}: 'sampling' must be an object with keys among {', '.join(SAMPLING_KEYS)}")
+    for key, value in sampling.items():
+        if key not in SAMPLING_KEYS:
+            raise UserError(f"{where}: unknown key 'sampling.{key}'; expected some of {', '.join(SAMPLING_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, SAMPLING_KEYS[key]):
+            raise UserError(f"{where}: 'sampling.{key}' has the wrong type ({value!r})")
+    if "sampler" in sampling:
+        try:
+            check_sampler_name(sampling["sampler"])
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+    return dict(sampling)
+
+
+def read_sampling_defaults(folder: str | os.PathLike) -> dict[str, Any]:
+    """The recommended sampling settings stored in `folder/ldm_app.json`, or {} when the file is absent."""
+    path = Path(folder) / DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or set(data) - {"sampling"}:
+        raise UserError(f"{path}: expected an object with the single key 'sampling'")
+    return check_sampling_defaults(data.get("sampling", {}), str(path))
+
+
+def check_model_folder(folder: Path) -> None:
+    """Fail early, in one line, on what diffusers would report as a long traceback (or a hub download attempt)."""
+    index_path = folder / "model_index.json"
+    if not folder.is_dir():
+        raise UserError(f"model folder not found: {folder} (expected a folder with model_index.json, unet/, vae/...)")
+    if not index_path.is_file():
+        raise UserError(f"{folder} is not a model folder: model_index.json is missing")
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{index_path} is not valid JSON ({e})") from None
+    for name in COMPONENTS:
+        entry = index.get(name)
+        if not isinstance(entry, list) or entry[0] is None or not (folder / name).is_dir():
+            raise UserError(f"{folder}: component '{name}' is missing (expected {name}/ listed in model_index.json)")
+    for name in ("unet", "vae", "text_encoder"):
+        check_weights(folder / name)
+
+
+def check_weights(component_dir: Path) -> None:
+    """Every weight file must be safetensors with a readable header covering the whole file (catches truncation)."""
+    files = sorted(component_dir.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{component_dir}: no .safetensors weights (pickle .bin weights are never loaded)")
+    for path in files:
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except SafetensorError as e:
+            raise UserError(f"corrupt or truncated weights file {path}: {e}") from None
+
+
+def latent_safe(scheduler: SchedulerMixin) -> SchedulerMixin:
+    """The scheduler with the two fixes diffusers' StableDiffusionPipeline applies on load, so both pipelines give
+    the same image from one folder: no clipping of the predicted x0 (latents are not bounded to [-1, 1]) and
+    steps_offset=1 (the SD 1.x timestep grid)."""
+    fixes = {}
+    if getattr(scheduler.config, "clip_sample", False):
+        fixes["clip_sample"] = False
+    if getattr(scheduler.config, "steps_offset", 1) != 1:
+        fixes["steps_offset"] = 1
+    return type(scheduler).from_config(scheduler.config, **fixes) if fixes else scheduler
+
+
+class LatentDiffusionPipeline(DiffusionPipeline):
+    """Text-to-image with a latent diffusion model: CLIP text encoder, conditional U-Net, KL or VQ autoencoder."""
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(
+        self,
+        vae: AutoencoderKL | VQModel,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: SchedulerMixin,
+    ):
+        super().__init__()
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=latent_safe(scheduler)
+        )
+        # f: each autoencoder level but the last halves the resolution (f=8 for SD's 4 levels)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.sampling_defaults: dict[str, Any] = {}
+
+    # ---- loading and saving -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *, sampler: str | None = None, **kwargs
+    ) -> LatentDiffusionPipeline:
+        """Load a local model folder (ours or one saved by diffusers' StableDiffusionPipeline); errors are one-line
+        UserErrors. `sampler` overrides the folder's recommended sampler (ldm_app.json), if any."""
+        folder = Path(pretrained_model_name_or_path)
+        check_model_folder(folder)
+        defaults = read_sampling_defaults(folder)
+        sampler = check_sampler_name(sampler) if sampler is not None else defaults.get("sampler")
+        kwargs["use_safetensors"] = True  # never unpickle .bin files
+        try:
+            pipe = super().from_pretrained(str(folder), **kwargs)
+        except (OSError, ValueError, SafetensorError) as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot load model folder {folder}: {first_line}") from e
+        pipe.sampling_defaults = defaults
+        if sampler is not None:
+            pipe.set_sampler(sampler)
+        return pipe
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Write the model folder atomically (safetensors only), plus ldm_app.json when sampling defaults are set.
+
+        model_index.json names `StableDiffusionPipeline` for a KL autoencoder, so `DiffusionPipeline.from_pretrained`
+        in plain diffusers resolves the folder too; a VQ folder (which SD can't run) keeps our class name. Our own
+        `from_pretrained` ignores the name, and so does `StableDiffusionPipeline.from_pretrained`.
+        """
+        with atomic_dir(save_directory) as tmp:
+            super().save_pretrained(tmp, safe_serialization=True, **kwargs)
+            index_path = tmp / "model_index.json"
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+            is_kl = isinstance(self.vae, AutoencoderKL)
+            index["_class_name"] = "StableDiffusionPipeline" if is_kl else type(self).__name__
+            index.pop("_name_or_path", None)  # where it was loaded from: stale once saved elsewhere
+            atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+            if self.sampling_defaults:
+                sampling = check_sampling_defaults(self.sampling_defaults, "sampling_defaults")
+                atomic_write_text(tmp / DEFAULTS_FILE, json.dumps({"sampling": sampling}, indent=2) + "\n")
+
+    # ---- configuration ------------------------------------------------------------------------------------
+
+    def set_sampler(self, name: str) -> None:
+        """Swap the scheduler for sampler `name` (see ldm_app.samplers.SAMPLERS), keeping the model's noise schedule."""
+        self.scheduler = make_scheduler(name, self.scheduler.config)
+
+    def enable_xformers_memory_efficient_attention(self, attention_op=None) -> None:
+        """diffusers' xformers attention when xformers is installed; otherwise PyTorch's scaled_dot_product_attention,
+        which gives the same memory savings on torch >= 2 (one notice, no error: the request is only a speed-up)."""
+        if importlib.util.find_spec("xformers") is not None:
+            super().enable_xformers_memory_efficient_attention(attention_op)
+            return
+        logger.warning("xformers is not installed; using PyTorch scaled_dot_product_attention instead")
+        self.unet.set_attn_processor(AttnProcessor2_0())
+
+    # ---- sampling steps -----------------------------------------------------------------------------------
+
+    def encode_prompt(
+        self, prompts: list[str], negatives: list[str] | None, num_images_per_prompt: int, device: torch.device
+    ) -> torch.Tensor:
+        """CLIP last hidden states, one row per image: (N*P, 77, D), or (2*N*P, 77, D) as [uncond; cond] when
+        `negatives` is given (for classifier-free guidance). One text-encoder call for both halves."""
+        texts = (negatives or []) + prompts
+        input_ids = self.tokenize(texts).to(device)  # (len(texts), 77)
+        embeds = self.text_encoder(input_ids, return_dict=False)[0]  # (len(texts), 77, D)
+        # in the U-Net's dtype: the text encoder may be kept in another precision
+        return embeds.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids padded/truncated to CLIP's context (77); a longer text is cut with a warning, not refused."""
+        max_length = self.tokenizer.model_max_length
+        for text, ids in zip(texts, self.tokenizer(texts, verbose=False).input_ids):
+            if len(ids) > max_length:
+                logger.warning(
+                    "prompt truncated to CLIP's %d tokens (it has %d): %.60r...", max_length, len(ids), text
+                )
+        tokens = self.tokenizer(
+            texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        )
+        return tokens.input_ids
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        height: int,
+        width: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """x_T ~ N(0, I) (B, C, H/f, W/f), scaled by the scheduler's initial sigma (1 for DDPM/DDIM, larger for
+        Euler). With a list of generators, image k draws from generator k only (randn_tensor does this)."""
+        f = self.vae_scale_factor
+        shape = (batch_size, self.unet.config.in_channels, height // f, width // f)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise UserError(f"got {len(generator)} generators for {batch_size} images; pass one per image")
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise UserError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        latents = latents.to(device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    def predict_noise(
+        self, x_t: torch.Tensor, t: torch.Tensor, text_embeds: torch.Tensor, guidance_scale: float
+    ) -> torch.Tensor:
+        """The U-Net's prediction (eps, or v/x0 per the scheduler's prediction_type) for x_t (B, C, h, w).
+
+        Classifier-free guidance (Ho & Salimans 2022): eps = eps(x_t, ∅) + w * (eps(x_t, c) - eps(x_t, ∅)), with
+        both halves in ONE U-Net call on the batch [x_t; x_t] against [uncond; cond] embeddings; w <= 1 skips it.
+        """
+        guided = guidance_scale > 1.0
+        model_input = torch.cat([x_t, x_t]) if guided else x_t  # (2B or B, C, h, w)
+        model_input = self.scheduler.scale_model_input(model_input, t)
+        out = self.unet(model_input, t, encoder_hidden_states=text_embeds, return_dict=False)[0]
+        if not guided:
+            return out
+        uncond, cond = out.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    def decode_latents(self, latents: torch.Tensor, output_type: str) -> Any:
+        """x0 latents (B, C, h, w) -> images in `output_type` (PIL list, (B, H, W, 3) numpy or (B, 3, H, W) tensor
+        in [0, 1]). A VQ autoencoder quantizes in decode, as in LDM's VQ models."""
+        if output_type == "latent":
+            return latents
+        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]  # in [-1, 1]
+        return self.image_processor.postprocess(image, output_type=output_type)
+
+    def step_kwargs(self, generator: torch.Generator | list[torch.Generator] | None) -> dict[str, Any]:
+        """Ancestral samplers (ddpm, euler_a) take the generator for their per-step noise; others take none."""
+        accepts = "generator" in inspect.signature(self.scheduler.step).parameters
+        return {"generator": generator} if accepts else {}
+
+    # ---- the call -----------------------------------------------------------------------------------------
+
+    def resolve_defaults(
+        self, height: int | None, width: int | None, steps: int | None, guidance_scale: float | None
+    ) -> tuple[int, int, int, float]:
+        """Caller's value, else the model's ldm_app.json value, else the diffusers-like fallback."""
+        size = self.unet.config.sample_size
+        default_h, default_w = (size, size) if isinstance(size, int) else size
+        d = self.sampling_defaults
+        return (
+            height if height is not None else d.get("height", default_h * self.vae_scale_factor),
+            width if width is not None else d.get("width", default_w * self.vae_scale_factor),
+            steps if steps is not None else d.get("num_inference_steps", FALLBACK_STEPS),
+            guidance_scale if guidance_scale is not None else d.get("guidance_scale", FALLBACK_GUIDANCE),
+        )
+
+    @staticmethod
+    def check_prompts(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[str]]:
+        """Prompts and negative prompts as two lists of equal length (a single negative applies to every prompt)."""
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise UserError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
+        if len(negatives) != len(prompts) or not all(isinstance(n, str) for n in negatives):
+            raise UserError(f"negative_prompt must be a string or a list of {len(prompts)} strings (one per prompt)")
+        return prompts, negatives
+
+    def check_settings(self, output_type: str, guidance_scale: Any, **sizes_and_counts: Any) -> None:
+        """UserError on a bad setting: sizes must be positive multiples of the autoencoder factor f, counts >= 1."""
+        f = self.vae_scale_factor
+        size_rule = f"a positive multiple of {f} (the autoencoder's factor)"
+        for name, value in sizes_and_counts.items():
+            multiple = f if name in ("height", "width") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % multiple:
+                expected = size_rule if multiple > 1 else "an integer >= 1"
+                raise UserError(f"{name} must be {expected}, got {value!r}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+            raise UserError(f"guidance_scale must be a number, got {guidance_scale!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate `num_images_per_prompt` images for each prompt; arguments left None come from the model's
+        sampling defaults (`self.sampling_defaults`, read from ldm_app.json), else 50 steps, guidance 7.5 and the
+        U-Net's native size. Image order: all images of prompt 0, then of prompt 1, ..."""
+        height, width, num_inference_steps, guidance_scale = self.resolve_defaults(
+            height, width, num_inference_steps, guidance_scale
+        )
+        prompts, negatives = self.check_prompts(prompt, negative_prompt)
+        self.check_settings(
+            output_type,
+            guidance_scale,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            num_images_per_prompt=num_images_per_prompt,
+        )
+        guided = guidance_scale > 1.0
+        device = self._execution_device
+        text_embeds = self.encode_prompt(prompts, negatives if guided else None, num_images_per_prompt, device)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        batch_size = len(prompts) * num_images_per_prompt
+        x_t = self.prepare_latents(batch_size, height, width, generator, latents, device, text_embeds.dtype)
+        step_kwargs = self.step_kwargs(generator)
+        with self.progress_bar(total=len(self.scheduler.timesteps)) as progress:
+            for t in self.scheduler.timesteps:
+                eps = self.predict_noise(x_t, t, text_embeds, guidance_scale)
+                x_t = self.scheduler.step(eps, t, x_t, **step_kwargs, return_dict=False)[0]  # x_t -> x_{t-1}
+                progress.update()
+        images = self.decode_latents(x_t, output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)

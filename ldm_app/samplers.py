@@ -1,0 +1,69 @@
+"""Samplers by name: each one a diffusers scheduler built from the model's own noise schedule.
+
+A model is trained with one forward process q(x_t | x0) (betas -> alphas_cumprod, `prediction_type`); every sampler
+below reads that schedule from the model's scheduler config (`from_config`) and only changes how the reverse
+process is discretised, so any sampler can be used with any model.
+
+- `ddpm`: ancestral sampling, Algorithm 2 of Ho et al. 2020 (fresh noise z ~ N(0, I) at every step).
+- `ddim`: deterministic (eta = 0) DDIM, Song et al. 2021.
+- `pndm` / `plms`: pseudo linear multistep, Liu et al. 2022 (PLMS only: `skip_prk_steps=True`).
+- `dpm++`: DPM-Solver++ (2M multistep), Lu et al. 2022.
+- `euler`: Euler method on the probability-flow ODE, Karras et al. 2022 (Algorithm 1 with no churn).
+- `euler_a`: Euler ancestral (k-diffusion's `sample_euler_ancestral`), stochastic like `ddpm`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from ldm_app.errors import UserError
+
+# Latents are not bounded to [-1, 1] like pixels, so clipping the predicted x0 there would distort them (diffusers'
+# StableDiffusionPipeline forces clip_sample=False for the same reason); a config coming from a scheduler class
+# without this field (e.g. Euler) would otherwise get DDPM/DDIM's default clip_sample=True.
+_NO_CLIP = {"clip_sample": False}
+
+# name -> (scheduler class, overrides of the model's config)
+_REGISTRY: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    "ddpm": (DDPMScheduler, _NO_CLIP),
+    "ddim": (DDIMScheduler, _NO_CLIP),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    "plms": (PNDMScheduler, {"skip_prk_steps": True}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+}
+
+SAMPLERS: tuple[str, ...] = tuple(_REGISTRY)
+
+# Samplers that draw fresh noise at every step (from the call's generator): their output depends on the seed
+# beyond the initial latents x_T.
+ANCESTRAL_SAMPLERS: tuple[str, ...] = ("ddpm", "euler_a")
+
+
+def check_sampler_name(name: str) -> str:
+    """`name` if it is a known sampler, else a UserError listing the valid ones."""
+    if name not in _REGISTRY:
+        raise UserError(f"unknown sampler {name!r}; expected one of: {', '.join(SAMPLERS)}")
+    return name
+
+
+def make_scheduler(name: str, config: Mapping[str, Any]) -> SchedulerMixin:
+    """Build sampler `name` from a scheduler config (the model's noise schedule), e.g. `pipe.scheduler.config`."""
+    cls, overrides = _REGISTRY[check_sampler_name(name)]
+    return cls.from_config(config, **overrides)
+
+
+def sampler_name(scheduler: SchedulerMixin) -> str | None:
+    """The first registered name whose scheduler class is `scheduler`'s class, or None for a class we don't name."""
+    return next((name for name, (cls, _) in _REGISTRY.items() if type(scheduler) is cls), None)

@@ -1,0 +1,114 @@
+"""Samplers: built from the model's noise schedule, each runs, and the per-image seed rule holds for all of them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+)
+
+from ldm_app.errors import UserError
+from ldm_app.pipeline import make_generators
+from ldm_app.samplers import ANCESTRAL_SAMPLERS, SAMPLERS, make_scheduler, sampler_name
+
+EXPECTED_CLASS = {
+    "ddpm": DDPMScheduler,
+    "ddim": DDIMScheduler,
+    "pndm": PNDMScheduler,
+    "plms": PNDMScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+}
+
+
+def model_schedule() -> DDPMScheduler:
+    """A trained model's schedule that differs from every default: scaled_linear betas and v-prediction."""
+    return DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction"
+    )
+
+
+def test_sampler_names():
+    assert set(SAMPLERS) == set(EXPECTED_CLASS)
+    assert set(ANCESTRAL_SAMPLERS) <= set(SAMPLERS)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_sampler_keeps_the_models_noise_schedule(name):
+    source = model_schedule()
+    scheduler = make_scheduler(name, source.config)
+    assert type(scheduler) is EXPECTED_CLASS[name]
+    assert torch.allclose(scheduler.alphas_cumprod, source.alphas_cumprod)
+    assert scheduler.config.prediction_type == "v_prediction"
+
+
+def test_sampler_specific_settings():
+    config = model_schedule().config  # DDPM's default clip_sample=True must not leak into latent sampling
+    assert make_scheduler("plms", config).config.skip_prk_steps is True
+    assert make_scheduler("pndm", config).config.skip_prk_steps is True
+    assert make_scheduler("dpm++", config).config.algorithm_type == "dpmsolver++"
+    assert make_scheduler("ddpm", config).config.clip_sample is False
+    # Euler's config has no clip_sample field: going back to DDIM must not pick up DDIM's default (True)
+    euler = make_scheduler("euler", config)
+    assert make_scheduler("ddim", euler.config).config.clip_sample is False
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_sampler_name_inverts_make_scheduler(name):
+    made = make_scheduler(name, model_schedule().config)
+    assert sampler_name(made) == ("pndm" if name == "plms" else name)  # plms is an alias of pndm
+
+
+def test_unknown_sampler_lists_the_valid_ones():
+    with pytest.raises(UserError) as err:
+        make_scheduler("heun", model_schedule().config)
+    assert "heun" in str(err.value) and all(name in str(err.value) for name in SAMPLERS)
+
+
+def _latents(seed: int) -> torch.Tensor:
+    return torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_each_sampler_denoises(tiny_pipeline, name):
+    tiny_pipeline.set_sampler(name)
+    assert type(tiny_pipeline.scheduler) is EXPECTED_CLASS[name]
+    x_T = _latents(0)
+    generator = torch.Generator().manual_seed(1)
+    out = tiny_pipeline("a red circle", num_inference_steps=4, latents=x_T, generator=generator, output_type="latent")
+    out = out.images  # (1, 4, 8, 8)
+    assert out.shape == x_T.shape
+    assert torch.isfinite(out).all()
+    assert not torch.allclose(out, x_T * tiny_pipeline.scheduler.init_noise_sigma, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler_a"])
+def test_per_step_noise_comes_from_the_generator(tiny_pipeline, name):
+    """Same x_T, different generators: ancestral samplers must differ (fresh noise per step), DDIM must not."""
+    tiny_pipeline.set_sampler(name)
+    runs = [
+        tiny_pipeline("a cat", num_inference_steps=3, latents=_latents(0), generator=torch.Generator().manual_seed(s),
+                      output_type="latent").images
+        for s in (1, 2)
+    ]
+    assert torch.allclose(runs[0], runs[1]) == (name not in ANCESTRAL_SAMPLERS)
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler_a", "dpm++"])
+def test_batch_seed_rule(tiny_pipeline, name):
+    """Image k of a batch made with generators seeded seed+k equals the prompt run alone with seed+k, for
+    deterministic and ancestral samplers alike (each image draws x_T and its per-step noise from its own generator)."""
+    tiny_pipeline.set_sampler(name)
+    kwargs = dict(num_inference_steps=3, output_type="np")
+    batch = tiny_pipeline("a cat", num_images_per_prompt=3, generator=make_generators(10, 3), **kwargs).images
+    alone = tiny_pipeline("a cat", generator=torch.Generator().manual_seed(12), **kwargs).images
+    assert np.abs(batch[2] - alone[0]).max() <= 2 / 255
+    assert np.abs(batch[0] - batch[2]).max() > 2 / 255  # the images of a batch do differ
