@@ -1,0 +1,463 @@
+"""Text-to-image from the command line: `python generate.py "a corgi in a sushi house"`.
+
+Every PNG carries its parameters (ldm_app.pngmeta) and `--from_png FILE` makes the same image again. Seeds: image k
+of a prompt uses seed+k, drawn from its own generator, so it does not depend on the batch it was computed in.
+
+torch/diffusers are imported inside functions: `--help` and mistakes in the arguments answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import re
+import secrets
+import sys
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+from ldm_app import DEFAULT_MODEL, __version__
+from ldm_app.errors import UserError
+from ldm_app.pngmeta import ImageParams, read_params, save_png
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ldm_app.pipeline import LatentDiffusionPipeline
+
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64 - 1; seed + k must fit too
+DEFAULT_OUTPUT = "outputs"
+_INDEX = re.compile(r"^(\d{5})-")  # "00042-<seed>-<slug>.png"
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the user asked for; None means "the model's stored default" (its ldm_app.json, else the fallbacks)."""
+
+    prompts: list[str]
+    model: str = DEFAULT_MODEL
+    seed: int | None = None
+    negative_prompt: str = ""
+    steps: int | None = None
+    guidance_scale: float | None = None
+    sampler: str | None = None
+    height: int | None = None
+    width: int | None = None
+    num_images: int = 1
+    batch_size: int = 1
+    output: str = DEFAULT_OUTPUT
+    grid: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+# ---- the Python API ---------------------------------------------------------------------------------------------
+
+
+def generate(
+    prompts: str | Sequence[str],
+    model: str | os.PathLike = DEFAULT_MODEL,
+    seed: int | None = None,
+    *,
+    negative_prompt: str = "",
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    sampler: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    num_images: int = 1,
+    batch_size: int = 1,
+    output: str | os.PathLike = DEFAULT_OUTPUT,
+    grid: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> list[Path]:
+    """Generate `num_images` images per prompt and write them as PNGs with their parameters.
+
+    `output`: a folder (files `00000-<seed>-<slug>.png`, never overwriting) or a `.png` path (numbered
+    `name-0000.png`, ... when there are several images). Returns the image paths, then the grid's if `grid`.
+    Raises UserError for bad input, before anything is generated.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    request = Request(
+        prompts=prompts, model=str(model), seed=seed, negative_prompt=negative_prompt, steps=steps,
+        guidance_scale=guidance_scale, sampler=sampler, height=height, width=width, num_images=num_images,
+        batch_size=batch_size, output=str(output), grid=grid, device=device, dtype=dtype,
+    )  # fmt: skip
+    return run(request, prepare(request))
+
+
+def prepare(req: Request) -> OutputSink:
+    """The checks that need no model (so they answer before torch loads); returns where the images will go."""
+    check_request(req)
+    return OutputSink.plan(Path(req.output), len(req.prompts) * req.num_images)
+
+
+def run(req: Request, sink: OutputSink) -> list[Path]:
+    """Load the model, generate in batches and write each image (after `prepare` checked the request)."""
+    random_seed = req.seed is None
+    if random_seed:
+        req = replace(req, seed=secrets.randbelow(2**32))
+    pipe = load_pipeline(req)
+    base = effective_params(pipe, req)
+    print(describe(base, pipe) + (" (random)" if random_seed else ""))
+    jobs = [replace(base, prompt=p, seed=req.seed + k) for p in req.prompts for k in range(req.num_images)]
+    paths, images = [], []
+    for start in range(0, len(jobs), req.batch_size):
+        batch = jobs[start : start + req.batch_size]
+        pipe.set_progress_bar_config(desc=f"images {start + 1}-{start + len(batch)} of {len(jobs)}")
+        for params, image in zip(batch, sample(pipe, batch)):
+            paths.append(save_png(image, sink.image_path(params), params))
+            images.append(image)
+            print(f"wrote {paths[-1]}")
+    if req.grid:
+        text = f"grid of {len(images)} images\n" + "\n".join(p.name for p in paths)
+        paths.append(save_png(make_grid(images), sink.grid_path(base), None, text=text))
+        print(f"wrote {paths[-1]}")
+    return paths
+
+
+def check_request(req: Request) -> None:
+    """Prompts, counts, sizes, sampler name, model folder."""
+    if not req.prompts or not all(p.strip() for p in req.prompts):
+        raise UserError("no prompt (or an empty one); expected a prompt argument, --from_file FILE or --from_png FILE")
+    for name in ("num_images", "batch_size", "steps"):
+        value = getattr(req, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be >= 1, got {value}")
+    for name in ("height", "width"):
+        value = getattr(req, name)
+        if value is not None and (value <= 0 or value % 8):
+            raise UserError(f"--{name} must be a positive multiple of 8, got {value}")
+    if req.seed is not None and not 0 <= req.seed <= MAX_SEED - req.num_images:
+        raise UserError(f"--seed must be between 0 and {MAX_SEED - req.num_images}, got {req.seed}")
+    if req.sampler is not None:
+        check_sampler(req.sampler)
+    check_model_exists(req.model)
+
+
+def check_sampler(name: str) -> None:
+    from ldm_app.samplers import SAMPLERS  # imports diffusers: only when a sampler was asked for
+
+    if name not in SAMPLERS:
+        raise UserError(f"unknown scheduler {name!r}; expected one of: {', '.join(SAMPLERS)}")
+
+
+def check_model_exists(model: str) -> None:
+    """A missing folder is the likeliest mistake (and the bundled default is not trained yet): say it in one line.
+    What is inside the folder is checked by the pipeline's loader."""
+    if Path(model).is_dir():
+        return
+    if Path(model) == Path(DEFAULT_MODEL):
+        raise UserError(
+            f"the default model is not installed yet ({model} does not exist); "
+            "pass --model DIR with a model folder (e.g. one saved by train_ldm.py)"
+        )
+    raise UserError(f"model folder not found: {model}; expected a folder with model_index.json, unet/, vae/...")
+
+
+def load_pipeline(req: Request) -> LatentDiffusionPipeline:
+    from ldm_app.pipeline import LatentDiffusionPipeline, resolve_device_dtype
+
+    device, dtype = resolve_device_dtype(req.device, req.dtype)
+    with warnings.catch_warnings():
+        # diffusers >= 0.36 renames torch_dtype to dtype; the older name still works and is the one older versions know
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+        pipe = LatentDiffusionPipeline.from_pretrained(req.model, sampler=req.sampler, torch_dtype=dtype)
+    return pipe.to(device)
+
+
+def effective_params(pipe: LatentDiffusionPipeline, req: Request) -> ImageParams:
+    """The settings actually used: the request's, else the model's stored defaults (pipe.resolve_defaults)."""
+    from ldm_app.samplers import sampler_name
+
+    height, width, steps, guidance = pipe.resolve_defaults(req.height, req.width, req.steps, req.guidance_scale)
+    return ImageParams(
+        prompt=req.prompts[0],
+        negative_prompt=req.negative_prompt,
+        seed=req.seed,
+        steps=steps,
+        guidance_scale=float(guidance),
+        sampler=sampler_name(pipe.scheduler),
+        height=height,
+        width=width,
+        model=str(Path(req.model).resolve()),
+    )
+
+
+def describe(p: ImageParams, pipe: LatentDiffusionPipeline) -> str:
+    return (
+        f"model: {p.model} | sampler: {p.sampler or type(pipe.scheduler).__name__} | steps: {p.steps} | "
+        f"guidance: {p.guidance_scale} | size: {p.width}x{p.height} | device: {pipe.device} | dtype: {pipe.dtype} | "
+        f"seed: {p.seed}"
+    )
+
+
+def sample(pipe: LatentDiffusionPipeline, batch: list[ImageParams]) -> list[Image.Image]:
+    """One pipeline call for a batch of jobs that share every setting but prompt and seed."""
+    import torch
+
+    p = batch[0]
+    # one CPU generator per image (seed + k): the noise of image k is the same in any batch and on any device
+    generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
+    return pipe(
+        prompt=[job.prompt for job in batch],
+        negative_prompt=[job.negative_prompt for job in batch],
+        height=p.height,
+        width=p.width,
+        num_inference_steps=p.steps,
+        guidance_scale=p.guidance_scale,
+        generator=generators,
+    ).images
+
+
+def make_grid(images: list[Image.Image]) -> Image.Image:
+    """A near-square grid, row by row (diffusers' make_image_grid needs rows * cols == len(images) exactly)."""
+    from PIL import Image
+
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, (i % cols * w, i // cols * h))
+    return grid
+
+
+# ---- output file names ------------------------------------------------------------------------------------------
+
+
+def slugify(text: str, max_len: int = 40) -> str:
+    """'A corgi, in a sushi house!' -> 'a-corgi-in-a-sushi-house' (safe on every file system)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:max_len].rstrip("-") or "image"
+
+
+@dataclass
+class OutputSink:
+    """Where images go: a folder (numbered names, never overwriting) or one `.png` path (numbered if several)."""
+
+    path: Path
+    is_file: bool
+    total: int
+    written: int = 0
+
+    @classmethod
+    def plan(cls, path: Path, total: int) -> OutputSink:
+        """Check that the output can be written, before any time is spent generating."""
+        is_file = path.suffix.lower() == ".png"
+        if is_file and path.is_dir():
+            raise UserError(f"--output {path} is a folder; expected a .png file path or a folder without .png")
+        if not is_file and path.exists() and not path.is_dir():
+            raise UserError(f"--output {path} is a file; expected a folder, or a path ending in .png")
+        if not is_file and path.suffix and not path.exists():
+            raise UserError(f"--output {path}: only PNG is written; expected a path ending in .png or a folder")
+        check_writable(path.parent if is_file else path)
+        return cls(path, is_file, total)
+
+    def image_path(self, p: ImageParams) -> Path:
+        self.written += 1
+        if self.is_file:
+            if self.total == 1:
+                return self._ready(self.path)
+            return self._ready(self.path.with_name(f"{self.path.stem}-{self.written - 1:04d}.png"))
+        return self._next_free(f"{p.seed}-{slugify(p.prompt)}.png")
+
+    def grid_path(self, p: ImageParams) -> Path:
+        if self.is_file:
+            return self._ready(self.path.with_name(f"{self.path.stem}-grid.png"))
+        return self._next_free(f"grid-{p.seed}-{slugify(p.prompt)}.png")
+
+    def _ready(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _next_free(self, name: str) -> Path:
+        """`NNNNN-name` with NNNNN one past the highest number in the folder (so no earlier image is replaced)."""
+        folder = self.path
+        folder.mkdir(parents=True, exist_ok=True)
+        numbers = [int(m.group(1)) for f in os.listdir(folder) if (m := _INDEX.match(f))]
+        index = max(numbers, default=-1) + 1
+        while (folder / f"{index:05d}-{name}").exists():
+            index += 1
+        return folder / f"{index:05d}-{name}"
+
+
+def check_writable(folder: Path) -> None:
+    """`folder` (created later if missing) can receive files: its nearest existing ancestor is a writable folder."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write to {folder}: {existing} is a file; expected a folder path for the output")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {folder}: {existing} is not writable; choose another --output")
+
+
+# ---- the command line -------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one UserError line (run_cli prints it, exit 2) instead of usage."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see --help)")
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; expected an integer >= {minimum}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is too small; expected an integer >= {minimum}")
+        return value
+
+    return parse
+
+
+def _multiple_of_8(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0 or value % 8:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive multiple of 8; expected e.g. 256 or 512")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected e.g. 7.5")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not finite; expected e.g. 7.5")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="generate.py",
+        description="Generate images from text with a latent diffusion model. Unset sampling options use the "
+        "model's stored defaults (its ldm_app.json). Every PNG stores its parameters; --from_png remakes it.",
+    )
+    p.add_argument("prompt", nargs="?", help="the text prompt (or use --from_file / --from_png)")
+    p.add_argument("--from_file", metavar="FILE", help="a text file with one prompt per line (blank lines skipped)")
+    p.add_argument("--from_png", metavar="FILE", help="remake the image whose parameters FILE stores; other "
+                   "options given override the stored ones")  # fmt: skip
+    p.add_argument("--model", help=f"model folder (default: the bundled {DEFAULT_MODEL})")
+    p.add_argument("--output", help=f"a folder (default: {DEFAULT_OUTPUT}/; new files are numbered, nothing is "
+                   "replaced) or a .png path (name-0000.png, ... for several images)")  # fmt: skip
+    p.add_argument("--seed", type=_int_at_least(0), help="random seed (default: random, printed and stored); "
+                   "image k of a prompt uses seed+k")  # fmt: skip
+    p.add_argument("--steps", type=_int_at_least(1), help="number of sampling steps")
+    p.add_argument("--guidance_scale", type=_float, help="classifier-free guidance scale (<= 1 turns it off)")
+    p.add_argument("--negative_prompt", help="what the image should not show")
+    p.add_argument("--scheduler", "--sampler", dest="scheduler",
+                   help="sampler name, e.g. ddim, dpm++ or euler_a (a wrong name lists them all)")  # fmt: skip
+    p.add_argument("--num_images", type=_int_at_least(1), help="images per prompt (default 1)")
+    p.add_argument("--batch_size", type=_int_at_least(1), default=1, help="images per model call (default 1)")
+    p.add_argument("--height", type=_multiple_of_8, help="image height in pixels, a multiple of 8")
+    p.add_argument("--width", type=_multiple_of_8, help="image width in pixels, a multiple of 8")
+    p.add_argument("--grid", action="store_true", help="also write a grid image of all the images")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="auto: fp16 on CUDA, fp32 elsewhere")  # fmt: skip
+    return p
+
+
+def read_prompt_file(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"prompt file not found: {file}; expected a text file with one prompt per line")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"prompt file {file} is not UTF-8 text; expected one prompt per line") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise UserError(f"prompt file {file} has no prompts; expected one prompt per line")
+    return prompts
+
+
+def request_from_args(args: argparse.Namespace) -> Request:
+    """Merge the sources of a request: flags over (for --from_png) the PNG's stored parameters over defaults."""
+    sources = [name for name, given in (("a prompt", args.prompt is not None), ("--from_file", args.from_file),
+                                        ("--from_png", args.from_png)) if given]  # fmt: skip
+    if len(sources) > 1:
+        raise UserError(f"got {' and '.join(sources)}; expected only one of a prompt, --from_file or --from_png")
+    stored = read_params(args.from_png) if args.from_png else None
+    if stored is not None and stored.version != __version__:
+        logger.warning("%s was made by ldm_app %s, this is %s: pixels may differ", args.from_png, stored.version,
+                       __version__)  # fmt: skip
+    if stored is not None and args.model is None and not Path(stored.model).is_dir():
+        raise UserError(f"the model recorded in {args.from_png} is not there ({stored.model}); pass --model DIR")
+    prompts = read_prompt_file(args.from_file) if args.from_file else [args.prompt] if args.prompt is not None else []
+
+    def pick(flag, stored_name):  # the flag if given, else the PNG's value (None lets the model decide)
+        return flag if flag is not None or stored is None else getattr(stored, stored_name)
+
+    return Request(
+        prompts=[stored.prompt] if stored else prompts,
+        model=pick(args.model, "model") or DEFAULT_MODEL,
+        seed=pick(args.seed, "seed"),
+        negative_prompt=pick(args.negative_prompt, "negative_prompt") or "",
+        steps=pick(args.steps, "steps"),
+        guidance_scale=pick(args.guidance_scale, "guidance_scale"),
+        sampler=pick(args.scheduler, "sampler"),
+        height=pick(args.height, "height"),
+        width=pick(args.width, "width"),
+        num_images=args.num_images or 1,
+        batch_size=args.batch_size,
+        output=args.output or DEFAULT_OUTPUT,
+        grid=args.grid,
+        device=args.device,
+        dtype=args.dtype,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    args = build_parser().parse_args(argv)
+    with warnings_on_stderr():
+        request = request_from_args(args)
+        sink = prepare(request)  # before the slow imports below
+        quiet_loading_bars()
+        return run(request, sink)
+
+
+@contextlib.contextmanager
+def warnings_on_stderr() -> Iterator[None]:
+    """ldm_app warnings (e.g. "prompt truncated to CLIP's 77 tokens") as "WARNING: ..." lines on stderr, for the
+    duration of one command (removed after, so in-process callers such as tests don't accumulate handlers)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    app_logger = logging.getLogger("ldm_app")
+    app_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        app_logger.removeHandler(handler)
+
+
+def quiet_loading_bars() -> None:
+    """Command-line output: the settings line, the sampling progress bar and the written paths; the per-component
+    loading bars of diffusers/transformers only add noise for a model that loads in seconds."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    from ldm_app.errors import run_cli
+
+    sys.exit(run_cli(main))
