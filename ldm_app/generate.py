@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 from ldm_app import DEFAULT_MODEL, __version__
 from ldm_app.errors import UserError
 from ldm_app.pngmeta import ImageParams, read_params, save_png
+from ldm_app.samplers import SAMPLERS, check_sampler_name
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -138,15 +139,8 @@ def check_request(req: Request) -> None:
     if req.seed is not None and not 0 <= req.seed <= MAX_SEED - req.num_images:
         raise UserError(f"--seed must be between 0 and {MAX_SEED - req.num_images}, got {req.seed}")
     if req.sampler is not None:
-        check_sampler(req.sampler)
+        check_sampler_name(req.sampler)
     check_model_exists(req.model)
-
-
-def check_sampler(name: str) -> None:
-    from ldm_app.samplers import SAMPLERS  # imports diffusers: only when a sampler was asked for
-
-    if name not in SAMPLERS:
-        raise UserError(f"unknown scheduler {name!r}; expected one of: {', '.join(SAMPLERS)}")
 
 
 def check_model_exists(model: str) -> None:
@@ -362,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance_scale", type=_float, help="classifier-free guidance scale (<= 1 turns it off)")
     p.add_argument("--negative_prompt", help="what the image should not show")
     p.add_argument("--scheduler", "--sampler", dest="scheduler",
-                   help="sampler name, e.g. ddim, dpm++ or euler_a (a wrong name lists them all)")  # fmt: skip
+                   help=f"sampler: {', '.join(SAMPLERS)} (default: the model's own)")  # fmt: skip
     p.add_argument("--num_images", type=_int_at_least(1), help="images per prompt (default 1)")
     p.add_argument("--batch_size", type=_int_at_least(1), default=1, help="images per model call (default 1)")
     p.add_argument("--height", type=_multiple_of_8, help="image height in pixels, a multiple of 8")

@@ -14,34 +14,28 @@ process is discretised, so any sampler can be used with any model.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-)
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ldm_app.errors import UserError
+
+if TYPE_CHECKING:
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 # Latents are not bounded to [-1, 1] like pixels, so clipping the predicted x0 there would distort them (diffusers'
 # StableDiffusionPipeline forces clip_sample=False for the same reason); a config coming from a scheduler class
 # without this field (e.g. Euler) would otherwise get DDPM/DDIM's default clip_sample=True.
 _NO_CLIP = {"clip_sample": False}
 
-# name -> (scheduler class, overrides of the model's config)
-_REGISTRY: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
-    "ddpm": (DDPMScheduler, _NO_CLIP),
-    "ddim": (DDIMScheduler, _NO_CLIP),
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
-    "plms": (PNDMScheduler, {"skip_prk_steps": True}),
-    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+# name -> (diffusers scheduler class name, overrides of the model's config). Class names, resolved on use, so that
+# checking a sampler name (a CLI error path) does not import diffusers.
+_REGISTRY: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddpm": ("DDPMScheduler", _NO_CLIP),
+    "ddim": ("DDIMScheduler", _NO_CLIP),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
 }
 
 SAMPLERS: tuple[str, ...] = tuple(_REGISTRY)
@@ -60,10 +54,12 @@ def check_sampler_name(name: str) -> str:
 
 def make_scheduler(name: str, config: Mapping[str, Any]) -> SchedulerMixin:
     """Build sampler `name` from a scheduler config (the model's noise schedule), e.g. `pipe.scheduler.config`."""
-    cls, overrides = _REGISTRY[check_sampler_name(name)]
-    return cls.from_config(config, **overrides)
+    import diffusers
+
+    cls_name, overrides = _REGISTRY[check_sampler_name(name)]
+    return getattr(diffusers, cls_name).from_config(config, **overrides)
 
 
 def sampler_name(scheduler: SchedulerMixin) -> str | None:
     """The first registered name whose scheduler class is `scheduler`'s class, or None for a class we don't name."""
-    return next((name for name, (cls, _) in _REGISTRY.items() if type(scheduler) is cls), None)
+    return next((name for name, (cls, _) in _REGISTRY.items() if type(scheduler).__name__ == cls), None)

@@ -62,7 +62,7 @@ BAD_INPUTS = {
     "seed not numeric": (["x", "--seed", "abc"], "--seed: 'abc' is not a whole number"),
     "unknown scheduler": (
         ["x", "--scheduler", "nope"],
-        "unknown scheduler 'nope'; expected one of: " + ", ".join(SAMPLERS),
+        "unknown sampler 'nope'; expected one of: " + ", ".join(SAMPLERS),
     ),
     "unknown dtype": (["x", "--dtype", "fp8"], "invalid choice: 'fp8'"),
     "half precision on cpu": (["x", "--dtype", "fp16"], "dtype fp16 is not supported on CPU"),
