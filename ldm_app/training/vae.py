@@ -1,0 +1,468 @@
+"""train_vae.py: the first stage of a latent diffusion model (Rombach et al. 2022), a KL- or VQ-regularised
+autoencoder (diffusers' `AutoencoderKL` / `VQModel`) trained from scratch with the LDM / taming-transformers
+objective (Esser et al. 2021):
+
+    x_rec = D(z),  z ~ q(z | x0) = N(mean, std^2) (KL)  or  z = quantise(E(x0)) (VQ)        (B, C, f*h, f*w)
+    L_ae  = rec(x0, x_rec) + w_reg * reg + [step >= disc_start] * lambda * (-E[D_patch(x_rec)])
+    L_d   = hinge(D_patch(x0), D_patch(x_rec))                 (only from disc_start on)
+rec = L1 (+ LPIPS if available), reg = KL(q || N(0, I)) or the VQ codebook/commitment loss, lambda the adaptive
+weight (see losses.py). Two optimisers (autoencoder, discriminator), both prepared by accelerate.
+
+Exact resume: every random draw of a step (the posterior sample) comes from `step_generator`, the data order from
+(seed, epoch), so a checkpoint needs only what accelerate saves plus the data position (see training/common.py).
+
+Output folder OUT: `checkpoint-N/` (accelerate state), `logs/` (TensorBoard), `run_config.json`, and the final
+model in `OUT/vae/`: config.json + diffusion_pytorch_model.safetensors (loads with `AutoencoderKL.from_pretrained`
+or `VQModel.from_pretrained`; its `scaling_factor` is measured from data), `train_config.yaml` (the run config
+that made it) and `holdout.json` (the held-out image indices that `python -m ldm_app.evaluate vae` scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..checkpointing import check_run_folder, load_checkpoint, resolve_resume, save_checkpoint, write_run_config
+from ..config import (AutoencoderConfig, DataConfig, TrainConfig, load_config, merge, parse_overrides, save_config,
+                      to_dict)
+from ..errors import UserError
+from ..losses import (NLayerDiscriminator, autoencoder_nll, disc_factor, generator_objective, hinge_d_loss,
+                      load_lpips, reconstruction_loss)
+from .common import Position, batches, effective_lr, make_accelerator, make_lr_scheduler, make_optimizer, psnr, \
+    step_generator
+
+logger = logging.getLogger("train_vae")
+
+MODEL_SUBDIR = "vae"
+TRAIN_CONFIG_FILE = "train_config.yaml"
+HOLDOUT_FILE = "holdout.json"
+# Settings a resumed run may change: the step budget, checkpoint cadence, logging, end-of-run measurements.
+MAY_DIFFER_ON_RESUME = (
+    "train.max_train_steps", "train.checkpointing_steps", "train.checkpoints_total_limit", "train.log_every",
+    "data.dataloader_num_workers", "scale_num_images", "eval_num_images",
+)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Run configuration
+
+
+@dataclass
+class VAELossConfig:
+    """Weights of the LDM autoencoder objective (defaults: LDM's kl-f8 / vq-f8 configs)."""
+
+    pixel_weight: float = 1.0  # L1
+    perceptual_weight: float = 1.0  # LPIPS, used only when the lpips package and its VGG weights are present
+    kl_weight: float = 1e-6  # relative to the per-image *sum* of the L1 error (LDM's reduction)
+    codebook_weight: float = 1.0  # weight of diffusers VQModel's commit_loss (VQ only)
+    disc_start: int = 50001  # step at which the discriminator and the GAN term switch on
+    disc_weight: float = 0.5  # multiplies the adaptive weight lambda
+    disc_factor: float = 1.0
+    disc_channels: int = 64
+    disc_num_layers: int = 3
+    disc_learning_rate: float | None = None  # None: the autoencoder's learning rate (constant: no schedule)
+
+    def validate(self) -> None:
+        for name in ("pixel_weight", "perceptual_weight", "kl_weight", "codebook_weight", "disc_weight",
+                     "disc_factor"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.disc_start < 0:
+            raise UserError(f"disc_start must be >= 0 (a step), got {self.disc_start}")
+        if self.disc_channels < 1 or self.disc_num_layers < 1:
+            raise UserError("disc_channels and disc_num_layers must be >= 1")
+        if self.disc_learning_rate is not None and self.disc_learning_rate <= 0:
+            raise UserError(f"disc_learning_rate must be > 0 or null, got {self.disc_learning_rate}")
+
+
+@dataclass
+class VAERunConfig:
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: VAELossConfig = field(default_factory=VAELossConfig)
+    scale_num_images: int = 256  # training images encoded to measure the latent scaling_factor
+    eval_num_images: int = 256  # held-out images scored at the end of training
+
+    def validate(self) -> None:
+        f = self.autoencoder.downsampling_factor
+        if self.data.resolution % f:
+            raise UserError(f"data.resolution ({self.data.resolution}) must be divisible by the autoencoder's "
+                            f"downsampling factor {f}")
+        if self.autoencoder.sample_size != self.data.resolution:
+            raise UserError(f"autoencoder.sample_size ({self.autoencoder.sample_size}) must equal data.resolution "
+                            f"({self.data.resolution}): set both")
+        if self.scale_num_images < 1 or self.eval_num_images < 0:
+            raise UserError("scale_num_images must be >= 1 and eval_num_images >= 0")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line via run_cli instead of argparse's usage dump
+        raise UserError(f"{message} (see train_vae.py --help)")
+
+
+# flag -> config key; a flag given on the command line overrides that key (after --set)
+FLAG_KEYS = {
+    "train_data_dir": "data.train_data_dir", "max_train_steps": "train.max_train_steps",
+    "checkpointing_steps": "train.checkpointing_steps", "seed": "train.seed",
+    "mixed_precision": "train.mixed_precision", "learning_rate": "train.learning_rate",
+    "train_batch_size": "train.train_batch_size", "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="train_vae.py", description="Train a KL or VQ autoencoder (the LDM first stage) from scratch.")
+    p.add_argument("--config", help="YAML file overriding the defaults (configs/vae/*.yaml)")
+    p.add_argument("--output_dir", required=True, help="run folder: checkpoints, logs, and the final model in vae/")
+    p.add_argument("--train_data_dir", help="imagefolder: images + metadata.jsonl")
+    p.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest' (fresh start if none)")
+    for name in ("max_train_steps", "checkpointing_steps", "seed", "train_batch_size", "gradient_accumulation_steps"):
+        p.add_argument(f"--{name}", type=int)
+    p.add_argument("--learning_rate", type=float)
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config key")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    return p.parse_args(argv)
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for flag, key in FLAG_KEYS.items():
+        if getattr(args, flag) is not None:
+            section, leaf = key.split(".")
+            nested.setdefault(section, {})[leaf] = getattr(args, flag)
+    return nested
+
+
+def load_run_config(args: argparse.Namespace) -> VAERunConfig:
+    overrides = merge(parse_overrides(args.set), flag_overrides(args))
+    return load_config(VAERunConfig, args.config, overrides)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The autoencoder's training forward
+
+
+class AutoencoderForward(nn.Module):
+    """x0 -> (x_rec, regulariser, code indices or None) in one module, so that accelerate (DDP) wraps the whole
+    training forward and the posterior sample can use our per-step generator (diffusers' `forward` draws from
+    the global RNG)."""
+
+    def __init__(self, vae: nn.Module, kind: str):
+        super().__init__()
+        self.vae = vae
+        self.kind = kind
+
+    def forward(self, x0: torch.Tensor, generator: torch.Generator | None = None):
+        if self.kind == "kl":
+            posterior = self.vae.encode(x0).latent_dist  # mean, std: (B, C, h, w)
+            z = posterior.sample(generator=generator)
+            kl = posterior.kl().sum() / x0.shape[0]  # LDM: KL summed over latent elements, averaged over images
+            return self.vae.decode(z).sample, kl, None
+        # VQ: commit_loss is ||sg(z_q) - z||^2 + 0.25 ||z_q - sg(z)||^2 (means; diffusers keeps taming's "legacy"
+        # placement of beta), i.e. commitment and codebook terms together.
+        h = self.vae.encode(x0).latents
+        z_q, commit_loss, (_, _, indices) = self.vae.quantize(h)
+        x_rec = self.vae.decode(z_q, force_not_quantize=True).sample  # z_q is quantised already
+        return x_rec, commit_loss, indices
+
+
+class DiscriminatorForward(nn.Module):
+    """(x0, x_rec) -> hinge loss. Real and fake images go through the discriminator separately (their own
+    BatchNorm batches, as in taming) but inside one forward: DDP needs one forward per backward."""
+
+    def __init__(self, disc: nn.Module):
+        super().__init__()
+        self.disc = disc
+
+    def forward(self, x0: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
+        return hinge_d_loss(self.disc(x0), self.disc(x_rec))
+
+
+def encode_latents(vae: nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The latents a diffusion model trains on, unscaled: a posterior sample (KL, as LDM's
+    `get_first_stage_encoding`) or the encoder output before quantisation (VQ, as LDM)."""
+    encoded = vae.encode(x0)
+    if hasattr(encoded, "latent_dist"):
+        return encoded.latent_dist.sample(generator=generator)
+    return encoded.latents
+
+
+@torch.no_grad()
+def measure_scaling_factor(vae: nn.Module, images: Iterator[torch.Tensor], seed: int) -> float:
+    """1 / std of the latents of the given batches (LDM's `scale_by_std`), so that scaling_factor * z has unit
+    variance like the diffusion prior N(0, I). KL latents are posterior samples, drawn with a seeded generator."""
+    g = None
+    latents = []
+    for x0 in images:
+        if g is None:
+            g = torch.Generator(x0.device).manual_seed(seed)
+        latents.append(encode_latents(vae, x0, g).float().flatten())
+    return 1.0 / torch.cat(latents).std().item()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class TrainResult:
+    step: int
+    model_dir: Path
+    metrics: dict[str, float]  # held-out scores of the final model (empty without held-out images)
+
+
+class VAETrainer:
+    def __init__(self, cfg: VAERunConfig, dataset: Any, holdout: dict[str, Any], accelerator: Any, out: Path):
+        self.cfg, self.acc, self.out = cfg, accelerator, out
+        self.dataset, self.holdout = dataset, holdout  # dataset: the training split
+        self.kind = cfg.autoencoder.kind
+        self.step, self.position, self.skipped = 0, Position(), 0
+        self.lpips, reason = load_lpips() if cfg.loss.perceptual_weight > 0 else (None, "perceptual_weight is 0")
+        if self.lpips is None:
+            logger.info("LPIPS skipped: %s; training with the pixel L1 loss only", reason)
+        self._setup()
+
+    def _setup(self) -> None:
+        from accelerate.utils import set_seed
+
+        from ..models import build_autoencoder
+
+        cfg, acc = self.cfg, self.acc
+        set_seed(cfg.train.seed)  # the initial weights
+        vae = build_autoencoder(cfg.autoencoder)
+        if cfg.train.gradient_checkpointing:
+            vae.enable_gradient_checkpointing()
+        model = AutoencoderForward(vae, self.kind)
+        disc = DiscriminatorForward(NLayerDiscriminator(cfg.autoencoder.in_channels, cfg.loss.disc_channels,
+                                                        cfg.loss.disc_num_layers))
+        lr = effective_lr(cfg.train, acc.num_processes)
+        opt_ae = make_optimizer(model.parameters(), cfg.train, lr)
+        opt_d = make_optimizer(disc.parameters(), cfg.train, cfg.loss.disc_learning_rate or lr)
+        sched = make_lr_scheduler(opt_ae, cfg.train)
+        if self.lpips is not None:
+            self.lpips.to(acc.device)
+        self.model, self.disc, self.opt_ae, self.opt_d, self.sched = acc.prepare(model, disc, opt_ae, opt_d, sched)
+
+    @property
+    def vae(self) -> nn.Module:
+        return self.acc.unwrap_model(self.model).vae
+
+    def resume(self, checkpoint: Path) -> None:
+        state = load_checkpoint(self.acc, checkpoint)
+        self.step = state["step"]
+        self.position = Position(state["epoch"], state["batch"])
+        self.skipped = state.get("skipped_images", 0)
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, self.step, self.position.epoch,
+                    self.position.batch)
+
+    def train_step(self, x0: torch.Tensor, g: torch.Generator) -> dict[str, Any]:
+        """One micro-batch: the autoencoder update, then (from disc_start on) the discriminator update."""
+        cfg, acc = self.cfg.loss, self.acc
+        factor = disc_factor(self.step, cfg.disc_start, cfg.disc_factor)
+        x_rec, reg, indices = self.model(x0, g)
+        rec_nll = autoencoder_nll(reconstruction_loss(x0, x_rec, self.lpips, cfg.pixel_weight, cfg.perceptual_weight),
+                                  self.kind)
+        disc = acc.unwrap_model(self.disc).disc  # generator step: no discriminator gradients, so no DDP sync
+        disc.requires_grad_(False)
+        try:
+            logits_fake = disc(x_rec) if factor > 0 else None
+            reg_weight = cfg.kl_weight if self.kind == "kl" else cfg.codebook_weight
+            loss, logs = generator_objective(rec_nll, reg, reg_weight, logits_fake,
+                                             self.vae.decoder.conv_out.weight, cfg.disc_weight, factor)
+            acc.backward(loss)
+        finally:
+            disc.requires_grad_(True)
+        if acc.sync_gradients and self.cfg.train.max_grad_norm > 0:
+            acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm)
+        self.opt_ae.step()
+        self.sched.step()
+        self.opt_ae.zero_grad(set_to_none=True)
+        if factor > 0:
+            d_loss = factor * self.disc(x0.detach(), x_rec.detach())
+            acc.backward(d_loss)
+            if acc.sync_gradients and self.cfg.train.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.disc.parameters(), self.cfg.train.max_grad_norm)
+            self.opt_d.step()
+            self.opt_d.zero_grad(set_to_none=True)
+            logs["loss/disc"] = d_loss.detach()
+        logs["psnr"] = psnr(x_rec.detach(), x0).mean()
+        if indices is not None:
+            logs["codebook/used_in_batch"] = torch.tensor(float(indices.unique().numel()))
+        return logs
+
+    def data_stream(self) -> Iterator[tuple[Position, dict[str, Any]]]:
+        from ..data.dataset import collate_fn
+
+        return batches(self.dataset, self.cfg.train.train_batch_size, self.cfg.train.seed, self.acc, self.position,
+                       collate_fn, self.cfg.data.dataloader_num_workers)
+
+    def _empty_anywhere(self, x0: torch.Tensor) -> bool:
+        """A batch whose images were all unreadable is skipped, by every process together (DDP needs that)."""
+        n = torch.tensor([x0.shape[0]], device=self.acc.device)
+        return bool(self.acc.gather(n).min() == 0) if self.acc.num_processes > 1 else n.item() == 0
+
+    def run(self) -> None:
+        from tqdm.auto import tqdm
+
+        train = self.cfg.train
+        progress = tqdm(total=train.max_train_steps, initial=self.step, desc="train_vae",
+                        disable=not self.acc.is_main_process)
+        stream, micro, t0, last_saved = self.data_stream(), 0, time.time(), None
+        while self.step < train.max_train_steps:
+            self.position, batch = next(stream)
+            self.skipped += int(batch["num_skipped"])
+            x0 = batch["pixel_values"]
+            if self._empty_anywhere(x0):
+                continue
+            with self.acc.accumulate(self.model, self.disc):
+                g = step_generator(train.seed, self.step * train.gradient_accumulation_steps + micro,
+                                   self.acc.process_index, self.acc.device)
+                logs = self.train_step(x0, g)
+            micro += 1
+            if not self.acc.sync_gradients:
+                continue
+            self.step, micro = self.step + 1, 0
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['loss/total'].item():.4g}", psnr=f"{logs['psnr'].item():.2f}")
+            if self.step % train.log_every == 0 or self.step == train.max_train_steps:
+                self._log(logs, t0)
+            if self.step % train.checkpointing_steps == 0:
+                self.save()
+                last_saved = self.step
+        progress.close()
+        if last_saved != self.step:
+            self.save()
+        if self.skipped:
+            logger.warning("skipped %d unreadable image loads during training (see the warnings naming them)",
+                           self.skipped)
+
+    def _log(self, logs: dict[str, Any], t0: float) -> None:
+        values = {k: float(v) for k, v in logs.items()}
+        values["lr"] = self.sched.get_last_lr()[0]
+        values["data/skipped_images"] = self.skipped
+        values["steps_per_second"] = self.step / max(time.time() - t0, 1e-9)  # since this process started
+        self.acc.log(values, step=self.step)
+
+    def save(self) -> None:
+        state = {"step": self.step, "epoch": self.position.epoch, "batch": self.position.batch,
+                 "skipped_images": self.skipped}
+        path = save_checkpoint(self.acc, self.out, self.step, state,
+                               total_limit=self.cfg.train.checkpoints_total_limit)
+        logger.info("saved %s", path)
+
+    def export(self) -> Path:
+        """Measure the scaling factor, then write OUT/vae atomically (main process)."""
+        from ..fileio import atomic_dir
+
+        dest = self.out / MODEL_SUBDIR
+        if self.acc.is_main_process:
+            vae = self.vae.eval()
+            factor = measure_scaling_factor(vae, self._first_images(self.cfg.scale_num_images), self.cfg.train.seed)
+            vae.register_to_config(scaling_factor=factor)
+            logger.info("latent scaling_factor = %.5f (1 / std of the latents of %d training images)", factor,
+                        min(self.cfg.scale_num_images, len(self.dataset)))
+            cfg = replace(self.cfg, autoencoder=replace(self.cfg.autoencoder, scaling_factor=factor))
+            with atomic_dir(dest) as tmp:
+                vae.save_pretrained(tmp, safe_serialization=True)
+                save_config(cfg, tmp / TRAIN_CONFIG_FILE)
+                (tmp / HOLDOUT_FILE).write_text(json.dumps(self.holdout))
+            logger.info("autoencoder written to %s", dest)
+        self.acc.wait_for_everyone()
+        return dest
+
+    def _first_images(self, n: int) -> Iterator[torch.Tensor]:
+        from torch.utils.data import DataLoader
+
+        from ..data.dataset import collate_fn
+
+        loader = DataLoader(torch.utils.data.Subset(self.dataset, range(min(n, len(self.dataset)))),
+                            batch_size=self.cfg.train.train_batch_size, collate_fn=collate_fn)
+        for batch in loader:
+            if batch["pixel_values"].shape[0]:
+                yield batch["pixel_values"].to(self.acc.device)
+
+    def evaluate_holdout(self, model_dir: Path) -> dict[str, float]:
+        """Score the saved model on (up to eval_num_images of) the held-out images, log and print the result."""
+        from ..evaluate import evaluate_vae, format_vae_metrics
+
+        if not self.acc.is_main_process or not self.holdout["indices"] or not self.cfg.eval_num_images:
+            return {}
+        metrics = evaluate_vae(model_dir, self.cfg.data.train_data_dir, self.cfg.eval_num_images,
+                               batch_size=self.cfg.train.train_batch_size, device=self.acc.device)
+        self.acc.log({f"holdout/{k}": v for k, v in metrics.items()}, step=self.step)
+        logger.info("final model on %s", format_vae_metrics(metrics))
+        return metrics
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def build_datasets(cfg: VAERunConfig) -> tuple[Any, dict[str, Any]]:
+    """(training split, holdout record); the split is drawn from (n, holdout_fraction, seed)."""
+    from ..data.dataset import build_dataset, split_indices
+
+    d = cfg.data
+    full = build_dataset(d.train_data_dir, d.dataset_name, d.resolution, d.center_crop, d.random_flip,
+                         d.caption_column, d.image_column, d.max_samples)
+    train_idx, holdout_idx = split_indices(len(full), d.holdout_fraction, cfg.train.seed)
+    holdout = {"num_images": len(full), "holdout_fraction": d.holdout_fraction, "seed": cfg.train.seed,
+               "indices": holdout_idx}
+    return full.select(train_idx), holdout
+
+
+def _setup_logging() -> None:
+    main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate launch set RANK
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        level=logging.INFO if main_process else logging.WARNING)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per file of every checkpoint
+
+
+def _cpu_only_multiprocess() -> bool:
+    """accelerate starts a gloo process group for torchrun's processes only when told to use the CPU."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    """Parse, check every input (one-line errors), train, export OUT/vae and score it on the held-out images."""
+    args = parse_args(argv)
+    cfg = load_run_config(args)
+    _setup_logging()
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {str(out)!r} is a file, not a folder")
+    checkpoint = resolve_resume(out, args.resume_from_checkpoint)
+    check_run_folder(out, to_dict(cfg), resuming=checkpoint is not None, may_differ=MAY_DIFFER_ON_RESUME)
+    train_set, holdout = build_datasets(cfg)
+    accelerator = make_accelerator(cfg.train, out, cpu=args.cpu or _cpu_only_multiprocess())
+    per_step = cfg.train.train_batch_size * accelerator.num_processes
+    if len(train_set) < per_step:
+        raise UserError(f"the training split has {len(train_set)} images, fewer than one batch ({per_step}): "
+                        "add images, lower train.train_batch_size or data.holdout_fraction")
+    if accelerator.is_main_process:
+        write_run_config(out, to_dict(cfg))
+    accelerator.init_trackers("train_vae")
+    logger.info("%s autoencoder, f=%d; %d training images, %d held out", cfg.autoencoder.kind,
+                cfg.autoencoder.downsampling_factor, len(train_set), len(holdout["indices"]))
+    trainer = VAETrainer(cfg, train_set, holdout, accelerator, out)
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
+    trainer.run()
+    model_dir = trainer.export()
+    metrics = trainer.evaluate_holdout(model_dir)
+    accelerator.end_training()
+    return TrainResult(trainer.step, model_dir, metrics)
