@@ -41,3 +41,18 @@ def test_scale_lr_and_psnr():
     p = psnr(x, y)
     assert abs(p[1].item() - 20.0) < 1e-4
     assert p[0] > 100
+
+
+def test_lr_schedule_counts_optimisation_steps_under_several_processes():
+    """accelerate steps a prepared scheduler once per process; warm-up must still last lr_warmup_steps."""
+    from ldm_app.training.common import make_lr_scheduler
+
+    cfg = TrainConfig(learning_rate=1.0, lr_warmup_steps=4, max_train_steps=8, lr_scheduler="constant_with_warmup")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_lr_scheduler(opt, cfg, num_processes=2)
+    lrs = []
+    for _ in range(4):  # 4 optimisation steps = 8 scheduler steps with 2 processes
+        for _ in range(2):
+            sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    assert lrs[-1] == 1.0 and lrs[0] < 1.0

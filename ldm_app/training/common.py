@@ -101,12 +101,14 @@ def effective_lr(cfg: TrainConfig, num_processes: int) -> float:
     return cfg.learning_rate * cfg.train_batch_size * cfg.gradient_accumulation_steps * num_processes
 
 
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
-    """diffusers' LR schedules, counted in optimisation steps."""
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, num_processes: int = 1):
+    """diffusers' LR schedules, counted in optimisation steps. accelerate's prepared scheduler steps once per
+    process per optimisation step, so the schedule's lengths are scaled by the process count (as in diffusers'
+    training scripts) to keep warm-up and decay in optimisation steps."""
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                         num_training_steps=cfg.max_train_steps)
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * num_processes,
+                         num_training_steps=cfg.max_train_steps * num_processes)
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -252,7 +252,7 @@ class VAETrainer:
         lr = effective_lr(cfg.train, acc.num_processes)
         opt_ae = make_optimizer(model.parameters(), cfg.train, lr)
         opt_d = make_optimizer(disc.parameters(), cfg.train, cfg.loss.disc_learning_rate or lr)
-        sched = make_lr_scheduler(opt_ae, cfg.train)
+        sched = make_lr_scheduler(opt_ae, cfg.train, acc.num_processes)
         if self.lpips is not None:
             self.lpips.to(acc.device)
         self.model, self.disc, self.opt_ae, self.opt_d, self.sched = acc.prepare(model, disc, opt_ae, opt_d, sched)
