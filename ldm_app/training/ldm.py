@@ -1,0 +1,733 @@
+"""train_ldm.py: a text-conditioned DDPM (Ho et al. 2020) in the latent space of a frozen autoencoder (LDM, Rombach
+et al. 2022), from one CPU to many GPUs through accelerate.
+
+One optimisation step on one process (B images):
+    x0 = (mean + std * eps) * scaling_factor    (B, C, h, w)  the encoder posterior, sampled (or cached, see
+                                                              latent_cache.py); VQ: the latents, deterministic
+    c = tau_theta(caption or "")                (B, L, D)     CLIP text states; captions dropped with p = 10% so
+                                                              that classifier-free guidance works at sampling
+    loss = || model(x_t, t, c) - eps (or v) ||^2              GaussianDiffusion.training_losses (Min-SNR optional)
+Every random draw of a step comes from `step_generator(seed, micro_step, process)` and the data order from
+(seed, epoch), so a checkpoint needs only weights, optimiser, LR schedule, EMA and the data position: a resumed run
+(even one killed mid-epoch) ends with the same weights as an uninterrupted one.
+
+Every checkpoint is also a pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/,
+with the EMA weights): `LatentDiffusionPipeline.from_pretrained(checkpoint_dir)` loads it, and the output folder
+ends as one.
+
+We write our own loop rather than adapt diffusers' examples/text_to_image/train_text_to_image.py, whose
+checkpoints do not load as pipelines, whose resume restarts the epoch, which caches nothing and cannot train the
+text encoder from scratch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..checkpointing import check_run_folder, load_checkpoint, resolve_resume, save_checkpoint, write_run_config
+from ..config import (DataConfig, NoiseScheduleConfig, TextEncoderConfig, TrainConfig, UNetConfig, load_config,
+                      merge, parse_overrides, to_dict)
+from ..errors import UserError
+from .common import (Position, batches, batches_per_epoch, effective_lr, make_accelerator, make_lr_scheduler,
+                     make_optimizer, step_generator)
+
+logger = logging.getLogger("train_ldm")
+
+EMA_FILE = "ema.safetensors"
+# Settings a resumed run may change: the step budget, checkpoint cadence, logging, validation, caching, speed-ups.
+MAY_DIFFER_ON_RESUME = (
+    "train.max_train_steps", "train.checkpointing_steps", "train.checkpoints_total_limit", "train.log_every",
+    "ldm.validation", "ldm.cache_latents", "ldm.cache_dir", "ldm.enable_xformers", "data.dataloader_num_workers",
+)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Run configuration
+
+
+@dataclass
+class LDMSection:
+    """What is specific to latent diffusion training (the other sections are shared with the rest of ldm_app)."""
+
+    pretrained_vae: str | None = None  # a trained AutoencoderKL / VQModel folder (train_vae.py's output)
+    pretrained_model: str | None = None  # or a whole SD-1.x-layout pipeline folder to fine-tune
+    caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
+    snr_gamma: float | None = None  # Min-SNR-gamma weighting (Hang et al. 2023); 5.0 is the paper's choice
+    noise_offset: float = 0.0  # offset noise (Guttenberg 2023); 0.05-0.1 typical
+    use_ema: bool = True
+    ema_decay: float = 0.9999
+    cache_latents: bool = False
+    cache_dir: str | None = None  # default: OUTPUT_DIR/latent_cache
+    enable_xformers: bool = False  # xformers attention if installed; PyTorch SDPA otherwise (the default)
+    validation_steps: int = 0  # sample the prompts every N steps (0: only at the end)
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_sampler: str = "ddim"
+    validation_num_inference_steps: int = 25
+    validation_guidance_scale: float = 5.0
+    validation_seed: int = 0
+
+    def validate(self) -> None:
+        from ..samplers import SAMPLERS
+
+        if not 0 <= self.caption_dropout < 1:
+            raise UserError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise UserError(f"snr_gamma must be > 0 or null, got {self.snr_gamma}")
+        if self.noise_offset < 0:
+            raise UserError(f"noise_offset must be >= 0, got {self.noise_offset}")
+        if not 0 < self.ema_decay < 1:
+            raise UserError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.validation_steps < 0 or self.validation_num_inference_steps < 1:
+            raise UserError("validation_steps must be >= 0 and validation_num_inference_steps >= 1")
+        if self.validation_sampler not in SAMPLERS:
+            raise UserError(f"unknown validation_sampler {self.validation_sampler!r}; expected one of "
+                            f"{', '.join(SAMPLERS)}")
+        if not (self.pretrained_vae or self.pretrained_model):
+            raise UserError("give --pretrained_vae VAE_DIR (a trained autoencoder folder) or --pretrained_model "
+                            "PIPELINE_DIR (a pipeline folder to fine-tune)")
+
+
+@dataclass
+class LDMRunConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    noise: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ldm: LDMSection = field(default_factory=LDMSection)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line via run_cli instead of argparse's usage dump
+        raise UserError(f"{message} (see train_ldm.py --help)")
+
+
+# flag -> config key; each flag given on the command line overrides that key (after --set)
+FLAG_KEYS = {
+    "train_data_dir": "data.train_data_dir", "pretrained_vae": "ldm.pretrained_vae",
+    "pretrained_model": "ldm.pretrained_model", "max_train_steps": "train.max_train_steps",
+    "checkpointing_steps": "train.checkpointing_steps", "checkpoints_total_limit": "train.checkpoints_total_limit",
+    "seed": "train.seed", "mixed_precision": "train.mixed_precision", "learning_rate": "train.learning_rate",
+    "train_batch_size": "train.train_batch_size", "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "gradient_checkpointing": "train.gradient_checkpointing", "cache_latents": "ldm.cache_latents",
+    "cache_dir": "ldm.cache_dir", "validation_steps": "ldm.validation_steps",
+    "validation_prompts": "ldm.validation_prompts", "enable_xformers_memory_efficient_attention": "ldm.enable_xformers",
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="train_ldm.py", description="Train a text-conditioned latent diffusion U-Net.")
+    p.add_argument("--config", help="YAML file overriding the defaults (configs/ldm/*.yaml)")
+    p.add_argument("--output_dir", required=True, help="run folder: checkpoints, logs, and the final pipeline")
+    p.add_argument("--train_data_dir", help="imagefolder: images + metadata.jsonl with a 'text' caption column")
+    p.add_argument("--pretrained_vae", help="trained autoencoder folder (AutoencoderKL or VQModel)")
+    p.add_argument("--pretrained_model", help="SD-1.x-layout pipeline folder to fine-tune")
+    p.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest' (fresh start if none)")
+    for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "seed", "train_batch_size",
+                 "gradient_accumulation_steps", "validation_steps"):
+        p.add_argument(f"--{name}", type=int)
+    p.add_argument("--learning_rate", type=float)
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--cache_dir", help="where --cache_latents stores latents (default OUTPUT_DIR/latent_cache)")
+    for name in ("cache_latents", "gradient_checkpointing", "enable_xformers_memory_efficient_attention"):
+        p.add_argument(f"--{name}", action="store_true", default=None)
+    p.add_argument("--validation_prompts", action="append", metavar="PROMPT_OR_FILE",
+                   help="a prompt (repeat the flag for more) or one text file with a prompt per line")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config key")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    return p.parse_args(argv)
+
+
+def _read_prompts(values: list[str]) -> list[str]:
+    if len(values) == 1 and Path(values[0]).is_file():
+        return [line.strip() for line in Path(values[0]).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return values
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    flat = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
+    if "ldm.validation_prompts" in flat:
+        flat["ldm.validation_prompts"] = _read_prompts(flat["ldm.validation_prompts"])
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        section, leaf = key.split(".")
+        nested.setdefault(section, {})[leaf] = value
+    return nested
+
+
+def load_run_config(args: argparse.Namespace) -> LDMRunConfig:
+    overrides = merge(parse_overrides(args.set), flag_overrides(args))
+    return load_config(LDMRunConfig, args.config, overrides)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass
+class Models:
+    vae: Any  # AutoencoderKL | VQModel, frozen
+    text_encoder: Any  # CLIPTextModel: trained jointly when built from scratch, frozen when pretrained
+    tokenizer: Any
+    unet: Any  # UNet2DConditionModel
+    diffusion: Any  # GaussianDiffusion
+    train_text_encoder: bool
+
+
+def _load(what: str, path: str | Path, loader: Any) -> Any:
+    """`loader(path)` with the library's errors on a folder that is not a model turned into one line."""
+    if not Path(path).is_dir():
+        raise UserError(f"{what} folder {str(path)!r} not found")
+    try:
+        return loader(path)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"{str(path)!r} is not a {what} folder ({first})") from None
+
+
+def latent_channels(vae: Any) -> int:
+    """Channels of the latents the U-Net sees: VQModel's vq_embed_dim (when set), else latent_channels."""
+    return getattr(vae.config, "vq_embed_dim", None) or vae.config.latent_channels
+
+
+def build_models(cfg: LDMRunConfig) -> Models:
+    """From scratch (U-Net and, unless pretrained, the text encoder; seeded) or from a pipeline folder."""
+    from ..diffusion import GaussianDiffusion
+    from ..models import build_text_encoder, build_unet, load_autoencoder, load_text_encoder, load_tokenizer
+
+    if cfg.ldm.pretrained_model:
+        return _models_from_pipeline(Path(cfg.ldm.pretrained_model), cfg.ldm.pretrained_vae)
+    vae = _load("autoencoder", cfg.ldm.pretrained_vae, load_autoencoder)
+    check_compatible(vae, cfg.unet.in_channels, cfg)
+    torch.manual_seed(cfg.train.seed)  # initial weights are a function of the seed
+    te_cfg = cfg.text_encoder
+    text_encoder = (_load("text encoder", te_cfg.pretrained, load_text_encoder) if te_cfg.pretrained
+                    else build_text_encoder(te_cfg))
+    unet = build_unet(cfg.unet, cross_attention_dim=text_encoder.config.hidden_size)
+    tokenizer = load_tokenizer(model_max_length=text_encoder.config.max_position_embeddings)
+    diffusion = GaussianDiffusion.from_scheduler_config(cfg.noise)
+    return Models(vae, text_encoder, tokenizer, unet, diffusion, train_text_encoder=not te_cfg.pretrained)
+
+
+def _models_from_pipeline(folder: Path, vae_dir: str | None) -> Models:
+    """Fine-tuning: every component from an SD-1.x-layout folder (the text encoder stays frozen)."""
+    from diffusers import UNet2DConditionModel
+
+    from ..diffusion import GaussianDiffusion
+    from ..models import load_autoencoder, load_text_encoder, load_tokenizer
+
+    if not (folder / "model_index.json").is_file():
+        raise UserError(f"--pretrained_model {str(folder)!r} is not a pipeline folder (no model_index.json)")
+    logger.warning("--pretrained_model: the unet, text_encoder and noise config sections are taken from %s", folder)
+    vae = _load("autoencoder", vae_dir or folder / "vae", load_autoencoder)
+    unet = _load("U-Net", folder / "unet", lambda p: UNet2DConditionModel.from_pretrained(p, use_safetensors=True))
+    check_compatible(vae, unet.config.in_channels, None)
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
+    try:
+        diffusion = GaussianDiffusion(**{k: sched[k] for k in keys if k in sched})
+    except ValueError as e:
+        raise UserError(f"{folder}/scheduler: {e}") from None
+    text_encoder = _load("text encoder", folder / "text_encoder", load_text_encoder)
+    max_length = text_encoder.config.max_position_embeddings
+    tokenizer = _load("tokenizer", folder / "tokenizer", lambda p: load_tokenizer(p, model_max_length=max_length))
+    return Models(vae, text_encoder, tokenizer, unet, diffusion, train_text_encoder=False)
+
+
+def check_compatible(vae: Any, unet_in_channels: int, cfg: LDMRunConfig | None) -> None:
+    """The U-Net denoises the autoencoder's latents: same channels; with a config, the same latent size too."""
+    channels = latent_channels(vae)
+    if unet_in_channels != channels:
+        raise UserError(f"unet.in_channels ({unet_in_channels}) must equal the autoencoder's latent channels "
+                        f"({channels}): set --set unet.in_channels={channels}")
+    if cfg is None:
+        return
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    side, down = cfg.data.resolution // f, 2 ** (len(cfg.unet.block_out_channels) - 1)
+    if cfg.data.resolution % f or side % down:
+        raise UserError(f"data.resolution {cfg.data.resolution} must be a multiple of {f * down} (autoencoder "
+                        f"factor {f} x U-Net downsampling {down})")
+    if cfg.unet.sample_size != side:
+        raise UserError(f"unet.sample_size ({cfg.unet.sample_size}) must be the latent side data.resolution / f = "
+                        f"{cfg.data.resolution} / {f} = {side}")
+
+
+def build_train_dataset(cfg: LDMRunConfig) -> Any:
+    """The training rows of the dataset (the held-out fraction is left out)."""
+    from ..data.dataset import build_dataset, split_indices
+
+    d = cfg.data
+    full = build_dataset(d.train_data_dir, d.dataset_name, d.resolution, d.center_crop, d.random_flip,
+                         d.caption_column, d.image_column, d.max_samples)
+    train_rows, held_out = split_indices(len(full), d.holdout_fraction, cfg.train.seed)
+    return full.select(train_rows) if held_out else full
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small pieces of a step
+
+
+def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
+    """Replace each caption by "" with probability p (the unconditional input of classifier-free guidance)."""
+    drop = torch.rand(len(captions), generator=generator) < p  # (B,)
+    return ["" if d else c for c, d in zip(captions, drop.tolist())]
+
+
+def tokenize(tokenizer: Any, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids  # (B, L)
+
+
+def unwrap_params(accelerator: Any, module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return list(accelerator.unwrap_model(module).parameters())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The trainer
+
+
+@dataclass
+class RunState:
+    """Where training stands; saved as the checkpoint's training_state.json."""
+
+    step: int = 0  # optimisation steps done
+    micro_step: int = 0  # batches consumed by this process (> step with gradient accumulation)
+    position: Position = field(default_factory=Position)
+
+    def to_json(self) -> dict[str, int]:
+        return {"step": self.step, "micro_step": self.micro_step, "epoch": self.position.epoch,
+                "batch": self.position.batch}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RunState:
+        return cls(d["step"], d.get("micro_step", d["step"]), Position(d["epoch"], d["batch"]))
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float]  # this process's loss at each optimisation step of this run (tests, benchmarks)
+
+
+class LDMTrainer:
+    """Owns the prepared models, optimiser, EMA and run state; `run()` trains to max_train_steps."""
+
+    def __init__(self, cfg: LDMRunConfig, models: Models, dataset: Any, accelerator: Any, output_dir: Path):
+        self.cfg, self.m, self.dataset, self.acc, self.out = cfg, models, dataset, accelerator, output_dir
+        self.state = RunState()
+        self.cache = None
+        self.losses: list[torch.Tensor] = []
+        self._setup_models()
+        self._setup_optimisation()
+
+    # ---- setup ---------------------------------------------------------------------------------------------
+
+    def _setup_models(self) -> None:
+        m, device = self.m, self.acc.device
+        m.vae.requires_grad_(False).eval().to(device)
+        m.text_encoder.requires_grad_(m.train_text_encoder).train(m.train_text_encoder).to(device)
+        m.unet.train()
+        if self.cfg.train.gradient_checkpointing:
+            m.unet.enable_gradient_checkpointing()
+            if m.train_text_encoder:
+                m.text_encoder.gradient_checkpointing_enable()
+        if self.cfg.ldm.enable_xformers:
+            enable_xformers(m.unet)
+
+    def _setup_optimisation(self) -> None:
+        """Optimiser over the U-Net (and the text encoder when trained); accelerate wraps all of it."""
+        cfg, acc, p = self.cfg.train, self.acc, self.acc.num_processes
+        trainables = [self.m.unet] + ([self.m.text_encoder] if self.m.train_text_encoder else [])
+        params = itertools.chain.from_iterable(t.parameters() for t in trainables)
+        optimizer = make_optimizer(params, cfg, effective_lr(cfg, p))
+        lr_scheduler = make_lr_scheduler(optimizer, cfg, p)
+        *trainables, self.optimizer, self.lr_scheduler = acc.prepare(*trainables, optimizer, lr_scheduler)
+        self.unet = trainables[0]
+        self.text_encoder = trainables[1] if self.m.train_text_encoder else self.m.text_encoder
+        self.trainables = trainables
+        self.named_trainables = dict(zip(("unet", "text_encoder"), trainables))
+        self.ema = self._make_ema() if self.cfg.ldm.use_ema else {}
+
+    def _make_ema(self) -> dict[str, Any]:
+        from diffusers.training_utils import EMAModel
+
+        return {name: EMAModel(unwrap_params(self.acc, module), decay=self.cfg.ldm.ema_decay)
+                for name, module in self.named_trainables.items()}
+
+    def use_cache(self, cache_dir: Path) -> None:
+        """Train from cached latents (and cached text states when the text encoder is frozen)."""
+        from ..data.dataset import collate_fn
+        from .latent_cache import CachedLatentDataset, load_or_build_cache
+
+        frozen_te = None if self.m.train_text_encoder else self.m.text_encoder
+        self.cache = load_or_build_cache(self.acc, cache_dir, self.dataset, self.m.vae, frozen_te, self.m.tokenizer,
+                                         collate_fn, self.cfg.train.train_batch_size,
+                                         self.cfg.data.dataloader_num_workers)
+        self.dataset = CachedLatentDataset(self.cache, self.dataset.captions)
+
+    def resume(self, checkpoint: Path) -> None:
+        self.state = RunState.from_json(load_checkpoint(self.acc, checkpoint))
+        if self.ema:
+            self._load_ema(checkpoint / EMA_FILE)
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, self.state.step,
+                    self.state.position.epoch, self.state.position.batch)
+
+    # ---- one step ------------------------------------------------------------------------------------------
+
+    def latents(self, batch: dict[str, Any], g: torch.Generator) -> torch.Tensor:
+        """x0 (B, C, h, w): a sample of the encoder posterior, scaled; the same draw cached or not."""
+        from .latent_cache import latent_stats, sample_x0
+
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"], batch["latent_std"]
+        else:
+            with self.acc.autocast():
+                mean, std = latent_stats(self.m.vae, batch["pixel_values"])
+        return sample_x0(mean, std, self.m.vae.config.scaling_factor, g)
+
+    def text_states(self, captions: list[str]) -> torch.Tensor:
+        """c = tau_theta(captions), (B, L, D): cached, computed frozen, or computed with gradients."""
+        if self.cache is not None and self.cache.text_embeds is not None:
+            return self.cache.text_states(captions, self.acc.device)
+        ids = tokenize(self.m.tokenizer, captions).to(self.acc.device)
+        with contextlib.nullcontext() if self.m.train_text_encoder else torch.no_grad():
+            return self.text_encoder(ids, return_dict=False)[0]
+
+    def loss(self, batch: dict[str, Any], g: torch.Generator) -> torch.Tensor:
+        """The simplified DDPM objective on one batch; draws, in order: latent eps, caption drops, t, noise."""
+        ldm = self.cfg.ldm
+        x0 = self.latents(batch, g)  # (B, C, h, w)
+        c = self.text_states(drop_captions(batch["captions"], ldm.caption_dropout, g))  # (B, L, D)
+
+        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.unet(x_t, t, encoder_hidden_states=c, return_dict=False)[0]
+
+        loss, _ = self.m.diffusion.training_losses(model_fn, x0, generator=g, snr_gamma=ldm.snr_gamma,
+                                                   noise_offset=ldm.noise_offset)
+        return loss
+
+    def train_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Forward/backward on one batch; the optimiser steps when accelerate says the accumulation is complete."""
+        acc, cfg = self.acc, self.cfg.train
+        g = step_generator(cfg.seed, self.state.micro_step, acc.process_index)
+        with acc.accumulate(*self.trainables):
+            loss = self.loss(batch, g)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(itertools.chain.from_iterable(t.parameters() for t in self.trainables),
+                                    cfg.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.state.micro_step += 1
+        return loss.detach()
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+
+    def data_stream(self) -> Iterator[tuple[Position, dict[str, Any]]]:
+        from ..data.dataset import collate_fn
+        from .latent_cache import collate_cached
+
+        cfg, p = self.cfg.train, self.acc.num_processes
+        if batches_per_epoch(len(self.dataset), cfg.train_batch_size, p) == 0:
+            raise UserError(f"the dataset has {len(self.dataset)} training images, fewer than one batch of "
+                            f"{cfg.train_batch_size} x {p} process(es): lower --train_batch_size")
+        collate = collate_cached if self.cache is not None else collate_fn
+        return batches(self.dataset, cfg.train_batch_size, cfg.seed, self.acc, self.state.position, collate,
+                       self.cfg.data.dataloader_num_workers)
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg.train
+        self._log_start()
+        window, last_saved, t0 = [], self.state.step, time.perf_counter()
+        stream = self.data_stream()
+        while self.state.step < cfg.max_train_steps:
+            self.state.position, batch = next(stream)
+            if not len(batch["captions"]):  # every image of the batch was unreadable (warned by the dataset)
+                continue
+            window.append(self.train_step(batch))
+            if not self.acc.sync_gradients:
+                continue
+            self.state.step += 1
+            self._after_optimizer_step()
+            self.losses.append(torch.stack(window).mean())
+            if self.state.step % cfg.log_every == 0:
+                self._log(t0)
+                t0 = time.perf_counter()
+            window = []
+            if self.state.step % cfg.checkpointing_steps == 0:
+                self.save()
+                last_saved = self.state.step
+            if self.cfg.ldm.validation_steps and self.state.step % self.cfg.ldm.validation_steps == 0:
+                self.validate()
+        if last_saved != self.state.step:
+            self.save()
+        if self.cfg.ldm.validation_prompts and not (self.cfg.ldm.validation_steps and
+                                                    self.state.step % self.cfg.ldm.validation_steps == 0):
+            self.validate()
+        self.export_final()
+        self.acc.end_training()
+        return TrainResult(self.state.step, [float(x) for x in self.losses])
+
+    def _after_optimizer_step(self) -> None:
+        for name, ema in self.ema.items():
+            ema.step(unwrap_params(self.acc, self.named_trainables[name]))
+
+    def _log_start(self) -> None:
+        cfg, p = self.cfg.train, self.acc.num_processes
+        logger.info("training %d steps from step %d: %d images, batch %d x %d accumulation x %d process(es) = %d, "
+                    "lr %.3g, text encoder %s, %s latents", cfg.max_train_steps, self.state.step, len(self.dataset),
+                    cfg.train_batch_size, cfg.gradient_accumulation_steps, p,
+                    cfg.train_batch_size * cfg.gradient_accumulation_steps * p, effective_lr(cfg, p),
+                    "trained" if self.m.train_text_encoder else "frozen", "cached" if self.cache else "encoded")
+
+    def _log(self, t0: float) -> None:
+        """Mean loss over processes for the last step (collective), LR and throughput, to the log and TensorBoard."""
+        cfg = self.cfg.train
+        loss = self.acc.gather(self.losses[-1].reshape(1).to(self.acc.device)).mean().item()
+        imgs = cfg.log_every * cfg.train_batch_size * cfg.gradient_accumulation_steps * self.acc.num_processes
+        speed = imgs / max(time.perf_counter() - t0, 1e-9)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.acc.log({"loss": loss, "lr": lr, "images_per_s": speed}, step=self.state.step)
+        logger.info("step %d/%d loss %.4f lr %.3g %.1f img/s", self.state.step, cfg.max_train_steps, loss, lr, speed)
+
+    # ---- EMA -----------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Temporarily put the EMA weights into the live modules (exactly restored afterwards)."""
+        for name, ema in self.ema.items():
+            params = unwrap_params(self.acc, self.named_trainables[name])
+            ema.store(params)
+            ema.copy_to(params)
+        try:
+            yield
+        finally:
+            for name, ema in self.ema.items():
+                ema.restore(unwrap_params(self.acc, self.named_trainables[name]))
+
+    def _save_ema(self, path: Path) -> None:
+        """EMA shadow weights as safetensors, keyed "<module>.<parameter name>"; decay state in the metadata."""
+        from safetensors.torch import save_file
+
+        tensors, meta = {}, {}
+        for name, ema in self.ema.items():
+            module = self.acc.unwrap_model(self.named_trainables[name])
+            for (pname, _), shadow in zip(module.named_parameters(), ema.shadow_params):
+                tensors[f"{name}.{pname}"] = shadow.detach().contiguous()
+            meta[f"{name}.optimization_step"] = str(ema.optimization_step)
+        save_file(tensors, str(path), metadata=meta)
+
+    def _load_ema(self, path: Path) -> None:
+        from safetensors.torch import load_file
+        from safetensors import safe_open
+
+        if not path.is_file():
+            raise UserError(f"checkpoint {path.parent} has no {EMA_FILE}, but ldm.use_ema is on")
+        tensors = load_file(str(path), device=str(self.acc.device))
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        for name, ema in self.ema.items():
+            module = self.acc.unwrap_model(self.named_trainables[name])
+            for (pname, _), shadow in zip(module.named_parameters(), ema.shadow_params):
+                shadow.data.copy_(tensors[f"{name}.{pname}"])
+            ema.optimization_step = int(meta[f"{name}.optimization_step"])
+
+    # ---- checkpoints, pipelines, validation ----------------------------------------------------------------
+
+    def save(self) -> None:
+        """A checkpoint (collective): accelerate state + training_state.json + EMA + a loadable pipeline."""
+        full = self._gather_full_weights()
+
+        def write_extra(folder: Path) -> None:
+            if self.ema:
+                self._save_ema(folder / EMA_FILE)
+            self._save_pipeline_into(folder, full)
+
+        path = save_checkpoint(self.acc, self.out, self.state.step, self.state.to_json(), write_extra,
+                               self.cfg.train.checkpoints_total_limit)
+        logger.info("saved %s", path)
+
+    def _gather_full_weights(self) -> dict[str, dict] | None:
+        """FSDP and DeepSpeed shard the weights: gather full state dicts (collective) to export a pipeline."""
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return None
+        return {name: self.acc.get_state_dict(module) for name, module in self.named_trainables.items()}
+
+    def _export_module(self, name: str, full: dict[str, dict] | None) -> torch.nn.Module:
+        module = self.acc.unwrap_model(self.named_trainables[name])
+        if full is None:
+            return module
+        copy = type(module)(module.config) if name == "text_encoder" else type(module).from_config(module.config)
+        copy.load_state_dict(full[name])
+        return copy
+
+    def pipeline(self, full: dict[str, dict] | None = None) -> Any:
+        """A LatentDiffusionPipeline over the live modules (EMA weights if the caller swapped them in)."""
+        from ..pipeline import LatentDiffusionPipeline
+        from ..samplers import make_scheduler
+
+        ldm = self.cfg.ldm
+        text_encoder = self._export_module("text_encoder", full) if self.m.train_text_encoder else self.m.text_encoder
+        scheduler = make_scheduler(ldm.validation_sampler, self.m.diffusion.scheduler.config)
+        pipe = LatentDiffusionPipeline(vae=self.m.vae, text_encoder=text_encoder, tokenizer=self.m.tokenizer,
+                                       unet=self._export_module("unet", full), scheduler=scheduler)
+        pipe.sampling_defaults = {"sampler": ldm.validation_sampler,
+                                  "num_inference_steps": ldm.validation_num_inference_steps,
+                                  "guidance_scale": ldm.validation_guidance_scale}
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _save_pipeline_into(self, folder: Path, full: dict[str, dict] | None) -> None:
+        """Write the pipeline layout into `folder` (which holds other files too): save to a staging folder inside
+        it, then move each entry into place, model_index.json last."""
+        staging = folder / ".pipeline"
+        with self.ema_weights():
+            self.pipeline(full).save_pretrained(staging)
+        for item in sorted(staging.iterdir(), key=lambda p: p.name == "model_index.json"):
+            _replace(item, folder / item.name)
+        staging.rmdir()
+
+    def export_final(self) -> None:
+        """The output folder becomes a complete pipeline (EMA weights), loadable by generate.py and diffusers."""
+        full = self._gather_full_weights()
+        if self.acc.is_main_process:
+            self._save_pipeline_into(self.out, full)
+            logger.info("pipeline written to %s (step %d)", self.out, self.state.step)
+        self.acc.wait_for_everyone()
+
+    def validate(self) -> None:
+        """Sample the validation prompts with fixed seeds (EMA weights) and save the grid as PNG and to TensorBoard."""
+        from ..pipeline import make_generators
+
+        ldm = self.cfg.ldm
+        full = self._gather_full_weights()
+        if ldm.validation_prompts and self.acc.is_main_process:
+            with self.ema_weights(), self.acc.autocast(), _eval_mode(self.trainables):
+                images = self.pipeline(full)(ldm.validation_prompts,
+                                             generator=make_generators(ldm.validation_seed,
+                                                                       len(ldm.validation_prompts))).images
+            self._save_grid(images)
+        self.acc.wait_for_everyone()
+
+    def _save_grid(self, images: list[Any]) -> None:
+        import numpy as np
+        from diffusers.utils import make_image_grid
+
+        from ..fileio import atomic_path
+
+        grid = make_image_grid(images, rows=1, cols=len(images))
+        path = self.out / "validation" / f"step-{self.state.step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            grid.save(tmp)
+        writer = self.acc.get_tracker("tensorboard", unwrap=True)
+        writer.add_image("validation", np.asarray(grid), self.state.step, dataformats="HWC")
+        logger.info("validation grid -> %s", path)
+
+
+@contextlib.contextmanager
+def _eval_mode(modules: list[torch.nn.Module]) -> Iterator[None]:
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+def _replace(src: Path, dest: Path) -> None:
+    """Move src onto dest; an existing folder is renamed aside first (os.replace cannot overwrite one)."""
+    if dest.is_dir():
+        aside = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(dest, aside)
+        os.replace(src, dest)
+        shutil.rmtree(aside)
+    else:
+        os.replace(src, dest)
+
+
+def enable_xformers(unet: Any) -> None:
+    """xformers attention when installed; otherwise keep PyTorch's scaled_dot_product_attention (diffusers' default,
+    as memory-efficient on torch >= 2), with a notice rather than an error: it is only a speed-up."""
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is None:
+        logger.warning("xformers is not installed; keeping PyTorch scaled_dot_product_attention")
+        return
+    unet.enable_xformers_memory_efficient_attention()
+
+
+def check_strategy(accelerator: Any, cfg: LDMRunConfig, train_text_encoder: bool) -> None:
+    """Combinations the sharded strategies cannot run, refused before any work."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if cfg.ldm.use_ema and kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise UserError(f"ldm.use_ema is not supported with {kind.value} (the EMA would need the full weights on "
+                        "every process): pass --set ldm.use_ema=false, or train with DDP")
+    if train_text_encoder and kind == DistributedType.DEEPSPEED:
+        raise UserError("DeepSpeed trains a single model: use a pretrained (frozen) text encoder "
+                        "(text_encoder.pretrained) or DDP/FSDP")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _setup_logging() -> None:
+    main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate launch set RANK
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        level=logging.INFO if main_process else logging.WARNING)
+
+
+def _cpu_only_multiprocess() -> bool:
+    """accelerate starts a gloo process group for torchrun's processes only when told to use the CPU."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    """Parse, check every input (one-line errors), then train. Returns the run's step and losses."""
+    args = parse_args(argv)
+    cfg = load_run_config(args)
+    _setup_logging()
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {str(out)!r} is a file, not a folder")
+    checkpoint = resolve_resume(out, args.resume_from_checkpoint)
+    check_run_folder(out, to_dict(cfg), resuming=checkpoint is not None, may_differ=MAY_DIFFER_ON_RESUME)
+    models = build_models(cfg)
+    dataset = build_train_dataset(cfg)
+    accelerator = make_accelerator(cfg.train, out, cpu=args.cpu or _cpu_only_multiprocess())
+    check_strategy(accelerator, cfg, models.train_text_encoder)
+    if accelerator.is_main_process:
+        write_run_config(out, to_dict(cfg))
+    accelerator.init_trackers("train_ldm")
+    trainer = LDMTrainer(cfg, models, dataset, accelerator, out)
+    if cfg.ldm.cache_latents:
+        trainer.use_cache(Path(cfg.ldm.cache_dir) if cfg.ldm.cache_dir else out / "latent_cache")
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
+    return trainer.run()
+

@@ -1,0 +1,276 @@
+"""train_ldm.py end to end on tiny CPU models: the loss goes down, checkpoints and the output folder load as
+pipelines (with the EMA weights), a run killed with SIGKILL resumes to the same weights, and bad input is one
+`error:` line with exit status 2, before any work.
+
+The fixtures here (`ldm_files`, `run_args`) are imported by test_latent_cache.py and test_multiprocess.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ldm_app.checkpointing import list_checkpoints, write_run_config
+from ldm_app.config import to_dict
+from ldm_app.errors import run_cli
+from ldm_app.training.ldm import LDMRunConfig, main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "ldm" / "tiny.yaml"
+
+
+@dataclass
+class LDMFiles:
+    data: Path  # 8 captioned 32 px shapes images
+    vae: Path  # a random f=4 AutoencoderKL (3 levels, 4 latent channels)
+    root: Path
+
+
+def make_ldm_files(root: Path) -> LDMFiles:
+    from ldm_app.config import AutoencoderConfig
+    from ldm_app.data.shapes import make_dataset
+    from ldm_app.models import build_autoencoder
+
+    torch.manual_seed(0)
+    vae_cfg = AutoencoderConfig(block_out_channels=(8, 8, 8), norm_num_groups=8, latent_channels=4, sample_size=32)
+    build_autoencoder(vae_cfg).save_pretrained(root / "vae")
+    make_dataset(root / "data", num_images=8, resolution=32, seed=0)
+    return LDMFiles(root / "data", root / "vae", root)
+
+
+@pytest.fixture(scope="session")
+def ldm_files(tmp_path_factory) -> LDMFiles:
+    return make_ldm_files(tmp_path_factory.mktemp("ldm_files"))
+
+
+def run_args(files: LDMFiles, out: Path, *extra: str) -> list[str]:
+    return ["--config", str(CONFIG), "--train_data_dir", str(files.data), "--pretrained_vae", str(files.vae),
+            "--output_dir", str(out), *extra]
+
+
+def subprocess_env() -> dict[str, str]:
+    # one thread per process: on a shared 2-core machine, thread oversubscription makes torch 10-100x slower
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_fresh_accelerate():
+    """Single-threaded torch (see subprocess_env), and accelerate's process-wide singletons reset between runs."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+# ---- one trained run, inspected by several tests -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(ldm_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    argv = run_args(ldm_files, out, "--max_train_steps", "30", "--checkpointing_steps", "15",
+                    "--validation_steps", "15", "--validation_prompts", "a red circle",
+                    "--validation_prompts", "a blue square", "--set", "train.learning_rate=3e-3")
+    torch.set_num_threads(1)
+    result = main(argv)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return out, result
+
+
+def test_a_few_steps_reduce_the_loss(trained):
+    _, result = trained
+    assert result.step == 30 and len(result.losses) == 30
+    first, last = sum(result.losses[:8]) / 8, sum(result.losses[-8:]) / 8
+    assert last < 0.85 * first, (first, last)
+
+
+def test_checkpoints_and_output_load_as_pipelines_with_ema_weights(trained):
+    from ldm_app.pipeline import LatentDiffusionPipeline
+
+    out, _ = trained
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-15", "checkpoint-30"]
+    for folder in (out / "checkpoint-15", out):
+        pipe = LatentDiffusionPipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                      output_type="np").images
+        assert images.shape == (1, 32, 32, 3) and float(images.std()) > 0
+    # the pipeline's U-Net holds the EMA weights, which differ from the raw trained weights
+    ema = weights(out / "checkpoint-30" / "ema.safetensors")
+    unet = weights(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert max_abs_diff({k: ema[f"unet.{k}"] for k in unet}, unet) == 0
+    raw = weights(out / "checkpoint-30" / "model.safetensors")
+    assert max_abs_diff(raw, unet) > 1e-4
+    assert json.loads((out / "checkpoint-30" / "training_state.json").read_text())["step"] == 30
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-0000015.png", "step-0000030.png"]
+    assert any((out / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_output_loads_in_diffusers_stable_diffusion_pipeline(trained):
+    from diffusers import StableDiffusionPipeline
+
+    out, _ = trained
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a red circle", num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 32, 32, 3)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(trained, tmp_path, caplog):
+    out = tmp_path / "run"
+    shutil.copytree(trained[0], out)
+    (out / "checkpoint-30" / "model.safetensors").write_bytes(b"truncated")
+    result = main(run_args(trained_files(trained), out, "--max_train_steps", "31", "--checkpointing_steps", "15",
+                           "--resume_from_checkpoint", "latest", "--set", "train.learning_rate=3e-3"))
+    assert "checkpoint-30 is corrupt" in caplog.text
+    assert result.step == 31 and len(result.losses) == 16  # resumed at step 15
+
+
+def trained_files(trained) -> LDMFiles:
+    cfg = json.loads((trained[0] / "run_config.json").read_text())
+    return LDMFiles(Path(cfg["data"]["train_data_dir"]), Path(cfg["ldm"]["pretrained_vae"]), trained[0].parent)
+
+
+# ---- exact resume after SIGKILL --------------------------------------------------------------------------------
+
+
+def test_resume_after_sigkill_ends_with_the_same_weights(ldm_files, tmp_path):
+    # accumulation 2 over 4 batches an epoch: checkpoint-5 is mid-epoch (epoch 2, batch 2)
+    extra = ("--max_train_steps", "10", "--checkpointing_steps", "5", "--gradient_accumulation_steps", "2")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    main(run_args(ldm_files, straight, *extra))
+
+    log = open(tmp_path / "killed.log", "wb")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_ldm.py"), *run_args(ldm_files, killed, *extra)],
+                            stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while not list_checkpoints(killed) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
+    assert not (killed / "model_index.json").exists()  # killed before the end
+
+    result = main(run_args(ldm_files, killed, *extra, "--resume_from_checkpoint", "latest"))
+    assert result.step == 10 and len(result.losses) == 5  # resumed from checkpoint-5
+    assert json.loads((killed / "checkpoint-5" / "training_state.json").read_text())["batch"] == 2
+    for name in ("model.safetensors", "model_1.safetensors", "ema.safetensors"):
+        a, b = weights(straight / "checkpoint-10" / name), weights(killed / "checkpoint-10" / name)
+        assert max_abs_diff(a, b) <= 1e-5, name
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert max_abs_diff(weights(straight / unet), weights(killed / unet)) <= 1e-5
+
+
+# ---- bad input: one line, exit 2, before any work ------------------------------------------------------------
+
+
+def cli(argv: list[str], capsys) -> tuple[int, list[str]]:
+    rc = run_cli(main, argv)
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def assert_one_error_line(rc: int, lines: list[str], *words: str) -> None:
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_bad_input_from_the_command_line_is_one_line_without_traceback(ldm_files, tmp_path):
+    argv = run_args(ldm_files, tmp_path / "out", "--set", "train.no_such_key=1")
+    proc = subprocess.run([sys.executable, str(ROOT / "train_ldm.py"), *argv], capture_output=True, text=True,
+                          env=subprocess_env(), cwd=ROOT, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert_one_error_line(proc.returncode, lines, "no_such_key")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["missing_data", "empty_data", "not_a_vae", "missing_vae", "unknown_key",
+                                  "channel_mismatch", "size_mismatch"])
+def test_bad_input_is_a_one_line_error(case, ldm_files, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("not a model")
+    files, extra, words = ldm_files, [], []
+    if case == "missing_data":
+        files, words = LDMFiles(tmp_path / "nope", ldm_files.vae, tmp_path), ["nope"]
+    elif case == "empty_data":
+        files, words = LDMFiles(tmp_path / "empty", ldm_files.vae, tmp_path), ["empty"]
+    elif case == "not_a_vae":
+        files, words = LDMFiles(ldm_files.data, tmp_path / "junk", tmp_path), ["junk"]
+    elif case == "missing_vae":
+        files, words = LDMFiles(ldm_files.data, tmp_path / "novae", tmp_path), ["novae"]
+    elif case == "unknown_key":
+        extra, words = ["--set", "ldm.captoin_dropout=0.2"], ["captoin_dropout"]
+    elif case == "channel_mismatch":
+        extra, words = ["--set", "unet.in_channels=3"], ["in_channels", "latent channels (4)"]
+    elif case == "size_mismatch":
+        extra, words = ["--set", "unet.sample_size=16"], ["sample_size"]
+    rc, lines = cli(run_args(files, tmp_path / "out", *extra), capsys)
+    assert_one_error_line(rc, lines, *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_of_another_run_is_refused(ldm_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    other = to_dict(LDMRunConfig())
+    write_run_config(out, other)
+    rc, lines = cli(run_args(ldm_files, out), capsys)
+    assert_one_error_line(rc, lines, "different run")
+    (out / "checkpoint-5").mkdir()  # un-resumed work must not be silently overwritten
+    rc, lines = cli(run_args(ldm_files, out), capsys)
+    assert_one_error_line(rc, lines, "--resume_from_checkpoint")
+
+
+def test_corrupt_checkpoint_given_explicitly_is_refused(ldm_files, tmp_path, capsys):
+    ckpt = tmp_path / "out" / "checkpoint-3"
+    ckpt.mkdir(parents=True)
+    (ckpt / "training_state.json").write_text("{not json")
+    rc, lines = cli(run_args(ldm_files, tmp_path / "out", "--resume_from_checkpoint", str(ckpt)), capsys)
+    assert_one_error_line(rc, lines, "cannot be resumed")
+
+
+def test_resume_latest_without_checkpoints_starts_fresh(ldm_files, tmp_path, caplog):
+    result = main(run_args(ldm_files, tmp_path / "out", "--max_train_steps", "2", "--resume_from_checkpoint",
+                           "latest"))
+    assert result.step == 2 and len(result.losses) == 2
+    assert "no checkpoint" in caplog.text
+
+
+def test_fine_tune_from_a_pipeline_folder(trained, tmp_path):
+    src = trained[0]
+    files = trained_files(trained)
+    argv = ["--config", str(CONFIG), "--train_data_dir", str(files.data), "--pretrained_model", str(src),
+            "--output_dir", str(tmp_path / "ft"), "--max_train_steps", "2", "--set", "ldm.use_ema=false"]
+    assert main(argv).step == 2
+    before = weights(src / "unet" / "diffusion_pytorch_model.safetensors")
+    after = weights(tmp_path / "ft" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert 0 < max_abs_diff(before, after) < 0.05  # started from the pipeline's weights, then trained 2 steps
+    text = "text_encoder/model.safetensors"
+    assert max_abs_diff(weights(src / text), weights(tmp_path / "ft" / text)) == 0  # frozen when fine-tuning
