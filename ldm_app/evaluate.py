@@ -192,6 +192,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     vae.add_argument("--json", help="write the metrics as JSON here")
     vae.add_argument("--batch_size", type=int, default=16)
     vae.set_defaults(run=_run_vae)
+    from ldm_app.evaluation.adherence import add_ldm_arguments, run_ldm
+
+    ldm = sub.add_parser("ldm", help="prompt adherence (attribute judge) and domain KID of a shapes text-to-image model")
+    add_ldm_arguments(ldm)
+    ldm.set_defaults(run=run_ldm)
     return p.parse_args(argv)
 
 
