@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,11 +24,36 @@ from ..config import TrainConfig
 logger = logging.getLogger(__name__)
 
 
+def setup_logging() -> None:
+    """INFO on the main process, warnings only on the others (torchrun / accelerate launch set RANK)."""
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        level=logging.INFO if main_process else logging.WARNING)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per file of every checkpoint
+
+
+def open_run_folder(output_dir: str, run_config: dict[str, Any], resume: str | None,
+                    may_differ: tuple[str, ...]) -> tuple[Path, Path | None]:
+    """Check the output folder before any work: (folder, checkpoint to resume from or None)."""
+    from ..checkpointing import check_run_folder, resolve_resume
+    from ..errors import UserError
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {str(out)!r} is a file, not a folder")
+    checkpoint = resolve_resume(out, resume)
+    check_run_folder(out, run_config, resuming=checkpoint is not None, may_differ=may_differ)
+    return out, checkpoint
+
+
 def make_accelerator(cfg: TrainConfig, output_dir: str | Path, cpu: bool = False):
-    """accelerate owns device placement, mixed precision, distribution and gradient accumulation."""
+    """accelerate owns device placement, mixed precision, distribution and gradient accumulation. Processes
+    started by torchrun on a machine without CUDA get a gloo process group: accelerate builds one only when told
+    to use the CPU."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    cpu = cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs"))
     return Accelerator(
         mixed_precision=cfg.mixed_precision,

@@ -36,12 +36,12 @@ from typing import Any, Iterator
 
 import torch
 
-from ..checkpointing import check_run_folder, load_checkpoint, resolve_resume, save_checkpoint, write_run_config
+from ..checkpointing import load_checkpoint, save_checkpoint, write_run_config
 from ..config import (DataConfig, NoiseScheduleConfig, TextEncoderConfig, TrainConfig, UNetConfig, load_config,
                       merge, parse_overrides, to_dict)
 from ..errors import UserError
 from .common import (Position, batches, batches_per_epoch, effective_lr, make_accelerator, make_lr_scheduler,
-                     make_optimizer, step_generator)
+                     make_optimizer, open_run_folder, setup_logging, step_generator)
 
 logger = logging.getLogger("train_ldm")
 
@@ -696,30 +696,15 @@ def check_strategy(accelerator: Any, cfg: LDMRunConfig, train_text_encoder: bool
 # Entry point
 
 
-def _setup_logging() -> None:
-    main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate launch set RANK
-    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-                        level=logging.INFO if main_process else logging.WARNING)
-
-
-def _cpu_only_multiprocess() -> bool:
-    """accelerate starts a gloo process group for torchrun's processes only when told to use the CPU."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
 def main(argv: list[str] | None = None) -> TrainResult:
     """Parse, check every input (one-line errors), then train. Returns the run's step and losses."""
     args = parse_args(argv)
     cfg = load_run_config(args)
-    _setup_logging()
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {str(out)!r} is a file, not a folder")
-    checkpoint = resolve_resume(out, args.resume_from_checkpoint)
-    check_run_folder(out, to_dict(cfg), resuming=checkpoint is not None, may_differ=MAY_DIFFER_ON_RESUME)
+    setup_logging()
+    out, checkpoint = open_run_folder(args.output_dir, to_dict(cfg), args.resume_from_checkpoint, MAY_DIFFER_ON_RESUME)
     models = build_models(cfg)
     dataset = build_train_dataset(cfg)
-    accelerator = make_accelerator(cfg.train, out, cpu=args.cpu or _cpu_only_multiprocess())
+    accelerator = make_accelerator(cfg.train, out, cpu=args.cpu)
     check_strategy(accelerator, cfg, models.train_text_encoder)
     if accelerator.is_main_process:
         write_run_config(out, to_dict(cfg))
