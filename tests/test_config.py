@@ -85,3 +85,20 @@ def test_save_load_round_trip(tmp_path):
     assert diff_configs(to_dict(cfg), to_dict(again)) == []
     changed = load_config(Run, tmp_path / "saved.yaml", ["train.seed=8"])
     assert diff_configs(to_dict(cfg), to_dict(changed)) == ["train.seed"]
+
+
+def test_shipped_yaml_configs_load_against_their_run_configs(tmp_path):
+    """Every YAML under configs/vae and configs/ldm is valid for the run config of its script."""
+    from pathlib import Path
+
+    from ldm_app.training.ldm import LDMRunConfig
+    from ldm_app.training.vae import VAERunConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    vae_files, ldm_files = sorted((root / "vae").glob("*.yaml")), sorted((root / "ldm").glob("*.yaml"))
+    assert len(vae_files) >= 2 and len(ldm_files) >= 2
+    for f in vae_files:
+        assert isinstance(load_config(VAERunConfig, f), VAERunConfig)
+    for f in ldm_files:
+        cfg = load_config(LDMRunConfig, f, [f"ldm.pretrained_vae={tmp_path}"])
+        assert cfg.unet.in_channels >= 1
