@@ -118,10 +118,15 @@ def load_lpips() -> tuple[nn.Module | None, str]:
 
 
 def reconstruction_loss(x0: torch.Tensor, x_rec: torch.Tensor, lpips_model: nn.Module | None,
-                        pixel_weight: float, perceptual_weight: float) -> torch.Tensor:
-    """Per-pixel reconstruction error (B, C, H, W): w_pix |x0 - x_rec| + w_p LPIPS(x0, x_rec) (LPIPS is one
-    number per image, broadcast over its pixels, as in taming's LPIPSWithDiscriminator)."""
-    rec = pixel_weight * (x0.float() - x_rec.float()).abs()
+                        pixel_weight: float, perceptual_weight: float, mse_weight: float = 0.0) -> torch.Tensor:
+    """Per-pixel reconstruction error (B, C, H, W): w_pix |x0 - x_rec| + w_mse (x0 - x_rec)^2
+    + w_p LPIPS(x0, x_rec) (LPIPS is one number per image, broadcast over its pixels, as in taming's
+    LPIPSWithDiscriminator). LDM uses L1 (+ LPIPS); the squared term is ours, for recipes that optimise PSNR
+    (an L2 metric) where LPIPS is unavailable."""
+    diff = x0.float() - x_rec.float()
+    rec = pixel_weight * diff.abs()
+    if mse_weight > 0:
+        rec = rec + mse_weight * diff.square()
     if lpips_model is not None and perceptual_weight > 0:
         rec = rec + perceptual_weight * lpips_model(x0.float(), x_rec.float())
     return rec

@@ -73,6 +73,12 @@ def test_reconstruction_loss_is_weighted_l1():
     assert torch.allclose(reconstruction_loss(x, y, None, 2.0, 1.0), torch.ones(1, 3, 4, 4))
 
 
+def test_reconstruction_loss_adds_the_weighted_squared_error():
+    x, y = torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 0.5)
+    assert torch.allclose(reconstruction_loss(x, y, None, 0.0, 1.0, mse_weight=4.0), torch.ones(1, 3, 4, 4))
+    assert torch.allclose(reconstruction_loss(x, y, None, 2.0, 1.0, mse_weight=4.0), 2 * torch.ones(1, 3, 4, 4))
+
+
 def test_lpips_is_optional_and_says_why():
     model, reason = load_lpips()
     assert (model is None) == bool(reason)

@@ -146,6 +146,29 @@ def test_vq_run_exports_a_vqmodel(data_dir, tmp_path):
     assert 0 < result.metrics["codebook_usage"] <= 1
 
 
+def test_restart_dead_codes_moves_unused_codes_onto_encoder_outputs():
+    codebook = torch.full((4, 2), 9.0)
+    counts = torch.tensor([3.0, 0.0, 1.0, 0.0])
+    h = torch.arange(8.0).reshape(1, 2, 2, 2)  # (B, C, h, w): 4 latent vectors (0, 4), (1, 5), (2, 6), (3, 7)
+    restarted = train_vae.restart_dead_codes(codebook, counts, h, torch.Generator().manual_seed(0))
+    assert restarted == 2 and counts.eq(0).all()
+    assert codebook[[0, 2]].eq(9.0).all()  # used codes stay
+    latents = {tuple(v) for v in h.permute(0, 2, 3, 1).reshape(-1, 2).tolist()}
+    assert {tuple(v) for v in codebook[[1, 3]].tolist()} <= latents
+
+
+def test_vq_resume_with_codebook_restarts_gives_the_same_weights(data_dir, tmp_path):
+    """The code counts between restarts are checkpointed: a run resumed between two restarts ends where an
+    uninterrupted one does, and the counts do not leak into the exported VQModel."""
+    vq = ["--set", "autoencoder.kind=vq", "--set", "loss.codebook_restart_every=2", "--checkpointing_steps", "3"]
+    straight = run(data_dir, tmp_path / "straight", *vq, "--max_train_steps", "4")
+    run(data_dir, tmp_path / "resumed", *vq, "--max_train_steps", "3")
+    resumed = run(data_dir, tmp_path / "resumed", *vq, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    a, b = weights(straight.model_dir), weights(resumed.model_dir)
+    assert_same_weights(a, b)
+    assert not any("code_counts" in k for k in a)
+
+
 def test_output_dir_of_another_run_is_refused(straight, data_dir):
     with pytest.raises(UserError, match="already holds checkpoints"):
         run(data_dir, straight.model_dir.parent)

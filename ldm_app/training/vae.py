@@ -61,9 +61,13 @@ class VAELossConfig:
     """Weights of the LDM autoencoder objective (defaults: LDM's kl-f8 / vq-f8 configs)."""
 
     pixel_weight: float = 1.0  # L1
+    mse_weight: float = 0.0  # squared error (not in LDM): PSNR is an L2 metric, see configs/vae/shapes64.yaml
     perceptual_weight: float = 1.0  # LPIPS, used only when the lpips package and its VGG weights are present
     kl_weight: float = 1e-6  # relative to the per-image *sum* of the L1 error (LDM's reduction)
     codebook_weight: float = 1.0  # weight of diffusers VQModel's commit_loss (VQ only)
+    # VQ only: every N optimisation steps, codes that quantised no latent since the last check are moved onto
+    # encoder outputs of the current batch (dead-code restart); 0 = never
+    codebook_restart_every: int = 0
     disc_start: int = 50001  # step at which the discriminator and the GAN term switch on
     disc_weight: float = 0.5  # multiplies the adaptive weight lambda
     disc_factor: float = 1.0
@@ -72,7 +76,7 @@ class VAELossConfig:
     disc_learning_rate: float | None = None  # None: the autoencoder's learning rate (constant: no schedule)
 
     def validate(self) -> None:
-        for name in ("pixel_weight", "perceptual_weight", "kl_weight", "codebook_weight", "disc_weight",
+        for name in ("pixel_weight", "mse_weight", "perceptual_weight", "kl_weight", "codebook_weight", "disc_weight",
                      "disc_factor"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -80,6 +84,8 @@ class VAELossConfig:
             raise UserError(f"disc_start must be >= 0 (a step), got {self.disc_start}")
         if self.disc_channels < 1 or self.disc_num_layers < 1:
             raise UserError("disc_channels and disc_num_layers must be >= 1")
+        if self.codebook_restart_every < 0:
+            raise UserError(f"codebook_restart_every must be >= 0 (0: off), got {self.codebook_restart_every}")
         if self.disc_learning_rate is not None and self.disc_learning_rate <= 0:
             raise UserError(f"disc_learning_rate must be > 0 or null, got {self.disc_learning_rate}")
 
@@ -157,27 +163,53 @@ def load_run_config(args: argparse.Namespace) -> VAERunConfig:
 
 
 class AutoencoderForward(nn.Module):
-    """x0 -> (x_rec, regulariser, code indices or None) in one module, so that accelerate (DDP) wraps the whole
-    training forward and the posterior sample can use our per-step generator (diffusers' `forward` draws from
-    the global RNG)."""
+    """x0 -> (x_rec, regulariser, code indices or None, encoder output before quantisation or None) in one
+    module, so that accelerate (DDP) wraps the whole training forward and the posterior sample can use our
+    per-step generator (diffusers' `forward` draws from the global RNG).
+
+    A VQ model also carries `code_counts` (num_codes,): how many latents of all processes chose each code since
+    the last dead-code restart (summed across processes every step, so DDP's buffer broadcast changes nothing).
+    It is a buffer of this wrapper, so checkpoints keep it (exact resume) and the exported VQModel does not."""
 
     def __init__(self, vae: nn.Module, kind: str):
         super().__init__()
         self.vae = vae
         self.kind = kind
+        if kind == "vq":
+            self.register_buffer("code_counts", torch.zeros(vae.config.num_vq_embeddings))
 
     def forward(self, x0: torch.Tensor, generator: torch.Generator | None = None):
         if self.kind == "kl":
             posterior = self.vae.encode(x0).latent_dist  # mean, std: (B, C, h, w)
             z = posterior.sample(generator=generator)
             kl = posterior.kl().sum() / x0.shape[0]  # LDM: KL summed over latent elements, averaged over images
-            return self.vae.decode(z).sample, kl, None
+            return self.vae.decode(z).sample, kl, None, None
         # VQ: commit_loss is ||sg(z_q) - z||^2 + 0.25 ||z_q - sg(z)||^2 (means; diffusers keeps taming's "legacy"
         # placement of beta), i.e. commitment and codebook terms together.
         h = self.vae.encode(x0).latents
         z_q, commit_loss, (_, _, indices) = self.vae.quantize(h)
         x_rec = self.vae.decode(z_q, force_not_quantize=True).sample  # z_q is quantised already
-        return x_rec, commit_loss, indices
+        return x_rec, commit_loss, indices, h
+
+
+@torch.no_grad()
+def restart_dead_codes(codebook: torch.Tensor, counts: torch.Tensor, h: torch.Tensor,
+                       generator: torch.Generator) -> int:
+    """Dead-code restart (Dhariwal et al. 2020, "Jukebox"; Zeghidour et al. 2021, "SoundStream"): codebook rows
+    (num_codes, C) that no latent chose since the last call (`counts`, the same on every process) are moved onto
+    randomly drawn encoder outputs h (B, C, h, w) of this batch, so they are in use again from the next step.
+    diffusers' VectorQuantizer has no such mechanism. Process 0's draw is broadcast so that every process keeps
+    the same codebook. Resets `counts`; returns how many codes were restarted."""
+    from accelerate.utils import broadcast
+
+    dead = (counts == 0).nonzero().flatten()
+    counts.zero_()
+    if not dead.numel():
+        return 0
+    z = h.detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # (B*h*w, C) candidate vectors
+    pick = torch.randint(0, z.shape[0], (dead.numel(),), generator=generator, device=generator.device)
+    codebook[dead] = broadcast(z[pick.to(z.device)].to(codebook.dtype).contiguous(), from_process=0)
+    return int(dead.numel())
 
 
 class DiscriminatorForward(nn.Module):
@@ -233,7 +265,7 @@ class VAETrainer:
         self.step, self.position, self.skipped = 0, Position(), 0
         self.lpips, reason = load_lpips() if cfg.loss.perceptual_weight > 0 else (None, "perceptual_weight is 0")
         if self.lpips is None:
-            logger.info("LPIPS skipped: %s; training with the pixel L1 loss only", reason)
+            logger.info("LPIPS skipped: %s; training with the pixel losses only", reason)
         self._setup()
 
     def _setup(self) -> None:
@@ -273,9 +305,9 @@ class VAETrainer:
         """One micro-batch: the autoencoder update, then (from disc_start on) the discriminator update."""
         cfg, acc = self.cfg.loss, self.acc
         factor = disc_factor(self.step, cfg.disc_start, cfg.disc_factor)
-        x_rec, reg, indices = self.model(x0, g)
-        rec_nll = autoencoder_nll(reconstruction_loss(x0, x_rec, self.lpips, cfg.pixel_weight, cfg.perceptual_weight),
-                                  self.kind)
+        x_rec, reg, indices, h = self.model(x0, g)
+        rec_nll = autoencoder_nll(reconstruction_loss(x0, x_rec, self.lpips, cfg.pixel_weight, cfg.perceptual_weight,
+                                                      cfg.mse_weight), self.kind)
         disc = acc.unwrap_model(self.disc).disc  # generator step: no discriminator gradients, so no DDP sync
         disc.requires_grad_(False)
         try:
@@ -291,6 +323,8 @@ class VAETrainer:
         self.opt_ae.step()
         self.sched.step()
         self.opt_ae.zero_grad(set_to_none=True)
+        if indices is not None:
+            self._restart_dead_codes(indices, h, g, logs)
         if factor > 0:
             d_loss = factor * self.disc(x0.detach(), x_rec.detach())
             acc.backward(d_loss)
@@ -303,6 +337,18 @@ class VAETrainer:
         if indices is not None:
             logs["codebook/used_in_batch"] = torch.tensor(float(indices.unique().numel()))
         return logs
+
+    def _restart_dead_codes(self, indices: torch.Tensor, h: torch.Tensor, g: torch.Generator,
+                            logs: dict[str, Any]) -> None:
+        """Count this micro-batch's code choices (all processes) and, every `codebook_restart_every`
+        optimisation steps, restart the codes nobody chose (see `restart_dead_codes`)."""
+        every, counts = self.cfg.loss.codebook_restart_every, self.acc.unwrap_model(self.model).code_counts
+        if not every:
+            return
+        counts += self.acc.reduce(torch.bincount(indices.flatten(), minlength=counts.numel()).to(counts), "sum")
+        if self.acc.sync_gradients and (self.step + 1) % every == 0:
+            restarted = restart_dead_codes(self.vae.quantize.embedding.weight, counts, h, g)
+            logs["codebook/restarted"] = torch.tensor(float(restarted))
 
     def data_stream(self) -> Iterator[tuple[Position, dict[str, Any]]]:
         from ..data.dataset import collate_fn
