@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,14 +30,14 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..checkpointing import check_run_folder, load_checkpoint, resolve_resume, save_checkpoint, write_run_config
+from ..checkpointing import load_checkpoint, save_checkpoint, write_run_config
 from ..config import (AutoencoderConfig, DataConfig, TrainConfig, load_config, merge, parse_overrides, save_config,
                       to_dict)
 from ..errors import UserError
 from ..losses import (NLayerDiscriminator, autoencoder_nll, disc_factor, generator_objective, hinge_d_loss,
                       load_lpips, reconstruction_loss)
-from .common import Position, batches, effective_lr, make_accelerator, make_lr_scheduler, make_optimizer, psnr, \
-    step_generator
+from .common import (Position, batches, effective_lr, make_accelerator, make_lr_scheduler, make_optimizer,
+                     open_run_folder, psnr, setup_logging, step_generator)
 
 logger = logging.getLogger("train_vae")
 
@@ -471,30 +470,14 @@ def build_datasets(cfg: VAERunConfig) -> tuple[Any, dict[str, Any]]:
     return full.select(train_idx), holdout
 
 
-def _setup_logging() -> None:
-    main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun / accelerate launch set RANK
-    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-                        level=logging.INFO if main_process else logging.WARNING)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per file of every checkpoint
-
-
-def _cpu_only_multiprocess() -> bool:
-    """accelerate starts a gloo process group for torchrun's processes only when told to use the CPU."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
 def main(argv: list[str] | None = None) -> TrainResult:
     """Parse, check every input (one-line errors), train, export OUT/vae and score it on the held-out images."""
     args = parse_args(argv)
     cfg = load_run_config(args)
-    _setup_logging()
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {str(out)!r} is a file, not a folder")
-    checkpoint = resolve_resume(out, args.resume_from_checkpoint)
-    check_run_folder(out, to_dict(cfg), resuming=checkpoint is not None, may_differ=MAY_DIFFER_ON_RESUME)
+    setup_logging()
+    out, checkpoint = open_run_folder(args.output_dir, to_dict(cfg), args.resume_from_checkpoint, MAY_DIFFER_ON_RESUME)
     train_set, holdout = build_datasets(cfg)
-    accelerator = make_accelerator(cfg.train, out, cpu=args.cpu or _cpu_only_multiprocess())
+    accelerator = make_accelerator(cfg.train, out, cpu=args.cpu)
     per_step = cfg.train.train_batch_size * accelerator.num_processes
     if len(train_set) < per_step:
         raise UserError(f"the training split has {len(train_set)} images, fewer than one batch ({per_step}): "
