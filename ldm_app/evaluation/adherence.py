@@ -287,23 +287,6 @@ def check_counts(num_prompts: int, two_object_prompts: int, batch_size: int) -> 
         raise UserError(f"--batch_size must be >= 1, got {batch_size}")
 
 
-def evaluate_pipeline(
-    pipe,
-    num_prompts: int,
-    two_object_prompts: int,
-    seed: int,
-    sampler: str | None = None,
-    steps: int | None = None,
-    guidance_scale: float | None = None,
-    batch_size: int = 16,
-    judge: Judge | None = None,
-) -> dict[str, Any]:
-    """The JSON-able report of `run_adherence` (for settings sweeps that reuse one pipeline and one judge)."""
-    return run_adherence(
-        pipe, num_prompts, two_object_prompts, seed, sampler, steps, guidance_scale, batch_size, judge
-    ).report
-
-
 def _sampler_name(pipe) -> str:
     from ldm_app.samplers import sampler_name
 
