@@ -296,6 +296,18 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return nested
 
 
+def flag_overrides(args: Any, flag_keys: Mapping[str, str]) -> dict[str, Any]:
+    """Nested overrides from command-line flags: `flag_keys` maps a flag's name to its "section.key"; flags left
+    unset (None) override nothing."""
+    nested: dict[str, Any] = {}
+    for flag, key in flag_keys.items():
+        value = getattr(args, flag)
+        if value is not None:
+            section, leaf = key.split(".")
+            nested.setdefault(section, {})[leaf] = value
+    return nested
+
+
 def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     """Recursive dict merge: values in `update` win."""
     out = dict(base)
@@ -346,6 +358,7 @@ def diff_configs(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -
 
 __all__ = [
     "AutoencoderConfig", "UNetConfig", "TextEncoderConfig", "NoiseScheduleConfig", "DataConfig", "TrainConfig",
-    "from_dict", "to_dict", "validate", "parse_overrides", "merge", "read_yaml", "load_config", "save_config",
+    "from_dict", "to_dict", "validate", "parse_overrides", "flag_overrides", "merge", "read_yaml", "load_config",
+    "save_config",
     "diff_configs",
 ]

@@ -5,9 +5,19 @@ its message as one line on stderr with a non-zero exit and no traceback; anythin
 its traceback.
 """
 
+import argparse
+
 
 class UserError(Exception):
     """Bad input from the user: the message says what was wrong and what is expected, in one line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one `UserError` line (run_cli prints it, exit 2) instead of
+    argparse's usage dump."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def run_cli(main, argv=None) -> int:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import UserError, run_cli
+from .errors import ArgumentParser, UserError, run_cli
 
 logger = logging.getLogger("evaluate")
 
@@ -176,14 +176,11 @@ def _run_vae(args: argparse.Namespace) -> None:
 # Command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line via run_cli instead of argparse's usage dump
-        raise UserError(f"{message} (see python -m ldm_app.evaluate --help)")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m ldm_app.evaluate", description="Evaluate trained models.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = ArgumentParser(prog="python -m ldm_app.evaluate", description="Evaluate trained models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     vae = sub.add_parser("vae", help="reconstruction quality of an autoencoder on its held-out images")
     vae.add_argument("--model", required=True, help="train_vae.py output folder (or its vae/ folder)")
     vae.add_argument("--data", help="the training data folder (default: the one in the model's train_config.yaml)")

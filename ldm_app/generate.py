@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from ldm_app import DEFAULT_MODEL, __version__
-from ldm_app.errors import UserError
+from ldm_app.errors import ArgumentParser, UserError
 from ldm_app.pngmeta import ImageParams, read_params, save_png
 from ldm_app.samplers import SAMPLERS, check_sampler_name
 
@@ -297,11 +297,6 @@ def check_writable(folder: Path) -> None:
 # ---- the command line -------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one UserError line (run_cli prints it, exit 2) instead of usage."""
-
-    def error(self, message: str):
-        raise UserError(f"{message} (see --help)")
 
 
 def _int_at_least(minimum: int):
@@ -338,7 +333,7 @@ def _float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog="generate.py",
         description="Generate images from text with a latent diffusion model. Unset sampling options use the "
         "model's stored defaults (its ldm_app.json). Every PNG stores its parameters; --from_png remakes it.",

@@ -38,8 +38,8 @@ import torch
 
 from ..checkpointing import load_checkpoint, save_checkpoint, write_run_config
 from ..config import (DataConfig, NoiseScheduleConfig, TextEncoderConfig, TrainConfig, UNetConfig, load_config,
-                      merge, parse_overrides, to_dict)
-from ..errors import UserError
+                      flag_overrides, merge, parse_overrides, to_dict)
+from ..errors import ArgumentParser, UserError
 from .common import (Position, batches, batches_per_epoch, effective_lr, make_accelerator, make_lr_scheduler,
                      make_optimizer, open_run_folder, setup_logging, step_generator)
 
@@ -113,9 +113,6 @@ class LDMRunConfig:
 # Command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line via run_cli instead of argparse's usage dump
-        raise UserError(f"{message} (see train_ldm.py --help)")
 
 
 # flag -> config key; each flag given on the command line overrides that key (after --set)
@@ -132,7 +129,7 @@ FLAG_KEYS = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="train_ldm.py", description="Train a text-conditioned latent diffusion U-Net.")
+    p = ArgumentParser(prog="train_ldm.py", description="Train a text-conditioned latent diffusion U-Net.")
     p.add_argument("--config", help="YAML file overriding the defaults (configs/ldm/*.yaml)")
     p.add_argument("--output_dir", required=True, help="run folder: checkpoints, logs, and the final pipeline")
     p.add_argument("--train_data_dir", help="imagefolder: images + metadata.jsonl with a 'text' caption column")
@@ -160,19 +157,15 @@ def _read_prompts(values: list[str]) -> list[str]:
     return values
 
 
-def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    flat = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
-    if "ldm.validation_prompts" in flat:
-        flat["ldm.validation_prompts"] = _read_prompts(flat["ldm.validation_prompts"])
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        section, leaf = key.split(".")
-        nested.setdefault(section, {})[leaf] = value
-    return nested
+def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The dedicated flags as nested overrides; --validation_prompts may name a file of prompts."""
+    if args.validation_prompts is not None:
+        args.validation_prompts = _read_prompts(args.validation_prompts)
+    return flag_overrides(args, FLAG_KEYS)
 
 
 def load_run_config(args: argparse.Namespace) -> LDMRunConfig:
-    overrides = merge(parse_overrides(args.set), flag_overrides(args))
+    overrides = merge(parse_overrides(args.set), cli_overrides(args))
     return load_config(LDMRunConfig, args.config, overrides)
 
 

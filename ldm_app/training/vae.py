@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from ..checkpointing import load_checkpoint, save_checkpoint, write_run_config
-from ..config import (AutoencoderConfig, DataConfig, TrainConfig, load_config, merge, parse_overrides, save_config,
-                      to_dict)
-from ..errors import UserError
+from ..config import (AutoencoderConfig, DataConfig, TrainConfig, flag_overrides, load_config, merge, parse_overrides,
+                      save_config, to_dict)
+from ..errors import ArgumentParser, UserError
 from ..losses import (NLayerDiscriminator, autoencoder_nll, disc_factor, generator_objective, hinge_d_loss,
                       load_lpips, reconstruction_loss)
 from .common import (Position, batches, effective_lr, make_accelerator, make_lr_scheduler, make_optimizer,
@@ -114,9 +114,6 @@ class VAERunConfig:
 # Command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line via run_cli instead of argparse's usage dump
-        raise UserError(f"{message} (see train_vae.py --help)")
 
 
 # flag -> config key; a flag given on the command line overrides that key (after --set)
@@ -129,7 +126,8 @@ FLAG_KEYS = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="train_vae.py", description="Train a KL or VQ autoencoder (the LDM first stage) from scratch.")
+    p = ArgumentParser(prog="train_vae.py",
+                       description="Train a KL or VQ autoencoder (the LDM first stage) from scratch.")
     p.add_argument("--config", help="YAML file overriding the defaults (configs/vae/*.yaml)")
     p.add_argument("--output_dir", required=True, help="run folder: checkpoints, logs, and the final model in vae/")
     p.add_argument("--train_data_dir", help="imagefolder: images + metadata.jsonl")
@@ -143,17 +141,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for flag, key in FLAG_KEYS.items():
-        if getattr(args, flag) is not None:
-            section, leaf = key.split(".")
-            nested.setdefault(section, {})[leaf] = getattr(args, flag)
-    return nested
-
-
 def load_run_config(args: argparse.Namespace) -> VAERunConfig:
-    overrides = merge(parse_overrides(args.set), flag_overrides(args))
+    overrides = merge(parse_overrides(args.set), flag_overrides(args, FLAG_KEYS))
     return load_config(VAERunConfig, args.config, overrides)
 
 
