@@ -16,7 +16,6 @@ import os
 import re
 import secrets
 import sys
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -160,10 +159,7 @@ def load_pipeline(req: Request) -> LatentDiffusionPipeline:
     from ldm_app.pipeline import LatentDiffusionPipeline, resolve_device_dtype
 
     device, dtype = resolve_device_dtype(req.device, req.dtype)
-    with warnings.catch_warnings():
-        # diffusers >= 0.36 renames torch_dtype to dtype; the older name still works and is the one older versions know
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-        pipe = LatentDiffusionPipeline.from_pretrained(req.model, sampler=req.sampler, torch_dtype=dtype)
+    pipe = LatentDiffusionPipeline.from_pretrained(req.model, sampler=req.sampler, dtype=dtype)
     return pipe.to(device)
 
 

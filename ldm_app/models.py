@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel, VQModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -83,7 +84,9 @@ def build_text_encoder(cfg: TextEncoderConfig) -> CLIPTextModel:
 
 def load_text_encoder(path: str | Path) -> CLIPTextModel:
     path = _component_dir(path, "text encoder")
-    return CLIPTextModel.from_pretrained(path, use_safetensors=True)
+    # float32 whatever the stored precision: transformers would keep an fp16-stored encoder (the bundled model's)
+    # in fp16, which the CPU and training want in float32
+    return CLIPTextModel.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
 
 
 def load_tokenizer(path: str | Path | None = None, model_max_length: int = 77) -> CLIPTokenizer:
@@ -103,7 +106,7 @@ def load_autoencoder(path: str | Path) -> Autoencoder:
     classes = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
     if class_name not in classes:
         raise UserError(f"{path} holds a {class_name!r}, expected an AutoencoderKL or VQModel folder")
-    return classes[class_name].from_pretrained(path, use_safetensors=True)
+    return classes[class_name].from_pretrained(path, use_safetensors=True, torch_dtype=torch.float32)
 
 
 def downsampling_factor(vae: Autoencoder) -> int:

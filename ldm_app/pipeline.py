@@ -18,6 +18,7 @@ import inspect
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,12 @@ def read_sampling_defaults(folder: str | os.PathLike) -> dict[str, Any]:
     return check_sampling_defaults(data.get("sampling", {}), str(path))
 
 
+def write_sampling_defaults(folder: str | os.PathLike, sampling: dict[str, Any]) -> None:
+    """Store recommended sampling settings as `folder/ldm_app.json` (checked, written atomically)."""
+    sampling = check_sampling_defaults(sampling, "sampling defaults")
+    atomic_write_text(Path(folder) / DEFAULTS_FILE, json.dumps({"sampling": sampling}, indent=2) + "\n")
+
+
 def check_model_folder(folder: Path) -> None:
     """Fail early, in one line, on what diffusers would report as a long traceback (or a hub download attempt)."""
     index_path = folder / "model_index.json"
@@ -195,8 +202,14 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         defaults = read_sampling_defaults(folder)
         sampler = check_sampler_name(sampler) if sampler is not None else defaults.get("sampler")
         kwargs["use_safetensors"] = True  # never unpickle .bin files
+        # float32 unless asked otherwise, whatever precision the folder stores (the bundled model is fp16 on disk):
+        # diffusers' models would load in float32 but transformers' text encoder would stay in its stored dtype.
+        # `dtype` and `torch_dtype` both accepted (diffusers >= 0.36 renamed the second, older ones know only it).
+        kwargs["torch_dtype"] = kwargs.pop("dtype", None) or kwargs.get("torch_dtype") or torch.float32
         try:
-            pipe = super().from_pretrained(str(folder), **kwargs)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+                pipe = super().from_pretrained(str(folder), **kwargs)
         except (OSError, ValueError, SafetensorError) as e:
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot load model folder {folder}: {first_line}") from e
@@ -221,8 +234,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             index.pop("_name_or_path", None)  # where it was loaded from: stale once saved elsewhere
             atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
             if self.sampling_defaults:
-                sampling = check_sampling_defaults(self.sampling_defaults, "sampling_defaults")
-                atomic_write_text(tmp / DEFAULTS_FILE, json.dumps({"sampling": sampling}, indent=2) + "\n")
+                write_sampling_defaults(tmp, self.sampling_defaults)
 
     # ---- configuration ------------------------------------------------------------------------------------
 
