@@ -1,6 +1,8 @@
 """Evaluation commands (one subcommand per trained part).
 
     python -m ldm_app.evaluate vae --model OUT --data DIR [--num_images N] [--grid PATH] [--json PATH]
+    python -m ldm_app.evaluate ldm --model M ...     (prompt adherence: ldm_app/evaluation/adherence.py)
+    python -m ldm_app.evaluate sweep --model M ...   (settings sweep, defaults by measurement: .../sweep.py)
 
 `vae`: reconstruct the held-out images of the training run (the indices train_vae.py recorded in
 OUT/vae/holdout.json, never trained on) and report PSNR, SSIM (Wang et al. 2004) and, for a VQ model, codebook
@@ -194,6 +196,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ldm = sub.add_parser("ldm", help="prompt adherence (attribute judge) and domain KID of a shapes text-to-image model")
     add_ldm_arguments(ldm)
     ldm.set_defaults(run=run_ldm)
+    from ldm_app.evaluation.sweep import add_sweep_arguments, run_sweep_cli
+
+    sweep = sub.add_parser("sweep", help="adherence and speed under several sampling settings; choose the defaults")
+    add_sweep_arguments(sweep)
+    sweep.set_defaults(run=run_sweep_cli)
     return p.parse_args(argv)
 
 

@@ -132,3 +132,47 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("models") / "tiny"
     LatentDiffusionPipeline(**build_tiny_components()).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_judge():
+    """An attribute judge trained in seconds on 16px renders: far below the 99% gate, so tests that judge with it
+    pass judge_threshold=0."""
+    from ldm_app.evaluation.judge import JudgeConfig, train_judge
+
+    return train_judge(
+        JudgeConfig(resolution=16, num_train=64, num_heldout=32, epochs=1, batch_size=32, width=4, feature_dim=16)
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_judge_cache(tiny_judge, tmp_path_factory) -> Path:
+    """A judge cache root where the tiny judge sits in place of the default 64px/seed-0 judge, so the evaluation
+    CLIs (--judge_cache ROOT) need no full judge training."""
+    from ldm_app.evaluation.judge import JudgeConfig, judge_folder, save_judge
+
+    cache = tmp_path_factory.mktemp("judge_cache")
+    save_judge(tiny_judge, judge_folder(JudgeConfig(), cache))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def ldm_files(tmp_path_factory):
+    """Inputs of the train_ldm.py tests: 8 captioned 32 px images and a random f=4 autoencoder."""
+    from ldm_helpers import make_ldm_files
+
+    return make_ldm_files(tmp_path_factory.mktemp("ldm_files"))
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Single-threaded torch (see ldm_helpers.subprocess_env), and accelerate's process-wide singletons reset after
+    the test, so in-process training runs don't see each other's state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

@@ -10,25 +10,22 @@ import torch
 from PIL import Image
 
 from ldm_app.errors import UserError
-from ldm_app.evaluation import adherence
 from ldm_app.evaluate import main as evaluate_main
-from ldm_app.evaluation.adherence import ONE, TWO, kid, run_adherence, sample_prompts, score, write_outputs
+from ldm_app.evaluation import adherence
+from ldm_app.evaluation.adherence import (
+    ONE,
+    TWO,
+    kid,
+    run_adherence,
+    sample_prompts,
+    score,
+    write_outputs,
+)
 from ldm_app.evaluation.judge import (
     HEADS,
     JudgeAccuracyError,
-    JudgeConfig,
-    judge_folder,
-    save_judge,
     scene_labels,
-    train_judge,
 )
-
-TINY_JUDGE = JudgeConfig(resolution=16, num_train=64, num_heldout=32, epochs=1, batch_size=32, width=4, feature_dim=16)
-
-
-@pytest.fixture(scope="module")
-def tiny_judge():
-    return train_judge(TINY_JUDGE)
 
 
 def test_prompts_are_seeded_per_prompt():
@@ -134,12 +131,10 @@ def test_end_to_end_in_process(tiny_pipeline, tiny_judge, tmp_path):
     assert Image.open(grid_path).size[0] > 5 * 64
 
 
-def test_cli_writes_report_and_refuses_weak_judge(tiny_pipeline_dir, tiny_judge, tmp_path, capsys):
+def test_cli_writes_report_and_refuses_weak_judge(tiny_pipeline_dir, tiny_judge_cache, tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(tiny_pipeline_dir, model)
-    cache = tmp_path / "cache"
-    # Put the tiny judge where the CLI looks for its 64px/seed-0 judge, so the test needs no full training.
-    save_judge(tiny_judge, judge_folder(JudgeConfig(), cache))
+    cache = tiny_judge_cache
     base = [
         "--model",
         str(model),

@@ -372,6 +372,10 @@ def add_ldm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda[:n]|mps")
     parser.add_argument("--dtype", default="auto", help="auto|fp32|fp16|bf16")
     parser.add_argument("--kid_subsets", type=int, default=100)
+    add_judge_arguments(parser)
+
+
+def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--judge_cache", default=None, help="judge cache root (default: $LDM_APP_CACHE or ~/.cache/ldm_app)"
     )
@@ -382,15 +386,20 @@ def add_ldm_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def judge_from_args(args: argparse.Namespace) -> Judge:
+    """The cached judge the --judge_* flags name (trained first if absent), checked against --judge_threshold."""
+    return load_or_train_judge(
+        JudgeConfig(resolution=args.judge_resolution, seed=args.judge_seed), args.judge_cache, args.judge_threshold
+    )
+
+
 def run_ldm(args: argparse.Namespace) -> dict[str, Any]:
     from ldm_app.pipeline import LatentDiffusionPipeline, check_model_folder, resolve_device_dtype
 
     check_counts(args.num_prompts, args.two_object_prompts, args.batch_size)
     check_model_folder(Path(args.model))  # before the judge, which may take minutes to train on a new machine
     device, dtype = resolve_device_dtype(args.device, args.dtype)
-    judge = load_or_train_judge(
-        JudgeConfig(resolution=args.judge_resolution, seed=args.judge_seed), args.judge_cache, args.judge_threshold
-    )
+    judge = judge_from_args(args)
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     judge.net.to(device)

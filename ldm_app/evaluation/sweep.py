@@ -1,0 +1,221 @@
+"""Sampling-settings sweep: prompt adherence and seconds/image of one model under several settings, and the choice
+of the model's recommended sampling defaults by measurement rather than habit.
+
+    python -m ldm_app.evaluate sweep --model M [--sampler dpm++ --steps 20 --guidance_scales 1 3 5 7.5]
+        [--setting ddim:50:7.5 ...] [--num_prompts 100 --two_object_prompts 50] [--out DIR] [--write_defaults]
+
+The candidates are `--sampler` x `--steps` x each of `--guidance_scales`; `--setting SAMPLER:STEPS:GUIDANCE`
+adds settings that are measured for the table but never chosen (e.g. diffusers' defaults, or DDPM's 1000 steps).
+Every setting sees the same prompts and seeds. A setting's score is the mean of the accuracies the model is
+judged by: one-object colour, shape, size and position, and two-object relation. With --write_defaults the
+best-scoring candidate (ties: the first listed) is written to the model's ldm_app.json, which `pipe(prompt)` and
+generate.py then use when the caller gives no setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ldm_app.errors import UserError
+from ldm_app.evaluation.judge import DEFAULT_THRESHOLD
+from ldm_app.evaluation.adherence import (
+    add_judge_arguments,
+    check_counts,
+    judge_from_args,
+    run_adherence,
+    write_outputs,
+)
+from ldm_app.fileio import atomic_write_text
+
+SWEEP_FILE = "sweep.json"
+SCORED_ATTRIBUTES = ("colour", "shape", "size", "position")  # one-object attributes with targets; plus relation
+
+
+@dataclass(frozen=True)
+class Setting:
+    sampler: str
+    steps: int
+    guidance_scale: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.sampler}-{self.steps}-g{self.guidance_scale:g}"
+
+
+def parse_setting(text: str) -> Setting:
+    """"SAMPLER:STEPS:GUIDANCE", e.g. "ddim:50:7.5"."""
+    from ldm_app.samplers import check_sampler_name
+
+    parts = text.split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        steps, guidance = int(parts[1]), float(parts[2])
+    except ValueError:
+        raise UserError(f"--setting {text!r}: expected SAMPLER:STEPS:GUIDANCE, e.g. ddim:50:7.5") from None
+    try:
+        sampler = check_sampler_name(parts[0])
+    except UserError as e:
+        raise UserError(f"--setting {text!r}: {e}") from None
+    if steps < 1 or guidance < 0:
+        raise UserError(f"--setting {text!r}: steps must be >= 1 and guidance >= 0")
+    return Setting(sampler, steps, guidance)
+
+
+def adherence_score(report: dict[str, Any]) -> float:
+    """Mean of the targeted accuracies present in an adherence report."""
+    accuracy = report["one_object"]["accuracy"]
+    parts = [accuracy[a] for a in SCORED_ATTRIBUTES if a in accuracy]
+    if report["two_object"]["relation_accuracy"] is not None:
+        parts.append(report["two_object"]["relation_accuracy"])
+    return float(np.mean(parts))
+
+
+def sweep_row(setting: Setting, report: dict[str, Any], candidate: bool) -> dict[str, Any]:
+    accuracy = report["one_object"]["accuracy"]
+    return {
+        "setting": setting.name,
+        "sampler": setting.sampler,
+        "steps": setting.steps,
+        "guidance_scale": setting.guidance_scale,
+        "candidate": candidate,
+        **{a: accuracy.get(a) for a in (*SCORED_ATTRIBUTES, "background", "all_attributes")},
+        "relation": report["two_object"]["relation_accuracy"],
+        "score": adherence_score(report),
+        "kid": report["kid"]["generated_vs_real"]["mean"],
+        "seconds_per_image": report["seconds_per_image"],
+    }
+
+
+def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The best-scoring candidate row; ties go to the first listed."""
+    candidates = [r for r in rows if r["candidate"]]
+    if not candidates:
+        raise UserError("no candidate settings to choose defaults from")
+    return max(candidates, key=lambda r: r["score"])  # max keeps the first of equal scores
+
+
+def markdown_table(rows: list[dict[str, Any]], chosen: dict[str, Any] | None = None) -> str:
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0%}"
+
+    lines = [
+        "| sampler | steps | guidance | colour | shape | size | position | relation | score | KID | s/image |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mark = " **(default)**" if chosen is not None and r["setting"] == chosen["setting"] else ""
+        lines.append(
+            f"| {r['sampler']}{mark} | {r['steps']} | {r['guidance_scale']:g} | {pct(r['colour'])} | {pct(r['shape'])} "
+            f"| {pct(r['size'])} | {pct(r['position'])} | {pct(r['relation'])} | {r['score']:.3f} | {r['kid']:.3f} "
+            f"| {r['seconds_per_image']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def run_sweep(
+    pipe,
+    candidates: list[Setting],
+    extra: list[Setting],
+    num_prompts: int,
+    two_object_prompts: int,
+    seed: int,
+    batch_size: int,
+    judge,
+    out: Path,
+    judge_threshold: float = DEFAULT_THRESHOLD,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """One adherence evaluation per setting (reports and grids in out/<setting>/); the table rows."""
+    rows = []
+    for setting, candidate in [(s, True) for s in candidates] + [(s, False) for s in extra]:
+        log(f"== {setting.name}")
+        result = run_adherence(pipe, num_prompts, two_object_prompts, seed, setting.sampler, setting.steps,
+                               setting.guidance_scale, batch_size, judge, judge_threshold=judge_threshold,
+                               log=lambda _: None)
+        write_outputs(result, out / setting.name)
+        rows.append(sweep_row(setting, result.report, candidate))
+        log(f"   score {rows[-1]['score']:.3f}, {rows[-1]['seconds_per_image']:.3f} s/image")
+    return rows
+
+
+# ---- command line --------------------------------------------------------------------------------------------------
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    from ldm_app.samplers import SAMPLERS
+
+    parser.add_argument("--model", required=True, help="model folder (LatentDiffusionPipeline.save_pretrained)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="dpm++", help="sampler of the candidates")
+    parser.add_argument("--steps", type=int, default=20, help="steps of the candidates")
+    parser.add_argument("--guidance_scales", type=float, nargs="*", default=[1.0, 3.0, 5.0, 7.5],
+                        help="one candidate per scale")
+    parser.add_argument("--setting", action="append", default=[], metavar="SAMPLER:STEPS:GUIDANCE",
+                        help="also measure this setting (never chosen as the default); repeatable")
+    parser.add_argument("--num_prompts", type=int, default=100, help="one-object prompts")
+    parser.add_argument("--two_object_prompts", type=int, default=50, help="two-object (relation) prompts")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the images")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--out", default=None, help=f"folder for {SWEEP_FILE} and per-setting reports "
+                                                    "(default: MODEL/sweep)")
+    parser.add_argument("--write_defaults", action="store_true",
+                        help="store the best candidate as the model's sampling defaults (its ldm_app.json)")
+    parser.add_argument("--device", default="auto", help="auto|cpu|cuda[:n]|mps")
+    parser.add_argument("--dtype", default="auto", help="auto|fp32|fp16|bf16")
+    add_judge_arguments(parser)
+
+
+def run_sweep_cli(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from ldm_app.pipeline import (
+        LatentDiffusionPipeline,
+        check_model_folder,
+        resolve_device_dtype,
+        write_sampling_defaults,
+    )
+
+    check_counts(args.num_prompts, args.two_object_prompts, args.batch_size)
+    if args.steps < 1 or any(g < 0 for g in args.guidance_scales):
+        raise UserError("--steps must be >= 1 and --guidance_scales >= 0")
+    candidates = [Setting(args.sampler, args.steps, g) for g in args.guidance_scales]
+    extra = [parse_setting(s) for s in args.setting]
+    if not candidates and not extra:
+        raise UserError("nothing to measure: give --guidance_scales or --setting")
+    if args.write_defaults and not candidates:
+        raise UserError("--write_defaults needs candidates (--guidance_scales)")
+    model = Path(args.model)
+    check_model_folder(model)  # before the judge, which may take minutes to train on a new machine
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    judge = judge_from_args(args)
+    judge.net.to(device)
+    pipe = LatentDiffusionPipeline.from_pretrained(model, dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    out = Path(args.out) if args.out else model / "sweep"
+    rows = run_sweep(pipe, candidates, extra, args.num_prompts, args.two_object_prompts, args.seed,
+                     args.batch_size, judge, out, args.judge_threshold)
+    chosen = choose(rows) if candidates else None
+    height, width, _, _ = pipe.resolve_defaults(None, None, None, None)
+    result: dict[str, Any] = {
+        "model": str(model.resolve()),
+        "prompts": {"num_prompts": args.num_prompts, "two_object_prompts": args.two_object_prompts,
+                    "seed": args.seed},
+        "rows": rows,
+        "chosen": chosen["setting"] if chosen else None,
+        "defaults_written": bool(args.write_defaults),
+    }
+    atomic_write_text(out / SWEEP_FILE, json.dumps(result, indent=2) + "\n")
+    print(markdown_table(rows, chosen))
+    if chosen is not None:
+        print(f"best candidate: {chosen['setting']} (score {chosen['score']:.3f})")
+    if args.write_defaults:
+        write_sampling_defaults(model, {"sampler": chosen["sampler"], "num_inference_steps": chosen["steps"],
+                                        "guidance_scale": chosen["guidance_scale"], "height": height,
+                                        "width": width})
+        print(f"wrote the model's sampling defaults to {model}/ldm_app.json")
+    print(f"wrote {out / SWEEP_FILE}")
+    return rows

@@ -1,0 +1,143 @@
+"""Settings sweep (defaults chosen by measurement) and the fp16 export of a model folder, on tiny random models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ldm_app.errors import UserError
+from ldm_app.evaluate import main as evaluate_main
+from ldm_app.evaluation.sweep import (
+    SWEEP_FILE,
+    Setting,
+    adherence_score,
+    choose,
+    markdown_table,
+    parse_setting,
+)
+from ldm_app.export import RUN_CONFIG, export_model, folder_bytes
+from ldm_app.pipeline import (
+    DEFAULTS_FILE,
+    LatentDiffusionPipeline,
+    read_sampling_defaults,
+)
+
+
+def _report(colour, shape, size, position, relation):
+    return {
+        "one_object": {"accuracy": {"colour": colour, "shape": shape, "size": size, "position": position,
+                                    "background": 1.0}},
+        "two_object": {"relation_accuracy": relation},
+    }
+
+
+def test_score_is_mean_of_targeted_accuracies():
+    assert adherence_score(_report(1.0, 0.5, 1.0, 0.5, 0.0)) == pytest.approx(0.6)
+    assert adherence_score(_report(1.0, 0.5, 1.0, 0.5, None)) == pytest.approx(0.75)  # no two-object prompts
+
+
+def test_choose_best_candidate_first_on_ties():
+    rows = [
+        {"setting": "a", "candidate": True, "score": 0.5},
+        {"setting": "b", "candidate": True, "score": 0.7},
+        {"setting": "c", "candidate": True, "score": 0.7},
+        {"setting": "d", "candidate": False, "score": 0.9},  # measured, never chosen
+    ]
+    assert choose(rows)["setting"] == "b"
+    with pytest.raises(UserError, match="no candidate"):
+        choose([rows[3]])
+
+
+@pytest.mark.parametrize("text", ["ddim:50", "ddim:x:7.5", "nope:50:7.5", "ddim:0:7.5", "ddim:50:-1"])
+def test_parse_setting_errors(text):
+    with pytest.raises(UserError, match="--setting"):
+        parse_setting(text)
+
+
+def test_parse_setting_and_name():
+    assert parse_setting("ddpm:1000:7.5") == Setting("ddpm", 1000, 7.5)
+    assert Setting("dpm++", 20, 3.0).name == "dpm++-20-g3"
+
+
+def test_sweep_cli_measures_every_setting_and_writes_chosen_defaults(tiny_pipeline_dir, tiny_judge_cache,
+                                                                      tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline_dir, model)
+    out = tmp_path / "sweep"
+    evaluate_main([
+        "sweep", "--model", str(model), "--sampler", "ddim", "--steps", "2", "--guidance_scales", "1", "3",
+        "--setting", "euler:3:7.5", "--num_prompts", "3", "--two_object_prompts", "1", "--batch_size", "4",
+        "--judge_cache", str(tiny_judge_cache), "--judge_threshold", "0", "--device", "cpu", "--out", str(out),
+        "--write_defaults",
+    ])
+    result = json.loads((out / SWEEP_FILE).read_text())
+    rows = result["rows"]
+    assert [r["setting"] for r in rows] == ["ddim-2-g1", "ddim-2-g3", "euler-3-g7.5"]
+    assert [r["candidate"] for r in rows] == [True, True, False]
+    for r in rows:
+        report = json.loads((out / r["setting"] / "adherence.json").read_text())
+        assert report["settings"]["sampler"] == r["sampler"] and report["settings"]["steps"] == r["steps"]
+        assert r["score"] == pytest.approx(adherence_score(report))
+    chosen = choose(rows)
+    assert result["chosen"] == chosen["setting"]
+    defaults = read_sampling_defaults(model)
+    size = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_dir).resolve_defaults(None, None, None, None)[0]
+    assert defaults == {"sampler": "ddim", "num_inference_steps": 2, "guidance_scale": chosen["guidance_scale"],
+                        "height": size, "width": size}
+    printed = capsys.readouterr().out
+    assert "| sampler | steps |" in printed and "(default)" in printed
+    # the pipeline now uses them when the caller gives none
+    pipe = LatentDiffusionPipeline.from_pretrained(model)
+    assert pipe.resolve_defaults(None, None, None, None)[2:] == (2, chosen["guidance_scale"])
+
+
+def test_sweep_refuses_bad_input_before_work(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        evaluate_main(["sweep", "--model", str(tmp_path / "missing")])
+    with pytest.raises(UserError, match="--setting"):
+        evaluate_main(["sweep", "--model", str(tmp_path), "--setting", "ddim:fifty:7.5"])
+
+
+def test_markdown_table_marks_default():
+    row = {"setting": "ddim-2-g1", "sampler": "ddim", "steps": 2, "guidance_scale": 1.0, "colour": 0.5,
+           "shape": 1.0, "size": 1.0, "position": 0.25, "relation": None, "score": 0.6875, "kid": 0.1,
+           "seconds_per_image": 0.01}
+    table = markdown_table([row], row)
+    assert "| ddim **(default)** | 2 | 1 | 50% | 100% | 100% | 25% | - | 0.688 | 0.100 | 0.010 |" in table
+
+
+def test_export_fp16_halves_weights_and_loads_as_float32(tiny_pipeline_dir, tmp_path):
+    model = tmp_path / "run"
+    shutil.copytree(tiny_pipeline_dir, model)
+    (model / RUN_CONFIG).write_text('{"train": {}}\n')
+    (model / DEFAULTS_FILE).write_text('{"sampling": {"sampler": "ddim", "num_inference_steps": 3}}\n')
+    (model / "checkpoint-5").mkdir()  # training leftovers are not exported
+    out = export_model(model, tmp_path / "exported", "fp16")
+    assert not (out / "checkpoint-5").exists() and (out / RUN_CONFIG).read_text() == '{"train": {}}\n'
+    assert read_sampling_defaults(out) == {"sampler": "ddim", "num_inference_steps": 3}
+    for part in ("unet", "vae", "text_encoder"):
+        (weights,) = (out / part).glob("*.safetensors")
+        with safe_open(weights, "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    assert folder_bytes(out) < 0.7 * folder_bytes(tiny_pipeline_dir)
+    a = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    b = LatentDiffusionPipeline.from_pretrained(out)
+    assert {b.unet.dtype, b.vae.dtype, b.text_encoder.dtype} == {torch.float32}
+    for pipe in (a, b):
+        pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=3, guidance_scale=3.0, output_type="np")
+    img_a = a("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    img_b = b("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert abs(img_a - img_b).max() < 0.02  # fp16 rounding of the weights only
+
+
+def test_export_refuses_bad_input(tiny_pipeline_dir, tmp_path):
+    with pytest.raises(UserError, match="differ"):
+        export_model(tiny_pipeline_dir, tiny_pipeline_dir)
+    with pytest.raises(UserError, match="not found"):
+        export_model(tmp_path / "missing", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
