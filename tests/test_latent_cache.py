@@ -8,16 +8,22 @@ import logging
 import pytest
 import torch
 from accelerate import Accelerator
+from ldm_helpers import make_ldm_files, max_abs_diff, run_args, weights
 from PIL import Image
 
 from ldm_app.config import TextEncoderConfig
 from ldm_app.data.dataset import build_dataset, collate_fn
 from ldm_app.errors import UserError
 from ldm_app.models import build_text_encoder, load_autoencoder, load_tokenizer
-from ldm_app.training.latent_cache import check_cacheable, latent_stats, load_or_build_cache, sample_x0
+from ldm_app.training.latent_cache import (
+    check_cacheable,
+    latent_stats,
+    load_or_build_cache,
+    sample_x0,
+)
 from ldm_app.training.ldm import main
-from test_train_ldm import make_ldm_files, max_abs_diff, run_args, weights
-from test_train_ldm import ldm_files, one_thread_and_fresh_accelerate  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def test_sample_x0_is_the_reparameterised_draw_of_the_step_generator():

@@ -9,9 +9,7 @@ import subprocess
 import sys
 
 import pytest
-
-from test_train_ldm import ROOT, run_args, subprocess_env
-from test_train_ldm import ldm_files  # noqa: F401  (fixture)
+from ldm_helpers import ROOT, run_args, subprocess_env
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")

@@ -2,88 +2,36 @@
 pipelines (with the EMA weights), a run killed with SIGKILL resumes to the same weights, and bad input is one
 `error:` line with exit status 2, before any work.
 
-The fixtures here (`ldm_files`, `run_args`) are imported by test_latent_cache.py and test_multiprocess.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from ldm_helpers import (
+    CONFIG,
+    LDMFiles,
+    ROOT,
+    max_abs_diff,
+    run_args,
+    subprocess_env,
+    weights,
+)
 
 from ldm_app.checkpointing import list_checkpoints, write_run_config
 from ldm_app.config import to_dict
 from ldm_app.errors import run_cli
 from ldm_app.training.ldm import LDMRunConfig, main
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "ldm" / "tiny.yaml"
-
-
-@dataclass
-class LDMFiles:
-    data: Path  # 8 captioned 32 px shapes images
-    vae: Path  # a random f=4 AutoencoderKL (3 levels, 4 latent channels)
-    root: Path
-
-
-def make_ldm_files(root: Path) -> LDMFiles:
-    from ldm_app.config import AutoencoderConfig
-    from ldm_app.data.shapes import make_dataset
-    from ldm_app.models import build_autoencoder
-
-    torch.manual_seed(0)
-    vae_cfg = AutoencoderConfig(block_out_channels=(8, 8, 8), norm_num_groups=8, latent_channels=4, sample_size=32)
-    build_autoencoder(vae_cfg).save_pretrained(root / "vae")
-    make_dataset(root / "data", num_images=8, resolution=32, seed=0)
-    return LDMFiles(root / "data", root / "vae", root)
-
-
-@pytest.fixture(scope="session")
-def ldm_files(tmp_path_factory) -> LDMFiles:
-    return make_ldm_files(tmp_path_factory.mktemp("ldm_files"))
-
-
-def run_args(files: LDMFiles, out: Path, *extra: str) -> list[str]:
-    return ["--config", str(CONFIG), "--train_data_dir", str(files.data), "--pretrained_vae", str(files.vae),
-            "--output_dir", str(out), *extra]
-
-
-def subprocess_env() -> dict[str, str]:
-    # one thread per process: on a shared 2-core machine, thread oversubscription makes torch 10-100x slower
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate():
-    """Single-threaded torch (see subprocess_env), and accelerate's process-wide singletons reset between runs."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
-
-
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 # ---- one trained run, inspected by several tests -------------------------------------------------------------

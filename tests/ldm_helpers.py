@@ -1,0 +1,52 @@
+"""Helpers shared by the train_ldm.py tests (test_train_ldm.py, test_latent_cache.py, test_multiprocess.py); their
+fixtures (`ldm_files`, `fresh_accelerate`) live in conftest.py."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "ldm" / "tiny.yaml"
+
+
+@dataclass
+class LDMFiles:
+    data: Path  # 8 captioned 32 px shapes images
+    vae: Path  # a random f=4 AutoencoderKL (3 levels, 4 latent channels)
+    root: Path
+
+
+def make_ldm_files(root: Path) -> LDMFiles:
+    from ldm_app.config import AutoencoderConfig
+    from ldm_app.data.shapes import make_dataset
+    from ldm_app.models import build_autoencoder
+
+    torch.manual_seed(0)
+    vae_cfg = AutoencoderConfig(block_out_channels=(8, 8, 8), norm_num_groups=8, latent_channels=4, sample_size=32)
+    build_autoencoder(vae_cfg).save_pretrained(root / "vae")
+    make_dataset(root / "data", num_images=8, resolution=32, seed=0)
+    return LDMFiles(root / "data", root / "vae", root)
+
+
+def run_args(files: LDMFiles, out: Path, *extra: str) -> list[str]:
+    return ["--config", str(CONFIG), "--train_data_dir", str(files.data), "--pretrained_vae", str(files.vae),
+            "--output_dir", str(out), *extra]
+
+
+def subprocess_env() -> dict[str, str]:
+    # one thread per process: on a shared 2-core machine, thread oversubscription makes torch 10-100x slower
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
