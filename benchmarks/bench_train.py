@@ -6,6 +6,8 @@ then one U-Net forward/backward. Ours reads the posterior and the text states fr
 separately) and does the same U-Net step. Same U-Net (same initial weights), same batch, same device, one run.
 
     python benchmarks/bench_train.py                      # f=8 VAE, 64 px, the shapes64 U-Net, auto device
+    python benchmarks/bench_train.py --config configs/ldm/shapes64_cpu.yaml --text_dim 128 --device cpu
+                                                          # the U-Net of the bundled model's CPU recipe
     python benchmarks/bench_train.py --config configs/ldm/tiny.yaml --resolution 32 --vae_levels 3 --steps 10
 
 Prints images/s for both and the speed-up; --json FILE also writes them.
