@@ -7,8 +7,8 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-# The bundled default model (a Stable-Diffusion-1.x-layout folder). Until it is trained and committed the
-# folder does not exist, and generate.py says so.
+# The bundled default model: a Stable-Diffusion-1.x-layout folder made by recipes/shapes.sh (fp16 safetensors,
+# loaded in float32), with its recommended sampling settings in ldm_app.json.
 DEFAULT_MODEL = str(Path(__file__).parent / "assets" / "default_model")
 
 _LAZY = {"LatentDiffusionPipeline": "ldm_app.pipeline"}

@@ -143,14 +143,14 @@ def check_request(req: Request) -> None:
 
 
 def check_model_exists(model: str) -> None:
-    """A missing folder is the likeliest mistake (and the bundled default is not trained yet): say it in one line.
-    What is inside the folder is checked by the pipeline's loader."""
+    """A missing folder is the likeliest mistake: say it in one line. What is inside the folder is checked by the
+    pipeline's loader."""
     if Path(model).is_dir():
         return
     if Path(model) == Path(DEFAULT_MODEL):
         raise UserError(
-            f"the default model is not installed yet ({model} does not exist); "
-            "pass --model DIR with a model folder (e.g. one saved by train_ldm.py)"
+            f"the bundled default model is missing ({model} does not exist: an install without the package data?); "
+            "reinstall with `pip install -e .`, make it with `bash recipes/shapes.sh`, or pass --model DIR"
         )
     raise UserError(f"model folder not found: {model}; expected a folder with model_index.json, unet/, vae/...")
 

@@ -120,7 +120,7 @@ def test_missing_default_model_says_so(tmp_path, monkeypatch, capsys):
     assert run_cli(main, ["a corgi", "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert "default model is not installed yet" in err and "--model DIR" in err
+    assert "bundled default model is missing" in err and "--model DIR" in err
     assert not (tmp_path / "out").exists()
 
 
