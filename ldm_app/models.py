@@ -106,7 +106,7 @@ def load_autoencoder(path: str | Path) -> Autoencoder:
     classes = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
     if class_name not in classes:
         raise UserError(f"{path} holds a {class_name!r}, expected an AutoencoderKL or VQModel folder")
-    return classes[class_name].from_pretrained(path, use_safetensors=True, torch_dtype=torch.float32)
+    return classes[class_name].from_pretrained(path, use_safetensors=True)  # diffusers loads float32 by default
 
 
 def downsampling_factor(vae: Autoencoder) -> int:
