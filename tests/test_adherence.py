@@ -89,20 +89,12 @@ def test_end_to_end_in_process(tiny_pipeline, tiny_judge, tmp_path):
     with pytest.raises(JudgeAccuracyError):  # a judge below the default 99% gate judges nothing
         run_adherence(tiny_pipeline, 3, 2, seed=0, steps=2, judge=tiny_judge, log=lambda _: None)
     original = type(tiny_pipeline.scheduler)
-    result = run_adherence(
-        tiny_pipeline,
-        3,
-        2,
-        seed=0,
-        sampler="euler",
-        steps=2,
-        guidance_scale=3.0,
-        batch_size=2,
-        judge=tiny_judge,
-        kid_subsets=5,
-        judge_threshold=0.0,
-        log=lambda _: None,
-    )
+    def run(batch_size):
+        return run_adherence(tiny_pipeline, 3, 2, seed=0, sampler="euler", steps=2, guidance_scale=3.0,
+                             batch_size=batch_size, judge=tiny_judge, kid_subsets=5, judge_threshold=0.0,
+                             log=lambda _: None)
+
+    result = run(2)
     assert type(tiny_pipeline.scheduler) is original  # the sampler was swapped for this call only
     report = result.report
     assert report["settings"]["sampler"] == "euler" and report["settings"]["steps"] == 2
@@ -111,20 +103,7 @@ def test_end_to_end_in_process(tiny_pipeline, tiny_judge, tmp_path):
     assert 0.0 <= report["two_object"]["relation_accuracy"] <= 1.0
     assert report["kid"]["real_vs_real"]["subset_size"] == 2 and report["seconds_per_image"] > 0
     # batching does not change the images: image k comes from its own generator
-    again = run_adherence(
-        tiny_pipeline,
-        3,
-        2,
-        seed=0,
-        sampler="euler",
-        steps=2,
-        guidance_scale=3.0,
-        batch_size=5,
-        judge=tiny_judge,
-        kid_subsets=5,
-        judge_threshold=0.0,
-        log=lambda _: None,
-    )
+    again = run(5)
     assert torch.allclose(again.images, result.images, atol=1e-5)
     report_path, grid_path = write_outputs(result, tmp_path / "out")
     assert json.loads(report_path.read_text())["per_prompt"][0]["prompt"] == result.prompts[0].text
