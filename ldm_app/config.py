@@ -158,6 +158,9 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_weight_decay: float = 0.0
     adam_epsilon: float = 1e-8
+    # torch's fused AdamW kernel (CPU and CUDA): one pass over all parameters instead of a Python loop of small
+    # ops; the same update up to float rounding. 1.2-1.3x the LDM images/s of the CPU recipe (README).
+    fused_adam: bool = True
     max_grad_norm: float = 1.0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False

@@ -4,7 +4,7 @@ of (seed, step, process)."""
 import torch
 from accelerate import Accelerator
 
-from ldm_app.training.common import Position, batches, effective_lr, psnr, step_generator
+from ldm_app.training.common import Position, batches, effective_lr, make_optimizer, psnr, step_generator
 from ldm_app.config import TrainConfig
 
 
@@ -56,3 +56,20 @@ def test_lr_schedule_counts_optimisation_steps_under_several_processes():
             sched.step()
         lrs.append(sched.get_last_lr()[0])
     assert lrs[-1] == 1.0 and lrs[0] < 1.0
+
+
+def test_fused_adam_is_the_same_update_as_the_loop():
+    """fused_adam picks torch's fused AdamW kernel; both settings take the same step up to float rounding."""
+    torch.manual_seed(0)
+    w0, grads = torch.randn(64, 32), [torch.randn(64, 32) for _ in range(3)]
+    results = {}
+    for fused in (True, False):
+        w = torch.nn.Parameter(w0.clone())
+        opt = make_optimizer([w], TrainConfig(fused_adam=fused, adam_weight_decay=0.01), lr=1e-2)
+        assert bool(opt.defaults["fused"]) is fused
+        for g in grads:
+            w.grad = g.clone()
+            opt.step()
+        results[fused] = w.detach()
+    assert not torch.equal(results[True], w0)
+    torch.testing.assert_close(results[True], results[False], rtol=1e-5, atol=1e-6)

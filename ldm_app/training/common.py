@@ -117,7 +117,7 @@ def batches_per_epoch(n: int, batch_size: int, num_processes: int) -> int:
 
 def make_optimizer(params, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+                             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, fused=cfg.fused_adam or None)
 
 
 def effective_lr(cfg: TrainConfig, num_processes: int) -> float:
