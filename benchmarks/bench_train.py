@@ -131,6 +131,14 @@ def time_diffusers_style(trainer: LDMTrainer, dataset, unet: torch.nn.Module, st
     return steps * trainer.cfg.train.train_batch_size / (time.perf_counter() - start)
 
 
+def report(figures: dict, json_path: str | None) -> None:
+    """Print the figures one per line; with --json also write them to that file."""
+    for k, v in figures.items():
+        print(f"{k:40s} {v}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(figures, indent=2))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/ldm/shapes64.yaml")
@@ -167,10 +175,7 @@ def main() -> None:
                "cached_images_per_s": round(ours, 2), "uncached_diffusers_style_images_per_s": round(theirs, 2),
                "speedup": round(ours / theirs, 2), "cache_build_s": round(cache_s, 2),
                "cache_images": args.num_images}
-    for k, v in figures.items():
-        print(f"{k:40s} {v}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+    report(figures, args.json)
 
 
 if __name__ == "__main__":

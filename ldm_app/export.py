@@ -22,10 +22,8 @@ STORE_DTYPES = ("fp16", "fp32")
 
 
 def export_model(model: str | Path, out: str | Path, dtype: str = "fp16") -> Path:
-    import torch
-
     from .fileio import atomic_dir
-    from .pipeline import LatentDiffusionPipeline
+    from .pipeline import DTYPES, LatentDiffusionPipeline
 
     if dtype not in STORE_DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}; expected one of {', '.join(STORE_DTYPES)}")
@@ -33,7 +31,7 @@ def export_model(model: str | Path, out: str | Path, dtype: str = "fp16") -> Pat
     if out.resolve() == model.resolve():
         raise UserError("--out must differ from --model")
     pipe = LatentDiffusionPipeline.from_pretrained(model)  # float32, sampling defaults included
-    pipe.to({"fp16": torch.float16, "fp32": torch.float32}[dtype])
+    pipe.to(DTYPES[dtype])  # not resolve_device_dtype: storing fp16 from the CPU is fine, running it is not
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp)
         if (model / RUN_CONFIG).is_file():

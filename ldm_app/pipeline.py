@@ -51,7 +51,7 @@ SAMPLING_KEYS: dict[str, type | tuple[type, ...]] = {
 # Used when neither the caller nor ldm_app.json gives a value (diffusers' StableDiffusionPipeline defaults).
 FALLBACK_STEPS = 50
 FALLBACK_GUIDANCE = 7.5
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -73,11 +73,11 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
         raise UserError(f"device {device!r} is not available on this machine; use --device cpu or auto")
     if dtype == "auto":
         dtype = "fp16" if dev.type == "cuda" else "fp32"
-    if dtype not in _DTYPES:
+    if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; expected auto, fp32, fp16 or bf16")
     if dev.type == "cpu" and dtype != "fp32":
         raise UserError(f"dtype {dtype} is not supported on CPU; use fp32 (half precision needs a GPU)")
-    return dev, _DTYPES[dtype]
+    return dev, DTYPES[dtype]
 
 
 def make_generators(seed: int, n: int, device: str | torch.device = "cpu") -> list[torch.Generator]:

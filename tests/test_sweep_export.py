@@ -100,6 +100,8 @@ def test_sweep_refuses_bad_input_before_work(tmp_path):
         evaluate_main(["sweep", "--model", str(tmp_path / "missing")])
     with pytest.raises(UserError, match="--setting"):
         evaluate_main(["sweep", "--model", str(tmp_path), "--setting", "ddim:fifty:7.5"])
+    with pytest.raises(UserError, match="guidance >= 0, got 20 steps and guidance -1"):
+        evaluate_main(["sweep", "--model", str(tmp_path), "--guidance_scales", "3", "-1"])
 
 
 def test_markdown_table_marks_default():

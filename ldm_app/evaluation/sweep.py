@@ -43,6 +43,11 @@ class Setting:
     steps: int
     guidance_scale: float
 
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.guidance_scale < 0:
+            raise UserError(f"steps must be >= 1 and guidance >= 0, got {self.steps} steps and guidance "
+                            f"{self.guidance_scale:g}")
+
     @property
     def name(self) -> str:
         return f"{self.sampler}-{self.steps}-g{self.guidance_scale:g}"
@@ -60,12 +65,9 @@ def parse_setting(text: str) -> Setting:
     except ValueError:
         raise UserError(f"--setting {text!r}: expected SAMPLER:STEPS:GUIDANCE, e.g. ddim:50:7.5") from None
     try:
-        sampler = check_sampler_name(parts[0])
+        return Setting(check_sampler_name(parts[0]), steps, guidance)
     except UserError as e:
         raise UserError(f"--setting {text!r}: {e}") from None
-    if steps < 1 or guidance < 0:
-        raise UserError(f"--setting {text!r}: steps must be >= 1 and guidance >= 0")
-    return Setting(sampler, steps, guidance)
 
 
 def adherence_score(report: dict[str, Any]) -> float:
@@ -180,8 +182,6 @@ def run_sweep_cli(args: argparse.Namespace) -> list[dict[str, Any]]:
     )
 
     check_counts(args.num_prompts, args.two_object_prompts, args.batch_size)
-    if args.steps < 1 or any(g < 0 for g in args.guidance_scales):
-        raise UserError("--steps must be >= 1 and --guidance_scales >= 0")
     candidates = [Setting(args.sampler, args.steps, g) for g in args.guidance_scales]
     extra = [parse_setting(s) for s in args.setting]
     if not candidates and not extra:
