@@ -159,7 +159,7 @@ class TrainConfig:
     adam_weight_decay: float = 0.0
     adam_epsilon: float = 1e-8
     # torch's fused AdamW kernel (CPU and CUDA): one pass over all parameters instead of a Python loop of small
-    # ops; the same update up to float rounding. 1.2-1.3x the LDM images/s of the CPU recipe (README).
+    # ops; the same update up to float rounding (benchmarks/bench_fused_adam.py measures the gain).
     fused_adam: bool = True
     max_grad_norm: float = 1.0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
