@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .config import diff_configs
+from .config import diff_configs, with_legacy_values
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -158,8 +158,8 @@ def check_run_folder(output_dir: str | Path, run_config: Mapping[str, Any], resu
             "to continue it, or choose a new --output_dir"
         )
     if saved_file.is_file():
-        saved = json.loads(saved_file.read_text())
-        changed = [k for k in diff_configs(saved, dict(run_config)) if not k.startswith(may_differ)]
+        saved = with_legacy_values(json.loads(saved_file.read_text()))
+        changed = [k for k in diff_configs(saved, with_legacy_values(run_config)) if not k.startswith(may_differ)]
         if changed:
             raise UserError(
                 f"output dir {str(output_dir)!r} holds a different run (config differs at {', '.join(changed[:3])}); "

@@ -8,6 +8,7 @@ them into diffusers / transformers objects with explicit `if kind == ...` factor
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -346,6 +347,25 @@ def save_config(cfg: Any, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+# Fields added after runs were already saved, with the value those earlier runs had in effect (which is not
+# always today's default: runs before `train.fused_adam` used the for-loop AdamW). A saved run config that lacks
+# one of these is read as holding this value, so such a run still resumes with the config it was made with.
+LEGACY_VALUES: dict[str, Any] = {"train.fused_adam": False}
+
+
+def with_legacy_values(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a saved plain config dict with the fields it predates filled in from `LEGACY_VALUES`."""
+    out = copy.deepcopy(dict(saved))
+    for dotted, value in LEGACY_VALUES.items():
+        *sections, key = dotted.split(".")
+        node = out
+        for name in sections:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key not in node:
+            node[key] = value
+    return out
+
+
 def diff_configs(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
     """Keys (dotted) whose values differ between two plain config dicts."""
     keys = sorted(set(a) | set(b))
@@ -363,5 +383,5 @@ __all__ = [
     "AutoencoderConfig", "UNetConfig", "TextEncoderConfig", "NoiseScheduleConfig", "DataConfig", "TrainConfig",
     "from_dict", "to_dict", "validate", "parse_overrides", "flag_overrides", "merge", "read_yaml", "load_config",
     "save_config",
-    "diff_configs",
+    "diff_configs", "with_legacy_values", "LEGACY_VALUES",
 ]

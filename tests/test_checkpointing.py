@@ -74,3 +74,15 @@ def test_run_folder_identity(tmp_path, acc_and_model):
         check_run_folder(tmp_path, other, resuming=True)
     longer = {"train": {"seed": 0, "max_train_steps": 20}}
     check_run_folder(tmp_path, longer, resuming=True, may_differ=("train.max_train_steps",))
+
+
+def test_run_saved_before_a_new_field_resumes_with_its_legacy_value(tmp_path, acc_and_model):
+    """A run config written before `train.fused_adam` existed ran the loop AdamW: it resumes with
+    fused_adam=False (what it used) and is refused with today's default True (another optimiser kernel)."""
+    acc, _, _ = acc_and_model
+    old = {"train": {"seed": 0, "max_train_steps": 10}}  # no fused_adam key: saved before the field existed
+    write_run_config(tmp_path, old)
+    save_checkpoint(acc, tmp_path, 1, {"step": 1})
+    check_run_folder(tmp_path, {"train": {"seed": 0, "max_train_steps": 10, "fused_adam": False}}, resuming=True)
+    with pytest.raises(UserError, match="train.fused_adam"):
+        check_run_folder(tmp_path, {"train": {"seed": 0, "max_train_steps": 10, "fused_adam": True}}, resuming=True)
