@@ -94,9 +94,6 @@ class TextEncoderConfig:
     num_attention_heads: int = 4
     intermediate_size: int = 1024
     max_position_embeddings: int = 77
-    # Train (and sample) on echoed prompts "x, x" (ldm_app.models.echo_prompts): every word's state can see the whole
-    # prompt in the second copy. Stored with the model (ldm_app.json); needs room for twice the caption's tokens.
-    prompt_echo: bool = False
 
     def validate(self) -> None:
         _positive(self, "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
@@ -353,7 +350,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
 # Fields added after runs were already saved, with the value those earlier runs had in effect (which is not
 # always today's default: runs before `train.fused_adam` used the for-loop AdamW). A saved run config that lacks
 # one of these is read as holding this value, so such a run still resumes with the config it was made with.
-LEGACY_VALUES: dict[str, Any] = {"train.fused_adam": False, "text_encoder.prompt_echo": False}
+LEGACY_VALUES: dict[str, Any] = {"train.fused_adam": False}
 
 
 def with_legacy_values(saved: Mapping[str, Any]) -> dict[str, Any]:

@@ -89,15 +89,6 @@ def load_text_encoder(path: str | Path) -> CLIPTextModel:
     return CLIPTextModel.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
 
 
-def echo_prompts(texts: list[str]) -> list[str]:
-    """Prompt echo ("x" -> "x, x"), after echo embeddings (Springer et al. 2024, arXiv 2402.15449): CLIP's text
-    transformer is causal, so in "a red circle above a blue square" the states of "red circle" cannot see the
-    relation that follows them; in the echoed prompt the second copy's states see the whole prompt. The empty prompt
-    (classifier-free guidance's unconditional input) stays empty. A model trained with it stores
-    `"prompt_echo": true` in its ldm_app.json; in plain diffusers, pass the echoed prompt for the same images."""
-    return [f"{t}, {t}" if t else t for t in texts]
-
-
 def load_tokenizer(path: str | Path | None = None, model_max_length: int = 77) -> CLIPTokenizer:
     """The bundled CLIP BPE tokenizer (or one saved in a model folder). Never downloads."""
     path = _component_dir(path or TOKENIZER_DIR, "tokenizer")

@@ -8,8 +8,7 @@ The model folder is diffusers' own (model_index.json, unet/, vae/, text_encoder/
 only as safetensors), so a folder moves both ways between this pipeline and `diffusers.StableDiffusionPipeline`.
 We subclass diffusers' `DiffusionPipeline` (loading, saving, devices, offload, progress bars) rather than
 `StableDiffusionPipeline` because we also accept a VQ autoencoder and want no safety-checker/IP-adapter machinery.
-Extra file of ours: `ldm_app.json`, the recommended sampling settings stored with the model, and whether its prompts
-are echoed (`"prompt_echo": true`: give diffusers the prompt "x, x" for our "x").
+Extra file of ours: `ldm_app.json`, the recommended sampling settings stored with the model.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm_app.errors import UserError
 from ldm_app.fileio import atomic_dir, atomic_write_text
-from ldm_app.models import echo_prompts
 from ldm_app.samplers import check_sampler_name, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -51,8 +49,6 @@ SAMPLING_KEYS: dict[str, type | tuple[type, ...]] = {
     "width": int,
 }
 # Used when neither the caller nor ldm_app.json gives a value (diffusers' StableDiffusionPipeline defaults).
-# Top-level keys of ldm_app.json: the recommended sampling settings, and how the model's prompts are formatted.
-SETTINGS_KEYS = ("sampling", "prompt_echo")
 FALLBACK_STEPS = 50
 FALLBACK_GUIDANCE = 7.5
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -107,8 +103,8 @@ def check_sampling_defaults(sampling: Any, where: str) -> dict[str, Any]:
     return dict(sampling)
 
 
-def read_model_settings(folder: str | os.PathLike) -> dict[str, Any]:
-    """`folder/ldm_app.json` checked: {"sampling": {...}, "prompt_echo": bool}, each key optional; {} when absent."""
+def read_sampling_defaults(folder: str | os.PathLike) -> dict[str, Any]:
+    """The recommended sampling settings stored in `folder/ldm_app.json`, or {} when the file is absent."""
     path = Path(folder) / DEFAULTS_FILE
     if not path.is_file():
         return {}
@@ -116,33 +112,15 @@ def read_model_settings(folder: str | os.PathLike) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict) or set(data) - set(SETTINGS_KEYS):
-        raise UserError(f"{path}: expected an object with keys among {', '.join(SETTINGS_KEYS)}")
-    if not isinstance(data.get("prompt_echo", False), bool):
-        raise UserError(f"{path}: 'prompt_echo' must be true or false")
-    if "sampling" in data:
-        data["sampling"] = check_sampling_defaults(data["sampling"], str(path))
-    return data
-
-
-def read_sampling_defaults(folder: str | os.PathLike) -> dict[str, Any]:
-    """The recommended sampling settings stored in `folder/ldm_app.json`, or {} when there are none."""
-    return read_model_settings(folder).get("sampling", {})
-
-
-def write_model_settings(folder: str | os.PathLike, sampling: dict[str, Any], prompt_echo: bool) -> None:
-    """Store `folder/ldm_app.json` (checked, written atomically); a key at its default is left out."""
-    data: dict[str, Any] = {}
-    if sampling:
-        data["sampling"] = check_sampling_defaults(sampling, "sampling defaults")
-    if prompt_echo:
-        data["prompt_echo"] = True
-    atomic_write_text(Path(folder) / DEFAULTS_FILE, json.dumps(data, indent=2) + "\n")
+    if not isinstance(data, dict) or set(data) - {"sampling"}:
+        raise UserError(f"{path}: expected an object with the single key 'sampling'")
+    return check_sampling_defaults(data.get("sampling", {}), str(path))
 
 
 def write_sampling_defaults(folder: str | os.PathLike, sampling: dict[str, Any]) -> None:
-    """Replace the recommended sampling settings in `folder/ldm_app.json`, keeping the model's other settings."""
-    write_model_settings(folder, sampling, read_model_settings(folder).get("prompt_echo", False))
+    """Store recommended sampling settings as `folder/ldm_app.json` (checked, written atomically)."""
+    sampling = check_sampling_defaults(sampling, "sampling defaults")
+    atomic_write_text(Path(folder) / DEFAULTS_FILE, json.dumps({"sampling": sampling}, indent=2) + "\n")
 
 
 def check_model_folder(folder: Path) -> None:
@@ -210,7 +188,6 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.sampling_defaults: dict[str, Any] = {}
-        self.prompt_echo = False  # the text encoder was trained on echoed prompts (ldm_app.models.echo_prompts)
 
     # ---- loading and saving -------------------------------------------------------------------------------
 
@@ -222,8 +199,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         UserErrors. `sampler` overrides the folder's recommended sampler (ldm_app.json), if any."""
         folder = Path(pretrained_model_name_or_path)
         check_model_folder(folder)
-        settings = read_model_settings(folder)
-        defaults = settings.get("sampling", {})
+        defaults = read_sampling_defaults(folder)
         sampler = check_sampler_name(sampler) if sampler is not None else defaults.get("sampler")
         kwargs["use_safetensors"] = True  # never unpickle .bin files
         # float32 unless asked otherwise, whatever precision the folder stores (the bundled model is fp16 on disk):
@@ -238,13 +214,12 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot load model folder {folder}: {first_line}") from e
         pipe.sampling_defaults = defaults
-        pipe.prompt_echo = settings.get("prompt_echo", False)
         if sampler is not None:
             pipe.set_sampler(sampler)
         return pipe
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Write the model folder atomically (safetensors only), plus ldm_app.json when sampling defaults or echo are set.
+        """Write the model folder atomically (safetensors only), plus ldm_app.json when sampling defaults are set.
 
         model_index.json names `StableDiffusionPipeline` for a KL autoencoder, so `DiffusionPipeline.from_pretrained`
         in plain diffusers resolves the folder too; a VQ folder (which SD can't run) keeps our class name. Our own
@@ -258,8 +233,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             index["_class_name"] = "StableDiffusionPipeline" if is_kl else type(self).__name__
             index.pop("_name_or_path", None)  # where it was loaded from: stale once saved elsewhere
             atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
-            if self.sampling_defaults or self.prompt_echo:
-                write_model_settings(tmp, self.sampling_defaults, self.prompt_echo)
+            if self.sampling_defaults:
+                write_sampling_defaults(tmp, self.sampling_defaults)
 
     # ---- configuration ------------------------------------------------------------------------------------
 
@@ -290,11 +265,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         return embeds.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """Token ids padded/truncated to CLIP's context (77); a longer text is cut with a warning, not refused.
-        Echoed first ("x" -> "x, x") when the model was trained so."""
+        """Token ids padded/truncated to CLIP's context (77); a longer text is cut with a warning, not refused."""
         max_length = self.tokenizer.model_max_length
-        if self.prompt_echo:
-            texts = echo_prompts(texts)
         for text, ids in zip(texts, self.tokenizer(texts, verbose=False).input_ids):
             if len(ids) > max_length:
                 logger.warning(

@@ -15,14 +15,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
 from ldm_app.errors import UserError
-from ldm_app.pipeline import (
-    LatentDiffusionPipeline,
-    make_generators,
-    read_model_settings,
-    resolve_device_dtype,
-    write_model_settings,
-    write_sampling_defaults,
-)
+from ldm_app.pipeline import LatentDiffusionPipeline, make_generators, resolve_device_dtype
 
 TOL = 2 / 255  # max per-pixel difference allowed between two runs that should give the same image
 STEPS = 3
@@ -212,35 +205,6 @@ def test_sampling_defaults_file_is_read_used_and_saved(tiny_pipeline_dir, tmp_pa
     assert type(load(tmp_path / "saved", sampler="ddpm").scheduler).__name__ == "DDPMScheduler"  # explicit wins
 
 
-def test_prompt_echo_is_read_used_and_saved(tiny_pipeline_dir, tmp_path):
-    folder = tmp_path / "m"
-    shutil.copytree(tiny_pipeline_dir, folder)
-    (folder / "ldm_app.json").write_text(json.dumps({"prompt_echo": True}))
-    pipe, plain = load(folder), load(tiny_pipeline_dir)
-    assert pipe.prompt_echo and not plain.prompt_echo
-
-    tok = pipe.tokenizer
-    expected = tok(["a red cube, a red cube", ""], padding="max_length", max_length=tok.model_max_length,
-                   truncation=True, return_tensors="pt").input_ids
-    assert torch.equal(pipe.tokenize(["a red cube", ""]), expected)  # the empty (unconditional) prompt stays empty
-    echoed = generate(pipe, "a red cube", guidance_scale=3.0)
-    assert max_diff(echoed, generate(plain, "a red cube", guidance_scale=3.0)) > TOL
-    # the same image from a model without the setting (and from diffusers) given the echoed prompt
-    assert max_diff(echoed, generate(plain, "a red cube, a red cube", guidance_scale=3.0)) == 0
-
-    pipe.save_pretrained(tmp_path / "saved")
-    assert json.loads((tmp_path / "saved" / "ldm_app.json").read_text()) == {"prompt_echo": True}
-    assert load(tmp_path / "saved").prompt_echo
-
-
-def test_writing_sampling_defaults_keeps_prompt_echo(tmp_path):
-    write_model_settings(tmp_path, {}, prompt_echo=True)
-    write_sampling_defaults(tmp_path, {"num_inference_steps": 3})
-    assert read_model_settings(tmp_path) == {"sampling": {"num_inference_steps": 3}, "prompt_echo": True}
-    write_model_settings(tmp_path, {"num_inference_steps": 3}, prompt_echo=False)
-    assert json.loads((tmp_path / "ldm_app.json").read_text()) == {"sampling": {"num_inference_steps": 3}}
-
-
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -248,7 +212,6 @@ def test_writing_sampling_defaults_keeps_prompt_echo(tmp_path):
         ({"sampling": {"guidance_scale": "high"}}, "sampling.guidance_scale"),
         ({"sampling": {"sampler": "heun"}}, "heun"),
         ({"other": {}}, "sampling"),
-        ({"prompt_echo": "yes"}, "prompt_echo"),
     ],
 )
 def test_bad_sampling_defaults_file(tiny_pipeline_dir, tmp_path, content, message):

@@ -222,23 +222,3 @@ def test_fine_tune_from_a_pipeline_folder(trained, tmp_path):
     assert 0 < max_abs_diff(before, after) < 0.05  # started from the pipeline's weights, then trained 2 steps
     text = "text_encoder/model.safetensors"
     assert max_abs_diff(weights(src / text), weights(tmp_path / "ft" / text)) == 0  # frozen when fine-tuning
-
-
-def test_prompt_echo_trains_on_echoed_captions_and_is_stored_with_the_model(trained, tmp_path):
-    from ldm_app.models import load_tokenizer
-    from ldm_app.pipeline import LatentDiffusionPipeline
-    from ldm_app.training.ldm import tokenize
-
-    tok = load_tokenizer(model_max_length=40)
-    assert torch.equal(tokenize(tok, ["a red circle", ""], echo=True), tokenize(tok, ["a red circle, a red circle", ""]))
-
-    files = trained_files(trained)
-    out = tmp_path / "echo"
-    assert main(run_args(files, out, "--max_train_steps", "2", "--set", "text_encoder.prompt_echo=true")).step == 2
-    assert json.loads((out / "ldm_app.json").read_text())["prompt_echo"] is True
-    assert LatentDiffusionPipeline.from_pretrained(out).prompt_echo
-    # fine-tuning keeps the prompt format the (frozen) text encoder was trained with
-    argv = ["--config", str(CONFIG), "--train_data_dir", str(files.data), "--pretrained_model", str(out),
-            "--output_dir", str(tmp_path / "ft"), "--max_train_steps", "1", "--set", "ldm.use_ema=false"]
-    assert main(argv).step == 1
-    assert LatentDiffusionPipeline.from_pretrained(tmp_path / "ft").prompt_echo

@@ -138,8 +138,7 @@ def _hash_rows(h: "hashlib._Hash", dataset: Any) -> None:
             h.update(f"missing:{path}".encode())
 
 
-def cache_identity(dataset: Any, vae: Any, text_encoder: Any | None, max_length: int,
-                   prompt_echo: bool = False) -> str:
+def cache_identity(dataset: Any, vae: Any, text_encoder: Any | None, max_length: int) -> str:
     """sha256 of what the cache content depends on. `text_encoder` is the frozen encoder to cache, or None."""
     h = hashlib.sha256(f"ldm_app latent cache v{FORMAT_VERSION}".encode())
     h.update(json.dumps([dataset.resolution, dataset.center_crop, dataset.random_flip, max_length]).encode())
@@ -147,8 +146,6 @@ def cache_identity(dataset: Any, vae: Any, text_encoder: Any | None, max_length:
     _hash_module(h, vae)
     if text_encoder is not None:
         _hash_module(h, text_encoder)
-        if prompt_echo:  # only then: caches made before the option keep their identity
-            h.update(b"prompt_echo")
     return h.hexdigest()
 
 
@@ -186,13 +183,11 @@ def _encode_shard(accelerator: Any, dataset: Any, vae: Any, collate_fn: Any, bat
 
 
 @torch.no_grad()
-def _encode_captions(captions: list[str], tokenizer: Any, text_encoder: Any, prompt_echo: bool,
-                     batch_size: int = 64) -> torch.Tensor:
-    from .ldm import tokenize
-
+def _encode_captions(captions: list[str], tokenizer: Any, text_encoder: Any, batch_size: int = 64) -> torch.Tensor:
     out = []
     for i in range(0, len(captions), batch_size):
-        ids = tokenize(tokenizer, captions[i:i + batch_size], prompt_echo).to(text_encoder.device)
+        ids = tokenizer(captions[i:i + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(text_encoder.device)
         out.append(text_encoder(ids, return_dict=False)[0].float().cpu())
     return torch.cat(out)
 
@@ -242,7 +237,7 @@ def _read(path: Path, identity: str) -> LatentCache | None:
 
 
 def _build(accelerator: Any, path: Path, identity: str, dataset: Any, vae: Any, text_encoder: Any | None,
-           tokenizer: Any, collate_fn: Any, batch_size: int, num_workers: int, prompt_echo: bool) -> None:
+           tokenizer: Any, collate_fn: Any, batch_size: int, num_workers: int) -> None:
     """Every process encodes its shard; the main process merges the shards and writes the file."""
     shard = _encode_shard(accelerator, dataset, vae, collate_fn, batch_size, num_workers)
     part_file = lambda rank: path.with_name(f".{path.stem}.part{rank}.safetensors")  # noqa: E731
@@ -257,7 +252,7 @@ def _build(accelerator: Any, path: Path, identity: str, dataset: Any, vae: Any, 
         metadata = {"identity": identity, "format": str(FORMAT_VERSION)}
         if text_encoder is not None:
             captions = sorted(set(dataset.captions) | {""})  # "" is the dropped (unconditional) caption
-            tensors["text_embeds"] = _encode_captions(captions, tokenizer, text_encoder, prompt_echo)
+            tensors["text_embeds"] = _encode_captions(captions, tokenizer, text_encoder)
             metadata["captions"] = json.dumps(captions)
         _write(path, tensors, metadata)
         for r in range(1, accelerator.num_processes):
@@ -266,19 +261,18 @@ def _build(accelerator: Any, path: Path, identity: str, dataset: Any, vae: Any, 
 
 
 def load_or_build_cache(accelerator: Any, cache_dir: str | Path, dataset: Any, vae: Any, text_encoder: Any | None,
-                        tokenizer: Any, collate_fn: Any, batch_size: int, num_workers: int = 0,
-                        prompt_echo: bool = False) -> LatentCache:
+                        tokenizer: Any, collate_fn: Any, batch_size: int, num_workers: int = 0) -> LatentCache:
     """The cache for (dataset, vae, frozen text_encoder or None), read from `cache_dir` or built there first.
     Collective: every process must call it."""
     check_cacheable(dataset)
-    identity = cache_identity(dataset, vae, text_encoder, tokenizer.model_max_length, prompt_echo)
+    identity = cache_identity(dataset, vae, text_encoder, tokenizer.model_max_length)
     path = Path(cache_dir) / f"latents-{identity[:16]}.safetensors"
     cache = _read(path, identity) if path.is_file() else None
     accelerator.wait_for_everyone()  # every process decided from the same file state before anyone rewrites it
     if cache is None:
         start = time.perf_counter()
         _build(accelerator, path, identity, dataset, vae, text_encoder, tokenizer, collate_fn, batch_size,
-               num_workers, prompt_echo)
+               num_workers)
         cache = _read(path, identity)
         if cache is None:
             raise UserError(f"latent cache {path} could not be read back after writing it")

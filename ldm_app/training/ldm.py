@@ -181,7 +181,6 @@ class Models:
     unet: Any  # UNet2DConditionModel
     diffusion: Any  # GaussianDiffusion
     train_text_encoder: bool
-    prompt_echo: bool = False  # captions go to the text encoder echoed, "x" -> "x, x" (models.echo_prompts)
 
 
 def _load(what: str, path: str | Path, loader: Any) -> Any:
@@ -216,8 +215,7 @@ def build_models(cfg: LDMRunConfig) -> Models:
     unet = build_unet(cfg.unet, cross_attention_dim=text_encoder.config.hidden_size)
     tokenizer = load_tokenizer(model_max_length=text_encoder.config.max_position_embeddings)
     diffusion = GaussianDiffusion.from_scheduler_config(cfg.noise)
-    return Models(vae, text_encoder, tokenizer, unet, diffusion, train_text_encoder=not te_cfg.pretrained,
-                  prompt_echo=te_cfg.prompt_echo)
+    return Models(vae, text_encoder, tokenizer, unet, diffusion, train_text_encoder=not te_cfg.pretrained)
 
 
 def _models_from_pipeline(folder: Path, vae_dir: str | None) -> Models:
@@ -226,7 +224,6 @@ def _models_from_pipeline(folder: Path, vae_dir: str | None) -> Models:
 
     from ..diffusion import GaussianDiffusion
     from ..models import load_autoencoder, load_text_encoder, load_tokenizer
-    from ..pipeline import read_model_settings
 
     if not (folder / "model_index.json").is_file():
         raise UserError(f"--pretrained_model {str(folder)!r} is not a pipeline folder (no model_index.json)")
@@ -243,8 +240,7 @@ def _models_from_pipeline(folder: Path, vae_dir: str | None) -> Models:
     text_encoder = _load("text encoder", folder / "text_encoder", load_text_encoder)
     max_length = text_encoder.config.max_position_embeddings
     tokenizer = _load("tokenizer", folder / "tokenizer", lambda p: load_tokenizer(p, model_max_length=max_length))
-    echo = read_model_settings(folder).get("prompt_echo", False)  # the prompt format the text encoder knows
-    return Models(vae, text_encoder, tokenizer, unet, diffusion, train_text_encoder=False, prompt_echo=echo)
+    return Models(vae, text_encoder, tokenizer, unet, diffusion, train_text_encoder=False)
 
 
 def check_compatible(vae: Any, unet_in_channels: int, cfg: LDMRunConfig | None) -> None:
@@ -286,11 +282,7 @@ def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> 
     return ["" if d else c for c, d in zip(captions, drop.tolist())]
 
 
-def tokenize(tokenizer: Any, captions: list[str], echo: bool = False) -> torch.Tensor:
-    """Token ids (B, L) of the captions, echoed first ("x" -> "x, x") when `echo`."""
-    from ..models import echo_prompts
-
-    captions = echo_prompts(captions) if echo else captions
+def tokenize(tokenizer: Any, captions: list[str]) -> torch.Tensor:
     return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids  # (B, L)
 
@@ -379,7 +371,7 @@ class LDMTrainer:
         frozen_te = None if self.m.train_text_encoder else self.m.text_encoder
         self.cache = load_or_build_cache(self.acc, cache_dir, self.dataset, self.m.vae, frozen_te, self.m.tokenizer,
                                          collate_fn, self.cfg.train.train_batch_size,
-                                         self.cfg.data.dataloader_num_workers, prompt_echo=self.m.prompt_echo)
+                                         self.cfg.data.dataloader_num_workers)
         self.dataset = CachedLatentDataset(self.cache, self.dataset.captions)
 
     def resume(self, checkpoint: Path) -> None:
@@ -406,7 +398,7 @@ class LDMTrainer:
         """c = tau_theta(captions), (B, L, D): cached, computed frozen, or computed with gradients."""
         if self.cache is not None and self.cache.text_embeds is not None:
             return self.cache.text_states(captions, self.acc.device)
-        ids = tokenize(self.m.tokenizer, captions, self.m.prompt_echo).to(self.acc.device)
+        ids = tokenize(self.m.tokenizer, captions).to(self.acc.device)
         with contextlib.nullcontext() if self.m.train_text_encoder else torch.no_grad():
             return self.text_encoder(ids, return_dict=False)[0]
 
@@ -594,7 +586,6 @@ class LDMTrainer:
         pipe.sampling_defaults = {"sampler": ldm.validation_sampler,
                                   "num_inference_steps": ldm.validation_num_inference_steps,
                                   "guidance_scale": ldm.validation_guidance_scale}
-        pipe.prompt_echo = self.m.prompt_echo
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
