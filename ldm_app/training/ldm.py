@@ -533,7 +533,9 @@ class LDMTrainer:
 
         if not path.is_file():
             raise UserError(f"checkpoint {path.parent} has no {EMA_FILE}, but ldm.use_ema is on")
-        tensors = load_file(str(path), device=str(self.acc.device))
+        # Read on the CPU: a multi-process CPU run's device is "cpu:0", which safetensors refuses; copy_ moves
+        # each tensor to its shadow's device.
+        tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
         for name, ema in self.ema.items():
