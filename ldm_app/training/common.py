@@ -111,6 +111,28 @@ def batches(
         epoch, skip = epoch + 1, 0
 
 
+def release_freed_memory() -> bool:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim; False where there is none).
+
+    Why by hand: on Linux, glibc keeps memory that PyTorch's CPU tensors freed inside the process's heap. In a
+    2-process shapes recipe run (2026-12-01) the two training processes grew to 14.6 and 9.5 GB of a 24 GB machine
+    by step 5,750 and stalled, while malloc_stats showed under 0.5 GB in use; malloc_trim(0) brought a process from
+    1.89 to 1.02 GB. No library call does this, so the training loops call it every `log_every` steps."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
+
+
 def batches_per_epoch(n: int, batch_size: int, num_processes: int) -> int:
     return n // (batch_size * num_processes)
 

@@ -41,7 +41,7 @@ from ..config import (DataConfig, NoiseScheduleConfig, TextEncoderConfig, TrainC
                       flag_overrides, merge, parse_overrides, to_dict)
 from ..errors import ArgumentParser, UserError
 from .common import (Position, batches, batches_per_epoch, effective_lr, make_accelerator, make_lr_scheduler,
-                     make_optimizer, open_run_folder, setup_logging, step_generator)
+                     make_optimizer, open_run_folder, release_freed_memory, setup_logging, step_generator)
 
 logger = logging.getLogger("train_ldm")
 
@@ -462,6 +462,7 @@ class LDMTrainer:
             self.losses.append(torch.stack(window).mean())
             if self.state.step % cfg.log_every == 0:
                 self._log(t0)
+                release_freed_memory()
                 t0 = time.perf_counter()
             window = []
             if self.state.step % cfg.checkpointing_steps == 0:

@@ -37,7 +37,8 @@ from ..errors import ArgumentParser, UserError
 from ..losses import (NLayerDiscriminator, autoencoder_nll, disc_factor, generator_objective, hinge_d_loss,
                       load_lpips, reconstruction_loss)
 from .common import (Position, batches, effective_lr, make_accelerator, make_lr_scheduler, make_optimizer,
-                     open_run_folder, psnr, setup_logging, step_generator)
+                     open_run_folder, psnr, release_freed_memory, setup_logging,
+                     step_generator)
 
 logger = logging.getLogger("train_vae")
 
@@ -374,6 +375,7 @@ class VAETrainer:
             progress.set_postfix(loss=f"{logs['loss/total'].item():.4g}", psnr=f"{logs['psnr'].item():.2f}")
             if self.step % train.log_every == 0 or self.step == train.max_train_steps:
                 self._log(logs, t0)
+                release_freed_memory()
             if self.step % train.checkpointing_steps == 0:
                 self.save()
                 last_saved = self.step
