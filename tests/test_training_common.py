@@ -1,5 +1,5 @@
 """The data stream re-enters an epoch exactly where a resumed run stopped; per-step randomness is a function
-of (seed, step, process)."""
+of (seed, step, process); heap pages PyTorch freed go back to the OS."""
 
 import os
 import platform

@@ -37,8 +37,7 @@ from ..errors import ArgumentParser, UserError
 from ..losses import (NLayerDiscriminator, autoencoder_nll, disc_factor, generator_objective, hinge_d_loss,
                       load_lpips, reconstruction_loss)
 from .common import (Position, batches, effective_lr, make_accelerator, make_lr_scheduler, make_optimizer,
-                     open_run_folder, psnr, release_freed_memory, setup_logging,
-                     step_generator)
+                     open_run_folder, psnr, release_freed_memory, setup_logging, step_generator)
 
 logger = logging.getLogger("train_vae")
 
