@@ -184,10 +184,11 @@ def _encode_shard(accelerator: Any, dataset: Any, vae: Any, collate_fn: Any, bat
 
 @torch.no_grad()
 def _encode_captions(captions: list[str], tokenizer: Any, text_encoder: Any, batch_size: int = 64) -> torch.Tensor:
+    from .ldm import tokenize  # the training step's own tokenisation, so cached and live states agree
+
     out = []
     for i in range(0, len(captions), batch_size):
-        ids = tokenizer(captions[i:i + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(text_encoder.device)
+        ids = tokenize(tokenizer, captions[i:i + batch_size]).to(text_encoder.device)
         out.append(text_encoder(ids, return_dict=False)[0].float().cpu())
     return torch.cat(out)
 
