@@ -32,8 +32,8 @@ stage() {  # stage NAME DONE_FILE COMMAND...: run COMMAND unless DONE_FILE exist
 }
 
 stage data "$OUT/data/metadata.jsonl" \
-    python -m ldm_app.data.shapes --out "$OUT/data" --num_images 20000 --resolution 64 --seed "$SEED" \
-    --two_object_fraction 0.4
+    python -m ldm_app.data.shapes --out "$OUT/data" --num_images 30000 --resolution 64 --seed "$SEED" \
+    --two_object_fraction 0.5
 
 stage vae "$OUT/vae/vae/config.json" \
     launch train_vae.py --config configs/vae/shapes64.yaml --train_data_dir "$OUT/data" --output_dir "$OUT/vae" \
