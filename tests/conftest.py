@@ -176,3 +176,39 @@ def fresh_accelerate():
     torch.set_num_threads(threads)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+def _mount_tmpfs(target: Path, options: str) -> bool:
+    """Mount a tmpfs at `target` (needs root, as on this project's machines and CI); False when not permitted."""
+    import subprocess
+
+    target.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True)
+    return done.returncode == 0
+
+
+def _unmount(target: Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB file system (tmpfs): writing more than that fails with ENOSPC, as on a full disk.
+    Skipped where mounting is not permitted (not root); the ENOSPC paths are also tested without it."""
+    target = tmp_path / "small_disk"
+    if not _mount_tmpfs(target, "size=2m"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield target
+    _unmount(target)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """A real read-only file system (tmpfs mounted ro): writes fail with EROFS even for root, unlike chmod."""
+    target = tmp_path / "readonly"
+    if not _mount_tmpfs(target, "ro,size=1m"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield target
+    _unmount(target)
