@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from ldm_app.data import shapes
+from ldm_app.data.dataset import build_dataset
 from ldm_app.errors import UserError, run_cli
 
 R = 64  # measurement resolution: one pixel is 1.6% of the side, below the 1% + rounding margins used below
@@ -187,12 +188,19 @@ def test_deterministic_for_a_seed(tmp_path):
 def test_cli_writes_imagefolder_that_datasets_loads(tmp_path):
     out = tmp_path / "shapes"
     assert run_cli(shapes.main, ["--out", str(out), "--num_images", "5", "--resolution", "24", "--seed", "0"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == [f"{i:06d}.png" for i in range(5)] + ["metadata.jsonl"]
+    images = [f"{i:06d}.png" for i in range(5)]
+    assert sorted(p.name for p in out.iterdir()) == images + ["metadata.jsonl", shapes.MANIFEST_FILE]
     records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert [set(r) for r in records] == [{"file_name", "text"}] * 5
+    # The manifest is not read as data: exactly the five images with their captions load.
     ds = datasets.load_dataset("imagefolder", data_dir=str(out), split="train", cache_dir=str(tmp_path / "cache"))
+    assert len(ds) == 5 and ds.column_names == ["image", "text"]
     assert ds["text"][:] == [r["text"] for r in records]
+    assert [Path(img.filename).name for img in ds["image"]] == images
     assert ds[0]["image"].size == (24, 24)
+    # ... and so does the training code's loader.
+    train = build_dataset(str(out), None, resolution=24, cache_dir=str(tmp_path / "cache"))
+    assert len(train) == 5 and list(train.captions) == [r["text"] for r in records]
     # No temporary folders left next to the output.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "shapes"]
 
@@ -227,9 +235,9 @@ def test_refuses_to_replace_a_foreign_folder_but_replaces_a_dataset(tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(UserError, match="non-empty folder without metadata.jsonl"):
+    with pytest.raises(UserError, match="not written by this generator"):
         shapes.make_dataset(foreign, 2, 16, seed=0)
     assert (foreign / "notes.txt").read_text() == "keep me"
     out = shapes.make_dataset(tmp_path / "ds", 3, 16, seed=0)
     shapes.make_dataset(out, 2, 16, seed=1)
-    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "metadata.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "metadata.jsonl", shapes.MANIFEST_FILE]

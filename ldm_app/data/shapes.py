@@ -3,7 +3,16 @@
     python -m ldm_app.data.shapes --out data/shapes --num_images 2000 --resolution 64 --seed 0
 
 writes `DIR/000000.png ...` and `DIR/metadata.jsonl` (`{"file_name": ..., "text": ...}` a line), the layout that
-`datasets.load_dataset("imagefolder", data_dir=DIR)` reads. The output is byte-identical for a given seed.
+`datasets.load_dataset("imagefolder", data_dir=DIR)` reads, plus `DIR/shapes_manifest.json`: the generator's
+arguments and every file it wrote with its size and SHA-256 (imagefolder ignores it). The output is byte-identical
+for a given seed.
+
+`--out` may be a missing path, an empty folder, or a folder that is exactly an earlier output of this generator:
+a valid manifest and nothing else (no file it does not list, no listed file changed since). That folder is
+replaced atomically (built in a temporary folder next to it, then renamed into place); anything else is refused
+with a one-line error before any image is drawn, so a folder holding files the generator did not write (a real
+dataset, a dataset written before manifests existed, a user's notes) is never deleted. A full disk or read-only
+place while writing is a one-line error too; the temporary folder is removed and `--out` is left as it was.
 
 The vocabulary below is FIXED: evaluation imports it to parse captions and to check generated images, so
 changing a name, colour or range invalidates every trained model's scores. Geometry is kept in fractions of the
@@ -12,9 +21,12 @@ image side so that a caption means the same thing at every resolution.
 
 from __future__ import annotations
 
-import argparse
+import hashlib
+import io
 import json
+import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +34,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from ldm_app.errors import UserError, run_cli
-from ldm_app.fileio import atomic_dir
+from ldm_app import limits
+from ldm_app.errors import ArgumentParser, UserError, run_cli
+from ldm_app.fileio import atomic_dir, write_errors
 
 # ---- vocabulary (imported by evaluation: keep fixed) ----
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
@@ -181,20 +194,90 @@ def render_scene(scene: Scene, resolution: int) -> Image.Image:
     return image.resize((resolution, resolution), Image.Resampling.BOX)
 
 
+MIN_RESOLUTION = 16
+METADATA_FILE = "metadata.jsonl"
+MANIFEST_FILE = "shapes_manifest.json"  # what the generator wrote: see the module docstring
+WRITTEN_BY = "python -m ldm_app.data.shapes"
+_EXPECTED = "a new path, an empty folder, or a folder written by this generator"
+
+
 def _check_args(out: Path, num_images: int, resolution: int, seed: int, two_object_fraction: float) -> None:
     if num_images < 1:
         raise UserError(f"--num_images must be at least 1, got {num_images}")
-    if resolution < 16:
-        raise UserError(f"--resolution must be at least 16 pixels, got {resolution}")
+    if resolution < MIN_RESOLUTION:
+        raise UserError(f"--resolution must be at least {MIN_RESOLUTION} pixels, got {resolution}")
+    max_side = limits.current().max_image_side
+    if resolution > max_side:
+        raise UserError(
+            f"--resolution is {resolution} pixels, above the limit of {max_side} "
+            f"(max_image_side; set {limits.ENV_PREFIX}MAX_IMAGE_SIDE to change it)"
+        )
     if seed < 0:
         raise UserError(f"--seed must be a non-negative integer, got {seed}")
     if not 0.0 <= two_object_fraction <= 1.0:
         raise UserError(f"--two_object_fraction must be between 0 and 1, got {two_object_fraction}")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder: give a new folder path")
-    # Replacing an earlier shapes dataset is fine; silently deleting some other folder is not.
-    if out.is_dir() and any(out.iterdir()) and not (out / "metadata.jsonl").is_file():
-        raise UserError(f"--out {out} is a non-empty folder without metadata.jsonl: give a new or empty folder")
+    _check_out(out)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _refuse(out: Path, why: str) -> UserError:
+    return UserError(f"--out {out} {why}; refusing to replace it: expected {_EXPECTED}")
+
+
+def check_previous_output(out: Path) -> None:
+    """Return if the non-empty folder `out` is exactly an earlier output of this generator (a valid manifest
+    and nothing it does not list, no listed file changed), else raise a UserError naming what is not."""
+    manifest = out / MANIFEST_FILE
+    if manifest.is_symlink() or not manifest.is_file():
+        names = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise _refuse(out, f"is a folder not written by this generator (no {MANIFEST_FILE}; it holds {shown})")
+    try:
+        record = json.loads(manifest.read_text(encoding="utf-8"))
+        files = record["files"]
+        ok = record.get("written_by") == WRITTEN_BY and isinstance(files, dict) and all(
+            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+            for v in files.values())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise _refuse(out, f"has an unreadable {MANIFEST_FILE}")
+    for entry in sorted(out.iterdir()):  # the generator writes plain files only, no subfolders
+        name = entry.name
+        if name == MANIFEST_FILE:
+            continue
+        if entry.is_symlink() or not entry.is_file() or name not in files:
+            raise _refuse(out, f"holds {name}, which the generator did not write")
+        st = entry.stat()
+        if st.st_size != files[name]["bytes"] or _sha256(entry.read_bytes()) != files[name]["sha256"]:
+            raise _refuse(out, f"holds {name}, changed since the generator wrote it")
+
+
+def _check_out(out: Path) -> None:
+    """What `--out` must be, checked before anything is drawn: see the module docstring."""
+    if out.name in ("", ".", ".."):
+        raise UserError(f"--out {out} has no folder name of its own: give a path like DIR/shapes")
+    if out.is_symlink():
+        raise UserError(f"--out {out} is a symbolic link (to {os.readlink(out)}): give the real folder path")
+    existing = out
+    while not existing.exists() and not existing.is_symlink():
+        existing = existing.parent
+    if existing != out and not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file, not a folder: give a path in a folder")
+    if existing == out:
+        if not out.is_dir():
+            raise UserError(f"--out {out} exists and is not a folder: expected {_EXPECTED}")
+        if os.path.ismount(out):
+            raise UserError(f"--out {out} is a mount point, which cannot be replaced: give a folder inside it")
+        if any(out.iterdir()):
+            check_previous_output(out)
+    # The dataset is built next to --out and renamed into place: find a read-only or forbidden place now
+    # (os.access does not, for root), not after the images are drawn.
+    with write_errors(out):
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent if existing == out else existing)).rmdir()
 
 
 def make_dataset(
@@ -206,22 +289,42 @@ def make_dataset(
     """
     out = Path(out)
     _check_args(out, num_images, resolution, seed, two_object_fraction)
+    files: dict[str, dict] = {}
+
+    def write(folder: Path, name: str, data: bytes) -> None:
+        (folder / name).write_bytes(data)
+        files[name] = {"bytes": len(data), "sha256": _sha256(data)}
+
     with atomic_dir(out) as tmp:
         lines = []
         for i in tqdm(range(num_images), desc="rendering shapes", unit="img"):
             scene = sample_scene(np.random.default_rng([seed, i]), resolution, two_object_fraction)
             file_name = f"{i:06d}.png"
-            render_scene(scene, resolution).save(tmp / file_name)
+            png = io.BytesIO()
+            render_scene(scene, resolution).save(png, format="PNG")
+            write(tmp, file_name, png.getvalue())
             lines.append(json.dumps({"file_name": file_name, "text": caption(scene)}) + "\n")
-        (tmp / "metadata.jsonl").write_text("".join(lines), encoding="utf-8")
+        write(tmp, METADATA_FILE, "".join(lines).encode("utf-8"))
+        arguments = {"num_images": int(num_images), "resolution": int(resolution), "seed": int(seed),
+                     "two_object_fraction": float(two_object_fraction)}
+        manifest = {"written_by": WRITTEN_BY, "arguments": arguments, "files": files}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        _check_out(out)  # again just before the swap: --out may have changed while the images were drawn
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a synthetic captioned shapes dataset (imagefolder layout).")
-    parser.add_argument("--out", required=True, help="folder to write (replaced atomically if it is a dataset)")
+    parser = ArgumentParser(
+        prog="python -m ldm_app.data.shapes",
+        description="Write a synthetic captioned shapes dataset (imagefolder layout).",
+    )
+    parser.add_argument(
+        "--out", required=True, help="a new or empty folder, or an earlier output of this generator (replaced)"
+    )
     parser.add_argument("--num_images", type=int, required=True)
-    parser.add_argument("--resolution", type=int, default=64, help="image side in pixels (>= 16)")
+    parser.add_argument(
+        "--resolution", type=int, default=64, help="image side in pixels (>= 16, at most the max_image_side limit)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--two_object_fraction", type=float, default=0.25, help="share of two-object scenes")
     args = parser.parse_args(argv)
