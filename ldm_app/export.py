@@ -6,12 +6,33 @@ A train_ldm.py output folder holds the pipeline next to checkpoints, logs and th
 only the pipeline (safetensors), its sampling defaults (ldm_app.json) and the training config (run_config.json),
 optionally stored in fp16 to halve the size: the bundled default model is such an export. Loading casts back to
 float32 unless a dtype is asked for (LatentDiffusionPipeline.from_pretrained), so an fp16 folder runs on the CPU.
+
+What `--out` may be (checked before the model is loaded, so a mistake costs nothing):
+
+- a missing path or an empty folder: the export is written there (atomically: built in a temporary folder next
+  to it, then renamed into place);
+- a folder that is exactly a previous export: it is replaced atomically. An export is recognised by the file it
+  writes last, `ldm_app_export.json`, which lists every file of the export with its size and SHA-256. The folder
+  is "exactly a previous export" when that record is valid and the folder holds nothing else: no entry that is
+  not listed (a checkpoint, a log, a user's file, a symbolic link) and no listed file whose bytes changed (a
+  hand-edited ldm_app.json). Anything else is refused, and so is an export made before this record existed (the
+  bundled model included): delete such a folder yourself or export to a new one. The record is a plain JSON file
+  next to model_index.json; diffusers and `from_pretrained` ignore it.
+- never the model itself, a folder inside it or a folder that contains it (resolved paths, so symbolic links
+  count), nor a path that is itself a symbolic link, a file, or under a file.
+
+Each refusal is one line (`error: ...`, exit status 2) naming the path and saying what is expected; so is a full
+disk or read-only destination while writing, after which the temporary folder is gone and `--out` is untouched.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -19,23 +40,145 @@ from .errors import ArgumentParser, UserError, run_cli
 
 RUN_CONFIG = "run_config.json"  # the training config train_ldm.py writes: it travels with the model
 STORE_DTYPES = ("fp16", "fp32")
+EXPORT_RECORD = "ldm_app_export.json"  # written last into every export: what it wrote (see the module docstring)
+WRITTEN_BY = "python -m ldm_app.export"
+_EXPECTED = "a new path, an empty folder, or a folder written by an earlier export"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _tree(folder: Path) -> dict[str, os.stat_result]:
+    """Every entry under `folder` (files, folders, links; links not followed) by relative POSIX path."""
+    entries = {}
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in dirs + files:
+            path = Path(root, name)
+            entries[path.relative_to(folder).as_posix()] = path.lstat()
+    return entries
+
+
+def write_export_record(folder: Path, dtype: str) -> None:
+    """List every file under `folder` (size, SHA-256) in `folder/ldm_app_export.json`."""
+    files = {}
+    for rel, st in sorted(_tree(folder).items()):
+        if os.path.islink(folder / rel) or not (folder / rel).is_file():
+            continue
+        files[rel] = {"bytes": st.st_size, "sha256": _sha256(folder / rel)}
+    record = {"written_by": WRITTEN_BY, "dtype": dtype, "files": files}
+    (folder / EXPORT_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _not_an_export(out: Path, why: str) -> UserError:
+    return UserError(f"--out {out} {why}; refusing to replace it: expected {_EXPECTED}")
+
+
+def check_previous_export(out: Path) -> None:
+    """Return if the folder `out` is exactly what an earlier export wrote (see the module docstring), else raise
+    a UserError naming the first thing that is not."""
+    record_path = out / EXPORT_RECORD
+    if record_path.is_symlink() or not record_path.is_file():
+        names = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise _not_an_export(out, f"is a folder not written by this export (no {EXPORT_RECORD}; it holds {shown})")
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        files = record["files"]
+        ok = record.get("written_by") == WRITTEN_BY and isinstance(files, dict) and all(
+            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+            for v in files.values())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise _not_an_export(out, f"has an unreadable {EXPORT_RECORD}")
+    expected_dirs = {parent.as_posix() for rel in files for parent in Path(rel).parents if parent != Path(".")}
+    for rel, st in sorted(_tree(out).items()):
+        path = out / rel
+        if rel == EXPORT_RECORD:
+            continue
+        if path.is_symlink():
+            raise _not_an_export(out, f"holds a symbolic link {rel} that no export writes")
+        if path.is_dir():
+            if rel not in expected_dirs:
+                raise _not_an_export(out, f"holds {rel}/, which the earlier export did not write")
+            continue
+        if rel not in files:
+            raise _not_an_export(out, f"holds {rel}, which the earlier export did not write")
+        if st.st_size != files[rel]["bytes"] or _sha256(path) != files[rel]["sha256"]:
+            raise _not_an_export(out, f"holds {rel}, changed since the earlier export wrote it")
+
+
+def _inside(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_out(model: Path, out: Path) -> None:
+    """Everything about `--out` that can be checked before the model is loaded: not the model nor related to it
+    by nesting, not a link or a file, empty or an earlier export, and its folder writable."""
+    if out.name in ("", ".", ".."):
+        raise UserError(f"--out {out} has no folder name of its own: give a path like DIR/my_export")
+    real_model, real_out = model.resolve(), out.resolve()
+    if real_out == real_model:
+        raise UserError(f"--out {out} is the model folder {model} itself: --out must differ from --model")
+    if _inside(real_out, real_model):
+        raise UserError(f"--out {out} is inside the model folder {model}: give a folder outside it")
+    if _inside(real_model, real_out):
+        raise UserError(
+            f"--out {out} contains the model folder {model}: exporting there would delete the model; "
+            "give a folder outside it"
+        )
+    if out.is_symlink():
+        raise UserError(f"--out {out} is a symbolic link (to {os.readlink(out)}): give the real folder path")
+    existing = out
+    while not existing.exists() and not existing.is_symlink():
+        existing = existing.parent
+    if existing != out and not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file, not a folder: give a path in a folder")
+    if existing == out:
+        if not out.is_dir():
+            raise UserError(f"--out {out} is a file, not a folder: expected {_EXPECTED}")
+        if os.path.ismount(out):
+            raise UserError(f"--out {out} is a mount point, which cannot be replaced: give a folder inside it")
+        if any(out.iterdir()):
+            check_previous_export(out)
+    # The export is built next to --out, then renamed into place: that folder must take a new entry. A probe
+    # finds a read-only or forbidden place now (os.access does not, for root), not after the model is loaded.
+    from .fileio import write_errors
+
+    probe_in = out.parent if existing == out else existing
+    with write_errors(out):
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=probe_in)).rmdir()
 
 
 def export_model(model: str | Path, out: str | Path, dtype: str = "fp16") -> Path:
-    from .fileio import atomic_dir
-    from .pipeline import DTYPES, LatentDiffusionPipeline
-
     if dtype not in STORE_DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}; expected one of {', '.join(STORE_DTYPES)}")
     model, out = Path(model), Path(out)
-    if out.resolve() == model.resolve():
-        raise UserError("--out must differ from --model")
+    check_out(model, out)  # before torch is even imported: a wrong --out costs nothing
+
+    from safetensors import SafetensorError
+
+    from .fileio import _is_disk_full, atomic_dir
+    from .pipeline import DTYPES, LatentDiffusionPipeline
+
     pipe = LatentDiffusionPipeline.from_pretrained(model)  # float32, sampling defaults included
     pipe.to(DTYPES[dtype])  # not resolve_device_dtype: storing fp16 from the CPU is fine, running it is not
-    with atomic_dir(out) as tmp:
-        pipe.save_pretrained(tmp)
-        if (model / RUN_CONFIG).is_file():
-            shutil.copy2(model / RUN_CONFIG, tmp / RUN_CONFIG)
+    try:
+        with atomic_dir(out) as tmp:
+            pipe.save_pretrained(tmp)
+            if (model / RUN_CONFIG).is_file():
+                shutil.copy2(model / RUN_CONFIG, tmp / RUN_CONFIG)
+            write_export_record(tmp, dtype)
+            check_out(model, out)  # again just before the swap: --out may have changed while the export was written
+    except SafetensorError as e:  # fileio.write_errors knows OSError and RuntimeError, not safetensors' own error
+        if not _is_disk_full(e):
+            raise
+        raise UserError(f"cannot write {out}: No space left on device") from None
     return out
 
 
@@ -46,7 +189,7 @@ def folder_bytes(folder: Path) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     p = ArgumentParser(prog="python -m ldm_app.export", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a pipeline folder (e.g. a train_ldm.py output folder)")
-    p.add_argument("--out", required=True, help="folder to write (replaced atomically)")
+    p.add_argument("--out", required=True, help="a new or empty folder, or an earlier export (replaced atomically)")
     p.add_argument("--dtype", choices=STORE_DTYPES, default="fp16", help="precision of the stored weights")
     args = p.parse_args(argv)
     out = export_model(args.model, args.out, args.dtype)
