@@ -9,16 +9,25 @@ only as safetensors), so a folder moves both ways between this pipeline and `dif
 We subclass diffusers' `DiffusionPipeline` (loading, saving, devices, offload, progress bars) rather than
 `StableDiffusionPipeline` because we also accept a VQ autoencoder and want no safety-checker/IP-adapter machinery.
 Extra file of ours: `ldm_app.json`, the recommended sampling settings stored with the model.
+
+Threads: one pipeline object may be called from several threads at once (a web server with one loaded model). A
+call never mutates the pipeline: it samples with its own scheduler, built from `self.scheduler`'s config (the
+schedulers keep per-call state: timesteps, step index, DPM-Solver's previous outputs), tokenizes under a lock (the
+fast tokenizer's padding/truncation settings are shared state), and the models run in eval mode under no_grad.
+Calls are serialized only when offload or other hooks move or cache model state between calls.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import inspect
 import json
 import logging
 import os
+import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +40,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ldm_app import limits
 from ldm_app.errors import UserError
 from ldm_app.fileio import atomic_dir, atomic_write_text
-from ldm_app.samplers import check_sampler_name, make_scheduler
+from ldm_app.pngmeta import check_unicode
+from ldm_app.samplers import check_sampler_name, make_scheduler, sampler_name, set_timesteps_checked
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +63,12 @@ SAMPLING_KEYS: dict[str, type | tuple[type, ...]] = {
 FALLBACK_STEPS = 50
 FALLBACK_GUIDANCE = 7.5
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# A fast (Rust) tokenizer keeps its padding/truncation settings as shared state and each call resets them: two
+# threads tokenizing at once could pad with the other's settings (or fail with "Already borrowed"). Tokenizing
+# takes microseconds, so one lock for all tokenizers costs nothing.
+_TOKENIZER_LOCK = threading.Lock()
+# Offload hooks move weights between devices around each call; such pipelines run one call at a time.
+_EXCLUSIVE_CALL_LOCK = threading.RLock()
 
 
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -95,11 +112,20 @@ def check_sampling_defaults(sampling: Any, where: str) -> dict[str, Any]:
             raise UserError(f"{where}: unknown key 'sampling.{key}'; expected some of {', '.join(SAMPLING_KEYS)}")
         if isinstance(value, bool) or not isinstance(value, SAMPLING_KEYS[key]):
             raise UserError(f"{where}: 'sampling.{key}' has the wrong type ({value!r})")
-    if "sampler" in sampling:
-        try:
+    try:
+        if "sampler" in sampling:
             check_sampler_name(sampling["sampler"])
-        except UserError as e:
-            raise UserError(f"{where}: {e}") from None
+        # validity only (a NaN guidance would silently turn guidance off); the configurable limits apply per call,
+        # so lowering a limit never makes a model unloadable
+        if "guidance_scale" in sampling:
+            value = limits.check_number("sampling.guidance_scale", sampling["guidance_scale"])
+            if value < 0:
+                raise UserError(f"sampling.guidance_scale must be >= 0, got {value:g}")
+        for key in ("num_inference_steps", "height", "width"):
+            if key in sampling and sampling[key] < 1:
+                raise UserError(f"sampling.{key} must be >= 1, got {sampling[key]}")
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
     return dict(sampling)
 
 
@@ -110,7 +136,7 @@ def read_sampling_defaults(folder: str | os.PathLike) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an integer of more than 4300 digits
         raise UserError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(data, dict) or set(data) - {"sampling"}:
         raise UserError(f"{path}: expected an object with the single key 'sampling'")
@@ -126,7 +152,7 @@ def write_sampling_defaults(folder: str | os.PathLike, sampling: dict[str, Any])
 def check_model_folder(folder: Path) -> None:
     """Fail early, in one line, on what diffusers would report as a long traceback (or a hub download attempt)."""
     index_path = folder / "model_index.json"
-    if not folder.is_dir():
+    if not os.path.isdir(folder):  # os.path: False (not an OSError) for a name too long or with a NUL
         raise UserError(f"model folder not found: {folder} (expected a folder with model_index.json, unet/, vae/...)")
     if not index_path.is_file():
         raise UserError(f"{folder} is not a model folder: model_index.json is missing")
@@ -140,6 +166,7 @@ def check_model_folder(folder: Path) -> None:
             raise UserError(f"{folder}: component '{name}' is missing (expected {name}/ listed in model_index.json)")
     for name in ("unet", "vae", "text_encoder"):
         check_weights(folder / name)
+        check_weights_match_config(folder / name, *(index[name] + [None, None])[:2])
 
 
 def check_weights(component_dir: Path) -> None:
@@ -153,6 +180,84 @@ def check_weights(component_dir: Path) -> None:
                 pass
         except SafetensorError as e:
             raise UserError(f"corrupt or truncated weights file {path}: {e}") from None
+
+
+def check_weights_match_config(component_dir: Path, library: Any, class_name: Any) -> None:
+    """The weight files hold every tensor the component's config.json calls for.
+
+    Otherwise diffusers leaves the missing parameters on the "meta" device (the first call fails with "Tensor on
+    device meta") and transformers initializes them at random (a text encoder that silently ignores the prompt):
+    e.g. a unet/ folder that holds the VAE's weights. The model is built on the meta device (no memory, no time)
+    only to list the names it expects; a class we cannot import is left to the loader."""
+    try:
+        cls = getattr(importlib.import_module(str(library)), str(class_name))
+    except (ImportError, AttributeError, ValueError):
+        return
+    expected = _expected_weight_names(cls, component_dir)
+    if expected is None:
+        return
+    present: set[str] = set()
+    for path in sorted(component_dir.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            present.update(f.keys())
+    prefixes = {"text_model", getattr(cls, "base_model_prefix", None)} - {None, ""}
+    missing = sorted(_normalized(expected, prefixes) - _normalized(present, prefixes))
+    if missing:
+        raise UserError(
+            f"{component_dir}: the weights do not match its config.json ({len(missing)} of the {len(expected)} "
+            f"tensors it needs are missing, e.g. {missing[0]!r}); are these another component's weights?"
+        )
+
+
+def _expected_weight_names(cls: type, component_dir: Path) -> set[str] | None:
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if issubclass(cls, ModelMixin):
+                model = cls.from_config(cls.load_config(component_dir))
+            elif issubclass(cls, PreTrainedModel):
+                model = cls(cls.config_class.from_pretrained(component_dir))
+            else:
+                return None
+    except (OSError, ValueError, TypeError) as e:  # a broken config: the loader says it in its own words
+        logger.debug("cannot build %s from %s: %s", cls.__name__, component_dir, e)
+        return None
+    return set(model.state_dict())
+
+
+def _normalized(names: set[str], prefixes: set[str]) -> set[str]:
+    """Weight names as diffusers/transformers match them on load: without a base-model prefix (transformers 4
+    saved CLIP as `text_model.*`) and with the legacy attention names diffusers converts (query -> to_q, ...)."""
+    legacy = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+    out = set()
+    for name in names:
+        first, _, rest = name.partition(".")
+        if first in prefixes and rest:
+            name = rest
+        for old, new in legacy.items():
+            name = name.replace(old, new)
+        out.add(name)
+    return out
+
+
+@dataclass
+class CallPlan:
+    """One pipeline call's checked arguments and its own scheduler (timesteps set)."""
+
+    prompts: list[str]
+    negatives: list[str]
+    height: int
+    width: int
+    guidance_scale: float
+    num_images_per_prompt: int
+    batch_size: int
+    generator: torch.Generator | list[torch.Generator] | None
+    latents: torch.Tensor | None
+    output_type: str
+    scheduler: SchedulerMixin
 
 
 def latent_safe(scheduler: SchedulerMixin) -> SchedulerMixin:
@@ -213,6 +318,10 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         except (OSError, ValueError, SafetensorError) as e:
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot load model folder {folder}: {first_line}") from e
+        for name in ("unet", "vae", "text_encoder"):  # what check_weights_match_config could not foresee
+            if any(p.is_meta for p in getattr(pipe, name).parameters()):
+                raise UserError(f"{folder / name}: the weights do not match its config.json (some tensors are "
+                                "missing); are these another component's weights?")
         pipe.sampling_defaults = defaults
         if sampler is not None:
             pipe.set_sampler(sampler)
@@ -239,7 +348,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     # ---- configuration ------------------------------------------------------------------------------------
 
     def set_sampler(self, name: str) -> None:
-        """Swap the scheduler for sampler `name` (see ldm_app.samplers.SAMPLERS), keeping the model's noise schedule."""
+        """Swap the scheduler for sampler `name` (see ldm_app.samplers.SAMPLERS), keeping the model's noise schedule.
+        For one call only, pass `sampler=` to the call instead (safe while other threads sample)."""
         self.scheduler = make_scheduler(name, self.scheduler.config)
 
     def enable_xformers_memory_efficient_attention(self, attention_op=None) -> None:
@@ -267,14 +377,14 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """Token ids padded/truncated to CLIP's context (77); a longer text is cut with a warning, not refused."""
         max_length = self.tokenizer.model_max_length
-        for text, ids in zip(texts, self.tokenizer(texts, verbose=False).input_ids):
-            if len(ids) > max_length:
-                logger.warning(
-                    "prompt truncated to CLIP's %d tokens (it has %d): %.60r...", max_length, len(ids), text
-                )
-        tokens = self.tokenizer(
-            texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-        )
+        with _TOKENIZER_LOCK:
+            lengths = [len(ids) for ids in self.tokenizer(texts, verbose=False).input_ids]
+            tokens = self.tokenizer(
+                texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+            )
+        for text, length in zip(texts, lengths):
+            if length > max_length:
+                logger.warning("prompt truncated to CLIP's %d tokens (it has %d): %.60r...", max_length, length, text)
         return tokens.input_ids
 
     def prepare_latents(
@@ -286,9 +396,11 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         latents: torch.Tensor | None,
         device: torch.device,
         dtype: torch.dtype,
+        scheduler: SchedulerMixin | None = None,
     ) -> torch.Tensor:
         """x_T ~ N(0, I) (B, C, H/f, W/f), scaled by the scheduler's initial sigma (1 for DDPM/DDIM, larger for
-        Euler). With a list of generators, image k draws from generator k only (randn_tensor does this)."""
+        Euler; `scheduler`: the call's, default self.scheduler). With a list of generators, image k draws from
+        generator k only (randn_tensor does this)."""
         f = self.vae_scale_factor
         shape = (batch_size, self.unet.config.in_channels, height // f, width // f)
         if isinstance(generator, list) and len(generator) != batch_size:
@@ -298,10 +410,15 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         elif tuple(latents.shape) != shape:
             raise UserError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         latents = latents.to(device=device, dtype=dtype)
-        return latents * self.scheduler.init_noise_sigma
+        return latents * (scheduler or self.scheduler).init_noise_sigma
 
     def predict_noise(
-        self, x_t: torch.Tensor, t: torch.Tensor, text_embeds: torch.Tensor, guidance_scale: float
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        text_embeds: torch.Tensor,
+        guidance_scale: float,
+        scheduler: SchedulerMixin | None = None,
     ) -> torch.Tensor:
         """The U-Net's prediction (eps, or v/x0 per the scheduler's prediction_type) for x_t (B, C, h, w).
 
@@ -310,7 +427,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         """
         guided = guidance_scale > 1.0
         model_input = torch.cat([x_t, x_t]) if guided else x_t  # (2B or B, C, h, w)
-        model_input = self.scheduler.scale_model_input(model_input, t)
+        model_input = (scheduler or self.scheduler).scale_model_input(model_input, t)
         out = self.unet(model_input, t, encoder_hidden_states=text_embeds, return_dict=False)[0]
         if not guided:
             return out
@@ -325,9 +442,11 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]  # in [-1, 1]
         return self.image_processor.postprocess(image, output_type=output_type)
 
-    def step_kwargs(self, generator: torch.Generator | list[torch.Generator] | None) -> dict[str, Any]:
+    def step_kwargs(
+        self, generator: torch.Generator | list[torch.Generator] | None, scheduler: SchedulerMixin | None = None
+    ) -> dict[str, Any]:
         """Ancestral samplers (ddpm, euler_a) take the generator for their per-step noise; others take none."""
-        accepts = "generator" in inspect.signature(self.scheduler.step).parameters
+        accepts = "generator" in inspect.signature((scheduler or self.scheduler).step).parameters
         return {"generator": generator} if accepts else {}
 
     # ---- the call -----------------------------------------------------------------------------------------
@@ -348,28 +467,96 @@ class LatentDiffusionPipeline(DiffusionPipeline):
 
     @staticmethod
     def check_prompts(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[str]]:
-        """Prompts and negative prompts as two lists of equal length (a single negative applies to every prompt)."""
+        """Prompts and negative prompts as two lists of equal length (a single negative applies to every prompt),
+        all valid Unicode text."""
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise UserError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+            raise UserError(f"prompt must be a string or a non-empty list of strings, got {prompt!r:.200}")
+        if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
+            raise UserError(f"negative_prompt must be a string or a list of strings, got {negative_prompt!r:.200}")
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
         if len(negatives) != len(prompts) or not all(isinstance(n, str) for n in negatives):
             raise UserError(f"negative_prompt must be a string or a list of {len(prompts)} strings (one per prompt)")
+        for text in prompts:
+            check_unicode("prompt", text)
+        for text in negatives:
+            check_unicode("negative_prompt", text)
         return prompts, negatives
 
-    def check_settings(self, output_type: str, guidance_scale: Any, **sizes_and_counts: Any) -> None:
-        """UserError on a bad setting: sizes must be positive multiples of the autoencoder factor f, counts >= 1."""
+    def check_call(
+        self,
+        prompt: Any,
+        negative_prompt: Any = None,
+        height: Any = None,
+        width: Any = None,
+        num_inference_steps: Any = None,
+        guidance_scale: Any = None,
+        num_images_per_prompt: Any = 1,
+        generator: Any = None,
+        latents: Any = None,
+        output_type: Any = "pil",
+        sampler: Any = None,
+    ) -> CallPlan:
+        """Every argument of a call checked against `ldm_app.limits` and the model, before anything is allocated
+        (UserError otherwise); returns the plan with the call's own scheduler, its timesteps set. `generate.py`
+        calls it too, to refuse a request before its first image."""
+        if sampler is not None:
+            check_sampler_name(sampler)
+        prompts, negatives = self.check_prompts(prompt, negative_prompt)
+        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
+            raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r:.100}")
+        height, width, steps, guidance_scale = self.resolve_defaults(height, width, num_inference_steps, guidance_scale)
         f = self.vae_scale_factor
-        size_rule = f"a positive multiple of {f} (the autoencoder's factor)"
-        for name, value in sizes_and_counts.items():
-            multiple = f if name in ("height", "width") else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % multiple:
-                expected = size_rule if multiple > 1 else "an integer >= 1"
-                raise UserError(f"{name} must be {expected}, got {value!r}")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-            raise UserError(f"guidance_scale must be a number, got {guidance_scale!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        height = limits.check_image_side("height", height, multiple=f)
+        width = limits.check_image_side("width", width, multiple=f)
+        guidance_scale = limits.check_guidance_scale(guidance_scale)
+        per_prompt = limits.check_count("num_images_per_prompt", num_images_per_prompt,
+                                        limits.current().max_images_per_call)  # fmt: skip
+        batch_size = len(prompts) * per_prompt
+        limits.check_batch(batch_size, height, width)
+        base = self.scheduler  # read once: another thread may set_sampler meanwhile
+        label = sampler or sampler_name(base) or type(base).__name__
+        steps = limits.check_steps(steps, base.config.num_train_timesteps, label)
+        self.check_generator(generator, batch_size)
+        if latents is not None:
+            shape = (batch_size, self.unet.config.in_channels, height // f, width // f)
+            if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+                raise UserError(f"latents must be a floating-point torch.Tensor of shape {shape}, got {latents!r:.100}")
+            if tuple(latents.shape) != shape:
+                raise UserError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+            if not torch.isfinite(latents).all():
+                raise UserError("latents contain NaN or infinite values")
+        scheduler = (make_scheduler(sampler, base.config) if sampler is not None
+                     else type(base).from_config(base.config))  # fmt: skip
+        set_timesteps_checked(scheduler, steps, device=self._execution_device, label=label)
+        return CallPlan(prompts, negatives, height, width, guidance_scale, per_prompt, batch_size, generator, latents,
+                        output_type, scheduler)  # fmt: skip
+
+    def check_generator(self, generator: Any, batch_size: int) -> None:
+        """None, one torch.Generator, or one per image; on the CPU or the model's device type."""
+        generators = generator if isinstance(generator, list) else [generator] if generator is not None else []
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise UserError(f"got {len(generator)} generators for {batch_size} images; pass one per image")
+        device_type = self._execution_device.type
+        for g in generators:
+            if not isinstance(g, torch.Generator):
+                raise UserError(f"generator must be a torch.Generator or a list of them, got {g!r:.100}")
+            if g.device.type not in ("cpu", device_type):
+                raise UserError(f"a generator on {g.device} cannot draw noise for a model on {device_type}; "
+                                "use CPU generators (the same noise on every device)")  # fmt: skip
+
+    def _needs_exclusive_call(self) -> bool:
+        """Offload (accelerate or diffusers hooks) moves weights between devices around each call, and caching hooks
+        keep state between steps: such a pipeline is not safe to call from several threads at once."""
+        if getattr(self, "_all_hooks", None) or getattr(self, "_offload_device", None) is not None:
+            return True
+        for component in self.components.values():
+            if not isinstance(component, torch.nn.Module):
+                continue
+            registry = getattr(component, "_diffusers_hook", None)
+            if hasattr(component, "_hf_hook") or (registry is not None and getattr(registry, "hooks", None)):
+                return True
+        return False
 
     @torch.no_grad()
     def __call__(
@@ -385,34 +572,37 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        sampler: str | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate `num_images_per_prompt` images for each prompt; arguments left None come from the model's
         sampling defaults (`self.sampling_defaults`, read from ldm_app.json), else 50 steps, guidance 7.5 and the
-        U-Net's native size. Image order: all images of prompt 0, then of prompt 1, ..."""
-        height, width, num_inference_steps, guidance_scale = self.resolve_defaults(
-            height, width, num_inference_steps, guidance_scale
-        )
-        prompts, negatives = self.check_prompts(prompt, negative_prompt)
-        self.check_settings(
-            output_type,
-            guidance_scale,
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            num_images_per_prompt=num_images_per_prompt,
-        )
-        guided = guidance_scale > 1.0
-        device = self._execution_device
-        text_embeds = self.encode_prompt(prompts, negatives if guided else None, num_images_per_prompt, device)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        batch_size = len(prompts) * num_images_per_prompt
-        x_t = self.prepare_latents(batch_size, height, width, generator, latents, device, text_embeds.dtype)
-        step_kwargs = self.step_kwargs(generator)
-        with self.progress_bar(total=len(self.scheduler.timesteps)) as progress:
-            for t in self.scheduler.timesteps:
-                eps = self.predict_noise(x_t, t, text_embeds, guidance_scale)
-                x_t = self.scheduler.step(eps, t, x_t, **step_kwargs, return_dict=False)[0]  # x_t -> x_{t-1}
-                progress.update()
-        images = self.decode_latents(x_t, output_type)
-        self.maybe_free_model_hooks()
+        U-Net's native size. `sampler` (a name from ldm_app.samplers) applies to this call only. Image order: all
+        images of prompt 0, then of prompt 1, ... Safe to call from several threads at once (see the module doc)."""
+        plan = self.check_call(
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
+            generator, latents, output_type, sampler,
+        )  # fmt: skip
+        if self._needs_exclusive_call():
+            with _EXCLUSIVE_CALL_LOCK:
+                images = self._sample(plan)
+                self.maybe_free_model_hooks()
+        else:
+            images = self._sample(plan)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _sample(self, plan: CallPlan) -> Any:
+        scheduler = plan.scheduler
+        guided = plan.guidance_scale > 1.0
+        device = self._execution_device
+        text_embeds = self.encode_prompt(
+            plan.prompts, plan.negatives if guided else None, plan.num_images_per_prompt, device
+        )
+        x_t = self.prepare_latents(plan.batch_size, plan.height, plan.width, plan.generator, plan.latents, device,
+                                   text_embeds.dtype, scheduler)  # fmt: skip
+        step_kwargs = self.step_kwargs(plan.generator, scheduler)
+        with self.progress_bar(total=len(scheduler.timesteps)) as progress:
+            for t in scheduler.timesteps:
+                eps = self.predict_noise(x_t, t, text_embeds, plan.guidance_scale, scheduler)
+                x_t = scheduler.step(eps, t, x_t, **step_kwargs, return_dict=False)[0]  # x_t -> x_{t-1}
+                progress.update()
+        return self.decode_latents(x_t, plan.output_type)

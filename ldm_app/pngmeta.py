@@ -9,25 +9,50 @@ Two text chunks (PNG's own key/value metadata; Pillow writes tEXt, or iTXt for n
     Steps: 50, Sampler: ddim, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: default_model, Version: ldm_app 0.1.0
 
 Pillow has no notion of typed generation parameters, hence the small dataclass and checks below.
+
+`save_png` never replaces a file unless asked: the image is written to a temporary file, then published under the
+first free name with `os.link`, which fails when the name exists, so two processes writing into one folder at once
+never replace each other's images, and no reader ever sees a half-written PNG.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import itertools
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from ldm_app import __version__
+from ldm_app import __version__, limits
 from ldm_app.errors import UserError
-from ldm_app.fileio import atomic_path
+from ldm_app.fileio import atomic_path, write_errors
 
 KEY = "ldm_app"  # JSON chunk
 TEXT_KEY = "parameters"  # A1111-style chunk
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64 - 1; seed + k must fit too
+# os.link errors that mean "this file system has no hard links" (FAT, some network shares), not "forbidden"
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV, errno.EMLINK}
+
+
+def check_unicode(name: str, text: str) -> str:
+    """`text` if it can be stored as UTF-8; else a UserError: a prompt with lone surrogates comes from bytes that
+    were not UTF-8 (Python decodes such command-line bytes with surrogateescape) or from a broken caller."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            shown = repr(text.encode("utf-8", "surrogateescape"))  # the original bytes of a command-line argument
+        except UnicodeEncodeError:
+            shown = repr(text)
+        raise UserError(f"{name} is not valid UTF-8 text ({shown[:80]}); expected UTF-8 (check the terminal's or "
+                        "file's encoding)") from None
+    return text
 
 
 @dataclass(frozen=True)
@@ -62,7 +87,29 @@ class ImageParams:
                 raise UserError(f"{where}: unknown key {name!r} in the '{KEY}' chunk; expected {', '.join(fields)}")
             if not _has_type(value, fields[name].type):
                 raise UserError(f"{where}: '{name}' in the '{KEY}' chunk has the wrong type ({value!r})")
+        try:
+            _check_values(data)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
         return cls(**data)
+
+
+def _check_values(data: dict[str, Any]) -> None:
+    """Values a hand-edited or foreign chunk may hold that would otherwise be used silently: NaN/inf guidance (NaN
+    turned guidance off), steps, sizes and seeds beyond the limits, prompts that are not Unicode."""
+    from ldm_app.samplers import check_sampler_name
+
+    limits.check_guidance_scale(data["guidance_scale"])
+    limits.check_steps(data["steps"], name="steps")
+    limits.check_image_side("height", data["height"])
+    limits.check_image_side("width", data["width"])
+    if not 0 <= data["seed"] <= MAX_SEED:
+        raise UserError(f"seed must be between 0 and {MAX_SEED}, got {data['seed']}")
+    if data["sampler"] is not None:
+        check_sampler_name(data["sampler"])
+    for name in ("prompt", "negative_prompt", "version"):
+        if name in data:
+            check_unicode(name, data[name])
 
 
 def _has_type(value: Any, annotation: str) -> bool:
@@ -96,24 +143,101 @@ def format_parameters(p: ImageParams) -> str:
     return "\n".join(lines)
 
 
-def save_png(image: Image.Image, dest: str | os.PathLike, params: ImageParams | None, text: str | None = None) -> Path:
-    """Write `image` to `dest` atomically with its parameters; `text` replaces the A1111 text (e.g. for a grid,
-    which gets no `ldm_app` chunk because no single set of parameters reproduces it)."""
+def _storable(text: str) -> str:
+    """Text a PNG chunk can hold: a path with bytes that are not UTF-8 (lone surrogates) gets them escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def numbered_names(dest: Path) -> Iterator[Path]:
+    """`k-1.png`, `k-2.png`, ... next to `dest` = `k.png`: where an image goes when `dest` is taken."""
+    return (dest.with_name(f"{dest.stem}-{n}{dest.suffix}") for n in itertools.count(1))
+
+
+def save_png(
+    image: Image.Image,
+    dest: str | os.PathLike,
+    params: ImageParams | None,
+    text: str | None = None,
+    *,
+    overwrite: bool = False,
+    alternatives: Iterable[Path] | None = None,
+) -> Path:
+    """Write `image` with its parameters and return the path written; `text` replaces the A1111 text (e.g. for a
+    grid, which gets no `ldm_app` chunk because no single set of parameters reproduces it).
+
+    Never replaces an existing file unless `overwrite`: when `dest` is taken, the first free name of
+    `alternatives` (default `numbered_names(dest)`: `k-1.png`, `k-2.png`, ...) is used. Race-free: the complete
+    PNG is written to a temporary file, then published with `os.link`, which fails if the name exists (another
+    process got there first) and the next name is tried. With `overwrite`, `dest` is replaced atomically. A full
+    disk or a read-only folder is a one-line UserError naming the path, and leaves no temporary file.
+    """
     info = PngImagePlugin.PngInfo()
     if params is not None:
         info.add_text(KEY, params.to_json())
     text = text if text is not None else format_parameters(params) if params is not None else None
     if text is not None:
-        info.add_text(TEXT_KEY, text)
-    with atomic_path(dest) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
-    return Path(dest)
+        info.add_text(TEXT_KEY, _storable(text))
+    dest = Path(dest)
+    if overwrite:
+        with atomic_path(dest) as tmp:
+            image.save(tmp, format="PNG", pnginfo=info)
+        return dest
+    names = itertools.chain([dest], alternatives if alternatives is not None else numbered_names(dest))
+    with write_errors(dest):
+        tmp = _write_temporary(image, info, dest)
+        try:
+            return _publish(tmp, names)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _write_temporary(image: Image.Image, info: PngImagePlugin.PngInfo, dest: Path) -> Path:
+    """The complete PNG in a new hidden file next to `dest`, flushed to disk (a crash after publishing must not
+    leave an empty image). Made with O_EXCL and mode 0o666, so the kernel applies the umask (no umask juggling,
+    which is process-wide and so unsafe with threads)."""
+    while True:
+        tmp = dest.with_name(f".{dest.name[:100]}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _publish(tmp: Path, names: Iterable[Path]) -> Path:
+    """Give the finished file `tmp` the first of `names` that does not exist yet; never replaces a file."""
+    for name in names:
+        try:
+            os.link(tmp, name)
+            return name
+        except FileExistsError:
+            continue
+        except OSError as e:
+            if e.errno not in _NO_HARD_LINKS:
+                raise
+        # no hard links here: claim the name with O_EXCL (an empty file, for an instant), then move the PNG onto it
+        try:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        os.replace(tmp, name)
+        return name
+    raise UserError(f"no free file name for {tmp.name}")  # only with a finite list of alternatives
 
 
 def read_text_chunks(path: str | os.PathLike) -> dict[str, str]:
     """All tEXt/iTXt/zTXt chunks of a PNG file; UserError if it is missing or not a PNG."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.isfile(path):  # os.path: False (not an OSError) for a name too long or with a NUL
         raise UserError(f"PNG file not found: {path}")
     try:
         with Image.open(path) as im:
@@ -135,6 +259,6 @@ def read_params(path: str | os.PathLike) -> ImageParams:
         )
     try:
         data = json.loads(chunks[KEY])
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or an integer of more than 4300 digits
         raise UserError(f"{path}: the '{KEY}' chunk is not valid JSON ({e})") from None
     return ImageParams.from_dict(data, str(path))

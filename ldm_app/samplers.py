@@ -47,7 +47,7 @@ ANCESTRAL_SAMPLERS: tuple[str, ...] = ("ddpm", "euler_a")
 
 def check_sampler_name(name: str) -> str:
     """`name` if it is a known sampler, else a UserError listing the valid ones."""
-    if name not in _REGISTRY:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise UserError(f"unknown sampler {name!r}; expected one of: {', '.join(SAMPLERS)}")
     return name
 
@@ -63,3 +63,36 @@ def make_scheduler(name: str, config: Mapping[str, Any]) -> SchedulerMixin:
 def sampler_name(scheduler: SchedulerMixin) -> str | None:
     """The first registered name whose scheduler class is `scheduler`'s class, or None for a class we don't name."""
     return next((name for name, (cls, _) in _REGISTRY.items() if type(scheduler).__name__ == cls), None)
+
+
+def set_timesteps_checked(scheduler: SchedulerMixin, steps: int, device: Any = None, label: str | None = None) -> None:
+    """`scheduler.set_timesteps(steps)`, refusing (UserError) a timestep grid the sampler cannot run.
+
+    How many steps a sampler can take on a model is not simply its training timesteps T: with SD's
+    `steps_offset=1`, DDIM/DDPM/PNDM at T steps ask for timestep T (an IndexError mid-sampling), and DPM-Solver++
+    at T steps repeats a timestep (a division by zero: a silently black image). The rule that holds for every
+    sampler, spacing and offset (checked in tests/test_samplers.py) is on the grid itself: every timestep inside
+    the trained range [0, T) and strictly decreasing (PLMS repeats one timestep by design).
+    """
+    label = label or type(scheduler).__name__
+    train_steps = scheduler.config.num_train_timesteps
+    problem = None
+    try:
+        scheduler.set_timesteps(steps, device=device)
+    except ValueError:  # diffusers' own refusal (steps > T for DDIM/DDPM)
+        problem = "more steps than its training timesteps"
+    if problem is None:
+        import torch
+
+        grid = scheduler.timesteps.double()
+        gaps = grid[:-1] - grid[1:]
+        repeats_allowed = 1 if type(scheduler).__name__ == "PNDMScheduler" else 0
+        if len(grid) == 0 or not torch.isfinite(grid).all() or grid.min() < 0 or grid.max() >= train_steps:
+            problem = "a timestep outside the trained range"
+        elif (gaps < 0).any() or int((gaps == 0).sum()) > repeats_allowed:
+            problem = "a repeated timestep"
+    if problem is not None:
+        raise UserError(
+            f"{steps} steps do not fit sampler {label} on this model: its {train_steps} training timesteps would give "
+            f"{problem}; use fewer steps"
+        )
