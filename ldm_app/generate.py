@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -20,9 +21,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from ldm_app import DEFAULT_MODEL, __version__
+from ldm_app import DEFAULT_MODEL, __version__, limits
 from ldm_app.errors import ArgumentParser, UserError
-from ldm_app.pngmeta import ImageParams, read_params, save_png
+from ldm_app.fileio import write_errors
+from ldm_app.pngmeta import MAX_SEED, ImageParams, check_unicode, read_params, save_png
 from ldm_app.samplers import SAMPLERS, check_sampler_name
 
 if TYPE_CHECKING:
@@ -30,7 +32,6 @@ if TYPE_CHECKING:
 
     from ldm_app.pipeline import LatentDiffusionPipeline
 
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64 - 1; seed + k must fit too
 DEFAULT_OUTPUT = "outputs"
 _INDEX = re.compile(r"^(\d{5})-")  # "00042-<seed>-<slug>.png"
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Request:
     grid: bool = False
     device: str = "auto"
     dtype: str = "auto"
+    overwrite: bool = False
 
 
 # ---- the Python API ---------------------------------------------------------------------------------------------
@@ -77,18 +79,27 @@ def generate(
     grid: bool = False,
     device: str = "auto",
     dtype: str = "auto",
+    overwrite: bool = False,
 ) -> list[Path]:
     """Generate `num_images` images per prompt and write them as PNGs with their parameters.
 
-    `output`: a folder (files `00000-<seed>-<slug>.png`, never overwriting) or a `.png` path (numbered
-    `name-0000.png`, ... when there are several images). Returns the image paths, then the grid's if `grid`.
-    Raises UserError for bad input, before anything is generated.
+    `output`: a folder (files `00000-<seed>-<slug>.png`) or a `.png` path (numbered `name-0000.png`, ... when there
+    are several images). An existing file is never replaced: the image goes to the next free name (`name-1.png`,
+    ...), unless `overwrite`. Returns the paths written, then the grid's if `grid`. Raises UserError for bad input,
+    before anything is generated.
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    elif isinstance(prompts, (list, tuple)):
+        prompts = list(prompts)
+    else:
+        raise UserError(f"prompts must be a string or a list of strings, got {prompts!r:.100}")
+    if not isinstance(model, (str, os.PathLike)) or not isinstance(output, (str, os.PathLike)):
+        raise UserError("model and output must be paths (str or os.PathLike)")
     request = Request(
-        prompts=prompts, model=str(model), seed=seed, negative_prompt=negative_prompt, steps=steps,
+        prompts=prompts, model=os.fspath(model), seed=seed, negative_prompt=negative_prompt, steps=steps,
         guidance_scale=guidance_scale, sampler=sampler, height=height, width=width, num_images=num_images,
-        batch_size=batch_size, output=str(output), grid=grid, device=device, dtype=dtype,
+        batch_size=batch_size, output=os.fspath(output), grid=grid, device=device, dtype=dtype, overwrite=overwrite,
     )  # fmt: skip
     return run(request, prepare(request))
 
@@ -96,7 +107,7 @@ def generate(
 def prepare(req: Request) -> OutputSink:
     """The checks that need no model (so they answer before torch loads); returns where the images will go."""
     check_request(req)
-    return OutputSink.plan(Path(req.output), len(req.prompts) * req.num_images)
+    return OutputSink.plan(Path(req.output), len(req.prompts) * req.num_images, req.overwrite)
 
 
 def run(req: Request, sink: OutputSink) -> list[Path]:
@@ -106,46 +117,100 @@ def run(req: Request, sink: OutputSink) -> list[Path]:
         req = replace(req, seed=secrets.randbelow(2**32))
     pipe = load_pipeline(req)
     base = effective_params(pipe, req)
-    print(describe(base, pipe) + (" (random)" if random_seed else ""))
     jobs = [replace(base, prompt=p, seed=req.seed + k) for p in req.prompts for k in range(req.num_images)]
+    check_with_model(pipe, req, jobs)  # the model's own limits (steps per sampler), before the first image
+    say(describe(base, pipe) + (" (random)" if random_seed else ""))
     paths, images = [], []
     for start in range(0, len(jobs), req.batch_size):
         batch = jobs[start : start + req.batch_size]
         pipe.set_progress_bar_config(desc=f"images {start + 1}-{start + len(batch)} of {len(jobs)}")
         for params, image in zip(batch, sample(pipe, batch)):
-            paths.append(save_png(image, sink.image_path(params), params))
-            images.append(image)
-            print(f"wrote {paths[-1]}")
+            paths.append(sink.save_image(image, params))
+            if req.grid:  # kept only for the grid: thousands of images must not pile up in memory
+                images.append(image)
     if req.grid:
         text = f"grid of {len(images)} images\n" + "\n".join(p.name for p in paths)
-        paths.append(save_png(make_grid(images), sink.grid_path(base), None, text=text))
-        print(f"wrote {paths[-1]}")
+        paths.append(sink.save_grid(make_grid(images), base, text))
     return paths
 
 
+def say(text: str) -> None:
+    """print, with a path whose bytes are not UTF-8 (lone surrogates) escaped rather than failing on stdout."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(text.encode(encoding, "backslashreplace").decode(encoding, "replace"))
+
+
 def check_request(req: Request) -> None:
-    """Prompts, counts, sizes, sampler name, model folder."""
+    """Everything that needs no model, through ldm_app.limits: prompts, counts, sizes, steps, guidance, seed,
+    sampler name, model folder."""
+    lim = limits.current()
+    if not isinstance(req.prompts, list) or not all(isinstance(p, str) for p in req.prompts):
+        raise UserError(f"prompts must be a list of strings, got {req.prompts!r:.100}")
     if not req.prompts or not all(p.strip() for p in req.prompts):
         raise UserError("no prompt (or an empty one); expected a prompt argument, --from_file FILE or --from_png FILE")
-    for name in ("num_images", "batch_size", "steps"):
-        value = getattr(req, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name} must be >= 1, got {value}")
+    for prompt in req.prompts:
+        check_unicode("the prompt", prompt)
+    if not isinstance(req.negative_prompt, str):
+        raise UserError(f"--negative_prompt must be a string, got {req.negative_prompt!r:.100}")
+    check_unicode("--negative_prompt", req.negative_prompt)
+    num_images = limits.check_count("--num_images", req.num_images, lim.max_images_per_command)
+    total = len(req.prompts) * num_images
+    if total > lim.max_images_per_command:
+        raise UserError(f"{len(req.prompts)} prompts x {num_images} images is {total} images, above the limit of "
+                        f"{lim.max_images_per_command} per command")  # fmt: skip
+    batch_size = limits.check_count("--batch_size", req.batch_size, lim.max_images_per_call)
+    if req.steps is not None:
+        limits.check_steps(req.steps, name="--steps")
+    if req.guidance_scale is not None:
+        limits.check_guidance_scale(req.guidance_scale, "--guidance_scale")
     for name in ("height", "width"):
-        value = getattr(req, name)
-        if value is not None and (value <= 0 or value % 8):
-            raise UserError(f"--{name} must be a positive multiple of 8, got {value}")
-    if req.seed is not None and not 0 <= req.seed <= MAX_SEED - req.num_images:
-        raise UserError(f"--seed must be between 0 and {MAX_SEED - req.num_images}, got {req.seed}")
+        if getattr(req, name) is not None:
+            limits.check_image_side(f"--{name}", getattr(req, name))
+    if req.height is not None and req.width is not None:
+        check_sizes(min(batch_size, total), total if req.grid else 0, req.height, req.width)
+    if req.seed is not None:
+        if isinstance(req.seed, bool) or not isinstance(req.seed, int) or not 0 <= req.seed <= MAX_SEED - num_images:
+            raise UserError(f"--seed must be an integer between 0 and {MAX_SEED - num_images}, got {req.seed!r:.40}")
     if req.sampler is not None:
         check_sampler_name(req.sampler)
+    for name in ("grid", "overwrite"):
+        if not isinstance(getattr(req, name), bool):
+            raise UserError(f"{name} must be True or False, got {getattr(req, name)!r:.40}")
+    for name in ("model", "output", "device", "dtype"):
+        value = getattr(req, name)
+        if not isinstance(value, str) or "\0" in value or not value:
+            raise UserError(f"--{name} must be a non-empty text without NUL characters, got {value!r:.100}")
     check_model_exists(req.model)
+
+
+def check_sizes(batch: int, grid_images: int, height: int, width: int) -> None:
+    """One batch's pixels (limits.check_batch) and, with --grid, the grid's: every image is kept in memory for it."""
+    limits.check_batch(batch, height, width, name="--batch_size")
+    pixels, maximum = grid_images * height * width, limits.current().max_pixels_per_call
+    if pixels > maximum:
+        raise UserError(f"a grid of {grid_images} images of {width}x{height} is {pixels:,} pixels, above the limit "
+                        f"of {maximum:,}; leave out --grid or make fewer or smaller images")  # fmt: skip
+
+
+def check_with_model(pipe: LatentDiffusionPipeline, req: Request, jobs: list[ImageParams]) -> None:
+    """The checks that need the model: its stored defaults against the limits, the steps its sampler can take on
+    its training timesteps, the batch at the effective size; the same checks as the pipeline call, done before
+    the first image is made."""
+    first = jobs[0]
+    limits.check_image_side("height", first.height)
+    limits.check_image_side("width", first.width)
+    check_sizes(min(req.batch_size, len(jobs)), len(jobs) if req.grid else 0, first.height, first.width)
+    batch = jobs[: req.batch_size]
+    pipe.check_call(
+        [job.prompt for job in batch], [job.negative_prompt for job in batch], first.height, first.width,
+        first.steps, first.guidance_scale,
+    )  # fmt: skip
 
 
 def check_model_exists(model: str) -> None:
     """A missing folder is the likeliest mistake: say it in one line. What is inside the folder is checked by the
     pipeline's loader."""
-    if Path(model).is_dir():
+    if os.path.isdir(model):  # os.path: False (not an OSError) for a name too long
         return
     if Path(model) == Path(DEFAULT_MODEL):
         raise UserError(
@@ -231,58 +296,69 @@ def slugify(text: str, max_len: int = 40) -> str:
 
 @dataclass
 class OutputSink:
-    """Where images go: a folder (numbered names, never overwriting) or one `.png` path (numbered if several)."""
+    """Where images go: a folder (numbered names) or one `.png` path (numbered if several). Never replaces a file
+    unless `overwrite`: a taken name becomes the next free one (`k-1.png`, ...), chosen race-free by save_png."""
 
     path: Path
     is_file: bool
     total: int
+    overwrite: bool = False
     written: int = 0
 
     @classmethod
-    def plan(cls, path: Path, total: int) -> OutputSink:
+    def plan(cls, path: Path, total: int, overwrite: bool = False) -> OutputSink:
         """Check that the output can be written, before any time is spent generating."""
-        is_file = path.suffix.lower() == ".png"
-        if is_file and path.is_dir():
-            raise UserError(f"--output {path} is a folder; expected a .png file path or a folder without .png")
-        if not is_file and path.exists() and not path.is_dir():
-            raise UserError(f"--output {path} is a file; expected a folder, or a path ending in .png")
-        if not is_file and path.suffix and not path.exists():
-            raise UserError(f"--output {path}: only PNG is written; expected a path ending in .png or a folder")
-        check_writable(path.parent if is_file else path)
-        return cls(path, is_file, total)
+        with write_errors(path):  # e.g. a name too long for the file system
+            is_file = path.suffix.lower() == ".png"
+            if is_file and path.is_dir():
+                raise UserError(f"--output {path} is a folder; expected a .png file path or a folder without .png")
+            if not is_file and path.exists() and not path.is_dir():
+                raise UserError(f"--output {path} is a file; expected a folder, or a path ending in .png")
+            if not is_file and path.suffix and not path.exists():
+                raise UserError(f"--output {path}: only PNG is written; expected a path ending in .png or a folder")
+            check_writable(path.parent if is_file else path)
+        return cls(path, is_file, total, overwrite)
 
-    def image_path(self, p: ImageParams) -> Path:
+    def save_image(self, image: Image.Image, p: ImageParams) -> Path:
         self.written += 1
-        if self.is_file:
-            if self.total == 1:
-                return self._ready(self.path)
-            return self._ready(self.path.with_name(f"{self.path.stem}-{self.written - 1:04d}.png"))
-        return self._next_free(f"{p.seed}-{slugify(p.prompt)}.png")
+        if not self.is_file:
+            return self._save_numbered(image, p, None, f"{p.seed}-{slugify(p.prompt)}.png")
+        if self.total == 1:
+            return self._save(image, self.path, p, None)
+        return self._save(image, self.path.with_name(f"{self.path.stem}-{self.written - 1:04d}.png"), p, None)
 
-    def grid_path(self, p: ImageParams) -> Path:
-        if self.is_file:
-            return self._ready(self.path.with_name(f"{self.path.stem}-grid.png"))
-        return self._next_free(f"grid-{p.seed}-{slugify(p.prompt)}.png")
+    def save_grid(self, grid: Image.Image, p: ImageParams, text: str) -> Path:
+        if not self.is_file:
+            return self._save_numbered(grid, None, text, f"grid-{p.seed}-{slugify(p.prompt)}.png")
+        return self._save(grid, self.path.with_name(f"{self.path.stem}-grid.png"), None, text)
 
-    def _ready(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def _save(self, image: Image.Image, dest: Path, params: ImageParams | None, text: str | None) -> Path:
+        """`dest`, or with it taken (and no --overwrite) the next free `name-N.png`, said so on stdout."""
+        with write_errors(dest.parent):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        path = save_png(image, dest, params, text, overwrite=self.overwrite)
+        note = "" if path == dest else f" ({dest.name} exists; --overwrite replaces it)"
+        say(f"wrote {path}{note}")
         return path
 
-    def _next_free(self, name: str) -> Path:
-        """`NNNNN-name` with NNNNN one past the highest number in the folder (so no earlier image is replaced)."""
+    def _save_numbered(self, image: Image.Image, params: ImageParams | None, text: str | None, name: str) -> Path:
+        """`NNNNN-name` with NNNNN one past the highest number in the folder (so no earlier image is replaced);
+        a number another process takes meanwhile is skipped (save_png publishes with os.link)."""
         folder = self.path
-        folder.mkdir(parents=True, exist_ok=True)
-        numbers = [int(m.group(1)) for f in os.listdir(folder) if (m := _INDEX.match(f))]
-        index = max(numbers, default=-1) + 1
-        while (folder / f"{index:05d}-{name}").exists():
-            index += 1
-        return folder / f"{index:05d}-{name}"
+        with write_errors(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            numbers = [int(m.group(1)) for f in os.listdir(folder) if (m := _INDEX.match(f))]
+        first = max(numbers, default=-1) + 1
+        names = (folder / f"{index:05d}-{name}" for index in itertools.count(first + 1))
+        path = save_png(image, folder / f"{first:05d}-{name}", params, text, alternatives=names)
+        say(f"wrote {path}")
+        return path
 
 
 def check_writable(folder: Path) -> None:
     """`folder` (created later if missing) can receive files: its nearest existing ancestor is a writable folder."""
     existing = folder
-    while not existing.exists():
+    while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise UserError(f"cannot write to {folder}: {existing} is a file; expected a folder path for the output")
@@ -300,9 +376,9 @@ def _int_at_least(minimum: int):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; expected an integer >= {minimum}")
+            raise argparse.ArgumentTypeError(f"{text!r:.60} is not a whole number; expected an integer >= {minimum}")
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is too small; expected an integer >= {minimum}")
+            raise argparse.ArgumentTypeError(f"{text:.60} is too small; expected an integer >= {minimum}")
         return value
 
     return parse
@@ -314,7 +390,7 @@ def _multiple_of_8(text: str) -> int:
     except ValueError:
         value = 0
     if value <= 0 or value % 8:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive multiple of 8; expected e.g. 256 or 512")
+        raise argparse.ArgumentTypeError(f"{text!r:.60} is not a positive multiple of 8; expected e.g. 256 or 512")
     return value
 
 
@@ -322,7 +398,7 @@ def _float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected e.g. 7.5")
+        raise argparse.ArgumentTypeError(f"{text!r:.60} is not a number; expected e.g. 7.5")
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not finite; expected e.g. 7.5")
     return value
@@ -339,8 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from_png", metavar="FILE", help="remake the image whose parameters FILE stores; other "
                    "options given override the stored ones")  # fmt: skip
     p.add_argument("--model", help=f"model folder (default: the bundled {DEFAULT_MODEL})")
-    p.add_argument("--output", help=f"a folder (default: {DEFAULT_OUTPUT}/; new files are numbered, nothing is "
-                   "replaced) or a .png path (name-0000.png, ... for several images)")  # fmt: skip
+    p.add_argument("--output", help=f"a folder (default: {DEFAULT_OUTPUT}/; new files are numbered) or a .png path "
+                   "(name-0000.png, ... for several images); nothing is replaced without --overwrite")  # fmt: skip
     p.add_argument("--seed", type=_int_at_least(0), help="random seed (default: random, printed and stored); "
                    "image k of a prompt uses seed+k")  # fmt: skip
     p.add_argument("--steps", type=_int_at_least(1), help="number of sampling steps")
@@ -353,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=_multiple_of_8, help="image height in pixels, a multiple of 8")
     p.add_argument("--width", type=_multiple_of_8, help="image width in pixels, a multiple of 8")
     p.add_argument("--grid", action="store_true", help="also write a grid image of all the images")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files of the same name (default: never "
+                   "replace; an image whose name is taken goes to the next free name, name-1.png, ..., printed)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                    help="auto: fp16 on CUDA, fp32 elsewhere")  # fmt: skip
@@ -361,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_prompt_file(path: str) -> list[str]:
     file = Path(path)
-    if not file.is_file():
+    if not os.path.isfile(file):  # os.path: False (not an OSError) for a name too long
         raise UserError(f"prompt file not found: {file}; expected a text file with one prompt per line")
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
@@ -383,7 +461,7 @@ def request_from_args(args: argparse.Namespace) -> Request:
     if stored is not None and stored.version != __version__:
         logger.warning("%s was made by ldm_app %s, this is %s: pixels may differ", args.from_png, stored.version,
                        __version__)  # fmt: skip
-    if stored is not None and args.model is None and not Path(stored.model).is_dir():
+    if stored is not None and args.model is None and not os.path.isdir(stored.model):
         raise UserError(f"the model recorded in {args.from_png} is not there ({stored.model}); pass --model DIR")
     prompts = read_prompt_file(args.from_file) if args.from_file else [args.prompt] if args.prompt is not None else []
 
@@ -406,6 +484,7 @@ def request_from_args(args: argparse.Namespace) -> Request:
         grid=args.grid,
         device=args.device,
         dtype=args.dtype,
+        overwrite=args.overwrite,
     )
 
 
