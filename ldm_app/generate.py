@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 from ldm_app import DEFAULT_MODEL, __version__, limits
 from ldm_app.errors import ArgumentParser, UserError
 from ldm_app.fileio import write_errors
+from ldm_app.limits import shown
 from ldm_app.pngmeta import MAX_SEED, ImageParams, check_unicode, read_params, save_png
 from ldm_app.samplers import SAMPLERS, check_sampler_name
 
@@ -93,7 +94,7 @@ def generate(
     elif isinstance(prompts, (list, tuple)):
         prompts = list(prompts)
     else:
-        raise UserError(f"prompts must be a string or a list of strings, got {prompts!r:.100}")
+        raise UserError(f"prompts must be a string or a list of strings, got {shown(prompts, 100)}")
     if not isinstance(model, (str, os.PathLike)) or not isinstance(output, (str, os.PathLike)):
         raise UserError("model and output must be paths (str or os.PathLike)")
     request = Request(
@@ -145,13 +146,13 @@ def check_request(req: Request) -> None:
     sampler name, model folder."""
     lim = limits.current()
     if not isinstance(req.prompts, list) or not all(isinstance(p, str) for p in req.prompts):
-        raise UserError(f"prompts must be a list of strings, got {req.prompts!r:.100}")
+        raise UserError(f"prompts must be a list of strings, got {shown(req.prompts, 100)}")
     if not req.prompts or not all(p.strip() for p in req.prompts):
         raise UserError("no prompt (or an empty one); expected a prompt argument, --from_file FILE or --from_png FILE")
     for prompt in req.prompts:
         check_unicode("the prompt", prompt)
     if not isinstance(req.negative_prompt, str):
-        raise UserError(f"--negative_prompt must be a string, got {req.negative_prompt!r:.100}")
+        raise UserError(f"--negative_prompt must be a string, got {shown(req.negative_prompt, 100)}")
     check_unicode("--negative_prompt", req.negative_prompt)
     num_images = limits.check_count("--num_images", req.num_images, lim.max_images_per_command)
     total = len(req.prompts) * num_images
@@ -170,16 +171,17 @@ def check_request(req: Request) -> None:
         check_sizes(min(batch_size, total), total if req.grid else 0, req.height, req.width)
     if req.seed is not None:
         if isinstance(req.seed, bool) or not isinstance(req.seed, int) or not 0 <= req.seed <= MAX_SEED - num_images:
-            raise UserError(f"--seed must be an integer between 0 and {MAX_SEED - num_images}, got {req.seed!r:.40}")
+            maximum = MAX_SEED - num_images
+            raise UserError(f"--seed must be an integer between 0 and {maximum}, got {shown(req.seed, 40)}")
     if req.sampler is not None:
         check_sampler_name(req.sampler)
     for name in ("grid", "overwrite"):
         if not isinstance(getattr(req, name), bool):
-            raise UserError(f"{name} must be True or False, got {getattr(req, name)!r:.40}")
+            raise UserError(f"{name} must be True or False, got {shown(getattr(req, name), 40)}")
     for name in ("model", "output", "device", "dtype"):
         value = getattr(req, name)
         if not isinstance(value, str) or "\0" in value or not value:
-            raise UserError(f"--{name} must be a non-empty text without NUL characters, got {value!r:.100}")
+            raise UserError(f"--{name} must be a non-empty text without NUL characters, got {shown(value, 100)}")
     check_model_exists(req.model)
 
 
@@ -376,7 +378,9 @@ def _int_at_least(minimum: int):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r:.60} is not a whole number; expected an integer >= {minimum}")
+            raise argparse.ArgumentTypeError(
+                f"{shown(text, 60)} is not a whole number; expected an integer >= {minimum}"
+            ) from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{text:.60} is too small; expected an integer >= {minimum}")
         return value
@@ -390,7 +394,7 @@ def _multiple_of_8(text: str) -> int:
     except ValueError:
         value = 0
     if value <= 0 or value % 8:
-        raise argparse.ArgumentTypeError(f"{text!r:.60} is not a positive multiple of 8; expected e.g. 256 or 512")
+        raise argparse.ArgumentTypeError(f"{shown(text, 60)} is not a positive multiple of 8; expected e.g. 512")
     return value
 
 
@@ -398,9 +402,9 @@ def _float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r:.60} is not a number; expected e.g. 7.5")
+        raise argparse.ArgumentTypeError(f"{shown(text, 60)} is not a number; expected e.g. 7.5")
     if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not finite; expected e.g. 7.5")
+        raise argparse.ArgumentTypeError(f"{shown(text, 60)} is not finite; expected e.g. 7.5")
     return value
 
 

@@ -91,10 +91,18 @@ def reset() -> None:
 # ---- checks -----------------------------------------------------------------------------------------------------
 
 
+def shown(value: Any, limit: int = 100) -> str:
+    """`repr(value)` for an error message: one line (a tensor's or a custom object's repr may span many) and at
+    most `limit` characters (a ten-thousand-digit integer or a huge list stays readable)."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+
 def check_number(name: str, value: Any) -> float:
     """`value` as a finite float; NaN, inf, bools and non-numbers are refused."""
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise UserError(f"{name} must be a number, got {value!r}")
+        raise UserError(f"{name} must be a number, got {shown(value)}")
     value = float(value)
     if not math.isfinite(value):
         raise UserError(f"{name} must be a finite number, got {value}")
@@ -113,7 +121,7 @@ def check_guidance_scale(value: Any, name: str = "guidance_scale") -> float:
 
 def check_count(name: str, value: Any, maximum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{name} must be an integer >= 1, got {value!r}")
+        raise UserError(f"{name} must be an integer >= 1, got {shown(value)}")
     if value > maximum:
         raise UserError(f"{name} is {value}, above the limit of {maximum}")
     return value
@@ -123,7 +131,7 @@ def check_image_side(name: str, value: Any, multiple: int = 8) -> int:
     """A height, width or training resolution in pixels: a positive multiple of `multiple`, at most the limit."""
     lim = current()
     if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % multiple:
-        raise UserError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
+        raise UserError(f"{name} must be a positive multiple of {multiple}, got {shown(value)}")
     if value > lim.max_image_side:
         raise UserError(f"{name} is {value} pixels, above the limit of {lim.max_image_side}")
     return value
@@ -137,7 +145,7 @@ def check_steps(value: Any, num_train_timesteps: int | None = None, sampler: str
     if num_train_timesteps is not None and num_train_timesteps < maximum:
         maximum = num_train_timesteps
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{name} must be an integer >= 1, got {value!r}")
+        raise UserError(f"{name} must be an integer >= 1, got {shown(value)}")
     if value > maximum:
         why = f"the model's {num_train_timesteps} training timesteps" if maximum == num_train_timesteps \
             else f"the limit of {maximum}"

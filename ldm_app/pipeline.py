@@ -43,6 +43,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ldm_app import limits
 from ldm_app.errors import UserError
 from ldm_app.fileio import atomic_dir, atomic_write_text
+from ldm_app.limits import shown
 from ldm_app.pngmeta import check_unicode
 from ldm_app.samplers import check_sampler_name, make_scheduler, sampler_name, set_timesteps_checked
 
@@ -111,7 +112,7 @@ def check_sampling_defaults(sampling: Any, where: str) -> dict[str, Any]:
         if key not in SAMPLING_KEYS:
             raise UserError(f"{where}: unknown key 'sampling.{key}'; expected some of {', '.join(SAMPLING_KEYS)}")
         if isinstance(value, bool) or not isinstance(value, SAMPLING_KEYS[key]):
-            raise UserError(f"{where}: 'sampling.{key}' has the wrong type ({value!r})")
+            raise UserError(f"{where}: 'sampling.{key}' has the wrong type ({shown(value)})")
     try:
         if "sampler" in sampling:
             check_sampler_name(sampling["sampler"])
@@ -471,9 +472,9 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         all valid Unicode text."""
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise UserError(f"prompt must be a string or a non-empty list of strings, got {prompt!r:.200}")
+            raise UserError(f"prompt must be a string or a non-empty list of strings, got {shown(prompt, 200)}")
         if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
-            raise UserError(f"negative_prompt must be a string or a list of strings, got {negative_prompt!r:.200}")
+            raise UserError(f"negative_prompt must be a string or a list of strings, got {shown(negative_prompt)}")
         negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
         if len(negatives) != len(prompts) or not all(isinstance(n, str) for n in negatives):
             raise UserError(f"negative_prompt must be a string or a list of {len(prompts)} strings (one per prompt)")
@@ -504,7 +505,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             check_sampler_name(sampler)
         prompts, negatives = self.check_prompts(prompt, negative_prompt)
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
-            raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r:.100}")
+            raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {shown(output_type)}")
         height, width, steps, guidance_scale = self.resolve_defaults(height, width, num_inference_steps, guidance_scale)
         f = self.vae_scale_factor
         height = limits.check_image_side("height", height, multiple=f)
@@ -521,7 +522,8 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         if latents is not None:
             shape = (batch_size, self.unet.config.in_channels, height // f, width // f)
             if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
-                raise UserError(f"latents must be a floating-point torch.Tensor of shape {shape}, got {latents!r:.100}")
+                got = f"a {latents.dtype} tensor" if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise UserError(f"latents must be a floating-point torch.Tensor of shape {shape}, got {got}")
             if tuple(latents.shape) != shape:
                 raise UserError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
             if not torch.isfinite(latents).all():
@@ -540,7 +542,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         device_type = self._execution_device.type
         for g in generators:
             if not isinstance(g, torch.Generator):
-                raise UserError(f"generator must be a torch.Generator or a list of them, got {g!r:.100}")
+                raise UserError(f"generator must be a torch.Generator or a list of them, got {shown(g, 100)}")
             if g.device.type not in ("cpu", device_type):
                 raise UserError(f"a generator on {g.device} cannot draw noise for a model on {device_type}; "
                                 "use CPU generators (the same noise on every device)")  # fmt: skip

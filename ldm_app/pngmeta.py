@@ -84,9 +84,11 @@ class ImageParams:
             raise UserError(f"{where}: the '{KEY}' chunk lacks {', '.join(missing)}")
         for name, value in data.items():
             if name not in fields:
-                raise UserError(f"{where}: unknown key {name!r} in the '{KEY}' chunk; expected {', '.join(fields)}")
+                raise UserError(
+                    f"{where}: unknown key {limits.shown(name, 60)} in the '{KEY}' chunk; expected {', '.join(fields)}"
+                )
             if not _has_type(value, fields[name].type):
-                raise UserError(f"{where}: '{name}' in the '{KEY}' chunk has the wrong type ({value!r})")
+                raise UserError(f"{where}: '{name}' in the '{KEY}' chunk has the wrong type ({limits.shown(value)})")
         try:
             _check_values(data)
         except UserError as e:

@@ -48,7 +48,9 @@ ANCESTRAL_SAMPLERS: tuple[str, ...] = ("ddpm", "euler_a")
 def check_sampler_name(name: str) -> str:
     """`name` if it is a known sampler, else a UserError listing the valid ones."""
     if not isinstance(name, str) or name not in _REGISTRY:
-        raise UserError(f"unknown sampler {name!r}; expected one of: {', '.join(SAMPLERS)}")
+        from ldm_app.limits import shown
+
+        raise UserError(f"unknown sampler {shown(name, 60)}; expected one of: {', '.join(SAMPLERS)}")
     return name
 
 
