@@ -250,3 +250,96 @@ def test_slugify():
     assert slugify("A corgi, in a sushi house!") == "a-corgi-in-a-sushi-house"
     assert slugify("!!!") == "image"
     assert len(slugify("word " * 50)) <= 40
+
+
+# ---- never overwrite ------------------------------------------------------------------------------------------------
+
+
+def test_existing_files_are_never_overwritten(tmp_path, tiny_pipeline_dir, capsys):
+    common = ["--model", tiny_pipeline_dir, "--height", 32, "--width", 32, *FAST]
+    (tmp_path / "k.png").write_bytes(b"keep me")
+    first = cli("a cat", "--seed", 1, "--output", tmp_path / "k.png", *common)
+    second = cli("a cat", "--seed", 2, "--output", tmp_path / "k.png", *common)
+    assert [p.name for p in first + second] == ["k-1.png", "k-2.png"]
+    assert (tmp_path / "k.png").read_bytes() == b"keep me"
+    assert "wrote " + str(tmp_path / "k-1.png") + " (k.png exists; --overwrite replaces it)" in capsys.readouterr().out
+    assert [read_params(p).seed for p in first + second] == [1, 2]
+
+    # numbered images and the grid: each taken name gets its own next free name
+    multi = ["--num_images", 2, "--grid", "--output", tmp_path / "n.png", *common]
+    cli("a dog", "--seed", 3, *multi)
+    again = cli("a dog", "--seed", 4, *multi)
+    assert [p.name for p in again] == ["n-0000-1.png", "n-0001-1.png", "n-grid-1.png"]
+    assert read_params(tmp_path / "n-0000.png").seed == 3 and read_params(again[0]).seed == 4
+
+    # --overwrite replaces, atomically (no temporary file left)
+    replaced = cli("a cat", "--seed", 5, "--output", tmp_path / "k.png", "--overwrite", *common)
+    assert replaced == [tmp_path / "k.png"] and read_params(tmp_path / "k.png").seed == 5
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_python_api_overwrite_flag(tmp_path, tiny_pipeline_dir):
+    kwargs = dict(seed=1, steps=1, height=32, width=32, device="cpu", output=tmp_path / "a.png")
+    assert generate("a cat", tiny_pipeline_dir, **kwargs) == [tmp_path / "a.png"]
+    assert generate("a cat", tiny_pipeline_dir, **kwargs) == [tmp_path / "a-1.png"]
+    assert generate("a cat", tiny_pipeline_dir, overwrite=True, **kwargs) == [tmp_path / "a.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-1.png", "a.png"]
+
+
+def test_folder_numbers_taken_meanwhile_are_skipped(tmp_path, tiny_pipeline_dir, monkeypatch):
+    """Another process takes the number this one computed (between its listing and its write): the image goes to
+    the next number, nothing is replaced."""
+    out = tmp_path / "outputs"
+    out.mkdir()
+    real_listdir = os.listdir
+
+    def listdir_then_race(folder):
+        names = real_listdir(folder)
+        (Path(folder) / "00000-9-rival.png").write_bytes(b"the other process")  # after the listing
+        (Path(folder) / "00000-1-a-cat.png").write_bytes(b"same name even")
+        return names
+
+    monkeypatch.setattr(gen_module.os, "listdir", listdir_then_race)
+    paths = generate("a cat", tiny_pipeline_dir, seed=1, steps=1, height=32, width=32, device="cpu", output=out)
+    assert [p.name for p in paths] == ["00001-1-a-cat.png"]
+    assert (out / "00000-1-a-cat.png").read_bytes() == b"same name even"
+
+
+# ---- one-line errors instead of tracebacks --------------------------------------------------------------------------
+
+
+def test_non_utf8_prompt_is_one_line_error(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "generate.py", b"\xff\xfe", "--output", str(tmp_path / "o")],
+                          capture_output=True, cwd=ROOT, env=env, timeout=300)  # fmt: skip
+    assert (done.returncode, done.stdout) == (2, b""), done.stderr
+    assert done.stderr.startswith(b"error: the prompt is not valid UTF-8 text") and done.stderr.count(b"\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_utf8_output_path_works(tmp_path, tiny_pipeline_dir, capsys):
+    """A folder name whose bytes are not UTF-8 is a valid path: written, and printed escaped."""
+    out = Path(os.fsdecode(bytes(tmp_path) + b"/d\xff"))
+    paths = cli("a cat", "--model", tiny_pipeline_dir, "--seed", 1, "--height", 32, "--width", 32,
+                "--output", out / "x.png", *FAST)  # fmt: skip
+    assert paths[0].is_file() and read_params(paths[0]).seed == 1
+    assert "d\\udcff" in capsys.readouterr().out
+
+
+def test_read_only_output_is_one_line_error(readonly_dir, tiny_pipeline_dir, capsys):
+    argv = ["a cat", "--model", str(tiny_pipeline_dir), "--output", str(readonly_dir / "x.png"), *map(str, FAST)]
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not writable" in err
+    assert os.listdir(readonly_dir) == []
+
+
+def test_full_disk_is_one_line_error_and_leaves_no_partial_file(small_disk, tiny_pipeline_dir, capsys):
+    (small_disk / "filler").write_bytes(b"\0" * (2 * 2**20 - 4096))  # leave less than one 64 px PNG
+    argv = ["a cat", "--model", str(tiny_pipeline_dir), "--seed", "1", "--output", str(small_disk / "x.png"),
+            *map(str, FAST)]  # fmt: skip
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err  # the sampling progress bar, then the error
+    assert err.endswith(f"\nerror: cannot write {small_disk / 'x.png'}: No space left on device\n"), err
+    assert "Traceback" not in err
+    assert os.listdir(small_disk) == ["filler"]

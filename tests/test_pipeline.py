@@ -304,3 +304,32 @@ def test_scheduler_is_made_latent_safe(tiny_components):
     )
     pipe = LatentDiffusionPipeline(**components)
     assert pipe.scheduler.config.clip_sample is False and pipe.scheduler.config.steps_offset == 1
+
+
+@pytest.mark.parametrize("component, source", [("unet", "vae"), ("text_encoder", "vae"), ("vae", "unet")])
+def test_weights_of_another_component_are_one_line_error(model_copy, component, source):
+    """diffusers left such weights on the meta device (a "meta tensor" error at the first call) and transformers
+    initialized them at random (a text encoder that silently ignores the prompt)."""
+    target = next((model_copy / component).glob("*.safetensors"))
+    shutil.copy(next((model_copy / source).glob("*.safetensors")), target)
+    with pytest.raises(UserError, match=f"{component}: the weights do not match its config.json") as err:
+        load(model_copy)
+    assert "\n" not in str(err.value) and "another component's weights" in str(err.value)
+
+
+def test_sampler_argument_is_for_one_call_only(tiny_pipeline):
+    own = tiny_pipeline.scheduler
+    per_call = generate(tiny_pipeline, seed=1, sampler="euler_a")
+    assert tiny_pipeline.scheduler is own and own.num_inference_steps is None  # never stepped
+    tiny_pipeline.set_sampler("euler_a")
+    assert max_diff(per_call, generate(tiny_pipeline, seed=1)) == 0
+    tiny_pipeline.scheduler = own
+    assert max_diff(per_call, generate(tiny_pipeline, seed=1)) > TOL  # ddim gives another image
+
+
+def test_calls_do_not_share_scheduler_state(tiny_pipeline):
+    """dpm++ keeps its previous outputs between steps: a second call with other steps starts clean."""
+    tiny_pipeline.set_sampler("dpm++")
+    first = generate(tiny_pipeline, seed=2)
+    generate(tiny_pipeline, seed=3, num_inference_steps=5)
+    assert max_diff(first, generate(tiny_pipeline, seed=2)) == 0

@@ -102,3 +102,74 @@ def test_missing_non_png_and_garbage_files(tmp_path):
     (tmp_path / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(UserError, match="not a readable PNG"):
         read_params(tmp_path / "junk.png")
+
+
+# ---- never overwrite, race-free --------------------------------------------------------------------------------
+
+
+def test_save_png_never_overwrites_unless_asked(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"keep")
+    assert save_png(_image(), tmp_path / "a.png", _params(seed=1)) == tmp_path / "a-1.png"
+    assert save_png(_image(), tmp_path / "a.png", _params(seed=2)) == tmp_path / "a-2.png"
+    named = [tmp_path / "x.png", tmp_path / "y.png"]
+    assert save_png(_image(), tmp_path / "a.png", _params(seed=3), alternatives=named) == tmp_path / "x.png"
+    assert (tmp_path / "a.png").read_bytes() == b"keep"
+    assert save_png(_image(), tmp_path / "a.png", _params(seed=4), overwrite=True) == tmp_path / "a.png"
+    assert read_params(tmp_path / "a.png").seed == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-1.png", "a-2.png", "a.png", "x.png"]  # no temp file
+
+
+def test_save_png_respects_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        path = save_png(_image(), tmp_path / "m.png", _params())
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+WRITER = """
+import sys
+from PIL import Image
+from ldm_app.pngmeta import save_png
+folder, writer, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for i in range(count):
+    save_png(Image.new("RGB", (8, 8), (writer, i, 0)), f"{folder}/k.png", None, text=f"{writer} {i}")
+"""
+
+
+def test_processes_writing_one_name_at_once_never_replace_each_other(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    writers, count = 4, 15
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(w), str(count)], cwd=root)
+             for w in range(writers)]  # fmt: skip
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == writers * count and not [f for f in files if f.name.startswith(".")]
+    seen = set()
+    for f in files:
+        with Image.open(f) as im:  # every file a complete PNG, each image exactly once
+            seen.add(im.getpixel((0, 0))[:2])
+            assert read_text_chunks(f)[TEXT_KEY] == "{} {}".format(*im.getpixel((0, 0))[:2])
+    assert seen == {(w, i) for w in range(writers) for i in range(count)}
+
+
+def test_full_disk_leaves_nothing(small_disk):
+    (small_disk / "filler").write_bytes(b"\0" * (2 * 2**20 - 2048))
+    noisy = Image.frombytes("RGB", (256, 256), bytes(range(256)) * 768)  # does not compress into 2 KiB
+    with pytest.raises(UserError, match=r"cannot write .*n\.png: No space left on device"):
+        save_png(noisy, small_disk / "n.png", _params())
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+def test_non_utf8_model_path_is_stored(tmp_path):
+    params = _params(model="/models/d\udcff")
+    path = save_png(_image(), tmp_path / "s.png", params)
+    assert read_params(path) == params  # the JSON chunk keeps the bytes (escaped); the text chunk shows them
+    assert "Model: d\\udcff" in read_text_chunks(path)[TEXT_KEY]

@@ -112,3 +112,50 @@ def test_batch_seed_rule(tiny_pipeline, name):
     alone = tiny_pipeline("a cat", generator=torch.Generator().manual_seed(12), **kwargs).images
     assert np.abs(batch[2] - alone[0]).max() <= 2 / 255
     assert np.abs(batch[0] - batch[2]).max() > 2 / 255  # the images of a batch do differ
+
+
+def test_sampler_name_of_any_type_is_a_user_error():
+    for name in (["ddim"], None, 3, "DDIM"):
+        with pytest.raises(UserError, match="unknown sampler"):
+            make_scheduler(name, model_schedule().config)
+
+
+def _runs_finite(scheduler) -> bool:
+    import inspect
+
+    x = torch.randn((1, 4, 2, 2), generator=torch.Generator().manual_seed(0))
+    ancestral = "generator" in inspect.signature(scheduler.step).parameters
+    kwargs = {"generator": torch.Generator().manual_seed(1)} if ancestral else {}
+    try:
+        for t in scheduler.timesteps:
+            scheduler.scale_model_input(x, t)
+            x = scheduler.step(torch.randn((1, 4, 2, 2), generator=torch.Generator().manual_seed(2)), t, x, **kwargs,
+                               return_dict=False)[0]  # fmt: skip
+    except (IndexError, ValueError, RuntimeError):
+        return False
+    return bool(torch.isfinite(x).all())
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+def test_timestep_grid_check_never_lets_a_failing_step_count_through(spacing):
+    """How many steps a sampler can take is not simply the training timesteps T: with steps_offset=1, DDIM at T
+    steps asks for timestep T (IndexError) and DPM-Solver++ at T steps repeats a timestep (NaN, a black image).
+    Over short schedules, offsets and spacings: every step count the check accepts runs and stays finite."""
+    from ldm_app.samplers import set_timesteps_checked
+
+    refused = 0
+    for train_steps in (7, 10):
+        for offset in (0, 1, 2):
+            config = DDIMScheduler(num_train_timesteps=train_steps, beta_schedule="scaled_linear", beta_start=0.00085,
+                                   beta_end=0.012, steps_offset=offset, timestep_spacing=spacing).config  # fmt: skip
+            for name in SAMPLERS:
+                for steps in range(1, train_steps + 1):
+                    scheduler = make_scheduler(name, config)
+                    try:
+                        set_timesteps_checked(scheduler, steps, label=name)
+                    except UserError as e:
+                        assert f"{steps} steps do not fit sampler {name}" in str(e)
+                        refused += 1
+                        continue
+                    assert _runs_finite(scheduler), (train_steps, offset, spacing, name, steps)
+    assert refused > 0 or spacing == "trailing"  # SD's leading spacing with an offset is where grids break
