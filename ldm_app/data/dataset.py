@@ -37,8 +37,19 @@ METADATA_FILE = "metadata.jsonl"
 _LAYOUT = f'image files plus a {METADATA_FILE} with lines like {{"file_name": "0001.png", "text": "a caption"}}'
 # What PIL raises for an unreadable image: missing/truncated/unidentified files are OSError (incl.
 # UnidentifiedImageError), some malformed headers surface as SyntaxError, and oversized ones as
-# DecompressionBombError.
-_DECODE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError)
+# DecompressionBombError; malformed data inside a readable header, and images `to_rgb` refuses, are ValueError.
+_DECODE_ERRORS = (OSError, SyntaxError, Image.DecompressionBombError, ValueError)
+
+
+class UnsupportedImageError(ValueError):
+    """An image that decodes but whose pixels have no one meaning as RGB (see `to_rgb`): skipped like an
+    unreadable file, never guessed."""
+
+
+# What transparent pixels become: composited onto white (how a viewer shows a transparent PNG on a page), rather
+# than PIL's `convert("RGB")`, which drops alpha and exposes whatever colour hides under transparent pixels.
+ALPHA_BACKGROUND = (255, 255, 255)
+_ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
 
 
 # ---- transforms (torchvision does not import with this torch build, so these are PIL/numpy) ----
@@ -80,12 +91,47 @@ def transform_image(image: Image.Image, resolution: int, center_crop: bool, rand
     return to_tensor(image)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB with the pixel values the file means (PIL's `convert("RGB")` clips 16-bit values to 255, so a
+    16-bit grayscale PNG becomes all white):
+    - 16-bit integer modes (I;16, I;16B, ...) and "I" (32-bit integer, how some Pillow versions and TIFFs give
+      16-bit data): read as 0..65535 and scaled to 0..255 (v / 257, rounded); values outside 0..65535 are refused;
+    - "F" (32-bit float): read as 0..1 and scaled by 255; values outside [0, 1] (or NaN) are refused;
+    - alpha (LA, PA, RGBA, premultiplied La / RGBa, and L / P / RGB with a transparency key) is composited onto
+      white (ALPHA_BACKGROUND);
+    - 1, L, P, CMYK, YCbCr, LAB, HSV and RGB: PIL's conversion.
+    Refused images raise UnsupportedImageError (the dataset skips and counts them like unreadable files)."""
+    mode = image.mode
+    if mode == "I" or mode.startswith("I;16"):
+        a = np.asarray(image).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise UnsupportedImageError(f"{mode} image with values {a.min()}..{a.max()}, outside the 16-bit range "
+                                        "0..65535")
+        gray = np.round(a / 257.0).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode == "F":
+        a = np.asarray(image, dtype=np.float64)
+        if a.size and not (np.isfinite(a).all() and a.min() >= 0.0 and a.max() <= 1.0):
+            raise UnsupportedImageError("float (F) image with values outside [0, 1]; save it as 8 or 16 bits")
+        return Image.fromarray(np.round(a * 255.0).astype(np.uint8), mode="L").convert("RGB")
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        if mode == "La":
+            image = image.convert("LA")  # PIL converts premultiplied La only to its straight form
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as e:  # a mode PIL cannot turn into RGB
+        raise UnsupportedImageError(f"image mode {mode} cannot be converted to RGB ({e})") from None
+
+
 def _decode(source: dict[str, Any]) -> Image.Image:
     """Decode an undecoded `datasets.Image` value ({"bytes", "path"}) to RGB, fully, so errors surface here."""
     fp = io.BytesIO(source["bytes"]) if source.get("bytes") is not None else source["path"]
     with Image.open(fp) as image:
         image.load()
-        return ImageOps.exif_transpose(image).convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(image))
 
 
 # ---- the dataset ----
@@ -112,6 +158,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.image_column = image_column
         self.captions: list[str] = list(hf_dataset[caption_column])
         self.skipped: set[int] = set()  # indices that failed to decode in this process
+        self.first_error: str | None = None  # "name: reason" of the first of them
 
     def __len__(self) -> int:
         return len(self.hf_dataset)
@@ -132,7 +179,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             return _decode(source)
         except _DECODE_ERRORS as e:
             if index not in self.skipped:  # warn once per file, not once per epoch
-                logger.warning("skipping unreadable image %s: %s", self.image_name(index), e)
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                logger.warning("skipping unreadable image %s: %s", self.image_name(index), reason)
+                if self.first_error is None:
+                    self.first_error = f"{Path(self.image_name(index)).name}: {reason}"
             self.skipped.add(index)
             return None
 
@@ -146,6 +196,16 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def validate_images(self) -> list[int]:
         """Decode every image once; return the indices of the unreadable ones (each also warned and counted)."""
         return [i for i in range(len(self)) if self.load_image(i) is None]
+
+    def require_readable(self, source: str) -> int:
+        """Decode images in order until one is readable and return its index; if none is, a one-line UserError
+        (a run on a folder of unreadable files must stop, not loop looking for a non-empty batch). Cheap when
+        the data is fine: one decode."""
+        for i in range(len(self)):
+            if self.load_image(i) is not None:
+                return i
+        raise UserError(f"no readable image in {source}: {len(self)} of {len(self)} skipped "
+                        f"(first: {self.first_error})")
 
     def select(self, indices: Sequence[int]) -> ImageCaptionDataset:
         """A dataset over the given rows (e.g. the train part of `split_indices`), with the same transforms."""
@@ -186,8 +246,15 @@ def _check_folder(folder: Path, caption_column: str) -> None:
     metadata = folder / METADATA_FILE
     if not metadata.is_file():
         raise UserError(f"train_data_dir {folder} has no {METADATA_FILE}: expected {_LAYOUT}")
-    with metadata.open(encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), None)
+    try:
+        text = metadata.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = metadata.read_bytes()[: e.start].count(b"\n") + 1
+        raise UserError(f"{metadata} is not UTF-8 text (byte {e.start}, line {line}): save it as UTF-8, "
+                        f"{_LAYOUT}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {metadata}: {e.strerror or e}") from None
+    first = next((line for line in text.splitlines() if line.strip()), None)
     if first is None:
         raise UserError(f"{metadata} is empty: expected one line per image, like {_LAYOUT}")
     try:
