@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -136,7 +137,10 @@ class DataConfig:
     dataloader_num_workers: int = 0
 
     def validate(self) -> None:
+        from .limits import check_image_side
+
         _positive(self, "resolution")
+        check_image_side("resolution", self.resolution, multiple=1)  # refused before any image is allocated
         if not 0 <= self.holdout_fraction < 1:
             raise UserError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         if self.dataloader_num_workers < 0:
@@ -239,11 +243,15 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         item = args[0]
         items = [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+    if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:  # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the float it means
-            return float(value)
-        except ValueError:
+            number = float(value)
+        except (ValueError, OverflowError):
             raise UserError(f"{key} must be a number, got {value!r}") from None
+        # NaN passes every `<= 0` / `< 1` check of validate() and inf most of them: refused here, for every float
+        if not math.isfinite(number):
+            raise UserError(f"{key} must be a finite number, got {value!r}")
+        return number
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise UserError(f"{key} must be of type {tp.__name__}, got {value!r}")
     return value
@@ -326,6 +334,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {str(path)!r} not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {str(path)!r} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {str(path)!r}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise UserError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
     if data is not None and not isinstance(data, dict):
