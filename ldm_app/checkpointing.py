@@ -7,17 +7,20 @@ GradScaler); this module adds what accelerate leaves to the caller:
 - `training_state.json` (step, epoch, batch position) so a resumed run continues mid-epoch;
 - `latest` resolution that skips a corrupt newest checkpoint (with a warning) for the one before it;
 - keeping the last K checkpoints;
-- a run-folder identity check, so resuming into a folder that holds a different run is refused.
+- a run-folder identity check, so resuming into a folder that holds a different run is refused;
+- a run-folder lock (`lock_run_folder`), so two trainers never write into one folder at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from .config import diff_configs, with_legacy_values
 from .errors import UserError
@@ -27,6 +30,7 @@ logger = logging.getLogger(__name__)
 PREFIX = "checkpoint-"
 STATE_FILE = "training_state.json"
 RUN_CONFIG_FILE = "run_config.json"
+LOCK_FILE = ".lock"
 
 
 def checkpoint_step(path: Path) -> int:
@@ -108,17 +112,22 @@ def save_checkpoint(
     total_limit: int | None = None,
 ) -> Path:
     """Collective: every process must call it. `state` is the JSON training position (step, epoch, batch);
-    `write_extra(folder)` runs on the main process to add files (EMA weights, a loadable pipeline...)."""
+    `write_extra(folder)` runs on the main process to add files (EMA weights, a loadable pipeline...).
+
+    A failed write (a full disk, a read-only folder: any process) ends the same way on every process: the
+    temporary folder is removed, earlier checkpoints are untouched, and every process raises a one-line
+    UserError naming the path (other exceptions keep their traceback, after the same clean-up). Each phase ends
+    with an all-process vote instead of a bare barrier, so a process whose write failed never leaves the others
+    waiting at the next collective."""
     output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}{step}"
     tmp = output_dir / f".{PREFIX}{step}.tmp"
-    if accelerator.is_main_process:
+
+    def make_tmp() -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed run
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+
+    def finish() -> None:
         if write_extra is not None:
             write_extra(tmp)
         (tmp / STATE_FILE).write_text(json.dumps(dict(state), indent=2))
@@ -126,9 +135,69 @@ def save_checkpoint(
         if final.exists():  # same step saved twice (e.g. final save right after a periodic one)
             shutil.rmtree(final)
         os.replace(tmp, final)
+
+    _checkpoint_phase(accelerator, tmp, final, make_tmp if accelerator.is_main_process else None)
+    _checkpoint_phase(accelerator, tmp, final, lambda: accelerator.save_state(str(tmp), safe_serialization=True))
+    _checkpoint_phase(accelerator, tmp, final, finish if accelerator.is_main_process else None)
+    if accelerator.is_main_process:
         prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def _checkpoint_phase(accelerator: Any, tmp: Path, final: Path, work: Callable[[], None] | None) -> None:
+    """Run `work` (None: nothing on this process), then agree with every process on whether all succeeded; on a
+    failure anywhere, the main process removes `tmp` and every process raises."""
+    error: BaseException | None = None
+    if work is not None:
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after every process knows
+            error = e
+    if _failed_anywhere(accelerator, error is not None):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is None:
+            raise UserError(f"cannot write {final}: the write failed on another process (see its error)")
+        user = _as_write_error(error, final)
+        if user is not None:
+            raise user from None
+        raise error
+
+
+def _failed_anywhere(accelerator: Any, failed: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return failed
+    import torch
+
+    flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, "sum").item() > 0)
+
+
+def _as_write_error(error: BaseException, dest: Path) -> UserError | None:
+    """A full disk / read-only / forbidden write as one UserError line naming `dest`, else None (a bug).
+    fileio.write_errors covers OSError and torch's RuntimeErrors; safetensors' SafetensorError is neither (it
+    reports the OS error inside its message: 'IoError(Os { code: 28, kind: StorageFull, ... })')."""
+    import re
+
+    from .fileio import USER_WRITE_ERRNOS, write_errors
+
+    if isinstance(error, UserError):
+        return error
+    if isinstance(error, (OSError, RuntimeError)):
+        try:
+            with write_errors(dest):
+                raise error
+        except UserError as e:
+            return e
+        except BaseException:  # noqa: BLE001 - not a user's write problem
+            pass
+    code = re.search(r"\bcode: (\d+)", str(error))
+    if code and int(code.group(1)) in USER_WRITE_ERRNOS:
+        return UserError(f"cannot write {dest}: {os.strerror(int(code.group(1)))}")
+    if "no space left" in str(error).lower():
+        return UserError(f"cannot write {dest}: No space left on device")
+    return None
 
 
 def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
@@ -158,7 +227,11 @@ def check_run_folder(output_dir: str | Path, run_config: Mapping[str, Any], resu
             "to continue it, or choose a new --output_dir"
         )
     if saved_file.is_file():
-        saved = with_legacy_values(json.loads(saved_file.read_text()))
+        try:
+            saved = with_legacy_values(json.loads(saved_file.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{saved_file} is unreadable ({e.__class__.__name__}): cannot tell which run the "
+                            "folder holds; use a new --output_dir") from None
         changed = [k for k in diff_configs(saved, with_legacy_values(run_config)) if not k.startswith(may_differ)]
         if changed:
             raise UserError(
@@ -180,3 +253,49 @@ def _fsync_tree(folder: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+@contextlib.contextmanager
+def lock_run_folder(output_dir: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on `output_dir` (fcntl.flock on OUT/.lock, which holds the owner's pid) while the
+    body runs; a second trainer on the same folder gets a one-line UserError naming it.
+
+    Only the process of global rank 0 (env RANK, unset for a single process) locks: it alone writes the run
+    folder, and it locks before any collective, so a refused multi-process run stops with its launcher (torchrun
+    stops the other workers when one exits). The kernel releases the lock when the process dies, so a killed
+    run never leaves a stale lock; the lock file itself stays (removing it would let two runs lock two different
+    files of one name). A file system without locks (some network mounts) gets a warning, not a refusal."""
+    import fcntl
+
+    from .fileio import write_errors
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {str(out)!r} is a file, not a folder")
+    path = out / LOCK_FILE
+    with write_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            raise UserError(f"output dir {str(out)!r} is in use by another run"
+                            f"{f' (process {holder})' if holder.isdigit() else ''}: wait for it to end, or choose "
+                            "another --output_dir") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            logger.warning("cannot lock %s (%s): nothing stops a second run from writing into this folder", out,
+                           e.strerror)
+        else:
+            with write_errors(path):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
