@@ -48,6 +48,15 @@ def open_run_folder(output_dir: str, run_config: dict[str, Any], resume: str | N
     return out, checkpoint
 
 
+def launched_processes() -> int:
+    """The number of training processes the launcher started (torchrun / accelerate launch set WORLD_SIZE), known
+    before the accelerator exists, so checks that depend on it can run before the output folder is touched."""
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        return 1
+
+
 def make_accelerator(cfg: TrainConfig, output_dir: str | Path, cpu: bool = False):
     """accelerate owns device placement, mixed precision, distribution and gradient accumulation. Processes
     started by torchrun on a machine without CUDA get a gloo process group: accelerate builds one only when told
@@ -111,6 +120,33 @@ def batches(
         for i, batch in enumerate(loader, start=skip):
             yield Position(epoch, i + 1), batch
         epoch, skip = epoch + 1, 0
+
+
+class EmptyBatchGuard:
+    """Stops a training loop that finds no usable batch: a batch whose images were all unreadable is skipped,
+    and without this a folder of unreadable files skipped forever. `skip(empty, ...)` returns `empty`, after
+    raising a one-line UserError once 3 epochs' worth of batches in a row were empty. `empty` must be decided
+    by every process together (a gathered flag), so all processes stop at the same batch."""
+
+    EPOCHS = 3
+
+    def __init__(self, num_images: int, batch_size: int, num_processes: int):
+        self.limit = self.EPOCHS * max(batches_per_epoch(num_images, batch_size, num_processes), 1)
+        self.num_processes = num_processes
+        self.run = 0
+
+    def skip(self, empty: bool, skipped_loads: int, dataset: Any) -> bool:
+        from ..errors import UserError
+
+        self.run = self.run + 1 if empty else 0
+        if self.run >= self.limit:
+            first = getattr(dataset, "first_error", None)
+            raise UserError(
+                f"{self.run} batches in a row ({self.EPOCHS} epochs) held no readable image"
+                f"{' on some process' if self.num_processes > 1 else ''}: too few of the {len(dataset)} training "
+                f"images are readable ({skipped_loads} unreadable loads{f', first: {first}' if first else ''}); "
+                "fix or remove the unreadable files")
+        return empty
 
 
 def release_freed_memory() -> bool:

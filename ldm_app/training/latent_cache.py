@@ -281,4 +281,8 @@ def load_or_build_cache(accelerator: Any, cache_dir: str | Path, dataset: Any, v
                     " and their captions" if text_encoder is not None else "", time.perf_counter() - start, path)
     else:
         logger.info("reusing latent cache %s (%d images)", path, int(cache.valid.sum()))
+    unreadable = len(dataset) - int(cache.valid.sum())
+    if unreadable:
+        logger.warning("training on the %d readable images of %d: %d unreadable (see the warnings naming them)",
+                       int(cache.valid.sum()), len(dataset), unreadable)
     return cache

@@ -36,11 +36,11 @@ from typing import Any, Iterator
 
 import torch
 
-from ..checkpointing import load_checkpoint, save_checkpoint, write_run_config
+from ..checkpointing import load_checkpoint, lock_run_folder, save_checkpoint, write_run_config
 from ..config import (DataConfig, NoiseScheduleConfig, TextEncoderConfig, TrainConfig, UNetConfig, load_config,
                       flag_overrides, merge, parse_overrides, to_dict)
 from ..errors import ArgumentParser, UserError
-from .common import (Position, batches, batches_per_epoch, effective_lr, make_accelerator, make_lr_scheduler,
+from .common import (EmptyBatchGuard, Position, batches, launched_processes, batches_per_epoch, effective_lr, make_accelerator, make_lr_scheduler,
                      make_optimizer, open_run_folder, release_freed_memory, setup_logging, step_generator)
 
 logger = logging.getLogger("train_ldm")
@@ -153,7 +153,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _read_prompts(values: list[str]) -> list[str]:
     if len(values) == 1 and Path(values[0]).is_file():
-        return [line.strip() for line in Path(values[0]).read_text(encoding="utf-8").splitlines() if line.strip()]
+        path = Path(values[0])
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"--validation_prompts file {str(path)!r} is not UTF-8 text (byte {e.start}): save it "
+                            "as UTF-8, one prompt per line") from None
+        except OSError as e:
+            raise UserError(f"cannot read --validation_prompts file {str(path)!r}: {e.strerror or e}") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise UserError(f"--validation_prompts file {str(path)!r} holds no prompt (one per line expected)")
+        return prompts
     return values
 
 
@@ -326,6 +337,7 @@ class LDMTrainer:
         self.state = RunState()
         self.cache = None
         self.losses: list[torch.Tensor] = []
+        self.skipped = 0  # unreadable image loads dropped from batches by this process in this run
         self._setup_models()
         self._setup_optimisation()
 
@@ -438,9 +450,7 @@ class LDMTrainer:
         from .latent_cache import collate_cached
 
         cfg, p = self.cfg.train, self.acc.num_processes
-        if batches_per_epoch(len(self.dataset), cfg.train_batch_size, p) == 0:
-            raise UserError(f"the dataset has {len(self.dataset)} training images, fewer than one batch of "
-                            f"{cfg.train_batch_size} x {p} process(es): lower --train_batch_size")
+        check_enough_images(len(self.dataset), cfg.train_batch_size, p)
         collate = collate_cached if self.cache is not None else collate_fn
         return batches(self.dataset, cfg.train_batch_size, cfg.seed, self.acc, self.state.position, collate,
                        self.cfg.data.dataloader_num_workers)
@@ -450,9 +460,12 @@ class LDMTrainer:
         self._log_start()
         window, last_saved, t0 = [], self.state.step, time.perf_counter()
         stream = self.data_stream()
+        guard = EmptyBatchGuard(len(self.dataset), cfg.train_batch_size, self.acc.num_processes)
         while self.state.step < cfg.max_train_steps:
             self.state.position, batch = next(stream)
-            if not len(batch["captions"]):  # every image of the batch was unreadable (warned by the dataset)
+            self.skipped += int(batch["num_skipped"])
+            # every image of the batch was unreadable (warned by the dataset), here or on another process
+            if guard.skip(self._empty_anywhere(len(batch["captions"])), self.skipped, self.dataset):
                 continue
             window.append(self.train_step(batch))
             if not self.acc.sync_gradients:
@@ -472,12 +485,21 @@ class LDMTrainer:
                 self.validate()
         if last_saved != self.state.step:
             self.save()
+        if self.skipped:
+            logger.warning("skipped %d unreadable image loads during training (see the warnings naming them)",
+                           self.skipped)
         if self.cfg.ldm.validation_prompts and not (self.cfg.ldm.validation_steps and
                                                     self.state.step % self.cfg.ldm.validation_steps == 0):
             self.validate()
         self.export_final()
         self.acc.end_training()
         return TrainResult(self.state.step, [float(x) for x in self.losses])
+
+    def _empty_anywhere(self, n: int) -> bool:
+        """Skip a batch with no readable image on any process, by every process together (DDP needs that)."""
+        if self.acc.num_processes == 1:
+            return n == 0
+        return bool(self.acc.gather(torch.tensor([n], device=self.acc.device)).min() == 0)
 
     def _after_optimizer_step(self) -> None:
         for name, ema in self.ema.items():
@@ -498,8 +520,10 @@ class LDMTrainer:
         imgs = cfg.log_every * cfg.train_batch_size * cfg.gradient_accumulation_steps * self.acc.num_processes
         speed = imgs / max(time.perf_counter() - t0, 1e-9)
         lr = self.lr_scheduler.get_last_lr()[0]
-        self.acc.log({"loss": loss, "lr": lr, "images_per_s": speed}, step=self.state.step)
-        logger.info("step %d/%d loss %.4f lr %.3g %.1f img/s", self.state.step, cfg.max_train_steps, loss, lr, speed)
+        self.acc.log({"loss": loss, "lr": lr, "images_per_s": speed, "data/skipped_images": self.skipped},
+                     step=self.state.step)
+        logger.info("step %d/%d loss %.4f lr %.3g %.1f img/s%s", self.state.step, cfg.max_train_steps, loss, lr, speed,
+                    f" ({self.skipped} unreadable image loads skipped so far)" if self.skipped else "")
 
     # ---- EMA -----------------------------------------------------------------------------------------------
 
@@ -604,9 +628,15 @@ class LDMTrainer:
 
     def export_final(self) -> None:
         """The output folder becomes a complete pipeline (EMA weights), loadable by generate.py and diffusers."""
+        from ..fileio import write_errors
+
         full = self._gather_full_weights()
         if self.acc.is_main_process:
-            self._save_pipeline_into(self.out, full)
+            try:
+                with write_errors(self.out):
+                    self._save_pipeline_into(self.out, full)
+            finally:
+                shutil.rmtree(self.out / ".pipeline", ignore_errors=True)
             logger.info("pipeline written to %s (step %d)", self.out, self.state.step)
         self.acc.wait_for_everyone()
 
@@ -628,13 +658,14 @@ class LDMTrainer:
         import numpy as np
         from diffusers.utils import make_image_grid
 
-        from ..fileio import atomic_path
+        from ..fileio import atomic_path, write_errors
 
         grid = make_image_grid(images, rows=1, cols=len(images))
         path = self.out / "validation" / f"step-{self.state.step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            grid.save(tmp)
+        with write_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                grid.save(tmp)
         writer = self.acc.get_tracker("tensorboard", unwrap=True)
         writer.add_image("validation", np.asarray(grid), self.state.step, dataformats="HWC")
         logger.info("validation grid -> %s", path)
@@ -692,23 +723,41 @@ def check_strategy(accelerator: Any, cfg: LDMRunConfig, train_text_encoder: bool
 # Entry point
 
 
+def check_enough_images(n: int, batch_size: int, num_processes: int) -> None:
+    if batches_per_epoch(n, batch_size, num_processes) == 0:
+        raise UserError(f"the dataset has {n} training images, fewer than one batch of {batch_size} x "
+                        f"{num_processes} process(es): lower --train_batch_size")
+
+
 def main(argv: list[str] | None = None) -> TrainResult:
-    """Parse, check every input (one-line errors), then train. Returns the run's step and losses."""
+    """Parse, check every input (one-line errors), then train. Returns the run's step and losses.
+
+    Order matters: everything that can be checked without the output folder (config, models, data) is checked
+    first, so a mistaken command leaves nothing behind; then the folder is locked for the whole run (see
+    checkpointing.lock_run_folder) before anything reads or writes it; run_config.json, which ties the folder to
+    this config, is written last, just before the first step."""
     args = parse_args(argv)
     cfg = load_run_config(args)
     setup_logging()
-    out, checkpoint = open_run_folder(args.output_dir, to_dict(cfg), args.resume_from_checkpoint, MAY_DIFFER_ON_RESUME)
     models = build_models(cfg)
     dataset = build_train_dataset(cfg)
-    accelerator = make_accelerator(cfg.train, out, cpu=args.cpu)
-    check_strategy(accelerator, cfg, models.train_text_encoder)
-    if accelerator.is_main_process:
-        write_run_config(out, to_dict(cfg))
-    accelerator.init_trackers("train_ldm")
-    trainer = LDMTrainer(cfg, models, dataset, accelerator, out)
+    dataset.require_readable(str(cfg.data.train_data_dir or cfg.data.dataset_name))
     if cfg.ldm.cache_latents:
-        trainer.use_cache(Path(cfg.ldm.cache_dir) if cfg.ldm.cache_dir else out / "latent_cache")
-    if checkpoint is not None:
-        trainer.resume(checkpoint)
-    return trainer.run()
+        from .latent_cache import check_cacheable
 
+        check_cacheable(dataset)
+    check_enough_images(len(dataset), cfg.train.train_batch_size, launched_processes())
+    with lock_run_folder(args.output_dir):
+        out, checkpoint = open_run_folder(args.output_dir, to_dict(cfg), args.resume_from_checkpoint,
+                                          MAY_DIFFER_ON_RESUME)
+        accelerator = make_accelerator(cfg.train, out, cpu=args.cpu)
+        check_strategy(accelerator, cfg, models.train_text_encoder)
+        accelerator.init_trackers("train_ldm")
+        trainer = LDMTrainer(cfg, models, dataset, accelerator, out)
+        if cfg.ldm.cache_latents:
+            trainer.use_cache(Path(cfg.ldm.cache_dir) if cfg.ldm.cache_dir else out / "latent_cache")
+        if checkpoint is not None:
+            trainer.resume(checkpoint)
+        if accelerator.is_main_process:
+            write_run_config(out, to_dict(cfg))
+        return trainer.run()

@@ -30,13 +30,13 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..checkpointing import load_checkpoint, save_checkpoint, write_run_config
+from ..checkpointing import load_checkpoint, lock_run_folder, save_checkpoint, write_run_config
 from ..config import (AutoencoderConfig, DataConfig, TrainConfig, flag_overrides, load_config, merge, parse_overrides,
                       save_config, to_dict)
 from ..errors import ArgumentParser, UserError
 from ..losses import (NLayerDiscriminator, autoencoder_nll, disc_factor, generator_objective, hinge_d_loss,
                       load_lpips, reconstruction_loss)
-from .common import (Position, batches, effective_lr, make_accelerator, make_lr_scheduler, make_optimizer,
+from .common import (EmptyBatchGuard, Position, batches, effective_lr, launched_processes, make_accelerator, make_lr_scheduler, make_optimizer,
                      open_run_folder, psnr, release_freed_memory, setup_logging, step_generator)
 
 logger = logging.getLogger("train_vae")
@@ -356,29 +356,32 @@ class VAETrainer:
         progress = tqdm(total=train.max_train_steps, initial=self.step, desc="train_vae",
                         disable=not self.acc.is_main_process)
         stream, micro, t0, last_saved = self.data_stream(), 0, time.time(), None
-        while self.step < train.max_train_steps:
-            self.position, batch = next(stream)
-            self.skipped += int(batch["num_skipped"])
-            x0 = batch["pixel_values"]
-            if self._empty_anywhere(x0):
-                continue
-            with self.acc.accumulate(self.model, self.disc):
-                g = step_generator(train.seed, self.step * train.gradient_accumulation_steps + micro,
-                                   self.acc.process_index, self.acc.device)
-                logs = self.train_step(x0, g)
-            micro += 1
-            if not self.acc.sync_gradients:
-                continue
-            self.step, micro = self.step + 1, 0
-            progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss/total'].item():.4g}", psnr=f"{logs['psnr'].item():.2f}")
-            if self.step % train.log_every == 0 or self.step == train.max_train_steps:
-                self._log(logs, t0)
-                release_freed_memory()
-            if self.step % train.checkpointing_steps == 0:
-                self.save()
-                last_saved = self.step
-        progress.close()
+        guard = EmptyBatchGuard(len(self.dataset), train.train_batch_size, self.acc.num_processes)
+        try:
+            while self.step < train.max_train_steps:
+                self.position, batch = next(stream)
+                self.skipped += int(batch["num_skipped"])
+                x0 = batch["pixel_values"]
+                if guard.skip(self._empty_anywhere(x0), self.skipped, self.dataset):
+                    continue
+                with self.acc.accumulate(self.model, self.disc):
+                    g = step_generator(train.seed, self.step * train.gradient_accumulation_steps + micro,
+                                       self.acc.process_index, self.acc.device)
+                    logs = self.train_step(x0, g)
+                micro += 1
+                if not self.acc.sync_gradients:
+                    continue
+                self.step, micro = self.step + 1, 0
+                progress.update(1)
+                progress.set_postfix(loss=f"{logs['loss/total'].item():.4g}", psnr=f"{logs['psnr'].item():.2f}")
+                if self.step % train.log_every == 0 or self.step == train.max_train_steps:
+                    self._log(logs, t0)
+                    release_freed_memory()
+                if self.step % train.checkpointing_steps == 0:
+                    self.save()
+                    last_saved = self.step
+        finally:  # ends the bar's line, so an error message starts a line of its own
+            progress.close()
         if last_saved != self.step:
             self.save()
         if self.skipped:
@@ -460,28 +463,43 @@ def build_datasets(cfg: VAERunConfig) -> tuple[Any, dict[str, Any]]:
     return full.select(train_idx), holdout
 
 
+def check_enough_images(n: int, batch_size: int, num_processes: int) -> None:
+    per_step = batch_size * num_processes
+    if n < per_step:
+        raise UserError(f"the training split has {n} images, fewer than one batch ({per_step}): "
+                        "add images, lower train.train_batch_size or data.holdout_fraction")
+
+
 def main(argv: list[str] | None = None) -> TrainResult:
-    """Parse, check every input (one-line errors), train, export OUT/vae and score it on the held-out images."""
+    """Parse, check every input (one-line errors), train, export OUT/vae and score it on the held-out images.
+
+    Order matters: the config and the data are checked before the output folder is touched, so a mistaken
+    command leaves nothing behind; then the folder is locked for the whole run (see
+    checkpointing.lock_run_folder) before anything reads or writes it; run_config.json, which ties the folder to
+    this config, is written last, just before the first step."""
     args = parse_args(argv)
     cfg = load_run_config(args)
     setup_logging()
-    out, checkpoint = open_run_folder(args.output_dir, to_dict(cfg), args.resume_from_checkpoint, MAY_DIFFER_ON_RESUME)
     train_set, holdout = build_datasets(cfg)
-    accelerator = make_accelerator(cfg.train, out, cpu=args.cpu)
-    per_step = cfg.train.train_batch_size * accelerator.num_processes
-    if len(train_set) < per_step:
-        raise UserError(f"the training split has {len(train_set)} images, fewer than one batch ({per_step}): "
-                        "add images, lower train.train_batch_size or data.holdout_fraction")
-    if accelerator.is_main_process:
-        write_run_config(out, to_dict(cfg))
-    accelerator.init_trackers("train_vae")
-    logger.info("%s autoencoder, f=%d; %d training images, %d held out", cfg.autoencoder.kind,
-                cfg.autoencoder.downsampling_factor, len(train_set), len(holdout["indices"]))
-    trainer = VAETrainer(cfg, train_set, holdout, accelerator, out)
-    if checkpoint is not None:
-        trainer.resume(checkpoint)
-    trainer.run()
-    model_dir = trainer.export()
-    metrics = trainer.evaluate_holdout(model_dir)
-    accelerator.end_training()
-    return TrainResult(trainer.step, model_dir, metrics)
+    source = cfg.data.train_data_dir or cfg.data.dataset_name
+    train_set.require_readable(f"the training split of {source} ({len(holdout['indices'])} held out)"
+                               if holdout["indices"] else str(source))
+    check_enough_images(len(train_set), cfg.train.train_batch_size, launched_processes())
+    with lock_run_folder(args.output_dir):
+        out, checkpoint = open_run_folder(args.output_dir, to_dict(cfg), args.resume_from_checkpoint,
+                                          MAY_DIFFER_ON_RESUME)
+        accelerator = make_accelerator(cfg.train, out, cpu=args.cpu)
+        check_enough_images(len(train_set), cfg.train.train_batch_size, accelerator.num_processes)
+        accelerator.init_trackers("train_vae")
+        logger.info("%s autoencoder, f=%d; %d training images, %d held out", cfg.autoencoder.kind,
+                    cfg.autoencoder.downsampling_factor, len(train_set), len(holdout["indices"]))
+        trainer = VAETrainer(cfg, train_set, holdout, accelerator, out)
+        if checkpoint is not None:
+            trainer.resume(checkpoint)
+        if accelerator.is_main_process:
+            write_run_config(out, to_dict(cfg))
+        trainer.run()
+        model_dir = trainer.export()
+        metrics = trainer.evaluate_holdout(model_dir)
+        accelerator.end_training()
+        return TrainResult(trainer.step, model_dir, metrics)
