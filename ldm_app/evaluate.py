@@ -55,7 +55,12 @@ def heldout_indices(model_dir: Path, num_images: int) -> list[int]:
     if not record_file.is_file():
         logger.warning("%s has no %s: scoring every image (some may have been trained on)", model_dir, HOLDOUT_FILE)
         return list(range(num_images))
-    record = json.loads(record_file.read_text())
+    try:
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+        record["num_images"], record["indices"]  # noqa: B018 - the keys train_vae.py writes
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{record_file} is unreadable or not train_vae.py's held-out record "
+                        f"({e.__class__.__name__}): remove it to score every image") from None
     if record["num_images"] != num_images:
         raise UserError(f"--data has {num_images} images but the model was trained on a folder of "
                         f"{record['num_images']}: pass the training data folder so the held-out split matches")
@@ -75,6 +80,36 @@ def _data_config(model_dir: Path, sample_size: int) -> Any:
     if not saved.is_file():
         return DataConfig(resolution=sample_size)
     return from_dict(DataConfig, read_yaml(saved).get("data"), "data")
+
+
+def _training_data_of(model: str | Path, model_dir: Path) -> None:
+    """Without --data the model folder must name its training data (train_vae.py's train_config.yaml); say what
+    the folder is when it does not."""
+    from .training.vae import TRAIN_CONFIG_FILE
+
+    if (model_dir / TRAIN_CONFIG_FILE).is_file():
+        return
+    model = Path(model)
+    if (model / "model_index.json").is_file():
+        found = f"{str(model)!r} is a pipeline folder (model_index.json) whose vae/ has no {TRAIN_CONFIG_FILE}"
+    else:
+        found = f"{str(model_dir)!r} is an autoencoder folder without {TRAIN_CONFIG_FILE}"
+    raise UserError(f"{found}, so the data it was trained on is unknown: expected a train_vae.py output folder "
+                    "(or its vae/), or pass --data DIR (an image folder to score the autoencoder on)")
+
+
+def _check_writable(flag: str, dest: Path) -> None:
+    """Fail before the evaluation, not after it, when an output file cannot be written."""
+    import tempfile
+
+    from .fileio import write_errors
+
+    if dest.is_dir():
+        raise UserError(f"{flag} {str(dest)!r} is a folder; expected a file path")
+    with write_errors(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=dest.parent):
+            pass
 
 
 def score_autoencoder(vae: Any, dataset: Any, batch_size: int, device: Any) -> tuple[dict[str, float], list, list]:
@@ -102,7 +137,8 @@ def score_autoencoder(vae: Any, dataset: Any, batch_size: int, device: Any) -> t
         originals += list(x0[:room].cpu())
         recons += list(x_rec[:room].cpu())
     if not psnrs:
-        raise UserError("no readable image to evaluate")
+        raise UserError(f"no readable image to evaluate: {skipped} of {skipped} held-out images skipped "
+                        f"(first: {getattr(dataset, 'first_error', None)})")
     metrics = {"num_images": int(sum(len(p) for p in psnrs)), "skipped_images": int(skipped),
                "psnr": float(torch.cat(psnrs).mean()), "ssim": float(torch.cat(ssims).mean())}
     if hasattr(vae, "quantize"):
@@ -121,11 +157,14 @@ def save_grid(originals: list[torch.Tensor], recons: list[torch.Tensor], path: s
     def to_pil(x: torch.Tensor) -> Image.Image:  # (3, H, W) in [-1, 1]
         return Image.fromarray(((x.float() + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
 
+    from .fileio import write_errors
+
     grid = make_image_grid([to_pil(x) for x in originals + recons], rows=2, cols=len(originals))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, suffix=".png") as tmp:
-        grid.save(tmp, format="PNG")
+    with write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, suffix=".png") as tmp:
+            grid.save(tmp, format="PNG")
 
 
 def evaluate_vae(model: str | Path, data_dir: str | Path | None, num_images: int | None = None,
@@ -134,10 +173,17 @@ def evaluate_vae(model: str | Path, data_dir: str | Path | None, num_images: int
     """Score an autoencoder on its held-out images (see the module docstring); returns the metrics."""
     if num_images is not None and num_images < 1:
         raise UserError(f"--num_images must be >= 1, got {num_images}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"--batch_size must be an integer >= 1, got {batch_size!r}")
     model_dir = resolve_model_dir(model)
     if not (model_dir / "config.json").is_file():  # checked before the slow imports
         raise UserError(f"{str(model)!r} is not an autoencoder folder (no config.json): pass a train_vae.py "
                         "output folder or its vae/ folder")
+    if data_dir is None:
+        _training_data_of(model, model_dir)  # refuse a folder that does not say where its data is, before work
+    for flag, dest in (("--grid", grid), ("--json", json_path)):
+        if dest:
+            _check_writable(flag, Path(dest))
     from .data.dataset import build_dataset
     from .fileio import atomic_write_text
     from .models import load_autoencoder
@@ -153,6 +199,7 @@ def evaluate_vae(model: str | Path, data_dir: str | Path | None, num_images: int
     if grid:
         save_grid(originals, recons, grid)
     if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)  # made writable by _check_writable
         atomic_write_text(json_path, json.dumps(metrics, indent=2) + "\n")
     return metrics
 
