@@ -510,6 +510,11 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         f = self.vae_scale_factor
         height = limits.check_image_side("height", height, multiple=f)
         width = limits.check_image_side("width", width, multiple=f)
+        smallest = self.smallest_side()
+        for name, value in (("height", height), ("width", width)):
+            if value < smallest:
+                raise UserError(f"{name} is {value} pixels, below the {smallest} this model can take (its U-Net "
+                                "halves the latents too often for smaller images)")  # fmt: skip
         guidance_scale = limits.check_guidance_scale(guidance_scale)
         per_prompt = limits.check_count("num_images_per_prompt", num_images_per_prompt,
                                         limits.current().max_images_per_call)  # fmt: skip
@@ -533,6 +538,15 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         set_timesteps_checked(scheduler, steps, device=self._execution_device, label=label)
         return CallPlan(prompts, negatives, height, width, guidance_scale, per_prompt, batch_size, generator, latents,
                         output_type, scheduler)  # fmt: skip
+
+    def smallest_side(self) -> int:
+        """The smallest image side in pixels: latents that keep 2x2 pixels after the U-Net's last downsampling (32 px
+        for the bundled model, 128 for SD 1.x). Smaller ones reach a group norm with one value per group, a
+        ValueError deep in torch (found by the fuzz test on the tiny model at 8 and 16 px)."""
+        downsamplings = len(self.unet.config.down_block_types) - 1
+        size = self.unet.config.sample_size
+        native = min(size) if isinstance(size, (list, tuple)) else size  # what it was trained on is never refused
+        return self.vae_scale_factor * min(2 ** (downsamplings + 1), native)
 
     def check_generator(self, generator: Any, batch_size: int) -> None:
         """None, one torch.Generator, or one per image; on the CPU or the model's device type."""

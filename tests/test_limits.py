@@ -152,6 +152,7 @@ PIPE_CASES = {
     "float steps": (dict(num_inference_steps=2.0), "num_inference_steps must be an integer >= 1"),
     "huge height": (dict(height=100_000), "height is 100000 pixels, above the limit of 2048"),
     "negative width": (dict(width=-64), "width must be a positive multiple of 8"),
+    "tiny height": (dict(height=16), "height is 16 pixels, below the 32 this model can take"),
     "huge num_images_per_prompt": (dict(num_images_per_prompt=10**6), "num_images_per_prompt is 1000000, above"),
     "prompts x images": (dict(prompt=["a"] * 40, num_images_per_prompt=2), "images per call is 80, above the limit"),
     "pixels per call": (dict(num_images_per_prompt=64, height=1024, width=1024), "pixels in one call, above"),
@@ -205,7 +206,7 @@ def test_max_steps_per_sampler_on_a_short_schedule(tiny_components):
         ran = []
         for steps in range(1, 12):
             try:
-                out = pipe("a", num_inference_steps=steps, sampler=sampler, output_type="latent", height=8, width=8,
+                out = pipe("a", num_inference_steps=steps, sampler=sampler, output_type="latent", height=32, width=32,
                            generator=torch.Generator().manual_seed(0)).images  # fmt: skip
             except UserError as e:
                 assert "do not fit" in str(e) or "above the model's 10 training timesteps" in str(e)
