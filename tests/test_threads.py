@@ -113,3 +113,40 @@ def test_set_sampler_while_other_threads_sample(tiny_pipeline):
     finally:
         stop.set()
         thread.join()
+
+
+def test_calls_are_serialized_when_offload_hooks_move_weights(tiny_pipeline, monkeypatch):
+    """With accelerate/diffusers offload hooks, one call's hooks would move weights away under another's feet:
+    such a pipeline runs one call at a time (and frees its hooks after each, as diffusers does)."""
+    import time
+
+    active, most = [0], [0]
+    real_sample = LatentDiffusionPipeline._sample
+
+    def counting_sample(self, plan):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        time.sleep(0.05)
+        try:
+            return real_sample(self, plan)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(LatentDiffusionPipeline, "_sample", counting_sample)
+
+    def run_four() -> None:
+        threads = [threading.Thread(target=one_call, args=(tiny_pipeline, k)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+
+    run_four()
+    assert most[0] > 1  # without hooks the calls do overlap
+    most[0] = 0
+    tiny_pipeline.unet._hf_hook = object()  # what accelerate's cpu_offload leaves on a module
+    try:
+        run_four()
+    finally:
+        del tiny_pipeline.unet._hf_hook
+    assert most[0] == 1
