@@ -175,29 +175,13 @@ def _failed_anywhere(accelerator: Any, failed: bool) -> bool:
 
 
 def _as_write_error(error: BaseException, dest: Path) -> UserError | None:
-    """A full disk / read-only / forbidden write as one UserError line naming `dest`, else None (a bug).
-    fileio.write_errors covers OSError and torch's RuntimeErrors; safetensors' SafetensorError is neither (it
-    reports the OS error inside its message: 'IoError(Os { code: 28, kind: StorageFull, ... })')."""
-    import re
-
-    from .fileio import USER_WRITE_ERRNOS, write_errors
+    """A full disk / read-only / forbidden write as one UserError line naming `dest`, else None (a bug)."""
+    from .fileio import write_problem
 
     if isinstance(error, UserError):
         return error
-    if isinstance(error, (OSError, RuntimeError)):
-        try:
-            with write_errors(dest):
-                raise error
-        except UserError as e:
-            return e
-        except BaseException:  # noqa: BLE001 - not a user's write problem
-            pass
-    code = re.search(r"\bcode: (\d+)", str(error))
-    if code and int(code.group(1)) in USER_WRITE_ERRNOS:
-        return UserError(f"cannot write {dest}: {os.strerror(int(code.group(1)))}")
-    if "no space left" in str(error).lower():
-        return UserError(f"cannot write {dest}: No space left on device")
-    return None
+    problem = write_problem(error)
+    return UserError(f"cannot write {dest}: {problem}") if problem else None
 
 
 def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:

@@ -27,7 +27,9 @@ def run_cli(main, argv=None) -> int:
     try:
         main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # a path or prompt decoded with surrogateescape (non-UTF-8 bytes) shown escaped, not as a second error
+        message = str(e).encode("utf-8", "backslashreplace").decode("utf-8")
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -161,24 +161,17 @@ def export_model(model: str | Path, out: str | Path, dtype: str = "fp16") -> Pat
     model, out = Path(model), Path(out)
     check_out(model, out)  # before torch is even imported: a wrong --out costs nothing
 
-    from safetensors import SafetensorError
-
-    from .fileio import _is_disk_full, atomic_dir
+    from .fileio import atomic_dir
     from .pipeline import DTYPES, LatentDiffusionPipeline
 
     pipe = LatentDiffusionPipeline.from_pretrained(model)  # float32, sampling defaults included
     pipe.to(DTYPES[dtype])  # not resolve_device_dtype: storing fp16 from the CPU is fine, running it is not
-    try:
-        with atomic_dir(out) as tmp:
-            pipe.save_pretrained(tmp)
-            if (model / RUN_CONFIG).is_file():
-                shutil.copy2(model / RUN_CONFIG, tmp / RUN_CONFIG)
-            write_export_record(tmp, dtype)
-            check_out(model, out)  # again just before the swap: --out may have changed while the export was written
-    except SafetensorError as e:  # fileio.write_errors knows OSError and RuntimeError, not safetensors' own error
-        if not _is_disk_full(e):
-            raise
-        raise UserError(f"cannot write {out}: No space left on device") from None
+    with atomic_dir(out) as tmp:  # a full disk or read-only place: one UserError (fileio.write_errors)
+        pipe.save_pretrained(tmp)
+        if (model / RUN_CONFIG).is_file():
+            shutil.copy2(model / RUN_CONFIG, tmp / RUN_CONFIG)
+        write_export_record(tmp, dtype)
+        check_out(model, out)  # again just before the swap: --out may have changed while the export was written
     return out
 
 

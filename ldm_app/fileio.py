@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,22 +26,37 @@ USER_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errn
 @contextlib.contextmanager
 def write_errors(dest: str | os.PathLike) -> Iterator[None]:
     """Turn a full disk, a read-only or forbidden destination (and the like) while writing `dest` into one
-    UserError line naming the path; other OSErrors stay bugs with their traceback."""
+    UserError line naming the path; any other error stays a bug with its traceback."""
     try:
         yield
-    except OSError as e:
-        if e.errno not in USER_WRITE_ERRNOS:
+    except UserError:
+        raise
+    except Exception as e:
+        problem = write_problem(e)
+        if problem is None:
             raise
-        raise UserError(f"cannot write {dest}: {e.strerror or e}") from None
-    except RuntimeError as e:  # torch/safetensors report a failed write as RuntimeError or SafetensorError
-        if not _is_disk_full(e):
-            raise
-        raise UserError(f"cannot write {dest}: No space left on device") from None
+        raise UserError(f"cannot write {dest}: {problem}") from None
 
 
-def _is_disk_full(e: BaseException) -> bool:
-    text = str(e).lower()
-    return "no space left" in text or "enospc" in text or "iostream error" in text or "file write failed" in text
+def write_problem(e: BaseException) -> str | None:
+    """What went wrong, in the OS's words, when `e` is a user's write situation (full disk, read-only...), else None.
+
+    Python raises OSError; torch's writer a RuntimeError ("basic_ios::clear: iostream error", "file write failed");
+    safetensors its own SafetensorError (neither), with the OS error inside the message:
+    'IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'.
+    """
+    if isinstance(e, OSError):
+        return (e.strerror or str(e)) if e.errno in USER_WRITE_ERRNOS else None
+    if not (isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError"):
+        return None
+    text = str(e)
+    code = re.search(r"\bcode: (\d+)", text)
+    if code and int(code.group(1)) in USER_WRITE_ERRNOS:
+        return os.strerror(int(code.group(1)))
+    lowered = text.lower()
+    if any(s in lowered for s in ("no space left", "enospc", "iostream error", "file write failed")):
+        return "No space left on device"
+    return None
 
 
 @contextlib.contextmanager
@@ -52,7 +69,8 @@ def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         tmp = Path(tmp)
         try:
             tmp.chmod(0o666 & ~_umask())  # mkstemp makes 0600; the result should look like any other file we write
-            yield tmp
+            with _named_as(tmp, dest):
+                yield tmp
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
@@ -73,9 +91,12 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
         try:
             tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700
-            yield tmp
+            with _named_as(tmp, dest):
+                yield tmp
             if dest.exists():
-                old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+                # a fresh empty name (rename may replace an empty folder): a stale one left by a killed process
+                # cannot block the swap
+                old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
                 os.replace(dest, old)
                 os.replace(tmp, dest)
                 shutil.rmtree(old, ignore_errors=True)
@@ -86,7 +107,31 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _named_as(tmp: Path, dest: Path) -> Iterator[None]:
+    """A UserError raised while writing into `tmp` names `dest`: the temporary name is ours, not the user's."""
+    try:
+        yield
+    except UserError as e:
+        if str(tmp) not in str(e):
+            raise
+        raise UserError(str(e).replace(str(tmp), str(dest))) from None
+
+
 def _umask() -> int:
+    """The process umask, read without changing it (os.umask can only read by setting, which is process-wide: a
+    file another thread creates in that instant would get umask 0)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return _umask_by_setting()
+
+
+@functools.cache
+def _umask_by_setting() -> int:  # once per process, where /proc is missing
     mask = os.umask(0)
     os.umask(mask)
     return mask

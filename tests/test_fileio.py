@@ -52,3 +52,51 @@ def test_other_os_errors_stay_bugs(tmp_path):
     with pytest.raises(FileNotFoundError):
         with write_errors(tmp_path / "x"):
             raise FileNotFoundError(errno.ENOENT, "gone")
+
+
+def test_safetensors_write_failures_are_recognised(tmp_path):
+    # safetensors raises its own exception type (not an OSError), with the OS error inside its message
+    from safetensors import SafetensorError
+
+    message = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    with pytest.raises(UserError, match=r"cannot write .*w\.safetensors: No space left on device"):
+        with write_errors(tmp_path / "w.safetensors"):
+            raise SafetensorError(message)
+    with pytest.raises(UserError, match="Read-only file system"):
+        with write_errors(tmp_path / "w.safetensors"):
+            raise SafetensorError('IoError(Os { code: 30, kind: ReadOnlyFilesystem, message: "Read-only" })')
+    with pytest.raises(SafetensorError):  # a corrupt header is not the user's disk
+        with write_errors(tmp_path / "w.safetensors"):
+            raise SafetensorError("Error while deserializing header: HeaderTooLarge")
+
+
+def test_real_safetensors_save_on_a_full_disk(small_disk):
+    import torch
+    from safetensors.torch import save_file
+
+    with pytest.raises(UserError, match="No space left on device"):
+        with atomic_path(small_disk / "w.safetensors") as tmp:
+            save_file({"w": torch.zeros(2**20)}, str(tmp))  # 4 MiB on a 2 MiB disk
+    assert os.listdir(small_disk) == []
+
+
+def test_folder_swap_is_not_blocked_by_a_stale_old_folder(tmp_path):
+    dest = tmp_path / "model"
+    dest.mkdir()
+    (dest / "a").write_text("old")
+    stale = tmp_path / f".model.old-{os.getpid()}"  # what an earlier version left when killed mid-swap
+    stale.mkdir()
+    (stale / "junk").write_text("x")
+    with atomic_dir(dest) as tmp:
+        (tmp / "a").write_text("new")
+    assert (dest / "a").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", stale.name])
+
+
+def test_atomic_files_get_the_umask_permissions(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "f.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o640
