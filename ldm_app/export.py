@@ -27,7 +27,6 @@ disk or read-only destination while writing, after which the temporary folder is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -37,20 +36,13 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import ArgumentParser, UserError, run_cli
+from .fileio import file_sha256, read_written_record, some_entries
 
 RUN_CONFIG = "run_config.json"  # the training config train_ldm.py writes: it travels with the model
 STORE_DTYPES = ("fp16", "fp32")
 EXPORT_RECORD = "ldm_app_export.json"  # written last into every export: what it wrote (see the module docstring)
 WRITTEN_BY = "python -m ldm_app.export"
 _EXPECTED = "a new path, an empty folder, or a folder written by an earlier export"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _tree(folder: Path) -> dict[str, os.stat_result]:
@@ -69,7 +61,7 @@ def write_export_record(folder: Path, dtype: str) -> None:
     for rel, st in sorted(_tree(folder).items()):
         if os.path.islink(folder / rel) or not (folder / rel).is_file():
             continue
-        files[rel] = {"bytes": st.st_size, "sha256": _sha256(folder / rel)}
+        files[rel] = {"bytes": st.st_size, "sha256": file_sha256(folder / rel)}
     record = {"written_by": WRITTEN_BY, "dtype": dtype, "files": files}
     (folder / EXPORT_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -83,18 +75,11 @@ def check_previous_export(out: Path) -> None:
     a UserError naming the first thing that is not."""
     record_path = out / EXPORT_RECORD
     if record_path.is_symlink() or not record_path.is_file():
-        names = sorted(p.name for p in out.iterdir())
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        raise _not_an_export(out, f"is a folder not written by this export (no {EXPORT_RECORD}; it holds {shown})")
-    try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        files = record["files"]
-        ok = record.get("written_by") == WRITTEN_BY and isinstance(files, dict) and all(
-            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
-            for v in files.values())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        ok = False
-    if not ok:
+        raise _not_an_export(
+            out, f"is a folder not written by this export (no {EXPORT_RECORD}; it holds {some_entries(out)})"
+        )
+    files = read_written_record(record_path, WRITTEN_BY)
+    if files is None:
         raise _not_an_export(out, f"has an unreadable {EXPORT_RECORD}")
     expected_dirs = {parent.as_posix() for rel in files for parent in Path(rel).parents if parent != Path(".")}
     for rel, st in sorted(_tree(out).items()):
@@ -109,7 +94,7 @@ def check_previous_export(out: Path) -> None:
             continue
         if rel not in files:
             raise _not_an_export(out, f"holds {rel}, which the earlier export did not write")
-        if st.st_size != files[rel]["bytes"] or _sha256(path) != files[rel]["sha256"]:
+        if st.st_size != files[rel]["bytes"] or file_sha256(path) != files[rel]["sha256"]:
             raise _not_an_export(out, f"holds {rel}, changed since the earlier export wrote it")
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -135,3 +137,36 @@ def _umask_by_setting() -> int:  # once per process, where /proc is missing
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# ---- "written by us" records: a command replaces a folder only when it is exactly what the command wrote --------
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_written_record(path: Path, written_by: str) -> dict[str, dict] | None:
+    """The `files` of a JSON record `{"written_by": ..., "files": {name: {"bytes": int, "sha256": str}}}` that
+    `written_by` wrote at `path`, or None when it is missing, a link, unreadable or malformed."""
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        files = record["files"]
+        ok = record.get("written_by") == written_by and isinstance(files, dict) and all(
+            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
+            for v in files.values())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return None
+    return files if ok else None
+
+
+def some_entries(folder: Path) -> str:
+    """'a, b, c and 4 more': what a folder holds, for an error message."""
+    names = sorted(p.name for p in folder.iterdir())
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")

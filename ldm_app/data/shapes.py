@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ldm_app import limits
 from ldm_app.errors import ArgumentParser, UserError, run_cli
-from ldm_app.fileio import atomic_dir, write_errors
+from ldm_app.fileio import atomic_dir, file_sha256, read_written_record, some_entries, write_errors
 
 # ---- vocabulary (imported by evaluation: keep fixed) ----
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
@@ -232,18 +232,9 @@ def check_previous_output(out: Path) -> None:
     and nothing it does not list, no listed file changed), else raise a UserError naming what is not."""
     manifest = out / MANIFEST_FILE
     if manifest.is_symlink() or not manifest.is_file():
-        names = sorted(p.name for p in out.iterdir())
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        raise _refuse(out, f"is a folder not written by this generator (no {MANIFEST_FILE}; it holds {shown})")
-    try:
-        record = json.loads(manifest.read_text(encoding="utf-8"))
-        files = record["files"]
-        ok = record.get("written_by") == WRITTEN_BY and isinstance(files, dict) and all(
-            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("sha256"), str)
-            for v in files.values())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        ok = False
-    if not ok:
+        raise _refuse(out, f"is a folder not written by this generator (no {MANIFEST_FILE}; it holds {some_entries(out)})")
+    files = read_written_record(manifest, WRITTEN_BY)
+    if files is None:
         raise _refuse(out, f"has an unreadable {MANIFEST_FILE}")
     for entry in sorted(out.iterdir()):  # the generator writes plain files only, no subfolders
         name = entry.name
@@ -252,7 +243,7 @@ def check_previous_output(out: Path) -> None:
         if entry.is_symlink() or not entry.is_file() or name not in files:
             raise _refuse(out, f"holds {name}, which the generator did not write")
         st = entry.stat()
-        if st.st_size != files[name]["bytes"] or _sha256(entry.read_bytes()) != files[name]["sha256"]:
+        if st.st_size != files[name]["bytes"] or file_sha256(entry) != files[name]["sha256"]:
             raise _refuse(out, f"holds {name}, changed since the generator wrote it")
 
 
