@@ -31,12 +31,11 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from .errors import ArgumentParser, UserError, run_cli
-from .fileio import file_sha256, read_written_record, some_entries
+from .fileio import check_replaceable_dir, file_sha256, read_written_record, some_entries
 
 RUN_CONFIG = "run_config.json"  # the training config train_ldm.py writes: it travels with the model
 STORE_DTYPES = ("fp16", "fp32")
@@ -117,27 +116,7 @@ def check_out(model: Path, out: Path) -> None:
             f"--out {out} contains the model folder {model}: exporting there would delete the model; "
             "give a folder outside it"
         )
-    if out.is_symlink():
-        raise UserError(f"--out {out} is a symbolic link (to {os.readlink(out)}): give the real folder path")
-    existing = out
-    while not existing.exists() and not existing.is_symlink():
-        existing = existing.parent
-    if existing != out and not existing.is_dir():
-        raise UserError(f"--out {out}: {existing} is a file, not a folder: give a path in a folder")
-    if existing == out:
-        if not out.is_dir():
-            raise UserError(f"--out {out} is a file, not a folder: expected {_EXPECTED}")
-        if os.path.ismount(out):
-            raise UserError(f"--out {out} is a mount point, which cannot be replaced: give a folder inside it")
-        if any(out.iterdir()):
-            check_previous_export(out)
-    # The export is built next to --out, then renamed into place: that folder must take a new entry. A probe
-    # finds a read-only or forbidden place now (os.access does not, for root), not after the model is loaded.
-    from .fileio import write_errors
-
-    probe_in = out.parent if existing == out else existing
-    with write_errors(out):
-        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=probe_in)).rmdir()
+    check_replaceable_dir(out, _EXPECTED, check_previous_export)  # built next to --out, renamed into place
 
 
 def export_model(model: str | Path, out: str | Path, dtype: str = "fp16") -> Path:

@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import UserError
 
@@ -170,3 +170,26 @@ def some_entries(folder: Path) -> str:
     """'a, b, c and 4 more': what a folder holds, for an error message."""
     names = sorted(p.name for p in folder.iterdir())
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def check_replaceable_dir(out: Path, expected: str, check_previous: Callable[[Path], None]) -> None:
+    """`out` may become a folder that `atomic_dir` writes: not a link, not a file or under one, not a mount point;
+    if it is a non-empty folder, `check_previous(out)` must accept it (it raises otherwise). A probe then finds a
+    read-only or forbidden place now (os.access does not, for root), before any slow work. `expected` says, in
+    the error, what --out may be."""
+    if out.is_symlink():
+        raise UserError(f"--out {out} is a symbolic link (to {os.readlink(out)}): give the real folder path")
+    existing = out
+    while not existing.exists() and not existing.is_symlink():
+        existing = existing.parent
+    if existing != out and not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file, not a folder: give a path in a folder")
+    if existing == out:
+        if not out.is_dir():
+            raise UserError(f"--out {out} is a file, not a folder: expected {expected}")
+        if os.path.ismount(out):
+            raise UserError(f"--out {out} is a mount point, which cannot be replaced: give a folder inside it")
+        if any(out.iterdir()):
+            check_previous(out)
+    with write_errors(out):
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent if existing == out else existing)).rmdir()

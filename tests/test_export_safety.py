@@ -264,7 +264,7 @@ def _prepare_data_out(kind: str, tmp_path: Path, generated: Path) -> Path:
         ("user_folder", "is a folder not written by this generator (no shapes_manifest.json; it holds notes.txt)"),
         ("real_dataset_plus_file", "is a folder not written by this generator (no shapes_manifest.json; it holds "
                                    "000000.png, 000001.png, 000002.png and 2 more)"),
-        ("file", "exists and is not a folder"),
+        ("file", "is a file, not a folder"),
         ("under_file", "{tmp}/file is a file, not a folder"),
         ("output_plus_file", "holds notes.txt, which the generator did not write"),
         ("output_plus_folder", "holds extra, which the generator did not write"),

@@ -24,9 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ldm_app import limits
 from ldm_app.errors import ArgumentParser, UserError, run_cli
-from ldm_app.fileio import atomic_dir, file_sha256, read_written_record, some_entries, write_errors
+from ldm_app.fileio import atomic_dir, check_replaceable_dir, file_sha256, read_written_record, some_entries
 
 # ---- vocabulary (imported by evaluation: keep fixed) ----
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
@@ -251,24 +249,7 @@ def _check_out(out: Path) -> None:
     """What `--out` must be, checked before anything is drawn: see the module docstring."""
     if out.name in ("", ".", ".."):
         raise UserError(f"--out {out} has no folder name of its own: give a path like DIR/shapes")
-    if out.is_symlink():
-        raise UserError(f"--out {out} is a symbolic link (to {os.readlink(out)}): give the real folder path")
-    existing = out
-    while not existing.exists() and not existing.is_symlink():
-        existing = existing.parent
-    if existing != out and not existing.is_dir():
-        raise UserError(f"--out {out}: {existing} is a file, not a folder: give a path in a folder")
-    if existing == out:
-        if not out.is_dir():
-            raise UserError(f"--out {out} exists and is not a folder: expected {_EXPECTED}")
-        if os.path.ismount(out):
-            raise UserError(f"--out {out} is a mount point, which cannot be replaced: give a folder inside it")
-        if any(out.iterdir()):
-            check_previous_output(out)
-    # The dataset is built next to --out and renamed into place: find a read-only or forbidden place now
-    # (os.access does not, for root), not after the images are drawn.
-    with write_errors(out):
-        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent if existing == out else existing)).rmdir()
+    check_replaceable_dir(out, _EXPECTED, check_previous_output)  # built next to --out, renamed into place
 
 
 def make_dataset(
