@@ -1,6 +1,7 @@
 """Export a trained pipeline as a lean, shippable model folder.
 
     python -m ldm_app.export --model RUN_OR_MODEL_DIR --out DIR [--dtype fp16|fp32]
+    python -m ldm_app.export --model RUN_OR_MODEL_DIR --out FILE.safetensors --single_file [--dtype fp16|fp32]
 
 A train_ldm.py output folder holds the pipeline next to checkpoints, logs and the latent cache; the export keeps
 only the pipeline (safetensors), its sampling defaults (ldm_app.json) and the training config (run_config.json),
@@ -21,6 +22,11 @@ What `--out` may be (checked before the model is loaded, so a mistake costs noth
 - never the model itself, a folder inside it or a folder that contains it (resolved paths, so symbolic links
   count), nor a path that is itself a symbolic link, a file, or under a file.
 
+With `--single_file` the export is one safetensors file in the CompVis/A1111 single-file layout of SD 1.x
+(`ldm_app.single_file`; only the U-Net, VAE and text encoder: sampling defaults and run_config.json are not part of
+that layout). `--out` is then a new file path ending .safetensors, never an existing entry (no file records that it
+was written by an export, so none is replaced), nor inside the model folder; the file is written atomically.
+
 Each refusal is one line (`error: ...`, exit status 2) naming the path and saying what is expected; so is a full
 disk or read-only destination while writing, after which the temporary folder is gone and `--out` is untouched.
 """
@@ -31,11 +37,12 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from .errors import ArgumentParser, UserError, run_cli
-from .fileio import check_replaceable_dir, file_sha256, read_written_record, some_entries
+from .fileio import check_replaceable_dir, file_sha256, read_written_record, some_entries, write_errors
 
 RUN_CONFIG = "run_config.json"  # the training config train_ldm.py writes: it travels with the model
 STORE_DTYPES = ("fp16", "fp32")
@@ -119,10 +126,45 @@ def check_out(model: Path, out: Path) -> None:
     check_replaceable_dir(out, _EXPECTED, check_previous_export)  # built next to --out, renamed into place
 
 
-def export_model(model: str | Path, out: str | Path, dtype: str = "fp16") -> Path:
+def check_single_file_out(model: Path, out: Path) -> None:
+    """--out for --single_file (see the module docstring), checked before the model is loaded."""
+    if out.suffix.lower() != ".safetensors" or out.name.lower() == ".safetensors":
+        raise UserError(f"--out {out}: with --single_file, --out is a file path ending .safetensors")
+    if out.is_symlink() or out.exists():
+        kind = "a symbolic link" if out.is_symlink() else "a folder" if out.is_dir() else "an existing file"
+        raise UserError(f"--out {out} is {kind}; refusing to replace it: with --single_file, give a new file path")
+    if _inside(out.resolve(), model.resolve()):
+        raise UserError(f"--out {out} is inside the model folder {model}: give a path outside it")
+    existing = out.parent
+    while not existing.exists() and not existing.is_symlink():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file, not a folder: give a path in a folder")
+    with write_errors(out):  # a read-only or forbidden place: found now, before any slow work
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+
+
+def _export_single_file(model: Path, out: Path, dtype: str) -> Path:
+    check_single_file_out(model, out)  # before torch is even imported
+
+    from .pipeline import DTYPES, LatentDiffusionPipeline
+    from .single_file import save_single_file
+
+    pipe = LatentDiffusionPipeline.from_pretrained(model)
+    check_single_file_out(model, out)  # again: --out may have appeared while the model was loading
+    with write_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    return save_single_file(pipe, out, dtype=DTYPES[dtype])  # atomic: a temporary file renamed into place
+
+
+def export_model(model: str | Path, out: str | Path, dtype: str = "fp16", single_file: bool = False) -> Path:
     if dtype not in STORE_DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}; expected one of {', '.join(STORE_DTYPES)}")
     model, out = Path(model), Path(out)
+    if single_file:
+        return _export_single_file(model, out, dtype)
     check_out(model, out)  # before torch is even imported: a wrong --out costs nothing
 
     from .fileio import atomic_dir
@@ -148,9 +190,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--model", required=True, help="a pipeline folder (e.g. a train_ldm.py output folder)")
     p.add_argument("--out", required=True, help="a new or empty folder, or an earlier export (replaced atomically)")
     p.add_argument("--dtype", choices=STORE_DTYPES, default="fp16", help="precision of the stored weights")
+    p.add_argument("--single_file", action="store_true",
+                   help="write one SD-1.x single-file checkpoint (CompVis/A1111 layout); --out: a new .safetensors")
     args = p.parse_args(argv)
-    out = export_model(args.model, args.out, args.dtype)
-    print(f"exported {args.model} -> {out} ({folder_bytes(out) / 2**20:.1f} MiB, {args.dtype} weights)")
+    out = export_model(args.model, args.out, args.dtype, single_file=args.single_file)
+    size = out.stat().st_size if args.single_file else folder_bytes(out)
+    print(f"exported {args.model} -> {out} ({size / 2**20:.1f} MiB, {args.dtype} weights"
+          + (", single file: U-Net, VAE and text encoder only)" if args.single_file else ")"))
 
 
 if __name__ == "__main__":
