@@ -19,9 +19,9 @@ import secrets
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from ldm_app import DEFAULT_MODEL, __version__, limits
+from ldm_app import DEFAULT_MODEL, __version__, edit_inputs, limits
 from ldm_app.errors import ArgumentParser, UserError
 from ldm_app.fileio import write_errors
 from ldm_app.limits import shown
@@ -58,6 +58,23 @@ class Request:
     device: str = "auto"
     dtype: str = "auto"
     overwrite: bool = False
+    # image-to-image (init_image) and inpainting (init_image + mask); None: text-to-image
+    init_image: str | None = None
+    strength: float | None = None  # default 0.8 for image-to-image, 1.0 for inpainting
+    mask: str | None = None
+    inpaint: str | None = None  # blend | repaint | model (default: model for a 9-channel U-Net, else blend)
+    mask_blur: float = 0.0
+    paste_back: bool = False
+    jump_length: int = 5
+    jump_n_sample: int = 5
+    # adapters and prompt weighting
+    loras: tuple[str, ...] = ()  # "PATH[:SCALE]"
+    embeddings: tuple[str, ...] = ()
+    weighting: bool = False
+
+
+EDIT_FIELDS = ("init_image", "strength", "mask", "inpaint", "mask_blur", "paste_back", "jump_length", "jump_n_sample",
+               "loras", "embeddings", "weighting")  # fmt: skip
 
 
 # ---- the Python API ---------------------------------------------------------------------------------------------
@@ -81,14 +98,21 @@ def generate(
     device: str = "auto",
     dtype: str = "auto",
     overwrite: bool = False,
+    **edit: Any,
 ) -> list[Path]:
     """Generate `num_images` images per prompt and write them as PNGs with their parameters.
 
     `output`: a folder (files `00000-<seed>-<slug>.png`) or a `.png` path (numbered `name-0000.png`, ... when there
     are several images). An existing file is never replaced: the image goes to the next free name (`name-1.png`,
     ...), unless `overwrite`. Returns the paths written, then the grid's if `grid`. Raises UserError for bad input,
-    before anything is generated.
+    before anything is generated. `edit`: the Request's image-to-image, inpainting and adapter fields
+    (init_image, strength, mask, inpaint, mask_blur, paste_back, jump_length, jump_n_sample, loras, embeddings,
+    weighting).
     """
+    unknown = sorted(set(edit) - set(EDIT_FIELDS))
+    if unknown:
+        raise UserError(f"unknown argument {unknown[0]!r}; expected some of {', '.join(EDIT_FIELDS)}")
+    edit = {k: tuple(v) if isinstance(v, list) else v for k, v in edit.items()}
     if isinstance(prompts, str):
         prompts = [prompts]
     elif isinstance(prompts, (list, tuple)):
@@ -101,6 +125,7 @@ def generate(
         prompts=prompts, model=os.fspath(model), seed=seed, negative_prompt=negative_prompt, steps=steps,
         guidance_scale=guidance_scale, sampler=sampler, height=height, width=width, num_images=num_images,
         batch_size=batch_size, output=os.fspath(output), grid=grid, device=device, dtype=dtype, overwrite=overwrite,
+        **edit,
     )  # fmt: skip
     return run(request, prepare(request))
 
@@ -116,16 +141,23 @@ def run(req: Request, sink: OutputSink) -> list[Path]:
     random_seed = req.seed is None
     if random_seed:
         req = replace(req, seed=secrets.randbelow(2**32))
+    inputs = edit_inputs.load(req)  # (again: cheap) the init image and mask, sized
     pipe = load_pipeline(req)
-    base = effective_params(pipe, req)
+    adapters = edit_inputs.load_adapters(pipe, req)
+    if inputs.mask is not None and req.inpaint is None:  # recorded as resolved, so a remake needs no model lookup
+        req = replace(req, inpaint="model" if pipe.unet.config.in_channels == 9 else "blend")
+    if inputs.size is not None:
+        req = replace(req, height=inputs.size[0], width=inputs.size[1])
+    base = replace(effective_params(pipe, req), **inputs.params(req), **adapters)
     jobs = [replace(base, prompt=p, seed=req.seed + k) for p in req.prompts for k in range(req.num_images)]
     check_with_model(pipe, req, jobs)  # the model's own limits (steps per sampler), before the first image
     say(describe(base, pipe) + (" (random)" if random_seed else ""))
+    runner = edit_inputs.pipeline_for(pipe, inputs)
     paths, images = [], []
     for start in range(0, len(jobs), req.batch_size):
         batch = jobs[start : start + req.batch_size]
-        pipe.set_progress_bar_config(desc=f"images {start + 1}-{start + len(batch)} of {len(jobs)}")
-        for params, image in zip(batch, sample(pipe, batch)):
+        runner.set_progress_bar_config(desc=f"images {start + 1}-{start + len(batch)} of {len(jobs)}")
+        for params, image in zip(batch, sample(runner, batch, inputs, req)):
             paths.append(sink.save_image(image, params))
             if req.grid:  # kept only for the grid: thousands of images must not pile up in memory
                 images.append(image)
@@ -183,6 +215,7 @@ def check_request(req: Request) -> None:
         if not isinstance(value, str) or "\0" in value or not value:
             raise UserError(f"--{name} must be a non-empty text without NUL characters, got {shown(value, 100)}")
     check_model_exists(req.model)
+    edit_inputs.check(req)
 
 
 def check_sizes(batch: int, grid_images: int, height: int, width: int) -> None:
@@ -256,22 +289,25 @@ def describe(p: ImageParams, pipe: LatentDiffusionPipeline) -> str:
     )
 
 
-def sample(pipe: LatentDiffusionPipeline, batch: list[ImageParams]) -> list[Image.Image]:
+def sample(pipe: LatentDiffusionPipeline, batch: list[ImageParams], inputs: edit_inputs.EditInputs | None = None,
+           req: Request | None = None) -> list[Image.Image]:  # fmt: skip
     """One pipeline call for a batch of jobs that share every setting but prompt and seed."""
     import torch
 
     p = batch[0]
     # one CPU generator per image (seed + k): the noise of image k is the same in any batch and on any device
     generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
-    return pipe(
-        prompt=[job.prompt for job in batch],
-        negative_prompt=[job.negative_prompt for job in batch],
-        height=p.height,
-        width=p.width,
-        num_inference_steps=p.steps,
-        guidance_scale=p.guidance_scale,
-        generator=generators,
-    ).images
+    prompts = [job.prompt for job in batch]
+    negatives = [job.negative_prompt for job in batch]
+    text = {"prompt": prompts, "negative_prompt": negatives}
+    if p.weighting:
+        from ldm_app.adapters import weighted_prompt_embeds
+
+        embeds, negative_embeds = weighted_prompt_embeds(pipe, prompts, negatives)
+        text = {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
+    extra = inputs.call_arguments(p) if inputs is not None else {"height": p.height, "width": p.width}
+    return pipe(**text, num_inference_steps=p.steps, guidance_scale=p.guidance_scale, generator=generators,
+                **extra).images  # fmt: skip
 
 
 def make_grid(images: list[Image.Image]) -> Image.Image:
@@ -435,6 +471,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="store_true", help="also write a grid image of all the images")
     p.add_argument("--overwrite", action="store_true", help="replace existing files of the same name (default: never "
                    "replace; an image whose name is taken goes to the next free name, name-1.png, ..., printed)")
+    edit = p.add_argument_group("image-to-image and inpainting")
+    edit.add_argument("--init_image", metavar="PATH", help="start from this image (image-to-image, SDEdit); the "
+                      "output has its size")
+    edit.add_argument("--strength", type=_float, help="how far the init image is taken back to noise, in (0, 1] "
+                      "(default 0.8; 1.0 with --mask)")
+    edit.add_argument("--mask", metavar="PATH", help="inpaint: a mask of the init image's size, white = repaint, "
+                      "black = keep")
+    edit.add_argument("--inpaint", choices=("blend", "repaint", "model"), help="how to inpaint: blend (masked "
+                      "latent blending, fast), repaint (RePaint resampling, slower, better seams) or model (a "
+                      "9-channel inpainting model); default: model for such a model, else blend")
+    edit.add_argument("--mask_blur", type=_float, default=0.0, help="soften the mask's edge by this many pixels "
+                      "for --paste_back (default 0)")
+    edit.add_argument("--paste_back", action="store_true", help="put the unmasked pixels of the init image back "
+                      "exactly after decoding")
+    edit.add_argument("--jump_length", type=_int_at_least(1), default=5, help="RePaint: steps per jump back "
+                      "(default 5)")
+    edit.add_argument("--jump_n_sample", type=_int_at_least(1), default=5, help="RePaint: resamplings per jump "
+                      "(default 5; the U-Net runs about this many times more)")
+    adapters = p.add_argument_group("adapters")
+    adapters.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="apply a LoRA "
+                          "(.safetensors, diffusers or kohya/A1111 format), scale default 1; repeatable")
+    adapters.add_argument("--embedding", action="append", default=[], metavar="PATH", help="a textual-inversion "
+                          "embedding (.safetensors); its token is the file name; repeatable")
+    adapters.add_argument("--weighting", action="store_true", help="read A1111 prompt weights: (word:1.3), (word), "
+                          "[word]")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                    help="auto: fp16 on CUDA, fp32 elsewhere")  # fmt: skip
@@ -468,6 +529,8 @@ def request_from_args(args: argparse.Namespace) -> Request:
     if stored is not None and args.model is None and not os.path.isdir(stored.model):
         raise UserError(f"the model recorded in {args.from_png} is not there ({stored.model}); pass --model DIR")
     prompts = read_prompt_file(args.from_file) if args.from_file else [args.prompt] if args.prompt is not None else []
+    if stored is not None:
+        edit_inputs.check_unchanged(stored, {"init_image": args.init_image is not None, "mask": args.mask is not None})
 
     def pick(flag, stored_name):  # the flag if given, else the PNG's value (None lets the model decide)
         return flag if flag is not None or stored is None else getattr(stored, stored_name)
@@ -489,6 +552,17 @@ def request_from_args(args: argparse.Namespace) -> Request:
         device=args.device,
         dtype=args.dtype,
         overwrite=args.overwrite,
+        init_image=pick(args.init_image, "init_image"),
+        strength=pick(args.strength, "strength"),
+        mask=pick(args.mask, "mask"),
+        inpaint=pick(args.inpaint, "inpaint"),
+        mask_blur=args.mask_blur if args.mask_blur or stored is None else stored.mask_blur,
+        paste_back=args.paste_back or (stored is not None and stored.paste_back),
+        jump_length=stored.jump_length if stored is not None and stored.jump_length else args.jump_length,
+        jump_n_sample=stored.jump_n_sample if stored is not None and stored.jump_n_sample else args.jump_n_sample,
+        loras=tuple(args.lora) or (stored.loras if stored is not None else ()),
+        embeddings=tuple(args.embedding) or (stored.embeddings if stored is not None else ()),
+        weighting=args.weighting or (stored is not None and stored.weighting),
     )
 
 

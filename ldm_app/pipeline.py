@@ -19,6 +19,7 @@ Calls are serialized only when offload or other hooks move or cache model state 
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import inspect
@@ -32,11 +33,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel, VQModel
-from diffusers.image_processor import VaeImageProcessor
+from transformers.utils import logging as _transformers_logging
+
+# Importing diffusers' SD pipelines imports transformers' CLIPImageProcessor (for the safety checker we don't use),
+# and transformers 5 then warns, on every import, that torchvision is not installed: not our users' concern.
+_verbosity = _transformers_logging.get_verbosity()
+_transformers_logging.set_verbosity_error()
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DiffusionPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    VQModel,
+)
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput  # noqa: E402
+
+_transformers_logging.set_verbosity(_verbosity)
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils.torch_utils import randn_tensor
 from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -246,25 +262,23 @@ def _normalized(names: set[str], prefixes: set[str]) -> set[str]:
 
 @dataclass
 class CallPlan:
-    """One pipeline call's checked arguments and its own scheduler (timesteps set)."""
+    """One pipeline call's checked arguments (diffusers' keyword arguments, defaults filled in) and its own
+    scheduler (timesteps checked)."""
 
-    prompts: list[str]
-    negatives: list[str]
-    height: int
-    width: int
-    guidance_scale: float
-    num_images_per_prompt: int
-    batch_size: int
-    generator: torch.Generator | list[torch.Generator] | None
-    latents: torch.Tensor | None
-    output_type: str
+    args: dict[str, Any]
     scheduler: SchedulerMixin
+    batch_size: int
+    output_type: str
+    extras: dict[str, Any]  # ours, not diffusers' (inpainting: method, RePaint schedule, mask blur, paste-back)
 
 
 def latent_safe(scheduler: SchedulerMixin) -> SchedulerMixin:
     """The scheduler with the two fixes diffusers' StableDiffusionPipeline applies on load, so both pipelines give
     the same image from one folder: no clipping of the predicted x0 (latents are not bounded to [-1, 1]) and
-    steps_offset=1 (the SD 1.x timestep grid)."""
+    steps_offset=1 (the SD 1.x timestep grid). Applied before diffusers' own __init__ so it has nothing to fix (and
+    no deprecation warning to print)."""
+    if scheduler is None:  # a pipeline of some components only (diffusers' from_pipe, encode_prompt tests)
+        return scheduler
     fixes = {}
     if getattr(scheduler.config, "clip_sample", False):
         fixes["clip_sample"] = False
@@ -273,10 +287,86 @@ def latent_safe(scheduler: SchedulerMixin) -> SchedulerMixin:
     return type(scheduler).from_config(scheduler.config, **fixes) if fixes else scheduler
 
 
-class LatentDiffusionPipeline(DiffusionPipeline):
-    """Text-to-image with a latent diffusion model: CLIP text encoder, conditional U-Net, KL or VQ autoencoder."""
+# What diffusers' __call__ stores on the pipeline object during a call (guidance_scale, num_timesteps, interrupt...).
+# A call runs on a shallow copy of the pipeline; these are copied back afterwards, so `pipe.num_timesteps` and
+# friends read as in diffusers (the last call's values).
+_CALL_STATE = ("_guidance_scale", "_guidance_rescale", "_clip_skip", "_cross_attention_kwargs", "_num_timesteps",
+               "_interrupt")  # fmt: skip
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+def _call_arguments(frame_locals: dict[str, Any]) -> dict[str, Any]:
+    """A __call__'s own arguments (its locals() at entry) as one keyword dict, **kwargs merged in."""
+    args = {k: v for k, v in frame_locals.items() if k not in ("self", "__class__", "kwargs")}
+    args.update(frame_locals.get("kwargs") or {})
+    return args
+
+
+def _image_size(image: Any, latent_factor: int = 8) -> tuple[int, int] | None:
+    """(height, width) in pixels of a PIL image, an (H, W, C) / (B, H, W, C) array, a (C, H, W) / (B, C, H, W)
+    tensor (a 4-channel one: latents, `latent_factor` pixels each), or the first of a list; None when unknown."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(image, list) and image:
+        image = image[0]
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    if isinstance(image, np.ndarray) and image.ndim >= 3:
+        return image.shape[-3], image.shape[-2]
+    if isinstance(image, torch.Tensor) and image.ndim >= 3:
+        if image.shape[-3] == 4:  # latents (diffusers takes image latents too): f = 8 pixels per latent
+            return image.shape[-2] * latent_factor, image.shape[-1] * latent_factor
+        return image.shape[-2], image.shape[-1]
+    return None
+
+
+def _mask_range(mask: Any) -> tuple[float, float] | None:
+    """(min, max) of a mask in [0, 1] (PIL in 0..255 scaled), or None for a form we don't read."""
+    import numpy as np
+    from PIL import Image
+
+    masks = mask if isinstance(mask, list) else [mask]
+    lows, highs = [], []
+    for m in masks:
+        if isinstance(m, Image.Image):
+            a = np.asarray(m.convert("L"), dtype=np.float32) / 255.0
+        elif isinstance(m, np.ndarray):
+            a = m.astype(np.float32)
+        elif isinstance(m, torch.Tensor):
+            a = m.detach().float().cpu().numpy()
+        else:
+            return None
+        lows.append(float(a.min()))
+        highs.append(float(a.max()))
+    return min(lows), max(highs)
+
+
+def check_mask_coverage(mask: Any) -> None:
+    """Refuse a mask that repaints nothing (all black) or everything (all white): for the command line and the web
+    API, where either is a mistake. The pipeline itself takes both, as diffusers' does."""
+    low_high = _mask_range(mask)
+    if low_high is not None and low_high[1] < 0.5:
+        raise UserError("the mask is all black: nothing to repaint (white = repaint, black = keep)")
+    if low_high is not None and low_high[0] >= 0.5:
+        raise UserError("the mask is all white: everything would be repainted; use text-to-image (or image-to-image) "
+                        "instead (white = repaint, black = keep)")
+
+
+class LdmAppPipelineMixin:
+    """What ldm_app adds to diffusers' Stable Diffusion pipelines; everything else is theirs (the call, encode_prompt,
+    LoRA / textual inversion / IP-adapter / single-file loaders, FreeU, VAE slicing and tiling, offload...).
+
+    - loading: one-line errors, safetensors only, float32 unless asked, the folder's sampling defaults
+      (ldm_app.json) used for arguments the caller leaves out, and `sampler=` (a name from ldm_app.samplers);
+    - every call argument checked against `ldm_app.limits` and the model before anything is allocated;
+    - thread safety: a call runs on a shallow copy of the pipeline with its own scheduler (see the module doc);
+    - VQ autoencoders (diffusers' SD pipelines decode with `generator=`, which VQModel.decode does not take).
+    """
+
+    # the diffusers pipeline class a subclass extends (its __call__ runs; its name goes into model_index.json)
+    _diffusers_class: type[DiffusionPipeline] = StableDiffusionPipeline
+    # the latent tensor's channels a call's `latents=` must have
+    _latent_channels_from = "unet"
 
     def __init__(
         self,
@@ -285,24 +375,26 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,
         scheduler: SchedulerMixin,
+        safety_checker: Any = None,
+        feature_extractor: Any = None,
+        image_encoder: Any = None,
+        requires_safety_checker: bool = False,
     ):
-        super().__init__()
-        self.register_modules(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=latent_safe(scheduler)
-        )
-        # f: each autoencoder level but the last halves the resolution (f=8 for SD's 4 levels)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        # No safety checker by default: our models are the user's own; a folder that has one still loads it.
+        super().__init__(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=latent_safe(scheduler),
+            safety_checker=safety_checker, feature_extractor=feature_extractor, image_encoder=image_encoder,
+            requires_safety_checker=requires_safety_checker,
+        )  # fmt: skip
         self.sampling_defaults: dict[str, Any] = {}
 
     # ---- loading and saving -------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, *, sampler: str | None = None, **kwargs
-    ) -> LatentDiffusionPipeline:
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, sampler: str | None = None,
+                        **kwargs):  # fmt: skip
         """Load a local model folder (ours or one saved by diffusers' StableDiffusionPipeline); errors are one-line
-        UserErrors. `sampler` overrides the folder's recommended sampler (ldm_app.json), if any."""
+        UserErrors (also ValueErrors, as diffusers raises). `sampler` overrides the folder's recommended sampler."""
         folder = Path(pretrained_model_name_or_path)
         check_model_folder(folder)
         defaults = read_sampling_defaults(folder)
@@ -318,29 +410,50 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                 pipe = super().from_pretrained(str(folder), **kwargs)
         except (OSError, ValueError, SafetensorError) as e:
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"cannot load model folder {folder}: {first_line}") from e
+            raise ModelLoadError(f"cannot load model folder {folder}: {first_line}") from e
         for name in ("unet", "vae", "text_encoder"):  # what check_weights_match_config could not foresee
             if any(p.is_meta for p in getattr(pipe, name).parameters()):
-                raise UserError(f"{folder / name}: the weights do not match its config.json (some tensors are "
-                                "missing); are these another component's weights?")
+                raise ModelLoadError(f"{folder / name}: the weights do not match its config.json (some tensors "
+                                     "are missing); are these another component's weights?")  # fmt: skip
         pipe.sampling_defaults = defaults
         if sampler is not None:
             pipe.set_sampler(sampler)
         return pipe
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Write the model folder atomically (safetensors only), plus ldm_app.json when sampling defaults are set.
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs):
+        """diffusers' from_pipe (the same modules, no copy: e.g. text-to-image -> inpainting), keeping the model's
+        sampling defaults."""
+        from diffusers.utils import logging as diffusers_logging
+
+        # diffusers' from_pipe casts to float32 unless told otherwise (an fp16 GPU pipeline would double in memory)
+        # and then warns, on every model, about fp32-kept modules even when there are none
+        if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+            kwargs["dtype"] = pipeline.unet.dtype if getattr(pipeline, "unet", None) is not None else torch.float32
+        modeling = diffusers_logging.get_logger("diffusers.models.modeling_utils")
+        level = modeling.level
+        modeling.setLevel(logging.ERROR)
+        try:
+            new = super().from_pipe(pipeline, **kwargs)
+        finally:
+            modeling.setLevel(level)
+        new.sampling_defaults = dict(getattr(pipeline, "sampling_defaults", {}))
+        return new
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs) -> None:
+        """Write the model folder atomically, plus ldm_app.json when sampling defaults are set. Weights are always
+        safetensors (`safe_serialization=False` is accepted for diffusers' API and ignored: we never write pickles,
+        and never load them).
 
         model_index.json names `StableDiffusionPipeline` for a KL autoencoder, so `DiffusionPipeline.from_pretrained`
-        in plain diffusers resolves the folder too; a VQ folder (which SD can't run) keeps our class name. Our own
-        `from_pretrained` ignores the name, and so does `StableDiffusionPipeline.from_pretrained`.
+        in plain diffusers resolves the folder too; a VQ folder (which SD can't decode) keeps our class name.
         """
         with atomic_dir(save_directory) as tmp:
             super().save_pretrained(tmp, safe_serialization=True, **kwargs)
             index_path = tmp / "model_index.json"
             index = json.loads(index_path.read_text(encoding="utf-8"))
             is_kl = isinstance(self.vae, AutoencoderKL)
-            index["_class_name"] = "StableDiffusionPipeline" if is_kl else type(self).__name__
+            index["_class_name"] = self._diffusers_class.__name__ if is_kl else type(self).__name__
             index.pop("_name_or_path", None)  # where it was loaded from: stale once saved elsewhere
             atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
             if self.sampling_defaults:
@@ -362,95 +475,36 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         logger.warning("xformers is not installed; using PyTorch scaled_dot_product_attention instead")
         self.unet.set_attn_processor(AttnProcessor2_0())
 
-    # ---- sampling steps -----------------------------------------------------------------------------------
+    # ---- text ---------------------------------------------------------------------------------------------
 
     def encode_prompt(
-        self, prompts: list[str], negatives: list[str] | None, num_images_per_prompt: int, device: torch.device
-    ) -> torch.Tensor:
-        """CLIP last hidden states, one row per image: (N*P, 77, D), or (2*N*P, 77, D) as [uncond; cond] when
-        `negatives` is given (for classifier-free guidance). One text-encoder call for both halves."""
-        texts = (negatives or []) + prompts
-        input_ids = self.tokenize(texts).to(device)  # (len(texts), 77)
-        embeds = self.text_encoder(input_ids, return_dict=False)[0]  # (len(texts), 77, D)
-        # in the U-Net's dtype: the text encoder may be kept in another precision
-        return embeds.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
-
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """Token ids padded/truncated to CLIP's context (77); a longer text is cut with a warning, not refused."""
-        max_length = self.tokenizer.model_max_length
+        self,
+        prompt,
+        device,
+        num_images_per_prompt,
+        do_classifier_free_guidance,
+        negative_prompt=None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ):
+        """diffusers' encode_prompt (returns (prompt_embeds, negative_prompt_embeds)), under the tokenizer lock (a
+        fast tokenizer's padding settings are shared state, and a LoRA scale is set on the shared text encoder for
+        the call), and in the U-Net's dtype: the text encoder may be kept in another precision."""
         with _TOKENIZER_LOCK:
-            lengths = [len(ids) for ids in self.tokenizer(texts, verbose=False).input_ids]
-            tokens = self.tokenizer(
-                texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-            )
-        for text, length in zip(texts, lengths):
-            if length > max_length:
-                logger.warning("prompt truncated to CLIP's %d tokens (it has %d): %.60r...", max_length, length, text)
-        return tokens.input_ids
+            prompt_embeds, negative_prompt_embeds = super().encode_prompt(
+                prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
+                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, lora_scale=lora_scale,
+                clip_skip=clip_skip,
+            )  # fmt: skip
+        if self.unet is not None:
+            prompt_embeds = prompt_embeds.to(self.unet.dtype)
+            if negative_prompt_embeds is not None:
+                negative_prompt_embeds = negative_prompt_embeds.to(self.unet.dtype)
+        return prompt_embeds, negative_prompt_embeds
 
-    def prepare_latents(
-        self,
-        batch_size: int,
-        height: int,
-        width: int,
-        generator: torch.Generator | list[torch.Generator] | None,
-        latents: torch.Tensor | None,
-        device: torch.device,
-        dtype: torch.dtype,
-        scheduler: SchedulerMixin | None = None,
-    ) -> torch.Tensor:
-        """x_T ~ N(0, I) (B, C, H/f, W/f), scaled by the scheduler's initial sigma (1 for DDPM/DDIM, larger for
-        Euler; `scheduler`: the call's, default self.scheduler). With a list of generators, image k draws from
-        generator k only (randn_tensor does this)."""
-        f = self.vae_scale_factor
-        shape = (batch_size, self.unet.config.in_channels, height // f, width // f)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise UserError(f"got {len(generator)} generators for {batch_size} images; pass one per image")
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        elif tuple(latents.shape) != shape:
-            raise UserError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-        latents = latents.to(device=device, dtype=dtype)
-        return latents * (scheduler or self.scheduler).init_noise_sigma
-
-    def predict_noise(
-        self,
-        x_t: torch.Tensor,
-        t: torch.Tensor,
-        text_embeds: torch.Tensor,
-        guidance_scale: float,
-        scheduler: SchedulerMixin | None = None,
-    ) -> torch.Tensor:
-        """The U-Net's prediction (eps, or v/x0 per the scheduler's prediction_type) for x_t (B, C, h, w).
-
-        Classifier-free guidance (Ho & Salimans 2022): eps = eps(x_t, ∅) + w * (eps(x_t, c) - eps(x_t, ∅)), with
-        both halves in ONE U-Net call on the batch [x_t; x_t] against [uncond; cond] embeddings; w <= 1 skips it.
-        """
-        guided = guidance_scale > 1.0
-        model_input = torch.cat([x_t, x_t]) if guided else x_t  # (2B or B, C, h, w)
-        model_input = (scheduler or self.scheduler).scale_model_input(model_input, t)
-        out = self.unet(model_input, t, encoder_hidden_states=text_embeds, return_dict=False)[0]
-        if not guided:
-            return out
-        uncond, cond = out.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
-
-    def decode_latents(self, latents: torch.Tensor, output_type: str) -> Any:
-        """x0 latents (B, C, h, w) -> images in `output_type` (PIL list, (B, H, W, 3) numpy or (B, 3, H, W) tensor
-        in [0, 1]). A VQ autoencoder quantizes in decode, as in LDM's VQ models."""
-        if output_type == "latent":
-            return latents
-        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]  # in [-1, 1]
-        return self.image_processor.postprocess(image, output_type=output_type)
-
-    def step_kwargs(
-        self, generator: torch.Generator | list[torch.Generator] | None, scheduler: SchedulerMixin | None = None
-    ) -> dict[str, Any]:
-        """Ancestral samplers (ddpm, euler_a) take the generator for their per-step noise; others take none."""
-        accepts = "generator" in inspect.signature((scheduler or self.scheduler).step).parameters
-        return {"generator": generator} if accepts else {}
-
-    # ---- the call -----------------------------------------------------------------------------------------
+    # ---- checks -------------------------------------------------------------------------------------------
 
     def resolve_defaults(
         self, height: int | None, width: int | None, steps: int | None, guidance_scale: float | None
@@ -486,7 +540,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
 
     def check_call(
         self,
-        prompt: Any,
+        prompt: Any = None,
         negative_prompt: Any = None,
         height: Any = None,
         width: Any = None,
@@ -497,19 +551,41 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         latents: Any = None,
         output_type: Any = "pil",
         sampler: Any = None,
+        **more: Any,
     ) -> CallPlan:
         """Every argument of a call checked against `ldm_app.limits` and the model, before anything is allocated
-        (UserError otherwise); returns the plan with the call's own scheduler, its timesteps set. `generate.py`
-        calls it too, to refuse a request before its first image."""
+        (UserError otherwise); returns the plan: diffusers' keyword arguments with our defaults filled in and the
+        call's own scheduler. `generate.py` calls it too, to refuse a request before its first image."""
+        args = dict(more, prompt=prompt, negative_prompt=negative_prompt, generator=generator, latents=latents,
+                    output_type=output_type, num_images_per_prompt=num_images_per_prompt)  # fmt: skip
         if sampler is not None:
             check_sampler_name(sampler)
-        prompts, negatives = self.check_prompts(prompt, negative_prompt)
+        prompt_embeds = args.get("prompt_embeds")
+        if prompt is None and prompt_embeds is None:
+            raise UserError("give a prompt (or prompt_embeds)")
+        if prompt is not None:
+            prompts, negatives = self.check_prompts(prompt, negative_prompt)
+            n_prompts = len(prompts)
+            # as lists both: diffusers refuses a str prompt with a list of negatives
+            args["prompt"] = prompts
+            if negative_prompt is not None:
+                args["negative_prompt"] = negatives
+        else:
+            if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
+                raise UserError(f"prompt_embeds must be a (batch, tokens, width) tensor, got {shown(prompt_embeds)}")
+            n_prompts = prompt_embeds.shape[0]
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {shown(output_type)}")
+        takes_size = self._takes_size()
+        image_size = _image_size(args.get("image"), self.vae_scale_factor) if "image" in args else None
+        if takes_size and (height is None and width is None) and image_size is not None:
+            height, width = image_size  # inpainting: the image's own size unless asked otherwise
         height, width, steps, guidance_scale = self.resolve_defaults(height, width, num_inference_steps, guidance_scale)
+        if not takes_size and image_size is not None:
+            height, width = image_size  # image-to-image: always the image's size
         f = self.vae_scale_factor
-        height = limits.check_image_side("height", height, multiple=f)
-        width = limits.check_image_side("width", width, multiple=f)
+        height = limits.check_image_side("height", height, multiple=f if takes_size and image_size is None else 1)
+        width = limits.check_image_side("width", width, multiple=f if takes_size and image_size is None else 1)
         smallest = self.smallest_side()
         for name, value in (("height", height), ("width", width)):
             if value < smallest:
@@ -518,14 +594,15 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         guidance_scale = limits.check_guidance_scale(guidance_scale)
         per_prompt = limits.check_count("num_images_per_prompt", num_images_per_prompt,
                                         limits.current().max_images_per_call)  # fmt: skip
-        batch_size = len(prompts) * per_prompt
+        batch_size = n_prompts * per_prompt
         limits.check_batch(batch_size, height, width)
         base = self.scheduler  # read once: another thread may set_sampler meanwhile
         label = sampler or sampler_name(base) or type(base).__name__
-        steps = limits.check_steps(steps, base.config.num_train_timesteps, label)
         self.check_generator(generator, batch_size)
         if latents is not None:
-            shape = (batch_size, self.unet.config.in_channels, height // f, width // f)
+            channels = self.unet.config.in_channels if self._latent_channels_from == "unet" else \
+                self.vae.config.latent_channels  # fmt: skip
+            shape = (batch_size, channels, height // f, width // f)
             if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
                 got = f"a {latents.dtype} tensor" if isinstance(latents, torch.Tensor) else type(latents).__name__
                 raise UserError(f"latents must be a floating-point torch.Tensor of shape {shape}, got {got}")
@@ -535,9 +612,25 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                 raise UserError("latents contain NaN or infinite values")
         scheduler = (make_scheduler(sampler, base.config) if sampler is not None
                      else type(base).from_config(base.config))  # fmt: skip
-        set_timesteps_checked(scheduler, steps, device=self._execution_device, label=label)
-        return CallPlan(prompts, negatives, height, width, guidance_scale, per_prompt, batch_size, generator, latents,
-                        output_type, scheduler)  # fmt: skip
+        custom = args.get("timesteps") if args.get("timesteps") is not None else args.get("sigmas")
+        if custom is not None:  # the caller's own grid: diffusers checks the scheduler can take it
+            limits.check_count("len(timesteps)", len(custom), limits.current().max_steps)
+        else:
+            steps = limits.check_steps(steps, base.config.num_train_timesteps, label)
+            set_timesteps_checked(scheduler, steps, device=self._execution_device, label=label)
+        args.update(num_inference_steps=steps, guidance_scale=guidance_scale, num_images_per_prompt=per_prompt)
+        if takes_size:
+            args.update(height=height, width=width)
+        extras = self.check_images(args, steps)
+        return CallPlan(args, scheduler, batch_size, output_type, extras)
+
+    def _takes_size(self) -> bool:
+        return "height" in inspect.signature(type(self).__call__).parameters
+
+    def check_images(self, args: dict[str, Any], steps: int) -> dict[str, Any]:
+        """Checks of `image=`, `mask_image=`, `strength=` (image-to-image and inpainting pipelines); pops and returns
+        the call arguments that are ours rather than diffusers'."""
+        return {}
 
     def smallest_side(self) -> int:
         """The smallest image side in pixels: latents that keep 2x2 pixels after the U-Net's last downsampling (32 px
@@ -561,9 +654,14 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                 raise UserError(f"a generator on {g.device} cannot draw noise for a model on {device_type}; "
                                 "use CPU generators (the same noise on every device)")  # fmt: skip
 
-    def _needs_exclusive_call(self) -> bool:
-        """Offload (accelerate or diffusers hooks) moves weights between devices around each call, and caching hooks
-        keep state between steps: such a pipeline is not safe to call from several threads at once."""
+    # ---- the call -----------------------------------------------------------------------------------------
+
+    def _needs_exclusive_call(self, args: dict[str, Any] | None = None) -> bool:
+        """Offload (accelerate or diffusers hooks) moves weights between devices around each call, caching hooks
+        keep state between steps, and a LoRA scale in cross_attention_kwargs is set on the shared U-Net for the
+        call: such calls are not safe to run from several threads at once."""
+        if args and isinstance(args.get("cross_attention_kwargs"), dict) and "scale" in args["cross_attention_kwargs"]:
+            return True
         if getattr(self, "_all_hooks", None) or getattr(self, "_offload_device", None) is not None:
             return True
         for component in self.components.values():
@@ -574,51 +672,349 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                 return True
         return False
 
+    def _ldm_call(self, args: dict[str, Any]) -> Any:
+        """Check, then run diffusers' call on a shallow copy of this pipeline that has the call's own scheduler (or,
+        when the pipeline has offload hooks, on this pipeline, one call at a time, its scheduler swapped for the
+        call); decode VQ latents ourselves; copy diffusers' per-call state back (num_timesteps, guidance_scale)."""
+        sampler = args.pop("sampler", None)
+        return_dict = args.pop("return_dict", True)
+        try:
+            plan = self.check_call(sampler=sampler, **args)
+        except UserError as e:
+            raise CallArgumentError(str(e)) from None
+        if self._needs_exclusive_call(plan.args):
+            with _EXCLUSIVE_CALL_LOCK:
+                base = self.scheduler
+                object.__setattr__(self, "scheduler", plan.scheduler)
+                try:
+                    images = self._sample(plan)
+                finally:
+                    object.__setattr__(self, "scheduler", base)
+                self.maybe_free_model_hooks()
+        else:
+            runner = copy.copy(self)  # shares the modules and config; has its own per-call attributes
+            object.__setattr__(runner, "scheduler", plan.scheduler)  # bypasses the config update of __setattr__
+            images = runner._sample(plan)
+            for name in _CALL_STATE:
+                if name in runner.__dict__:
+                    setattr(self, name, runner.__dict__[name])
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None) if return_dict else \
+            (images, None)  # fmt: skip
+
+    def _sample(self, plan: CallPlan) -> Any:
+        """diffusers' __call__ of the pipeline class we extend (on latents for a VQ autoencoder), then our decoding."""
+        args = dict(plan.args)
+        vq = isinstance(self.vae, VQModel)
+        if vq:
+            args["output_type"] = "latent"
+        images = self._diffusers_class.__call__(self, **args, return_dict=True).images
+        if vq and plan.output_type != "latent":
+            images = self.decode_to_images(images, plan.output_type)
+        return images
+
+    def decode_to_images(self, latents: torch.Tensor, output_type: str) -> Any:
+        """x0 latents (B, C, h, w) -> images in `output_type` (PIL list, (B, H, W, 3) numpy or (B, 3, H, W) tensor
+        in [0, 1]). A VQ autoencoder quantizes in decode, as in LDM's VQ models."""
+        if output_type == "latent":
+            return latents
+        latents = latents.to(self.vae.dtype)
+        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]  # in [-1, 1]
+        self.maybe_free_model_hooks()
+        return self.image_processor.postprocess(image, output_type=output_type)
+
+
+class ModelLoadError(UserError, ValueError):
+    """A model folder that can't be loaded: a UserError for our scripts, a ValueError as diffusers raises."""
+
+
+class CallArgumentError(UserError, ValueError):
+    """A bad pipeline call argument: a UserError for our scripts, a ValueError as diffusers raises."""
+
+
+class LatentDiffusionPipeline(LdmAppPipelineMixin, StableDiffusionPipeline):
+    """Text-to-image with a latent diffusion model (CLIP text encoder, conditional U-Net, KL or VQ autoencoder):
+    diffusers' `StableDiffusionPipeline` with ldm_app's loading, defaults, checks, samplers and thread safety."""
+
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] | None = None,
+        prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int | None = None,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
+        eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Any = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         sampler: str | None = None,
-    ) -> ImagePipelineOutput | tuple:
-        """Generate `num_images_per_prompt` images for each prompt; arguments left None come from the model's
-        sampling defaults (`self.sampling_defaults`, read from ldm_app.json), else 50 steps, guidance 7.5 and the
-        U-Net's native size. `sampler` (a name from ldm_app.samplers) applies to this call only. Image order: all
-        images of prompt 0, then of prompt 1, ... Safe to call from several threads at once (see the module doc)."""
-        plan = self.check_call(
-            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, num_images_per_prompt,
-            generator, latents, output_type, sampler,
-        )  # fmt: skip
-        if self._needs_exclusive_call():
-            with _EXCLUSIVE_CALL_LOCK:
-                images = self._sample(plan)
-                self.maybe_free_model_hooks()
-        else:
-            images = self._sample(plan)
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        **kwargs: Any,
+    ) -> StableDiffusionPipelineOutput | tuple:
+        """diffusers' StableDiffusionPipeline call. Arguments left None come from the model's sampling defaults
+        (ldm_app.json), else 50 steps, guidance 7.5 and the U-Net's native size; `sampler` (a name from
+        ldm_app.samplers) applies to this call only. Image order: all images of prompt 0, then of prompt 1, ...
+        Safe to call from several threads at once (see the module doc)."""
+        return self._ldm_call(_call_arguments(locals()))
+
+
+IMAGE_TYPES = "a PIL image, a numpy array or a torch tensor (or a list of them)"
+
+
+def check_image_argument(name: str, image: Any, latent_factor: int = 8) -> tuple[int, int]:
+    """An init image / mask in one of the forms diffusers' image processor takes; returns its (height, width)."""
+    size = _image_size(image, latent_factor)
+    if image is None:
+        raise UserError(f"{name} is required: {IMAGE_TYPES}")
+    if size is None:
+        hint = " (open files with PIL.Image.open)" if isinstance(image, (str, os.PathLike)) else ""
+        raise UserError(f"{name} must be {IMAGE_TYPES}, got {shown(image, 80)}{hint}")
+    return size
+
+
+def check_strength(strength: Any, steps: int) -> float:
+    """SDEdit's strength in (0, 1]: the fraction of the noise schedule the init image is taken back along; at
+    least one of the `steps` sampling steps must remain."""
+    strength = limits.check_number("strength", strength)
+    if not 0.0 < strength <= 1.0:
+        raise UserError(f"strength must be in (0, 1], got {strength:g}")
+    if int(steps * strength) < 1:
+        raise UserError(f"strength {strength:g} with {steps} steps leaves no sampling step; raise one or the other")
+    return strength
+
+
+class LatentDiffusionImg2ImgPipeline(LdmAppPipelineMixin, StableDiffusionImg2ImgPipeline):
+    """Image-to-image (SDEdit, Meng et al. 2022): the init image is encoded, noised to level `strength` along the
+    model's forward process, and denoised under the prompt. diffusers' `StableDiffusionImg2ImgPipeline` with
+    ldm_app's loading, defaults, checks, samplers and thread safety; build it from a text-to-image pipeline with
+    `LatentDiffusionImg2ImgPipeline.from_pipe(pipe)` (the same modules, no copy)."""
+
+    _diffusers_class = StableDiffusionImg2ImgPipeline
+
+    def check_images(self, args: dict[str, Any], steps: int) -> dict[str, Any]:
+        check_image_argument("image", args.get("image"), self.vae_scale_factor)
+        args["strength"] = check_strength(args.get("strength"), steps)
+        return {}
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        strength: float = 0.8,
+        num_inference_steps: int | None = None,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Any = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        sampler: str | None = None,
+        **kwargs: Any,
+    ) -> StableDiffusionPipelineOutput | tuple:
+        """diffusers' StableDiffusionImg2ImgPipeline call; the output has the init image's size. Steps and guidance
+        left None come from the model's sampling defaults; of `num_inference_steps`, int(steps * strength) run."""
+        return self._ldm_call(_call_arguments(locals()))
+
+
+INPAINT_METHODS = ("blend", "repaint", "model")
+
+
+class LatentDiffusionInpaintPipeline(LdmAppPipelineMixin, StableDiffusionInpaintPipeline):
+    """Inpainting: `image=` and `mask_image=` (white = repaint, black = keep; diffusers' and A1111's convention).
+
+    `inpaint=` chooses how:
+    - "blend" (default for a 4-channel U-Net, any text-to-image model): after each step the latents outside the
+      mask are replaced by the init image's latents noised to that step (diffusers' own 4-channel path);
+    - "repaint": RePaint (Lugmayr et al. 2022) in latent space: the same replacement, plus resampling: every
+      `jump_length` steps the latents are taken back `jump_length` steps along the forward process and denoised
+      again, `jump_n_sample` times in all, so the new content harmonizes with what is kept (diffusers'
+      RePaintScheduler); costs about jump_n_sample times the U-Net calls;
+    - "model" (the only choice for a 9-channel SD-inpainting U-Net: latents + mask + masked-image latents).
+    `mask_blur` (pixels) softens the mask's edge and `paste_back=True` puts the unmasked pixels of the init image
+    back exactly after decoding (through the blurred mask). Built with `from_pipe(pipe)` from a text-to-image
+    pipeline; diffusers' `StableDiffusionInpaintPipeline` otherwise.
+    """
+
+    _diffusers_class = StableDiffusionInpaintPipeline
+    _latent_channels_from = "vae"
+
+    def check_images(self, args: dict[str, Any], steps: int) -> dict[str, Any]:
+        extras = {name: args.pop(name) for name in ("inpaint", "jump_length", "jump_n_sample", "mask_blur",
+                                                     "paste_back")}  # fmt: skip
+        image_size = check_image_argument("image", args.get("image"), self.vae_scale_factor)
+        mask_size = check_image_argument("mask_image", args.get("mask_image"), self.vae_scale_factor)
+        if mask_size != image_size:
+            raise UserError(f"mask_image is {mask_size[1]}x{mask_size[0]} pixels but image is "
+                            f"{image_size[1]}x{image_size[0]}; give a mask of the image's size")  # fmt: skip
+        nine = self.unet.config.in_channels == 9
+        method = extras["inpaint"] or ("model" if nine else "blend")
+        if method not in INPAINT_METHODS:
+            raise UserError(f"unknown inpaint method {shown(method)}; expected one of: {', '.join(INPAINT_METHODS)}")
+        if nine != (method == "model"):
+            raise UserError("inpaint='model' needs an inpainting model (a 9-channel U-Net) and such a model takes "
+                            f"no other method; this U-Net has {self.unet.config.in_channels} input channels")
+        for name in ("jump_length", "jump_n_sample"):
+            extras[name] = limits.check_count(name, extras[name], limits.current().max_steps)
+        blur = limits.check_number("mask_blur", extras["mask_blur"])
+        if not 0 <= blur <= 256:
+            raise UserError(f"mask_blur must be in [0, 256] pixels, got {blur:g}")
+        args["strength"] = check_strength(args.get("strength"), steps)
+        if method == "repaint" and args["strength"] != 1.0:
+            raise UserError("inpaint='repaint' starts from pure noise (strength 1); drop strength or use 'blend'")
+        if method == "repaint" and args.get("callback_on_step_end") is not None:
+            raise UserError("callback_on_step_end is not supported with inpaint='repaint'")
+        return dict(extras, inpaint=method, paste_back=bool(extras["paste_back"]))
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        mask_image: Any = None,
+        masked_image_latents: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        padding_mask_crop: int | None = None,
+        strength: float = 1.0,
+        num_inference_steps: int | None = None,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: Any = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Any = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        sampler: str | None = None,
+        inpaint: str | None = None,
+        jump_length: int = 5,
+        jump_n_sample: int = 5,
+        mask_blur: float = 0,
+        paste_back: bool = False,
+        **kwargs: Any,
+    ) -> StableDiffusionPipelineOutput | tuple:
+        """diffusers' StableDiffusionInpaintPipeline call plus `inpaint` ("blend", "repaint" or "model"; default:
+        "model" for a 9-channel U-Net, else "blend"), RePaint's `jump_length` and `jump_n_sample`, `mask_blur` and
+        `paste_back` (see the class doc). The output has the image's size unless height/width are given."""
+        return self._ldm_call(_call_arguments(locals()))
 
     def _sample(self, plan: CallPlan) -> Any:
-        scheduler = plan.scheduler
-        guided = plan.guidance_scale > 1.0
+        want = plan.output_type
+        if plan.extras["paste_back"] and want != "latent":
+            plan = CallPlan({**plan.args, "output_type": "pt"}, plan.scheduler, plan.batch_size, "pt", plan.extras)
+        if plan.extras["inpaint"] == "repaint":
+            images = self._repaint(plan)
+        else:
+            images = super()._sample(plan)
+        if plan.extras["paste_back"] and want != "latent":
+            images = self._paste_back(images, plan, want)
+        return images
+
+    def _paste_back(self, generated: torch.Tensor, plan: CallPlan, output_type: str) -> Any:
+        """Init image outside the (blurred) mask, generated inside: out = m * generated + (1 - m) * init, in [0, 1]
+        pixels, so unmasked pixels come back exactly (A1111's "inpaint only masked" paste-back)."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        a = plan.args
+        height, width = generated.shape[-2:]
+        init = (self.image_processor.preprocess(a["image"], height=height, width=width) + 1) / 2  # (1|B, 3, H, W)
+        mask = a["mask_image"]
+        if plan.extras["mask_blur"] > 0:
+            masks = mask if isinstance(mask, list) else [mask]
+            mask = [self.mask_processor.blur(m.convert("L"), blur_factor=plan.extras["mask_blur"]) if hasattr(m, "convert")
+                    else m for m in masks]  # fmt: skip
+        soft = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=False,
+                                 do_convert_grayscale=True).preprocess(mask, height=height, width=width)  # fmt: skip
+        init, soft = init.to(generated), soft.to(generated)
+        out = soft * generated + (1 - soft) * init
+        return self.image_processor.postprocess(out, output_type=output_type, do_denormalize=[False] * out.shape[0])
+
+    def _repaint(self, plan: CallPlan) -> Any:
+        """RePaint's loop in latent space with diffusers' RePaintScheduler (the model's noise schedule, its
+        `step` for the known/unknown combination and `undo_step` for the jumps back), under classifier-free
+        guidance. The latent mask is max-pooled: a latent cell with any masked pixel is regenerated."""
+        from diffusers import RePaintScheduler
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+        from diffusers.utils.torch_utils import randn_tensor
+
+        a, e = plan.args, plan.extras
         device = self._execution_device
-        text_embeds = self.encode_prompt(
-            plan.prompts, plan.negatives if guided else None, plan.num_images_per_prompt, device
-        )
-        x_t = self.prepare_latents(plan.batch_size, plan.height, plan.width, plan.generator, plan.latents, device,
-                                   text_embeds.dtype, scheduler)  # fmt: skip
-        step_kwargs = self.step_kwargs(plan.generator, scheduler)
+        guided = a["guidance_scale"] > 1.0
+        embeds, negative = self.encode_prompt(
+            a.get("prompt"), device, a["num_images_per_prompt"], guided, a.get("negative_prompt"),
+            prompt_embeds=a.get("prompt_embeds"), negative_prompt_embeds=a.get("negative_prompt_embeds"),
+            clip_skip=a.get("clip_skip"),
+        )  # fmt: skip
+        context = torch.cat([negative, embeds]) if guided else embeds  # [uncond; cond]
+        batch = embeds.shape[0]
+        height, width, f = a["height"], a["width"], self.vae_scale_factor
+        image = self.image_processor.preprocess(a["image"], height=height, width=width)
+        image = image.to(device=device, dtype=self.vae.dtype)
+        known = retrieve_latents(self.vae.encode(image), sample_mode="argmax") * self.vae.config.scaling_factor
+        known = known.repeat(batch // known.shape[0], 1, 1, 1).to(embeds.dtype)
+        mask = self.mask_processor.preprocess(a["mask_image"], height=height, width=width).to(device)
+        keep = 1.0 - torch.nn.functional.max_pool2d(mask, kernel_size=f)  # 1 = known latent cell
+        keep = keep.repeat(batch // keep.shape[0], 1, 1, 1).to(embeds.dtype)
+
+        known_keys = inspect.signature(RePaintScheduler.__init__).parameters  # the noise schedule, not the sampler's
+        schedule = {k: v for k, v in self.scheduler.config.items() if k in known_keys}
+        scheduler = RePaintScheduler.from_config(schedule, eta=a.get("eta", 0.0), clip_sample=False)
+        scheduler.set_timesteps(a["num_inference_steps"], e["jump_length"], e["jump_n_sample"], device=device)
+        generator = a.get("generator")
+        x = a.get("latents")
+        if x is None:
+            shape = (batch, self.vae.config.latent_channels, height // f, width // f)
+            x = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
+        x = x.to(device=device, dtype=embeds.dtype)
+        self._num_timesteps = len(scheduler.timesteps)
+        t_last = scheduler.timesteps[0] + 1
         with self.progress_bar(total=len(scheduler.timesteps)) as progress:
             for t in scheduler.timesteps:
-                eps = self.predict_noise(x_t, t, text_embeds, plan.guidance_scale, scheduler)
-                x_t = scheduler.step(eps, t, x_t, **step_kwargs, return_dict=False)[0]  # x_t -> x_{t-1}
+                if t < t_last:  # a reverse step x_t -> x_{t-1}, known region from q(x_{t-1} | x0)
+                    model_input = torch.cat([x, x]) if guided else x
+                    eps = self.unet(model_input, t, encoder_hidden_states=context,
+                                    cross_attention_kwargs=a.get("cross_attention_kwargs"), return_dict=False)[0]  # fmt: skip
+                    if guided:
+                        uncond, cond = eps.chunk(2)
+                        eps = uncond + a["guidance_scale"] * (cond - uncond)
+                    x = scheduler.step(eps, t, x, known, keep, generator=generator).prev_sample
+                else:  # a jump back: x_{t-1} -> x_t along the forward process
+                    x = scheduler.undo_step(x, t_last, generator=generator)
+                t_last = t
                 progress.update()
-        return self.decode_latents(x_t, plan.output_type)
+        return self.decode_to_images(x, plan.output_type)

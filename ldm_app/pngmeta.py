@@ -67,8 +67,24 @@ class ImageParams:
     sampler: str | None  # None: the model folder's own scheduler, which ldm_app.samplers has no name for
     height: int
     width: int
-    model: str  # the model folder's absolute path
+    model: str  # the model folder's (or single file's) absolute path
     version: str = __version__
+    # image-to-image and inpainting: the input files (absolute paths, and their SHA-256 so a remake can tell the
+    # file changed) and the settings; None/default for text-to-image
+    init_image: str | None = None
+    init_image_sha256: str | None = None
+    strength: float | None = None
+    mask: str | None = None
+    mask_sha256: str | None = None
+    inpaint: str | None = None  # blend | repaint | model
+    mask_blur: float = 0.0
+    paste_back: bool = False
+    jump_length: int | None = None  # RePaint's schedule
+    jump_n_sample: int | None = None
+    # adapters: LoRA files as "ABSOLUTE_PATH:SCALE", textual-inversion embedding files; A1111 prompt weighting
+    loras: tuple[str, ...] = ()
+    embeddings: tuple[str, ...] = ()
+    weighting: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -93,6 +109,7 @@ class ImageParams:
             _check_values(data)
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
+        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**data)
 
 
@@ -109,12 +126,25 @@ def _check_values(data: dict[str, Any]) -> None:
         raise UserError(f"seed must be between 0 and {MAX_SEED}, got {data['seed']}")
     if data["sampler"] is not None:
         check_sampler_name(data["sampler"])
+    if data.get("strength") is not None and not 0 < limits.check_number("strength", data["strength"]) <= 1:
+        raise UserError(f"strength must be in (0, 1], got {data['strength']}")
+    if data.get("inpaint") not in (None, "blend", "repaint", "model"):
+        raise UserError(f"unknown inpaint method {limits.shown(data['inpaint'], 40)}")
+    if not 0 <= limits.check_number("mask_blur", data.get("mask_blur", 0.0)) <= 256:
+        raise UserError(f"mask_blur must be in [0, 256], got {data.get('mask_blur')}")
+    for name in ("jump_length", "jump_n_sample"):
+        if data.get(name) is not None:
+            limits.check_count(name, data[name], limits.current().max_steps)
     for name in ("prompt", "negative_prompt", "version"):
         if name in data:
             check_unicode(name, data[name])
 
 
 def _has_type(value: Any, annotation: str) -> bool:
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "tuple[str, ...]":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
     # bool is an int subclass: refuse it for numbers; an int guidance scale (7) is fine
     if isinstance(value, bool):
         return False
@@ -123,6 +153,8 @@ def _has_type(value: Any, annotation: str) -> bool:
         "int": (int,),
         "float": (int, float),
         "str | None": (str, type(None)),
+        "int | None": (int, type(None)),
+        "float | None": (int, float, type(None)),
     }[annotation]
     return isinstance(value, allowed)
 
@@ -139,8 +171,14 @@ def format_parameters(p: ImageParams) -> str:
         "Seed": p.seed,
         "Size": f"{p.width}x{p.height}",
         "Model": Path(p.model).name,
-        "Version": f"ldm_app {p.version}",
     }
+    if p.init_image is not None:
+        settings["Denoising strength"] = p.strength
+    if p.mask is not None:
+        settings.update({"Inpaint": p.inpaint, "Mask blur": p.mask_blur, "Paste back": p.paste_back})
+    if p.loras:
+        settings["Lora"] = " ".join(Path(spec.rsplit(":", 1)[0]).stem + ":" + spec.rsplit(":", 1)[1] for spec in p.loras)
+    settings["Version"] = f"ldm_app {p.version}"
     lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
     return "\n".join(lines)
 

@@ -30,6 +30,9 @@ from diffusers import (  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
+# the vendored diffusers tests run through tests/test_diffusers_contract.py, with their own settings
+collect_ignore = ["diffusers_contract"]
+
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "ldm_app" / "assets" / "tokenizer"
 TEXT_DIM = 32  # CLIP hidden size = U-Net cross_attention_dim
 IMAGE_SIZE = 64  # pixels; latents are 8x8 (f = 8)

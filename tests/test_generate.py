@@ -5,6 +5,7 @@ the real exit status, stderr and import cost.
 """
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -226,8 +227,13 @@ def test_from_file_skips_blank_lines_and_truncates_long_prompts(tmp_path, tiny_p
     long_prompt = "corgi " * 100  # > 77 CLIP tokens: cut with a warning, not refused
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"a red circle\n\n   \n{long_prompt}\n", encoding="utf-8")
-    paths = cli("--from_file", prompts, "--model", tiny_pipeline_dir, "--seed", 3, "--batch_size", 2,
-                "--height", 32, "--width", 32, "--output", tmp_path / "out", *FAST)  # fmt: skip
+    diffusers_logger = logging.getLogger("diffusers")  # the truncation warning is diffusers' (no propagation)
+    diffusers_logger.addHandler(caplog.handler)
+    try:
+        paths = cli("--from_file", prompts, "--model", tiny_pipeline_dir, "--seed", 3, "--batch_size", 2,
+                    "--height", 32, "--width", 32, "--output", tmp_path / "out", *FAST)  # fmt: skip
+    finally:
+        diffusers_logger.removeHandler(caplog.handler)
     assert [read_params(p).prompt for p in paths] == ["a red circle", long_prompt.strip()]
     assert [read_params(p).seed for p in paths] == [3, 3]  # each prompt starts at the seed: comparable images
     assert any("truncated" in r.getMessage() for r in caplog.records)
