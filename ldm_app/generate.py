@@ -247,6 +247,11 @@ def check_model_exists(model: str) -> None:
     pipeline's loader."""
     if os.path.isdir(model):  # os.path: False (not an OSError) for a name too long
         return
+    if os.path.isfile(model) and Path(model).suffix.lower() in (".safetensors", ".ckpt"):
+        return  # a single-file SD-1.x checkpoint (ldm_app.single_file checks what is inside)
+    if os.path.isfile(model):
+        raise UserError(f"--model {model} is a file but not a .safetensors or .ckpt checkpoint; expected a model "
+                        "folder or an SD-1.x single file")  # fmt: skip
     if Path(model) == Path(DEFAULT_MODEL):
         raise UserError(
             f"the bundled default model is missing ({model} does not exist: an install without the package data?); "
@@ -259,6 +264,13 @@ def load_pipeline(req: Request) -> LatentDiffusionPipeline:
     from ldm_app.pipeline import LatentDiffusionPipeline, resolve_device_dtype
 
     device, dtype = resolve_device_dtype(req.device, req.dtype)
+    if os.path.isfile(req.model):
+        from ldm_app.single_file import load_single_file
+
+        pipe = load_single_file(req.model, LatentDiffusionPipeline, torch_dtype=dtype)
+        if req.sampler is not None:
+            pipe.set_sampler(req.sampler)
+        return pipe.to(device)
     pipe = LatentDiffusionPipeline.from_pretrained(req.model, sampler=req.sampler, dtype=dtype)
     return pipe.to(device)
 

@@ -27,10 +27,12 @@ PROMPT = "a red circle"
 RANK = 4
 
 
-def make_pipe(cls=StableDiffusionPipeline):
+def make_pipe(cls=None):
     """The tiny pipeline as `cls` (StableDiffusionPipeline or a subclass of it), with a tokenizer of its own:
     conftest shares one instance, and textual inversion adds tokens to the tokenizer it is given. (Not a deepcopy:
     a deep-copied transformers-5 CLIPTokenizer decodes "a</w>red</w>", which breaks compel's embedding expansion.)"""
+    if cls is None:
+        from ldm_app.pipeline import LatentDiffusionPipeline as cls
     components = build_tiny_components()
     components["tokenizer"] = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
     pipe = cls(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -71,3 +71,30 @@ def test_bundled_model_draws_the_asked_colour(prompt, channel, tmp_path):
     h, w, _ = image.shape
     centre = image[h * 3 // 8 : h * 5 // 8, w * 3 // 8 : w * 5 // 8].reshape(-1, 3).mean(0)
     assert centre.argmax() == channel
+
+
+def test_plain_diffusers_loads_the_bundled_model_as_a_user_types_it():
+    """`diffusers.StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL)` with no other argument: every component
+    in float32 (the text encoder's weights are fp16 on disk) and the same image as ours, with no safety-checker
+    warning (the folder says it has none)."""
+    import logging as std_logging
+
+    from diffusers import StableDiffusionPipeline
+
+    records: list[str] = []
+    handler = std_logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    std_logging.getLogger("diffusers").addHandler(handler)
+    try:
+        theirs = StableDiffusionPipeline.from_pretrained(FOLDER)
+    finally:
+        std_logging.getLogger("diffusers").removeHandler(handler)
+    assert {theirs.text_encoder.dtype, theirs.unet.dtype, theirs.vae.dtype} == {torch.float32}
+    assert not any("safety checker" in r for r in records)
+    ours = LatentDiffusionPipeline.from_pretrained(FOLDER)
+    for pipe in (theirs, ours):
+        pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=4, guidance_scale=3.0, height=64, width=64, output_type="np")
+    a = theirs("a small blue square", generator=torch.Generator().manual_seed(0), **kwargs).images
+    b = ours("a small blue square", generator=torch.Generator().manual_seed(0), sampler=None, **kwargs).images
+    assert np.abs(a - b).max() < 2 / 255
