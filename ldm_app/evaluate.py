@@ -3,6 +3,7 @@
     python -m ldm_app.evaluate vae --model OUT --data DIR [--num_images N] [--grid PATH] [--json PATH]
     python -m ldm_app.evaluate ldm --model M ...     (prompt adherence: ldm_app/evaluation/adherence.py)
     python -m ldm_app.evaluate sweep --model M ...   (settings sweep, defaults by measurement: .../sweep.py)
+    python -m ldm_app.evaluate edit --model M ...    (recolouring and inpainting: .../edit.py)
 
 `vae`: reconstruct the held-out images of the training run (the indices train_vae.py recorded in
 OUT/vae/holdout.json, never trained on) and report PSNR, SSIM (Wang et al. 2004) and, for a VQ model, codebook
@@ -248,6 +249,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     sweep = sub.add_parser("sweep", help="adherence and speed under several sampling settings; choose the defaults")
     add_sweep_arguments(sweep)
     sweep.set_defaults(run=run_sweep_cli)
+    from ldm_app.evaluation.edit import add_edit_arguments, run_edit_cli
+
+    edit = sub.add_parser("edit", help="image-to-image recolouring and inpainting, judged by the judge and by pixels")
+    add_edit_arguments(edit)
+    edit.set_defaults(run=run_edit_cli)
     return p.parse_args(argv)
 
 
