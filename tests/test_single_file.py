@@ -380,3 +380,14 @@ def test_save_refuses_configs_the_file_cannot_record(sd_folder, tmp_path):
             sf.save_single_file(folder, tmp_path / f"{key}.safetensors")
         assert "\n" not in str(info.value) and f"{key}={value!r}" in str(info.value), str(info.value)
         assert not (tmp_path / f"{key}.safetensors").exists()
+
+
+def test_generate_cli_takes_a_single_file_model(sd_file, tmp_path, no_network):
+    """`generate.py --model FILE.safetensors`: loads offline as our pipeline and records the file as the model."""
+    from ldm_app.generate import main
+    from ldm_app.pngmeta import read_params
+
+    out = main(["a cat", "--model", str(sd_file), "--steps", "1", "--guidance_scale", "1", "--height", "128",
+                "--width", "128", "--seed", "0", "--device", "cpu", "--output", str(tmp_path / "cat.png")])[0]  # fmt: skip
+    p = read_params(out)
+    assert p.model == str(sd_file.resolve()) and (p.height, p.width, p.steps) == (128, 128, 1)
