@@ -76,9 +76,10 @@ class EditInputs:
         }
         if self.mask is not None:
             fields.update(mask=str(Path(req.mask).resolve()), mask_sha256=file_sha256(req.mask),
-                          inpaint=req.inpaint, mask_blur=float(req.mask_blur), paste_back=req.paste_back)  # fmt: skip
+                          inpaint=req.inpaint, mask_blur=float(req.mask_blur), paste_back=bool(req.paste_back))  # fmt: skip
             if req.inpaint == "repaint":
-                fields.update(jump_length=req.jump_length, jump_n_sample=req.jump_n_sample)
+                fields.update(jump_length=req.jump_length, jump_n_sample=req.jump_n_sample,
+                              harmonize=float(req.harmonize))
         return fields
 
     def call_arguments(self, p: Any) -> dict[str, Any]:
@@ -89,7 +90,7 @@ class EditInputs:
         if self.mask is not None:
             args.update(mask_image=self.mask, inpaint=p.inpaint, mask_blur=p.mask_blur, paste_back=p.paste_back)
             if p.inpaint == "repaint":
-                args.update(jump_length=p.jump_length, jump_n_sample=p.jump_n_sample)
+                args.update(jump_length=p.jump_length, jump_n_sample=p.jump_n_sample, harmonize=p.harmonize)
         return args
 
 
@@ -105,9 +106,9 @@ def check(req: Any) -> None:
         for name in ("strength", "inpaint"):
             if getattr(req, name) is not None:
                 raise UserError(f"--{name} needs --init_image")
-        if req.paste_back or req.mask_blur:
+        if req.paste_back is not None or req.mask_blur:
             raise UserError("--paste_back and --mask_blur need --init_image and --mask")
-    if req.mask is None and (req.inpaint is not None or req.paste_back or req.mask_blur):
+    if req.mask is None and (req.inpaint is not None or req.paste_back is not None or req.mask_blur):
         raise UserError("--inpaint, --paste_back and --mask_blur need --mask (white = repaint, black = keep)")
     if req.strength is not None:
         strength = limits.check_number("--strength", req.strength)
@@ -119,6 +120,8 @@ def check(req: Any) -> None:
         raise UserError(f"--mask_blur must be in [0, 256] pixels, got {req.mask_blur:g}")
     for name in ("jump_length", "jump_n_sample"):
         limits.check_count(f"--{name}", getattr(req, name), limits.current().max_steps)
+    if not 0 <= limits.check_number("--harmonize", req.harmonize) < 1:
+        raise UserError(f"--harmonize must be in [0, 1), got {req.harmonize:g}")
     for spec in req.loras:
         from ldm_app.adapters import parse_lora_spec
 

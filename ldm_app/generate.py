@@ -64,9 +64,10 @@ class Request:
     mask: str | None = None
     inpaint: str | None = None  # blend | repaint | model (default: model for a 9-channel U-Net, else blend)
     mask_blur: float = 0.0
-    paste_back: bool = False
+    paste_back: bool | None = None  # default: True with a mask
     jump_length: int = 5
     jump_n_sample: int = 5
+    harmonize: float = 0.3
     # adapters and prompt weighting
     loras: tuple[str, ...] = ()  # "PATH[:SCALE]"
     embeddings: tuple[str, ...] = ()
@@ -74,7 +75,7 @@ class Request:
 
 
 EDIT_FIELDS = ("init_image", "strength", "mask", "inpaint", "mask_blur", "paste_back", "jump_length", "jump_n_sample",
-               "loras", "embeddings", "weighting")  # fmt: skip
+               "harmonize", "loras", "embeddings", "weighting")  # fmt: skip
 
 
 # ---- the Python API ---------------------------------------------------------------------------------------------
@@ -144,8 +145,9 @@ def run(req: Request, sink: OutputSink) -> list[Path]:
     inputs = edit_inputs.load(req)  # (again: cheap) the init image and mask, sized
     pipe = load_pipeline(req)
     adapters = edit_inputs.load_adapters(pipe, req)
-    if inputs.mask is not None and req.inpaint is None:  # recorded as resolved, so a remake needs no model lookup
-        req = replace(req, inpaint="model" if pipe.unet.config.in_channels == 9 else "blend")
+    if inputs.mask is not None:  # recorded as resolved, so a remake needs no model lookup
+        method = req.inpaint or ("model" if pipe.unet.config.in_channels == 9 else "repaint")
+        req = replace(req, inpaint=method, paste_back=req.paste_back is not False)
     if inputs.size is not None:
         req = replace(req, height=inputs.size[0], width=inputs.size[1])
     base = replace(effective_params(pipe, req), **inputs.params(req), **adapters)
@@ -490,17 +492,21 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default 0.8; 1.0 with --mask)")
     edit.add_argument("--mask", metavar="PATH", help="inpaint: a mask of the init image's size, white = repaint, "
                       "black = keep")
-    edit.add_argument("--inpaint", choices=("blend", "repaint", "model"), help="how to inpaint: blend (masked "
-                      "latent blending, fast), repaint (RePaint resampling, slower, better seams) or model (a "
-                      "9-channel inpainting model); default: model for such a model, else blend")
+    edit.add_argument("--inpaint", choices=("blend", "repaint", "model"), help="how to inpaint: repaint (RePaint "
+                      "resampling and a free harmonizing tail), blend (diffusers' masked latent blending, fast) or "
+                      "model (a 9-channel inpainting model); default: model for such a model, else repaint")
     edit.add_argument("--mask_blur", type=_float, default=0.0, help="soften the mask's edge by this many pixels "
                       "for --paste_back (default 0)")
-    edit.add_argument("--paste_back", action="store_true", help="put the unmasked pixels of the init image back "
-                      "exactly after decoding")
+    edit.add_argument("--paste_back", action="store_true", default=None, help="put the unmasked pixels of the "
+                      "init image back exactly after decoding (the default with --mask)")
+    edit.add_argument("--no_paste_back", dest="paste_back", action="store_false", help="keep the decoded pixels "
+                      "outside the mask too")
     edit.add_argument("--jump_length", type=_int_at_least(1), default=5, help="RePaint: steps per jump back "
                       "(default 5)")
     edit.add_argument("--jump_n_sample", type=_int_at_least(1), default=5, help="RePaint: resamplings per jump "
-                      "(default 5; the U-Net runs about this many times more)")
+                      "(default 5; the U-Net runs about this many times more; 1: no resampling)")
+    edit.add_argument("--harmonize", type=_float, default=0.3, help="RePaint: the last fraction of the steps that "
+                      "runs free of the kept region, so the latents decode cleanly (default 0.3; 0: never free)")
     adapters = p.add_argument_group("adapters")
     adapters.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="apply a LoRA "
                           "(.safetensors, diffusers or kohya/A1111 format), scale default 1; repeatable")
@@ -569,9 +575,11 @@ def request_from_args(args: argparse.Namespace) -> Request:
         mask=pick(args.mask, "mask"),
         inpaint=pick(args.inpaint, "inpaint"),
         mask_blur=args.mask_blur if args.mask_blur or stored is None else stored.mask_blur,
-        paste_back=args.paste_back or (stored is not None and stored.paste_back),
+        paste_back=args.paste_back if args.paste_back is not None else
+        stored.paste_back if stored is not None and stored.mask is not None else None,
         jump_length=stored.jump_length if stored is not None and stored.jump_length else args.jump_length,
         jump_n_sample=stored.jump_n_sample if stored is not None and stored.jump_n_sample else args.jump_n_sample,
+        harmonize=stored.harmonize if stored is not None and stored.harmonize is not None else args.harmonize,
         loras=tuple(args.lora) or (stored.loras if stored is not None else ()),
         embeddings=tuple(args.embedding) or (stored.embeddings if stored is not None else ()),
         weighting=args.weighting or (stored is not None and stored.weighting),

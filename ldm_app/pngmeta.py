@@ -81,6 +81,7 @@ class ImageParams:
     paste_back: bool = False
     jump_length: int | None = None  # RePaint's schedule
     jump_n_sample: int | None = None
+    harmonize: float | None = None
     # adapters: LoRA files as "ABSOLUTE_PATH:SCALE", textual-inversion embedding files; A1111 prompt weighting
     loras: tuple[str, ...] = ()
     embeddings: tuple[str, ...] = ()
@@ -132,6 +133,8 @@ def _check_values(data: dict[str, Any]) -> None:
         raise UserError(f"unknown inpaint method {limits.shown(data['inpaint'], 40)}")
     if not 0 <= limits.check_number("mask_blur", data.get("mask_blur", 0.0)) <= 256:
         raise UserError(f"mask_blur must be in [0, 256], got {data.get('mask_blur')}")
+    if data.get("harmonize") is not None and not 0 <= limits.check_number("harmonize", data["harmonize"]) < 1:
+        raise UserError(f"harmonize must be in [0, 1), got {data['harmonize']}")
     for name in ("jump_length", "jump_n_sample"):
         if data.get(name) is not None:
             limits.check_count(name, data[name], limits.current().max_steps)

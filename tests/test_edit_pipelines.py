@@ -95,7 +95,7 @@ def test_the_unmasked_latents_end_as_the_init_images_own(base, init_image, box_m
         pytest.skip("diffusers' blend samples the KL posterior with the call's generator")
     pipe = LatentDiffusionInpaintPipeline.from_pipe(base)
     latents = pipe("a cat", image=init_image, mask_image=box_mask, inpaint=method, num_inference_steps=STEPS,
-                   jump_length=2, jump_n_sample=2, generator=_gen(), output_type="latent").images  # fmt: skip
+                   jump_length=2, jump_n_sample=2, harmonize=0.0, generator=_gen(), output_type="latent").images  # fmt: skip
     image = pipe.image_processor.preprocess(init_image)
     encoded = pipe.vae.encode(image)
     own = (encoded.latents if isinstance(pipe.vae, VQModel) else encoded.latent_dist.mode()) * \
@@ -104,6 +104,22 @@ def test_the_unmasked_latents_end_as_the_init_images_own(base, init_image, box_m
     kept[1:5, 4:] = False  # the mask's box [8:40, 32:64] in 8-pixel latent cells
     torch.testing.assert_close(latents[0][:, kept], own[0][:, kept], atol=1e-5, rtol=1e-5)
     assert (latents[0][:, ~kept] - own[0][:, ~kept]).abs().mean() > 1e-2
+
+
+def test_harmonize_frees_the_last_steps_from_the_known_region(base, init_image, box_mask):
+    """harmonize=0: the kept latents end as the init image's encoding; harmonize=0.5: the last half of the steps
+    is free, so they end as the model's own (different) latents; paste_back still restores the pixels."""
+    pipe = LatentDiffusionInpaintPipeline.from_pipe(base)
+    kwargs = dict(image=init_image, mask_image=box_mask, inpaint="repaint", num_inference_steps=STEPS,
+                  jump_n_sample=1, generator=_gen())  # fmt: skip
+    pinned = pipe("a cat", harmonize=0.0, output_type="latent", **kwargs).images
+    free = pipe("a cat", harmonize=0.5, output_type="latent", **dict(kwargs, generator=_gen())).images
+    kept = torch.ones(8, 8, dtype=torch.bool)
+    kept[1:5, 4:] = False
+    assert (pinned[0][:, kept] - free[0][:, kept]).abs().mean() > 1e-3
+    out = pipe("a cat", harmonize=0.5, paste_back=True, **dict(kwargs, generator=_gen())).images[0]
+    keep = np.asarray(box_mask) == 0
+    np.testing.assert_array_equal(np.asarray(out)[keep], np.asarray(init_image)[keep])
 
 
 def test_repaint_resamples_and_blend_does_not(base, init_image, box_mask):
@@ -173,6 +189,7 @@ BAD_CALLS = {
     "repaint strength": (dict(inpaint="repaint", strength=0.5), "starts from pure noise"),
     "blur": (dict(mask_blur=-1), "mask_blur"),
     "jumps": (dict(inpaint="repaint", jump_length=0), "jump_length"),
+    "harmonize": (dict(inpaint="repaint", harmonize=1.0), r"harmonize must be in \[0, 1\)"),
 }
 
 

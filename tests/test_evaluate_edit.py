@@ -57,7 +57,7 @@ def test_examples_are_fresh_and_masks_spare_the_other_object():
 
 def test_run_edit_report_and_paste_back_exact(tiny_pipeline, tiny_judge):
     result = edit.run_edit(tiny_pipeline, tiny_judge, num=2, batch_size=2, strengths=(0.5,),
-                           settings=(("blend", False), ("blend", True)), log=lambda _: None)  # fmt: skip
+                           settings=(("blend", False, {}), ("blend", True, {})), log=lambda _: None)  # fmt: skip
     report = result.report
     json.dumps(report)  # serialisable
     assert set(report) >= {"settings", "recolour", "inpaint", "judge", "per_example"}
@@ -80,7 +80,7 @@ def test_grid(tiny_pipeline, tiny_judge, tmp_path):
     from PIL import Image
 
     result = edit.run_edit(tiny_pipeline, tiny_judge, num=1, batch_size=1, strengths=(0.5, 0.9),
-                           settings=(("repaint", True),), log=lambda _: None)  # fmt: skip
+                           settings=(("repaint", True, {}),), log=lambda _: None)  # fmt: skip
     edit.save_grid(result, tmp_path / "grid.png")
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.width >= 4 * 128 and grid.height > 2 * 128

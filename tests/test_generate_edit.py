@@ -62,12 +62,16 @@ def test_inpainting_with_paste_back_keeps_the_unmasked_pixels_and_is_remade(tmp_
     np.testing.assert_array_equal(pixels(out), pixels(again))
 
 
-def test_the_inpaint_method_defaults_to_blend_and_is_recorded(tmp_path, tiny_pipeline_dir, inputs):
+def test_inpainting_defaults_to_repaint_with_paste_back_and_records_them(tmp_path, tiny_pipeline_dir, inputs):
     init, mask = inputs
     out = cli("a cat", "--model", tiny_pipeline_dir, "--init_image", init, "--mask", mask, "--output",
               tmp_path / "x.png", *FAST)[0]  # fmt: skip
-    assert read_params(out).inpaint == "blend"
-    assert "Inpaint: blend" in Image.open(out).text["parameters"]
+    p = read_params(out)
+    assert (p.inpaint, p.paste_back, p.harmonize, p.jump_length, p.jump_n_sample) == ("repaint", True, 0.3, 5, 5)
+    assert "Inpaint: repaint" in Image.open(out).text["parameters"]
+    off = cli("a cat", "--model", tiny_pipeline_dir, "--init_image", init, "--mask", mask, "--inpaint", "blend",
+              "--no_paste_back", "--output", tmp_path / "y.png", *FAST)[0]  # fmt: skip
+    assert (read_params(off).inpaint, read_params(off).paste_back, read_params(off).harmonize) == ("blend", False, None)
 
 
 def test_a_lora_changes_the_image_and_is_recorded(tmp_path, tiny_pipeline_dir):
@@ -101,6 +105,7 @@ BAD = {
     "strength": (["--init_image", "{init}", "--strength", "1.5"], r"--strength must be in \(0, 1\]"),
     "strength alone": (["--strength", "0.5"], "--strength needs --init_image"),
     "paste_back alone": (["--init_image", "{init}", "--paste_back"], "need --mask"),
+    "harmonize": (["--init_image", "{init}", "--mask", "{mask}", "--harmonize", "1"], r"--harmonize must be in \[0, 1\)"),
     "missing lora": (["--lora", "{tmp}/none.safetensors"], "no such file"),
     "misfit lora": (["--lora", "{tmp}/junk.png"], "LoRA"),
     "single file junk": (["--model", "{tmp}/junk.safetensors"], "junk.safetensors"),

@@ -112,6 +112,23 @@ def test_markdown_table_marks_default():
     assert "| ddim **(default)** | 2 | 1 | 50% | 100% | 100% | 25% | - | 0.688 | 0.100 | 0.010 |" in table
 
 
+def test_an_fp16_export_loads_in_plain_diffusers_with_no_arguments(tiny_pipeline_dir, tmp_path):
+    """Exactly as a diffusers user types it: `StableDiffusionPipeline.from_pretrained(folder)`; every component
+    in float32 (transformers 5 would keep an fp16 text encoder beside diffusers' float32 U-Net otherwise)."""
+    from diffusers import StableDiffusionPipeline
+
+    out = export_model(tiny_pipeline_dir, tmp_path / "exported", "fp16")
+    theirs = StableDiffusionPipeline.from_pretrained(out)
+    assert {theirs.unet.dtype, theirs.vae.dtype, theirs.text_encoder.dtype} == {torch.float32}
+    ours = LatentDiffusionPipeline.from_pretrained(out)
+    images = []
+    for pipe in (theirs, ours):
+        pipe.set_progress_bar_config(disable=True)
+        images.append(pipe("a red circle", num_inference_steps=3, guidance_scale=3.0, output_type="np",
+                           generator=torch.Generator().manual_seed(0)).images)  # fmt: skip
+    assert abs(images[0] - images[1]).max() < 2 / 255
+
+
 def test_export_fp16_halves_weights_and_loads_as_float32(tiny_pipeline_dir, tmp_path):
     model = tmp_path / "run"
     shutil.copytree(tiny_pipeline_dir, model)

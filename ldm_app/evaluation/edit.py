@@ -17,8 +17,9 @@ back twice:
    and size (and shape) == the source's; pixels: IoU of the output's foreground with the source's >= IOU_KEPT.
 2. Inpainting (LatentDiffusionInpaintPipeline): a two-object scene; a white box (the object's box plus
    `mask_margin` pixels, never past the middle of the gap to the other object) masks one object; the prompt
-   describes the scene with a new colour and a new shape there (a colour neither object had). For "blend" and
-   "repaint", each without and with paste_back: the new object right (judge: colour and shape of that object;
+   describes the scene with a new colour and a new shape there (a colour neither object had). For each of
+   INPAINT_SETTINGS (diffusers' "blend", RePaint without and with its free harmonizing tail, and RePaint with no
+   resampling), without and with paste_back: the new object right (judge: colour and shape of that object;
    pixels: the mean colour of the foreground inside the mask, which must cover at least MIN_OBJECT_FRACTION of
    the old object's area), the other object kept (judge: its colour and shape; pixels: its interior colour and
    foreground IoU >= IOU_KEPT, in its box), and outside the mask the max / mean absolute difference from the
@@ -50,7 +51,15 @@ from ldm_app.evaluation.judge import HEADS, Judge, scene_labels
 DEFAULT_SEED = 1  # the shapes dataset, the judge and `evaluate ldm` all use seed 0
 RECOLOUR_STREAM, INPAINT_STREAM = 101, 102  # seed streams of the two tasks' scenes (and of their image seeds)
 STRENGTHS = (0.3, 0.5, 0.7, 0.9)
-INPAINT_SETTINGS = (("blend", False), ("blend", True), ("repaint", False), ("repaint", True))
+# (method, paste_back, extra call arguments): diffusers' blending, RePaint without its free harmonizing tail (as in
+# the paper), RePaint as ldm_app runs it (5 x 5 resampling, the last 30% of the steps free) and its fast form (no
+# resampling: blending with the free tail)
+INPAINT_SETTINGS: tuple[tuple[str, bool, dict[str, Any]], ...] = (
+    ("blend", False, {}), ("blend", True, {}),
+    ("repaint", False, {"harmonize": 0.0}), ("repaint", True, {"harmonize": 0.0}),
+    ("repaint", False, {}), ("repaint", True, {}),
+    ("repaint", True, {"jump_n_sample": 1}),
+)
 TARGET_NEW_OBJECT_RIGHT = 0.90  # the issue's target for inpainting
 
 FOREGROUND_DISTANCE = 40.0  # RGB distance from the background colour above which a pixel is foreground (the
@@ -370,8 +379,9 @@ class EditResult:
     inpaint: tuple[list[InpaintExample], dict[str, list[np.ndarray]]]
 
 
-def setting_name(method: str, paste_back: bool) -> str:
-    return f"{method}+paste_back" if paste_back else method
+def setting_name(method: str, paste_back: bool, extra: dict[str, Any] | None = None) -> str:
+    shown = "".join(f" {k}={v:g}" for k, v in sorted((extra or {}).items()))
+    return (f"{method}+paste_back" if paste_back else method) + shown
 
 
 def run_edit(
@@ -381,7 +391,7 @@ def run_edit(
     seed: int = DEFAULT_SEED,
     batch_size: int = 10,
     strengths: tuple[float, ...] = STRENGTHS,
-    settings: tuple[tuple[str, bool], ...] = INPAINT_SETTINGS,
+    settings: tuple[tuple[str, bool, dict[str, Any]], ...] = INPAINT_SETTINGS,
     mask_margin: int = 4,
     log: Callable[[str], None] = print,
 ) -> EditResult:
@@ -425,12 +435,12 @@ def run_edit(
     inpaint_report["autoencoder round trip (no edit)"] = summarize_inpaint(score_inpaint(judge, inp, roundtrip,
                                                                                          inp_inputs))  # fmt: skip
     inp_outputs["autoencoder round trip"] = roundtrip
-    for method, paste_back in settings:
-        name = setting_name(method, paste_back)
+    for method, paste_back, extra in settings:
+        name = setting_name(method, paste_back, extra)
         outs, seconds = _run_batched(
             inpaint, [ex.prompt for ex in inp], [ex.image_seed for ex in inp], batch_size,
             {"image": [_pil(a) for a in inp_inputs], "mask_image": [_pil(ex.mask) for ex in inp]},
-            inpaint=method, paste_back=paste_back,
+            inpaint=method, paste_back=paste_back, **extra,
         )
         inp_outputs[name] = outs
         records = score_inpaint(judge, inp, outs, inp_inputs)
@@ -439,7 +449,7 @@ def run_edit(
         inpaint_report[name] = {"method": method, "paste_back": paste_back, **summary,
                                 "seconds_per_image": seconds / num}
         per_example[f"inpaint {name}"] = records
-        without = inp_outputs.get(setting_name(method, False))
+        without = inp_outputs.get(setting_name(method, False, extra))
         if paste_back and without is not None:  # same seeds: inside the mask it must be the run without paste_back
             inpaint_report[name]["inside_mask_max_abs_diff_vs_without_paste_back"] = max(
                 abs_diff(a, b, ex.mask)["max"] for a, b, ex in zip(outs, without, inp))
@@ -448,8 +458,8 @@ def run_edit(
     settings_record = {
         "num": num, "seed": seed, "resolution": resolution, "sampler": _sampler_name(pipe), "steps": steps,
         "guidance_scale": guidance, "batch_size": batch_size, "strengths": list(strengths),
-        "inpaint_settings": [setting_name(m, p) for m, p in settings], "mask_margin": mask_margin,
-        "jump_length": 5, "jump_n_sample": 5, "mask_blur": 0, "device": str(pipe.device),
+        "inpaint_settings": [setting_name(*setting) for setting in settings], "mask_margin": mask_margin,
+        "jump_length": 5, "jump_n_sample": 5, "harmonize": 0.3, "mask_blur": 0, "device": str(pipe.device),
         "dtype": str(pipe.unet.dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
         "foreground_distance": FOREGROUND_DISTANCE, "iou_kept": IOU_KEPT, "min_object_fraction": MIN_OBJECT_FRACTION,
         "target_new_object_right": TARGET_NEW_OBJECT_RIGHT,
@@ -504,12 +514,12 @@ def table_lines(report: dict[str, Any]) -> list[str]:
               f"inpainting (mask margin {s['mask_margin']} px): new object right (judge: colour and shape; pixels: "
               f"colour) | other object kept | outside the mask vs the input (0..255); target new object >= "
               f"{TARGET_NEW_OBJECT_RIGHT:.0%} (judge)",
-              f"{'setting':<32} {'new judge':>9} {'colour j':>8} {'shape j':>7} {'colour px':>9} {'other j':>7} "
+              f"{'setting':<36} {'new judge':>9} {'colour j':>8} {'shape j':>7} {'colour px':>9} {'other j':>7} "
               f"{'other px':>8} {'out max':>7} {'out mean':>8} {'s/image':>8}"]  # fmt: skip
     for name, r in report["inpaint"].items():
         j, p = r["judge"], r["pixels"]
         sec = f"{r['seconds_per_image']:8.3f}" if "seconds_per_image" in r else f"{'':>8}"
-        lines.append(f"{name:<32} {_pct(j['new_right']):>9} {_pct(j['new_colour_right']):>8} "
+        lines.append(f"{name:<36} {_pct(j['new_right']):>9} {_pct(j['new_colour_right']):>8} "
                      f"{_pct(j['new_shape_right']):>7} {_pct(p['new_colour_right']):>9} {_pct(j['other_kept']):>7} "
                      f"{_pct(p['other_kept']):>8} {p['outside_mask_max_abs_diff']:7.0f} "
                      f"{p['outside_mask_mean_abs_diff']:8.3f} {sec}")  # fmt: skip
