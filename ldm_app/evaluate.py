@@ -23,6 +23,8 @@ from typing import Any, Sequence
 import torch
 
 from .errors import ArgumentParser, UserError, run_cli
+from .fileio import check_output_file
+from .first_stage import HOLDOUT_FILE, TRAIN_CONFIG_FILE, is_vq, reconstruct  # noqa: F401 (reconstruct: public here)
 
 logger = logging.getLogger("evaluate")
 
@@ -39,18 +41,8 @@ def resolve_model_dir(path: str | Path) -> Path:
     return path / "vae" if (path / "vae" / "config.json").is_file() else path
 
 
-@torch.no_grad()
-def reconstruct(vae: Any, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x0 (B, 3, H, W) in [-1, 1] -> (reconstruction clamped to [-1, 1], code indices (B*h*w,) or None)."""
-    if hasattr(vae, "quantize"):  # VQModel
-        z_q, _, (_, _, indices) = vae.quantize(vae.encode(x0).latents)
-        return vae.decode(z_q, force_not_quantize=True).sample.clamp(-1, 1), indices
-    return vae.decode(vae.encode(x0).latent_dist.mode()).sample.clamp(-1, 1), None
-
-
 def heldout_indices(model_dir: Path, num_images: int) -> list[int]:
     """The held-out indices recorded at training time, checked against the data folder's size."""
-    from .training.vae import HOLDOUT_FILE
 
     record_file = model_dir / HOLDOUT_FILE
     if not record_file.is_file():
@@ -75,7 +67,6 @@ def _data_config(model_dir: Path, sample_size: int) -> Any:
     """The training run's data settings (train_config.yaml next to the weights), else defaults at the model's
     resolution. Evaluation always centre-crops and never flips."""
     from .config import DataConfig, from_dict, read_yaml
-    from .training.vae import TRAIN_CONFIG_FILE
 
     saved = model_dir / TRAIN_CONFIG_FILE
     if not saved.is_file():
@@ -86,7 +77,6 @@ def _data_config(model_dir: Path, sample_size: int) -> Any:
 def _training_data_of(model: str | Path, model_dir: Path) -> None:
     """Without --data the model folder must name its training data (train_vae.py's train_config.yaml); say what
     the folder is when it does not."""
-    from .training.vae import TRAIN_CONFIG_FILE
 
     if (model_dir / TRAIN_CONFIG_FILE).is_file():
         return
@@ -97,20 +87,6 @@ def _training_data_of(model: str | Path, model_dir: Path) -> None:
         found = f"{str(model_dir)!r} is an autoencoder folder without {TRAIN_CONFIG_FILE}"
     raise UserError(f"{found}, so the data it was trained on is unknown: expected a train_vae.py output folder "
                     "(or its vae/), or pass --data DIR (an image folder to score the autoencoder on)")
-
-
-def _check_writable(flag: str, dest: Path) -> None:
-    """Fail before the evaluation, not after it, when an output file cannot be written."""
-    import tempfile
-
-    from .fileio import write_errors
-
-    if dest.is_dir():
-        raise UserError(f"{flag} {str(dest)!r} is a folder; expected a file path")
-    with write_errors(dest):
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=dest.parent):
-            pass
 
 
 def score_autoencoder(vae: Any, dataset: Any, batch_size: int, device: Any) -> tuple[dict[str, float], list, list]:
@@ -142,7 +118,7 @@ def score_autoencoder(vae: Any, dataset: Any, batch_size: int, device: Any) -> t
                         f"(first: {getattr(dataset, 'first_error', None)})")
     metrics = {"num_images": int(sum(len(p) for p in psnrs)), "skipped_images": int(skipped),
                "psnr": float(torch.cat(psnrs).mean()), "ssim": float(torch.cat(ssims).mean())}
-    if hasattr(vae, "quantize"):
+    if is_vq(vae):
         size = vae.config.num_vq_embeddings
         metrics.update(codes_used=len(codes), codebook_size=size, codebook_usage=len(codes) / size)
     return metrics, originals, recons
@@ -184,7 +160,7 @@ def evaluate_vae(model: str | Path, data_dir: str | Path | None, num_images: int
         _training_data_of(model, model_dir)  # refuse a folder that does not say where its data is, before work
     for flag, dest in (("--grid", grid), ("--json", json_path)):
         if dest:
-            _check_writable(flag, Path(dest))
+            check_output_file(flag, dest)
     from .data.dataset import build_dataset
     from .fileio import atomic_write_text
     from .models import load_autoencoder
@@ -200,7 +176,7 @@ def evaluate_vae(model: str | Path, data_dir: str | Path | None, num_images: int
     if grid:
         save_grid(originals, recons, grid)
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)  # made writable by _check_writable
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)  # checked by check_output_file
         atomic_write_text(json_path, json.dumps(metrics, indent=2) + "\n")
     return metrics
 

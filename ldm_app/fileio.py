@@ -193,3 +193,20 @@ def check_replaceable_dir(out: Path, expected: str, check_previous: Callable[[Pa
             check_previous(out)
     with write_errors(out):
         Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent if existing == out else existing)).rmdir()
+
+
+def check_output_file(flag: str, dest: str | os.PathLike) -> None:
+    """Fail before a long job, not after it, when the file `dest` (given as `flag`) cannot be written: a folder in
+    its place, a file where one of its folders should be, or a folder we may not write into (one UserError line)."""
+    dest = Path(dest)
+    if dest.is_dir():
+        raise UserError(f"{flag} {str(dest)!r} is a folder; expected a file path")
+    for parent in dest.parents:  # mkdir would raise FileExistsError, which is no write problem of the OS
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot write {flag} {str(dest)!r}: {str(parent)!r} is a file, not a folder")
+            break
+    with write_errors(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=dest.parent):
+            pass

@@ -16,6 +16,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .config import AutoencoderConfig, TextEncoderConfig, UNetConfig
 from .errors import UserError
+from .first_stage import downsampling_factor  # noqa: F401 (part of the builders' API)
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
 CLIP_VOCAB_SIZE = 49408
@@ -107,10 +108,6 @@ def load_autoencoder(path: str | Path) -> Autoencoder:
     if class_name not in classes:
         raise UserError(f"{path} holds a {class_name!r}, expected an AutoencoderKL or VQModel folder")
     return classes[class_name].from_pretrained(path, use_safetensors=True)  # diffusers loads float32 by default
-
-
-def downsampling_factor(vae: Autoencoder) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def _component_dir(path: str | Path, what: str) -> Path:

@@ -59,6 +59,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ldm_app import limits
 from ldm_app.errors import UserError
 from ldm_app.fileio import atomic_dir, atomic_write_text
+from ldm_app.first_stage import is_vq
 from ldm_app.limits import shown
 from ldm_app.pngmeta import check_unicode
 from ldm_app.samplers import check_sampler_name, make_scheduler, sampler_name, set_timesteps_checked
@@ -713,7 +714,7 @@ class LdmAppPipelineMixin:
     def _sample(self, plan: CallPlan) -> Any:
         """diffusers' __call__ of the pipeline class we extend (on latents for a VQ autoencoder), then our decoding."""
         args = dict(plan.args)
-        vq = isinstance(self.vae, VQModel)
+        vq = is_vq(self.vae)
         if vq:
             args["output_type"] = "latent"
         images = self._diffusers_class.__call__(self, **args, return_dict=True).images

@@ -365,7 +365,7 @@ def _run_batched(call: Callable[..., Any], prompts: list[str], seeds: list[int],
 def autoencoder_roundtrip(pipe, images: list[np.ndarray]) -> list[np.ndarray]:
     """The autoencoder's reconstruction (evaluate.reconstruct: the posterior mode, or the VQ code) of uint8 images, as
     uint8: what a method that decodes the whole image can at best give back outside the mask."""
-    from ldm_app.evaluate import reconstruct
+    from ldm_app.first_stage import reconstruct
 
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     y, _ = reconstruct(pipe.vae, x.to(device=pipe.device, dtype=pipe.vae.dtype))
@@ -608,19 +608,9 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
     add_judge_arguments(parser)
 
 
-def _check_parents(flag: str, dest: Path) -> None:
-    """A file where a folder of `dest` should be is the user's mistake (mkdir would raise FileExistsError)."""
-    for parent in dest.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"cannot write {flag} {str(dest)!r}: {str(parent)!r} is a file, not a folder")
-            return
-
-
 def run_edit_cli(args: argparse.Namespace) -> dict[str, Any]:
-    from ldm_app.evaluate import _check_writable
     from ldm_app.evaluation.adherence import judge_from_args
-    from ldm_app.fileio import atomic_write_text
+    from ldm_app.fileio import atomic_write_text, check_output_file
     from ldm_app.pipeline import LatentDiffusionPipeline, check_model_folder, resolve_device_dtype
 
     check_num(args.num, args.batch_size)
@@ -631,8 +621,7 @@ def run_edit_cli(args: argparse.Namespace) -> dict[str, Any]:
     check_model_folder(Path(args.model))  # before the judge, which may take minutes to train on a new machine
     for flag, dest in (("--json", args.json), ("--grid", args.grid)):
         if dest:
-            _check_parents(flag, Path(dest))
-            _check_writable(flag, Path(dest))
+            check_output_file(flag, dest)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     judge = judge_from_args(args)
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, dtype=dtype).to(device)

@@ -27,38 +27,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..conditioning import encode_text_batched  # the training step's own encoding: cached and live states agree
 from ..errors import UserError
 from ..fileio import atomic_path
+from ..first_stage import latent_stats, sample_x0  # noqa: F401 (sample_x0: the uncached path's draw, re-exported)
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-
-
-# ---- the posterior and sampling from it (shared with the uncached path) -------------------------------------
-
-
-@torch.no_grad()
-def latent_stats(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Encoder posterior for pixels (B, 3, H, W) in [-1, 1]: KL -> (mean, std) of q(z|x), VQ -> (latents before
-    quantisation, None), each (B, C, H/f, W/f) float32. The VQ codebook lookup happens at decode, as in diffusers."""
-    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
-    if hasattr(vae.config, "num_vq_embeddings"):  # VQModel
-        return vae.encode(pixels).latents.float(), None
-    dist = vae.encode(pixels).latent_dist  # DiagonalGaussianDistribution
-    return dist.mean.float(), dist.std.float()
-
-
-def sample_x0(mean: torch.Tensor, std: torch.Tensor | None, scaling_factor: float,
-              generator: torch.Generator) -> torch.Tensor:
-    """x0 = (mean + std * eps) * scaling_factor, eps ~ N(0, I) from `generator` (the step's): the
-    reparameterised sample of q(z|x) (Kingma & Welling 2014), scaled to unit variance as in LDM. (B, C, h, w)"""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    if std is None:
-        return mean * scaling_factor
-    eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return (mean + std * eps) * scaling_factor
 
 
 # ---- the cache ----------------------------------------------------------------------------------------------
@@ -182,17 +158,6 @@ def _encode_shard(accelerator: Any, dataset: Any, vae: Any, collate_fn: Any, bat
     return out
 
 
-@torch.no_grad()
-def _encode_captions(captions: list[str], tokenizer: Any, text_encoder: Any, batch_size: int = 64) -> torch.Tensor:
-    from .ldm import tokenize  # the training step's own tokenisation, so cached and live states agree
-
-    out = []
-    for i in range(0, len(captions), batch_size):
-        ids = tokenize(tokenizer, captions[i:i + batch_size]).to(text_encoder.device)
-        out.append(text_encoder(ids, return_dict=False)[0].float().cpu())
-    return torch.cat(out)
-
-
 def _merge_shards(parts: list[dict[str, torch.Tensor]], n: int) -> dict[str, torch.Tensor]:
     """Shards (indices, mean, std) -> full tensors in row order plus the `valid` mask (rows that were encoded)."""
     filled = [p for p in parts if "mean" in p]
@@ -253,7 +218,7 @@ def _build(accelerator: Any, path: Path, identity: str, dataset: Any, vae: Any, 
         metadata = {"identity": identity, "format": str(FORMAT_VERSION)}
         if text_encoder is not None:
             captions = sorted(set(dataset.captions) | {""})  # "" is the dropped (unconditional) caption
-            tensors["text_embeds"] = _encode_captions(captions, tokenizer, text_encoder)
+            tensors["text_embeds"] = encode_text_batched(tokenizer, text_encoder, captions)
             metadata["captions"] = json.dumps(captions)
         _write(path, tensors, metadata)
         for r in range(1, accelerator.num_processes):

@@ -39,7 +39,9 @@ import torch
 from ..checkpointing import load_checkpoint, lock_run_folder, save_checkpoint, write_run_config
 from ..config import (DataConfig, NoiseScheduleConfig, TextEncoderConfig, TrainConfig, UNetConfig, load_config,
                       flag_overrides, merge, parse_overrides, to_dict)
+from ..conditioning import drop_captions, encode_text
 from ..errors import ArgumentParser, UserError
+from ..first_stage import latent_channels, latent_stats, sample_x0
 from .common import (EmptyBatchGuard, Position, batches, launched_processes, batches_per_epoch, effective_lr, make_accelerator, make_lr_scheduler,
                      make_optimizer, open_run_folder, release_freed_memory, setup_logging, step_generator)
 
@@ -205,11 +207,6 @@ def _load(what: str, path: str | Path, loader: Any) -> Any:
         raise UserError(f"{str(path)!r} is not a {what} folder ({first})") from None
 
 
-def latent_channels(vae: Any) -> int:
-    """Channels of the latents the U-Net sees: VQModel's vq_embed_dim (when set), else latent_channels."""
-    return getattr(vae.config, "vq_embed_dim", None) or vae.config.latent_channels
-
-
 def build_models(cfg: LDMRunConfig) -> Models:
     """From scratch (U-Net and, unless pretrained, the text encoder; seeded) or from a pipeline folder."""
     from ..diffusion import GaussianDiffusion
@@ -286,16 +283,6 @@ def build_train_dataset(cfg: LDMRunConfig) -> Any:
 # --------------------------------------------------------------------------------------------------------------
 # Small pieces of a step
 
-
-def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
-    """Replace each caption by "" with probability p (the unconditional input of classifier-free guidance)."""
-    drop = torch.rand(len(captions), generator=generator) < p  # (B,)
-    return ["" if d else c for c, d in zip(captions, drop.tolist())]
-
-
-def tokenize(tokenizer: Any, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids  # (B, L)
 
 
 def unwrap_params(accelerator: Any, module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -397,8 +384,6 @@ class LDMTrainer:
 
     def latents(self, batch: dict[str, Any], g: torch.Generator) -> torch.Tensor:
         """x0 (B, C, h, w): a sample of the encoder posterior, scaled; the same draw cached or not."""
-        from .latent_cache import latent_stats, sample_x0
-
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"], batch["latent_std"]
         else:
@@ -410,9 +395,8 @@ class LDMTrainer:
         """c = tau_theta(captions), (B, L, D): cached, computed frozen, or computed with gradients."""
         if self.cache is not None and self.cache.text_embeds is not None:
             return self.cache.text_states(captions, self.acc.device)
-        ids = tokenize(self.m.tokenizer, captions).to(self.acc.device)
         with contextlib.nullcontext() if self.m.train_text_encoder else torch.no_grad():
-            return self.text_encoder(ids, return_dict=False)[0]
+            return encode_text(self.m.tokenizer, self.text_encoder, captions, self.acc.device)
 
     def loss(self, batch: dict[str, Any], g: torch.Generator) -> torch.Tensor:
         """The simplified DDPM objective on one batch; draws, in order: latent eps, caption drops, t, noise."""

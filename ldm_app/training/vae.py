@@ -34,6 +34,7 @@ from ..checkpointing import load_checkpoint, lock_run_folder, save_checkpoint, w
 from ..config import (AutoencoderConfig, DataConfig, TrainConfig, flag_overrides, load_config, merge, parse_overrides,
                       save_config, to_dict)
 from ..errors import ArgumentParser, UserError
+from ..first_stage import HOLDOUT_FILE, TRAIN_CONFIG_FILE, encode_latents  # noqa: F401 (names of the run folder)
 from ..losses import (NLayerDiscriminator, autoencoder_nll, disc_factor, generator_objective, hinge_d_loss,
                       load_lpips, reconstruction_loss)
 from .common import (EmptyBatchGuard, Position, batches, effective_lr, launched_processes, make_accelerator, make_lr_scheduler, make_optimizer,
@@ -42,8 +43,6 @@ from .common import (EmptyBatchGuard, Position, batches, effective_lr, launched_
 logger = logging.getLogger("train_vae")
 
 MODEL_SUBDIR = "vae"
-TRAIN_CONFIG_FILE = "train_config.yaml"
-HOLDOUT_FILE = "holdout.json"
 # Settings a resumed run may change: the step budget, checkpoint cadence, logging, end-of-run measurements.
 MAY_DIFFER_ON_RESUME = (
     "train.max_train_steps", "train.checkpointing_steps", "train.checkpoints_total_limit", "train.log_every",
@@ -210,15 +209,6 @@ class DiscriminatorForward(nn.Module):
 
     def forward(self, x0: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
         return hinge_d_loss(self.disc(x0), self.disc(x_rec))
-
-
-def encode_latents(vae: nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The latents a diffusion model trains on, unscaled: a posterior sample (KL, as LDM's
-    `get_first_stage_encoding`) or the encoder output before quantisation (VQ, as LDM)."""
-    encoded = vae.encode(x0)
-    if hasattr(encoded, "latent_dist"):
-        return encoded.latent_dist.sample(generator=generator)
-    return encoded.latents
 
 
 @torch.no_grad()
