@@ -41,3 +41,55 @@ def encode_text_batched(tokenizer: Any, text_encoder: Any, captions: list[str], 
     """encode_text in batches, as float32 on the CPU (the latent cache stores them)."""
     return torch.cat([encode_text(tokenizer, text_encoder, captions[i : i + batch_size]).float().cpu()
                       for i in range(0, len(captions), batch_size)])  # fmt: skip
+
+
+# ---- class labels (an embedding added to the timestep embedding: diffusers' num_class_embeds) --------------------
+
+
+def read_labels(dataset: Any, column: str, num_classes: int) -> torch.Tensor:
+    """The integer class label of every row of `dataset` (an ldm_app ImageCaptionDataset, or anything with a
+    `hf_dataset`), checked against 0..num_classes-1 (one-line UserError), as a (N,) long tensor."""
+    from ldm_app.errors import UserError
+
+    hf = getattr(dataset, "hf_dataset", dataset)
+    if column not in getattr(hf, "column_names", []):
+        raise UserError(f"the dataset has no label column {column!r} (columns: {', '.join(hf.column_names)}); "
+                        "add a 'label' to each metadata.jsonl line, use class sub-folders, or set "
+                        "conditioning.label_column")  # fmt: skip
+    values = list(hf[column])
+    for row, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num_classes:
+            raise UserError(f"label {value!r} in row {row} is not a class number in 0..{num_classes - 1} "
+                            f"(conditioning.num_classes={num_classes})")
+    return torch.tensor(values, dtype=torch.long)
+
+
+def drop_labels(labels: torch.Tensor, num_classes: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Replace each label by the null class (index num_classes) with probability p (classifier-free guidance)."""
+    drop = torch.rand(len(labels), generator=generator) < p  # (B,)
+    return torch.where(drop, torch.full_like(labels, num_classes), labels)
+
+
+def class_labels_for_call(class_labels: Any, num_prompts: int, per_prompt: int, num_classes: int) -> torch.Tensor:
+    """A call's class labels, one per image: an int (every image), or one per prompt (repeated per image of the
+    prompt), or one per image; each in 0..num_classes-1 (UserError otherwise). (num_prompts * per_prompt,) long."""
+    from ldm_app.errors import UserError
+    from ldm_app.limits import shown
+
+    batch = num_prompts * per_prompt
+    values = [class_labels] if isinstance(class_labels, int) and not isinstance(class_labels, bool) else class_labels
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise UserError(f"class_labels must be an int or a list of ints, got {shown(class_labels, 60)}")
+    for v in values:
+        if not 0 <= v < num_classes:
+            raise UserError(f"class label {v} is outside 0..{num_classes - 1} (this model has {num_classes} classes)")
+    if len(values) == 1:
+        values = list(values) * batch
+    elif len(values) == num_prompts:
+        values = [v for v in values for _ in range(per_prompt)]
+    elif len(values) != batch:
+        raise UserError(f"got {len(values)} class labels for {num_prompts} prompts x {per_prompt} images; give one, "
+                        "one per prompt or one per image")  # fmt: skip
+    return torch.tensor(values, dtype=torch.long)

@@ -84,6 +84,42 @@ class UNetConfig:
             raise UserError("attention must enable at least one level: text conditioning is cross-attention")
 
 
+CONDITIONING_KINDS = ("text", "class", "text+class")
+
+
+@dataclass
+class ConditioningConfig:
+    """What the U-Net is conditioned on (the seeds' three ways, two of them here): text by cross-attention, and/or
+    a class label as an embedding added to the timestep embedding (diffusers' `num_class_embeds`, so the folder
+    still loads in diffusers). Classes come from a dataset column (`label_column`, e.g. imagefolder's class
+    sub-folders or a `label` key in metadata.jsonl) as integers 0..num_classes-1; index num_classes is the null
+    class, used for `label_dropout` of the labels (classifier-free guidance over classes)."""
+
+    kind: str = "text"
+    num_classes: int = 0
+    label_column: str = "label"
+    label_dropout: float = 0.1
+
+    @property
+    def uses_text(self) -> bool:
+        return "text" in self.kind
+
+    @property
+    def uses_class(self) -> bool:
+        return "class" in self.kind
+
+    def validate(self) -> None:
+        if self.kind not in CONDITIONING_KINDS:
+            raise UserError(f"unknown conditioning.kind {self.kind!r}; expected one of {', '.join(CONDITIONING_KINDS)}")
+        if self.uses_class and self.num_classes < 1:
+            raise UserError(f"conditioning.kind {self.kind!r} needs conditioning.num_classes >= 1")
+        if not self.uses_class and self.num_classes:
+            raise UserError(f"conditioning.num_classes is set but conditioning.kind is {self.kind!r}; use "
+                            "kind class or text+class")  # fmt: skip
+        if not 0 <= self.label_dropout < 1:
+            raise UserError(f"conditioning.label_dropout must be in [0, 1), got {self.label_dropout}")
+
+
 @dataclass
 class TextEncoderConfig:
     """Conditioning stage tau_theta: a CLIP text transformer. Either a pretrained folder (kept frozen) or a small

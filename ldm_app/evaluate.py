@@ -230,6 +230,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     edit = sub.add_parser("edit", help="image-to-image recolouring and inpainting, judged by the judge and by pixels")
     add_edit_arguments(edit)
     edit.set_defaults(run=run_edit_cli)
+    from ldm_app.evaluation.classes import add_classes_arguments, run_classes_cli
+
+    classes = sub.add_parser("classes", help="class-conditional sampling: class accuracy per guidance scale")
+    add_classes_arguments(classes)
+    classes.set_defaults(run=run_classes_cli)
     return p.parse_args(argv)
 
 

@@ -72,10 +72,11 @@ class Request:
     loras: tuple[str, ...] = ()  # "PATH[:SCALE]"
     embeddings: tuple[str, ...] = ()
     weighting: bool = False
+    class_label: int | None = None  # for a class-conditional model
 
 
 EDIT_FIELDS = ("init_image", "strength", "mask", "inpaint", "mask_blur", "paste_back", "jump_length", "jump_n_sample",
-               "harmonize", "loras", "embeddings", "weighting")  # fmt: skip
+               "harmonize", "loras", "embeddings", "weighting", "class_label")  # fmt: skip
 
 
 # ---- the Python API ---------------------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ def run(req: Request, sink: OutputSink) -> list[Path]:
         req = replace(req, inpaint=method, paste_back=req.paste_back is not False)
     if inputs.size is not None:
         req = replace(req, height=inputs.size[0], width=inputs.size[1])
-    base = replace(effective_params(pipe, req), **inputs.params(req), **adapters)
+    base = replace(effective_params(pipe, req), **inputs.params(req), **adapters, class_label=req.class_label)
     jobs = [replace(base, prompt=p, seed=req.seed + k) for p in req.prompts for k in range(req.num_images)]
     check_with_model(pipe, req, jobs)  # the model's own limits (steps per sampler), before the first image
     say(describe(base, pipe) + (" (random)" if random_seed else ""))
@@ -181,7 +182,12 @@ def check_request(req: Request) -> None:
     lim = limits.current()
     if not isinstance(req.prompts, list) or not all(isinstance(p, str) for p in req.prompts):
         raise UserError(f"prompts must be a list of strings, got {shown(req.prompts, 100)}")
-    if not req.prompts or not all(p.strip() for p in req.prompts):
+    if req.class_label is not None and (isinstance(req.class_label, bool) or not isinstance(req.class_label, int)
+                                        or req.class_label < 0):
+        raise UserError(f"--class_label must be a class number >= 0, got {shown(req.class_label, 40)}")
+    if req.class_label is not None and req.prompts == [""]:
+        pass  # a class-conditional model needs no prompt
+    elif not req.prompts or not all(p.strip() for p in req.prompts):
         raise UserError("no prompt (or an empty one); expected a prompt argument, --from_file FILE or --from_png FILE")
     for prompt in req.prompts:
         check_unicode("the prompt", prompt)
@@ -240,7 +246,7 @@ def check_with_model(pipe: LatentDiffusionPipeline, req: Request, jobs: list[Ima
     batch = jobs[: req.batch_size]
     pipe.check_call(
         [job.prompt for job in batch], [job.negative_prompt for job in batch], first.height, first.width,
-        first.steps, first.guidance_scale,
+        first.steps, first.guidance_scale, class_labels=first.class_label,
     )  # fmt: skip
 
 
@@ -320,6 +326,8 @@ def sample(pipe: LatentDiffusionPipeline, batch: list[ImageParams], inputs: edit
         embeds, negative_embeds = weighted_prompt_embeds(pipe, prompts, negatives)
         text = {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
     extra = inputs.call_arguments(p) if inputs is not None else {"height": p.height, "width": p.width}
+    if p.class_label is not None:
+        extra["class_labels"] = p.class_label
     return pipe(**text, num_inference_steps=p.steps, guidance_scale=p.guidance_scale, generator=generators,
                 **extra).images  # fmt: skip
 
@@ -507,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default 5; the U-Net runs about this many times more; 1: no resampling)")
     edit.add_argument("--harmonize", type=_float, default=0.3, help="RePaint: the last fraction of the steps that "
                       "runs free of the kept region, so the latents decode cleanly (default 0.3; 0: never free)")
+    p.add_argument("--class_label", type=_int_at_least(0), help="the class of a class-conditional model (then the "
+                   "prompt may be left out)")
     adapters = p.add_argument_group("adapters")
     adapters.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="apply a LoRA "
                           "(.safetensors, diffusers or kohya/A1111 format), scale default 1; repeatable")
@@ -547,6 +557,8 @@ def request_from_args(args: argparse.Namespace) -> Request:
     if stored is not None and args.model is None and not os.path.isdir(stored.model):
         raise UserError(f"the model recorded in {args.from_png} is not there ({stored.model}); pass --model DIR")
     prompts = read_prompt_file(args.from_file) if args.from_file else [args.prompt] if args.prompt is not None else []
+    if not prompts and args.class_label is not None and not args.from_png:
+        prompts = [""]  # a class-conditional model: the class is the condition
     if stored is not None:
         edit_inputs.check_unchanged(stored, {"init_image": args.init_image is not None, "mask": args.mask is not None})
 
@@ -583,6 +595,7 @@ def request_from_args(args: argparse.Namespace) -> Request:
         loras=tuple(args.lora) or (stored.loras if stored is not None else ()),
         embeddings=tuple(args.embedding) or (stored.embeddings if stored is not None else ()),
         weighting=args.weighting or (stored is not None and stored.weighting),
+        class_label=pick(args.class_label, "class_label"),
     )
 
 

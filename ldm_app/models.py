@@ -47,8 +47,10 @@ def build_autoencoder(cfg: AutoencoderConfig) -> Autoencoder:
     raise ValueError(f"unknown autoencoder kind {cfg.kind!r}")
 
 
-def build_unet(cfg: UNetConfig, cross_attention_dim: int) -> UNet2DConditionModel:
-    """eps_theta(x_t, t, c): attention levels get CrossAttn blocks (self-attention + cross-attention to c)."""
+def build_unet(cfg: UNetConfig, cross_attention_dim: int, num_classes: int = 0) -> UNet2DConditionModel:
+    """eps_theta(x_t, t, c[, y]): attention levels get CrossAttn blocks (self-attention + cross-attention to c);
+    with `num_classes`, a class embedding (num_classes + 1 rows: the last is the null class) added to the
+    timestep embedding, diffusers' own `num_class_embeds`."""
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention))
     return UNet2DConditionModel(
@@ -62,6 +64,7 @@ def build_unet(cfg: UNetConfig, cross_attention_dim: int) -> UNet2DConditionMode
         attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=cfg.norm_num_groups,
         cross_attention_dim=cross_attention_dim,
+        num_class_embeds=num_classes + 1 if num_classes else None,
     )
 
 

@@ -632,7 +632,23 @@ class LdmAppPipelineMixin:
         if takes_size:
             args.update(height=height, width=width)
         extras = self.check_images(args, steps)
+        extras["class_labels"] = self.check_class_labels(args.pop("class_labels", None), n_prompts, per_prompt)
         return CallPlan(args, scheduler, batch_size, output_type, extras)
+
+    def check_class_labels(self, class_labels: Any, num_prompts: int, per_prompt: int) -> torch.Tensor | None:
+        """One class label per image for a class-conditional U-Net (num_class_embeds = classes + the null class),
+        none for any other; UserError otherwise."""
+        from ldm_app.conditioning import class_labels_for_call
+
+        rows = self.unet.config.num_class_embeds
+        if rows is None:
+            if class_labels is not None:
+                raise UserError("this model is not class-conditional (its U-Net has no class embedding); drop "
+                                "class_labels")  # fmt: skip
+            return None
+        if class_labels is None:
+            raise UserError(f"this model is class-conditional: give class_labels (0..{rows - 2})")
+        return class_labels_for_call(class_labels, num_prompts, per_prompt, rows - 1)
 
     def _takes_size(self) -> bool:
         return "height" in inspect.signature(type(self).__call__).parameters
@@ -692,18 +708,25 @@ class LdmAppPipelineMixin:
             plan = self.check_call(sampler=sampler, **args)
         except UserError as e:
             raise CallArgumentError(str(e)) from None
+        # the call's own scheduler, and for a class-conditional U-Net one that passes the call's class labels
+        swaps = {"scheduler": plan.scheduler}
+        if plan.extras.get("class_labels") is not None:
+            swaps["unet"] = ClassConditionedUNet(self.unet, plan.extras["class_labels"])
         if self._needs_exclusive_call(plan.args):
             with _EXCLUSIVE_CALL_LOCK:
-                base = self.scheduler
-                object.__setattr__(self, "scheduler", plan.scheduler)
+                saved = {name: getattr(self, name) for name in swaps}
+                for name, value in swaps.items():
+                    object.__setattr__(self, name, value)
                 try:
                     images = self._sample(plan)
                 finally:
-                    object.__setattr__(self, "scheduler", base)
+                    for name, value in saved.items():
+                        object.__setattr__(self, name, value)
                 self.maybe_free_model_hooks()
         else:
             runner = copy.copy(self)  # shares the modules and config; has its own per-call attributes
-            object.__setattr__(runner, "scheduler", plan.scheduler)  # bypasses the config update of __setattr__
+            for name, value in swaps.items():
+                object.__setattr__(runner, name, value)  # bypasses the config update of __setattr__
             images = runner._sample(plan)
             for name in _CALL_STATE:
                 if name in runner.__dict__:
@@ -731,6 +754,26 @@ class LdmAppPipelineMixin:
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]  # in [-1, 1]
         self.maybe_free_model_hooks()
         return self.image_processor.postprocess(image, output_type=output_type)
+
+
+class ClassConditionedUNet:
+    """A class-conditional U-Net as diffusers' pipelines call it (they pass no class_labels): every call gets the
+    call's labels, and under classifier-free guidance ([uncond; cond] batches) the null class for the first half.
+    Attributes (config, dtype, device...) are the U-Net's. One per call: the shared U-Net is not changed."""
+
+    def __init__(self, unet: UNet2DConditionModel, labels: torch.Tensor):
+        self.unet = unet
+        self.labels = labels  # (B,)
+        self.null = unet.config.num_class_embeds - 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.unet, name)
+
+    def __call__(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+        labels = self.labels
+        if sample.shape[0] == 2 * len(labels):  # classifier-free guidance: the null class for the uncond half
+            labels = torch.cat([torch.full_like(labels, self.null), labels])
+        return self.unet(sample, timestep, *args, class_labels=labels.to(sample.device), **kwargs)
 
 
 class ModelLoadError(UserError, ValueError):
@@ -772,12 +815,14 @@ class LatentDiffusionPipeline(LdmAppPipelineMixin, StableDiffusionPipeline):
         callback_on_step_end: Any = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         sampler: str | None = None,
+        class_labels: int | list[int] | torch.Tensor | None = None,
         **kwargs: Any,
     ) -> StableDiffusionPipelineOutput | tuple:
         """diffusers' StableDiffusionPipeline call. Arguments left None come from the model's sampling defaults
         (ldm_app.json), else 50 steps, guidance 7.5 and the U-Net's native size; `sampler` (a name from
-        ldm_app.samplers) applies to this call only. Image order: all images of prompt 0, then of prompt 1, ...
-        Safe to call from several threads at once (see the module doc)."""
+        ldm_app.samplers) applies to this call only; `class_labels` (for a class-conditional model): one int, one
+        per prompt or one per image. Image order: all images of prompt 0, then of prompt 1, ... Safe to call from
+        several threads at once (see the module doc)."""
         return self._ldm_call(_call_arguments(locals()))
 
 
@@ -844,6 +889,7 @@ class LatentDiffusionImg2ImgPipeline(LdmAppPipelineMixin, StableDiffusionImg2Img
         callback_on_step_end: Any = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         sampler: str | None = None,
+        class_labels: int | list[int] | torch.Tensor | None = None,
         **kwargs: Any,
     ) -> StableDiffusionPipelineOutput | tuple:
         """diffusers' StableDiffusionImg2ImgPipeline call; the output has the init image's size. Steps and guidance
@@ -939,6 +985,7 @@ class LatentDiffusionInpaintPipeline(LdmAppPipelineMixin, StableDiffusionInpaint
         callback_on_step_end: Any = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         sampler: str | None = None,
+        class_labels: int | list[int] | torch.Tensor | None = None,
         inpaint: str | None = None,
         jump_length: int = 5,
         jump_n_sample: int = 5,

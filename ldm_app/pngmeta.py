@@ -86,6 +86,7 @@ class ImageParams:
     loras: tuple[str, ...] = ()
     embeddings: tuple[str, ...] = ()
     weighting: bool = False
+    class_label: int | None = None  # a class-conditional model's class
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -133,6 +134,8 @@ def _check_values(data: dict[str, Any]) -> None:
         raise UserError(f"unknown inpaint method {limits.shown(data['inpaint'], 40)}")
     if not 0 <= limits.check_number("mask_blur", data.get("mask_blur", 0.0)) <= 256:
         raise UserError(f"mask_blur must be in [0, 256], got {data.get('mask_blur')}")
+    if data.get("class_label") is not None and data["class_label"] < 0:
+        raise UserError(f"class_label must be >= 0, got {data['class_label']}")
     if data.get("harmonize") is not None and not 0 <= limits.check_number("harmonize", data["harmonize"]) < 1:
         raise UserError(f"harmonize must be in [0, 1), got {data['harmonize']}")
     for name in ("jump_length", "jump_n_sample"):
@@ -179,6 +182,8 @@ def format_parameters(p: ImageParams) -> str:
         settings["Denoising strength"] = p.strength
     if p.mask is not None:
         settings.update({"Inpaint": p.inpaint, "Mask blur": p.mask_blur, "Paste back": p.paste_back})
+    if p.class_label is not None:
+        settings["Class"] = p.class_label
     if p.loras:
         settings["Lora"] = " ".join(Path(spec.rsplit(":", 1)[0]).stem + ":" + spec.rsplit(":", 1)[1] for spec in p.loras)
     settings["Version"] = f"ldm_app {p.version}"

@@ -252,13 +252,27 @@ def _check_out(out: Path) -> None:
     check_replaceable_dir(out, _EXPECTED, check_previous_output)  # built next to --out, renamed into place
 
 
+def class_label(scene: Scene) -> int:
+    """The class of a one-object scene for class-conditional training: colour x shape, colour-major
+    (COLOURS order, then SHAPES order): 0 = red circle, 1 = red square, ..., 17 = orange triangle."""
+    (obj,) = scene.objects
+    return list(COLOURS).index(obj.colour) * len(SHAPES) + SHAPES.index(obj.shape)
+
+
+NUM_CLASSES = len(COLOURS) * len(SHAPES)
+
+
 def make_dataset(
-    out: str | Path, num_images: int, resolution: int, seed: int, two_object_fraction: float = 0.25
+    out: str | Path, num_images: int, resolution: int, seed: int, two_object_fraction: float = 0.25,
+    labels: bool = False,
 ) -> Path:
-    """Write `num_images` rendered scenes and their captions to `out` (imagefolder layout), atomically.
+    """Write `num_images` rendered scenes and their captions to `out` (imagefolder layout), atomically; with
+    `labels` (one-object scenes only), also each scene's `class_label` as the `label` of its metadata line.
 
     Image i is drawn from its own generator seeded with (seed, i), so it does not depend on `num_images`.
     """
+    if labels and two_object_fraction:
+        raise UserError("class labels are colour x shape of one object: use --two_object_fraction 0 with --labels")
     out = Path(out)
     _check_args(out, num_images, resolution, seed, two_object_fraction)
     files: dict[str, dict] = {}
@@ -275,10 +289,13 @@ def make_dataset(
             png = io.BytesIO()
             render_scene(scene, resolution).save(png, format="PNG")
             write(tmp, file_name, png.getvalue())
-            lines.append(json.dumps({"file_name": file_name, "text": caption(scene)}) + "\n")
+            row = {"file_name": file_name, "text": caption(scene)}
+            if labels:
+                row["label"] = class_label(scene)
+            lines.append(json.dumps(row) + "\n")
         write(tmp, METADATA_FILE, "".join(lines).encode("utf-8"))
         arguments = {"num_images": int(num_images), "resolution": int(resolution), "seed": int(seed),
-                     "two_object_fraction": float(two_object_fraction)}
+                     "two_object_fraction": float(two_object_fraction), "labels": bool(labels)}
         manifest = {"written_by": WRITTEN_BY, "arguments": arguments, "files": files}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         _check_out(out)  # again just before the swap: --out may have changed while the images were drawn
@@ -299,8 +316,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--two_object_fraction", type=float, default=0.25, help="share of two-object scenes")
+    parser.add_argument("--labels", action="store_true", help="also write each image's class (colour x shape, "
+                        f"{NUM_CLASSES} classes) as 'label' in metadata.jsonl; needs --two_object_fraction 0")
     args = parser.parse_args(argv)
-    path = make_dataset(args.out, args.num_images, args.resolution, args.seed, args.two_object_fraction)
+    path = make_dataset(args.out, args.num_images, args.resolution, args.seed, args.two_object_fraction,
+                        labels=args.labels)
     print(f"wrote {args.num_images} images to {path}")
 
 

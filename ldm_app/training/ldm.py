@@ -37,9 +37,10 @@ from typing import Any, Iterator
 import torch
 
 from ..checkpointing import load_checkpoint, lock_run_folder, save_checkpoint, write_run_config
-from ..config import (DataConfig, NoiseScheduleConfig, TextEncoderConfig, TrainConfig, UNetConfig, load_config,
+from ..config import (ConditioningConfig, DataConfig, NoiseScheduleConfig, TextEncoderConfig, TrainConfig, UNetConfig,
+                      load_config,
                       flag_overrides, merge, parse_overrides, to_dict)
-from ..conditioning import drop_captions, encode_text
+from ..conditioning import NULL_CAPTION, drop_captions, drop_labels, encode_text, read_labels
 from ..errors import ArgumentParser, UserError
 from ..first_stage import latent_channels, latent_stats, sample_x0
 from .common import (EmptyBatchGuard, Position, batches, launched_processes, batches_per_epoch, effective_lr, make_accelerator, make_lr_scheduler,
@@ -104,6 +105,7 @@ class LDMSection:
 @dataclass
 class LDMRunConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     noise: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -220,7 +222,8 @@ def build_models(cfg: LDMRunConfig) -> Models:
     te_cfg = cfg.text_encoder
     text_encoder = (_load("text encoder", te_cfg.pretrained, load_text_encoder) if te_cfg.pretrained
                     else build_text_encoder(te_cfg))
-    unet = build_unet(cfg.unet, cross_attention_dim=text_encoder.config.hidden_size)
+    unet = build_unet(cfg.unet, cross_attention_dim=text_encoder.config.hidden_size,
+                      num_classes=cfg.conditioning.num_classes)
     tokenizer = load_tokenizer(model_max_length=text_encoder.config.max_position_embeddings)
     diffusion = GaussianDiffusion.from_scheduler_config(cfg.noise)
     return Models(vae, text_encoder, tokenizer, unet, diffusion, train_text_encoder=not te_cfg.pretrained)
@@ -325,10 +328,23 @@ class LDMTrainer:
         self.cache = None
         self.losses: list[torch.Tensor] = []
         self.skipped = 0  # unreadable image loads dropped from batches by this process in this run
+        cond = cfg.conditioning
+        # class labels by dataset row: batches carry their rows' indices, cached or not
+        self.labels = read_labels(dataset, cond.label_column, cond.num_classes) if cond.uses_class else None
+        self.check_class_embedding(cfg, models.unet)
         self._setup_models()
         self._setup_optimisation()
 
     # ---- setup ---------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def check_class_embedding(cfg: LDMRunConfig, unet: Any) -> None:
+        """A class-conditional run needs a U-Net with num_classes + 1 class embeddings (a fine-tuned folder too)."""
+        want = cfg.conditioning.num_classes + 1 if cfg.conditioning.uses_class else None
+        have = unet.config.num_class_embeds
+        if want != have:
+            raise UserError(f"the U-Net has num_class_embeds={have}, conditioning {cfg.conditioning.kind!r} "
+                            f"needs {want}; a class-conditional model needs conditioning.num_classes + 1 (null) rows")
 
     def _setup_models(self) -> None:
         m, device = self.m, self.acc.device
@@ -401,11 +417,19 @@ class LDMTrainer:
     def loss(self, batch: dict[str, Any], g: torch.Generator) -> torch.Tensor:
         """The simplified DDPM objective on one batch; draws, in order: latent eps, caption drops, t, noise."""
         ldm = self.cfg.ldm
+        cond = self.cfg.conditioning
         x0 = self.latents(batch, g)  # (B, C, h, w)
-        c = self.text_states(drop_captions(batch["captions"], ldm.caption_dropout, g))  # (B, L, D)
+        if cond.uses_text:
+            captions = drop_captions(batch["captions"], ldm.caption_dropout, g)
+        else:  # class only: the text encoder sees the null caption (the U-Net keeps its cross-attention)
+            captions = [NULL_CAPTION] * len(batch["captions"])
+        c = self.text_states(captions)  # (B, L, D)
+        y = None
+        if cond.uses_class:  # (B,) labels, the null class with probability label_dropout
+            y = drop_labels(self.labels[batch["indices"]], cond.num_classes, cond.label_dropout, g).to(x0.device)
 
         def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.unet(x_t, t, encoder_hidden_states=c, return_dict=False)[0]
+            return self.unet(x_t, t, encoder_hidden_states=c, class_labels=y, return_dict=False)[0]
 
         loss, _ = self.m.diffusion.training_losses(model_fn, x0, generator=g, snr_gamma=ldm.snr_gamma,
                                                    noise_offset=ldm.noise_offset)
@@ -628,13 +652,16 @@ class LDMTrainer:
         """Sample the validation prompts with fixed seeds (EMA weights) and save the grid as PNG and to TensorBoard."""
         from ..pipeline import make_generators
 
-        ldm = self.cfg.ldm
+        ldm, cond = self.cfg.ldm, self.cfg.conditioning
         full = self._gather_full_weights()
-        if ldm.validation_prompts and self.acc.is_main_process:
+        prompts, extra = list(ldm.validation_prompts), {}
+        if cond.uses_class:  # classes 0, 1, ... (with the prompts, or alone: the first 8 classes, no text)
+            prompts = prompts if cond.uses_text else [NULL_CAPTION] * min(cond.num_classes, 8)
+            extra["class_labels"] = [k % cond.num_classes for k in range(len(prompts))]
+        if prompts and self.acc.is_main_process:
             with self.ema_weights(), self.acc.autocast(), _eval_mode(self.trainables):
-                images = self.pipeline(full)(ldm.validation_prompts,
-                                             generator=make_generators(ldm.validation_seed,
-                                                                       len(ldm.validation_prompts))).images
+                images = self.pipeline(full)(prompts, generator=make_generators(ldm.validation_seed, len(prompts)),
+                                             **extra).images  # fmt: skip
             self._save_grid(images)
         self.acc.wait_for_everyone()
 
@@ -731,6 +758,10 @@ def main(argv: list[str] | None = None) -> TrainResult:
 
         check_cacheable(dataset)
     check_enough_images(len(dataset), cfg.train.train_batch_size, launched_processes())
+    cond = cfg.conditioning
+    if cond.uses_class:  # labels and the U-Net's class embedding, before the run folder is touched
+        read_labels(dataset, cond.label_column, cond.num_classes)
+    LDMTrainer.check_class_embedding(cfg, models.unet)
     with lock_run_folder(args.output_dir):
         out, checkpoint = open_run_folder(args.output_dir, to_dict(cfg), args.resume_from_checkpoint,
                                           MAY_DIFFER_ON_RESUME)
