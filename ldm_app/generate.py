@@ -72,11 +72,14 @@ class Request:
     loras: tuple[str, ...] = ()  # "PATH[:SCALE]"
     embeddings: tuple[str, ...] = ()
     weighting: bool = False
-    class_label: int | None = None  # for a class-conditional model
+    class_label: int | None = None  # for a class-conditional model, or the class for classifier guidance
+    classifier: str | None = None  # classifier guidance (Dhariwal & Nichol 2021): a train_classifier.py folder
+    classifier_scale: float = 0.0
 
 
 EDIT_FIELDS = ("init_image", "strength", "mask", "inpaint", "mask_blur", "paste_back", "jump_length", "jump_n_sample",
-               "harmonize", "loras", "embeddings", "weighting", "class_label")  # fmt: skip
+               "harmonize", "loras", "embeddings", "weighting", "class_label", "classifier",
+               "classifier_scale")  # fmt: skip
 
 
 # ---- the Python API ---------------------------------------------------------------------------------------------
@@ -145,6 +148,7 @@ def run(req: Request, sink: OutputSink) -> list[Path]:
         req = replace(req, seed=secrets.randbelow(2**32))
     inputs = edit_inputs.load(req)  # (again: cheap) the init image and mask, sized
     pipe = load_pipeline(req)
+    classifier = load_classifier_for(pipe, req)
     adapters = edit_inputs.load_adapters(pipe, req)
     if inputs.mask is not None:  # recorded as resolved, so a remake needs no model lookup
         method = req.inpaint or ("model" if pipe.unet.config.in_channels == 9 else "repaint")
@@ -152,6 +156,9 @@ def run(req: Request, sink: OutputSink) -> list[Path]:
     if inputs.size is not None:
         req = replace(req, height=inputs.size[0], width=inputs.size[1])
     base = replace(effective_params(pipe, req), **inputs.params(req), **adapters, class_label=req.class_label)
+    if classifier is not None:  # guided DDIM (ldm_app.classifier): the sampler is DDIM whatever the model's
+        base = replace(base, sampler="ddim", classifier=str(Path(req.classifier).resolve()),
+                       classifier_scale=float(req.classifier_scale))
     jobs = [replace(base, prompt=p, seed=req.seed + k) for p in req.prompts for k in range(req.num_images)]
     check_with_model(pipe, req, jobs)  # the model's own limits (steps per sampler), before the first image
     say(describe(base, pipe) + (" (random)" if random_seed else ""))
@@ -160,7 +167,7 @@ def run(req: Request, sink: OutputSink) -> list[Path]:
     for start in range(0, len(jobs), req.batch_size):
         batch = jobs[start : start + req.batch_size]
         runner.set_progress_bar_config(desc=f"images {start + 1}-{start + len(batch)} of {len(jobs)}")
-        for params, image in zip(batch, sample(runner, batch, inputs, req)):
+        for params, image in zip(batch, sample(runner, batch, inputs, req, classifier)):
             paths.append(sink.save_image(image, params))
             if req.grid:  # kept only for the grid: thousands of images must not pile up in memory
                 images.append(image)
@@ -224,6 +231,27 @@ def check_request(req: Request) -> None:
             raise UserError(f"--{name} must be a non-empty text without NUL characters, got {shown(value, 100)}")
     check_model_exists(req.model)
     edit_inputs.check(req)
+    check_classifier_request(req)
+
+
+def check_classifier_request(req: Request) -> None:
+    """Classifier guidance: a classifier folder, a finite scale >= 0, a class; text-to-image only."""
+    scale = limits.check_number("--classifier_scale", req.classifier_scale)
+    if scale < 0:
+        raise UserError(f"--classifier_scale must be >= 0, got {scale:g}")
+    if req.classifier is None:
+        if scale:
+            raise UserError("--classifier_scale needs --classifier DIR (a python -m ldm_app.train_classifier folder)")
+        return
+    from ldm_app.classifier import is_classifier_folder
+
+    if not os.path.isdir(req.classifier) or not is_classifier_folder(Path(req.classifier)):
+        raise UserError(f"--classifier {req.classifier}: not a classifier folder (made by python -m "
+                        "ldm_app.train_classifier)")  # fmt: skip
+    if req.class_label is None:
+        raise UserError("--classifier needs --class_label N (the class to guide towards)")
+    if req.init_image is not None or req.weighting:
+        raise UserError("classifier guidance is text-to-image only: drop --init_image/--mask and --weighting")
 
 
 def check_sizes(batch: int, grid_images: int, height: int, width: int) -> None:
@@ -246,7 +274,7 @@ def check_with_model(pipe: LatentDiffusionPipeline, req: Request, jobs: list[Ima
     batch = jobs[: req.batch_size]
     pipe.check_call(
         [job.prompt for job in batch], [job.negative_prompt for job in batch], first.height, first.width,
-        first.steps, first.guidance_scale, class_labels=first.class_label,
+        first.steps, first.guidance_scale, class_labels=None if first.classifier else first.class_label,
     )  # fmt: skip
 
 
@@ -266,6 +294,25 @@ def check_model_exists(model: str) -> None:
             "reinstall with `pip install -e .`, make it with `bash recipes/shapes.sh`, or pass --model DIR"
         )
     raise UserError(f"model folder not found: {model}; expected a folder with model_index.json, unet/, vae/...")
+
+
+def load_classifier_for(pipe: LatentDiffusionPipeline, req: Request) -> Any:
+    """The classifier of --classifier, checked against the model (latent shape; not a class-conditional model,
+    whose --class_label would mean its own classes), or None."""
+    if req.classifier is None:
+        return None
+    from ldm_app.classifier import check_fits, load_classifier
+
+    if pipe.unet.config.num_class_embeds is not None:
+        raise UserError("--classifier guides a text or unconditional model; this model is class-conditional (give "
+                        "--class_label alone)")  # fmt: skip
+    classifier = load_classifier(req.classifier, device=pipe.device)
+    height, width, _, _ = pipe.resolve_defaults(req.height, req.width, None, None)
+    check_fits(classifier, pipe, height, width)
+    if not 0 <= req.class_label < classifier.config.num_classes:
+        raise UserError(f"--class_label {req.class_label} is outside 0..{classifier.config.num_classes - 1} (the "
+                        "classifier's classes)")  # fmt: skip
+    return classifier
 
 
 def load_pipeline(req: Request) -> LatentDiffusionPipeline:
@@ -310,7 +357,7 @@ def describe(p: ImageParams, pipe: LatentDiffusionPipeline) -> str:
 
 
 def sample(pipe: LatentDiffusionPipeline, batch: list[ImageParams], inputs: edit_inputs.EditInputs | None = None,
-           req: Request | None = None) -> list[Image.Image]:  # fmt: skip
+           req: Request | None = None, classifier: Any = None) -> list[Image.Image]:  # fmt: skip
     """One pipeline call for a batch of jobs that share every setting but prompt and seed."""
     import torch
 
@@ -319,6 +366,14 @@ def sample(pipe: LatentDiffusionPipeline, batch: list[ImageParams], inputs: edit
     generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
     prompts = [job.prompt for job in batch]
     negatives = [job.negative_prompt for job in batch]
+    if classifier is not None:
+        from ldm_app.classifier import classifier_guided_sample
+
+        return classifier_guided_sample(
+            pipe, classifier, [p.class_label] * len(batch), p.classifier_scale, prompt=prompts,
+            num_inference_steps=p.steps, guidance_scale=p.guidance_scale, generator=generators, output_type="pil",
+            height=p.height, width=p.width, negative_prompt=negatives,
+        ).images  # fmt: skip
     text = {"prompt": prompts, "negative_prompt": negatives}
     if p.weighting:
         from ldm_app.adapters import weighted_prompt_embeds
@@ -515,8 +570,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default 5; the U-Net runs about this many times more; 1: no resampling)")
     edit.add_argument("--harmonize", type=_float, default=0.3, help="RePaint: the last fraction of the steps that "
                       "runs free of the kept region, so the latents decode cleanly (default 0.3; 0: never free)")
-    p.add_argument("--class_label", type=_int_at_least(0), help="the class of a class-conditional model (then the "
-                   "prompt may be left out)")
+    p.add_argument("--class_label", type=_int_at_least(0), help="the class of a class-conditional model, or the "
+                   "class to guide towards with --classifier (then the prompt may be left out)")
+    p.add_argument("--classifier", metavar="DIR", help="classifier guidance (Dhariwal & Nichol 2021) with this "
+                   "python -m ldm_app.train_classifier folder; sampling is DDIM")
+    p.add_argument("--classifier_scale", type=_float, default=0.0, help="strength s of the classifier's gradient "
+                   "(default 0; about 20-30 for the shapes classifier)")
     adapters = p.add_argument_group("adapters")
     adapters.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="apply a LoRA "
                           "(.safetensors, diffusers or kohya/A1111 format), scale default 1; repeatable")
@@ -596,6 +655,9 @@ def request_from_args(args: argparse.Namespace) -> Request:
         embeddings=tuple(args.embedding) or (stored.embeddings if stored is not None else ()),
         weighting=args.weighting or (stored is not None and stored.weighting),
         class_label=pick(args.class_label, "class_label"),
+        classifier=pick(args.classifier, "classifier"),
+        classifier_scale=args.classifier_scale if args.classifier_scale or stored is None or
+        stored.classifier_scale is None else stored.classifier_scale,
     )
 
 

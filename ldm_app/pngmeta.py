@@ -86,7 +86,9 @@ class ImageParams:
     loras: tuple[str, ...] = ()
     embeddings: tuple[str, ...] = ()
     weighting: bool = False
-    class_label: int | None = None  # a class-conditional model's class
+    class_label: int | None = None  # a class-conditional model's class, or the classifier's
+    classifier: str | None = None  # classifier guidance: the classifier folder (absolute) and its scale
+    classifier_scale: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -184,6 +186,8 @@ def format_parameters(p: ImageParams) -> str:
         settings.update({"Inpaint": p.inpaint, "Mask blur": p.mask_blur, "Paste back": p.paste_back})
     if p.class_label is not None:
         settings["Class"] = p.class_label
+    if p.classifier is not None:
+        settings["Classifier scale"] = p.classifier_scale
     if p.loras:
         settings["Lora"] = " ".join(Path(spec.rsplit(":", 1)[0]).stem + ":" + spec.rsplit(":", 1)[1] for spec in p.loras)
     settings["Version"] = f"ldm_app {p.version}"

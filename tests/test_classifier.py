@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn as nn
@@ -202,3 +204,33 @@ def test_train_script_writes_a_loadable_classifier(tiny_pipeline_dir, tiny_pipel
         main([*args[:2], "--output_dir", str(other), *args[4:]])
     assert "not a classifier" in _one_line(excinfo)
     assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_generate_cli_guides_with_a_classifier_and_records_it(tiny_pipeline_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from ldm_app.errors import run_cli
+    from ldm_app.generate import main as generate_main
+    from ldm_app.pngmeta import read_params
+
+    folder = save_classifier(_tiny_classifier(), tmp_path / "clf")
+    common = ["--model", str(tiny_pipeline_dir), "--steps", "3", "--seed", "2", "--device", "cpu"]
+    plain = generate_main(["--class_label", "1", "--classifier", str(folder), *common,
+                           "--output", str(tmp_path / "plain.png")])[0]  # fmt: skip
+    guided = generate_main(["--class_label", "1", "--classifier", str(folder), "--classifier_scale", "50", *common,
+                            "--output", str(tmp_path / "guided.png")])[0]  # fmt: skip
+    p = read_params(guided)
+    assert (p.classifier, p.classifier_scale, p.class_label, p.sampler) == (str(folder.resolve()), 50.0, 1, "ddim")
+    a, b = (np.asarray(Image.open(x).convert("RGB"), dtype=np.int16) for x in (plain, guided))
+    assert np.abs(a - b).mean() > 0.5  # the gradient term changed the image
+    again = generate_main(["--from_png", str(guided), "--output", str(tmp_path / "again.png")])[0]
+    assert np.array_equal(np.asarray(Image.open(again).convert("RGB"), dtype=np.int16), b)
+    capsys.readouterr()
+    for argv, message in ((["--classifier_scale", "3"], "needs --classifier"),
+                          (["--classifier", str(tmp_path)], "not a classifier folder"),
+                          (["--classifier", str(folder)], "needs --class_label"),
+                          (["--classifier", str(folder), "--class_label", "99"], "outside 0..")):  # fmt: skip
+        code = run_cli(generate_main, ["a cat", *argv, *common, "--output", str(tmp_path / "bad.png")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "bad.png").exists()
