@@ -291,7 +291,8 @@ def test_shapes_writes_a_new_empty_or_own_folder(generated, tmp_path, start):
         shutil.copytree(generated, out)
     assert run_cli(shapes.main, ["--out", str(out), "--num_images", "2", "--resolution", "16", "--seed", "5"]) == 0
     manifest = json.loads((out / shapes.MANIFEST_FILE).read_text())
-    assert manifest["arguments"] == {"num_images": 2, "resolution": 16, "seed": 5, "two_object_fraction": 0.25}
+    assert manifest["arguments"] == {"num_images": 2, "resolution": 16, "seed": 5, "two_object_fraction": 0.25,
+                                     "labels": False}
     assert sorted(manifest["files"]) == ["000000.png", "000001.png", "metadata.jsonl"]
     assert sorted(p.name for p in out.iterdir()) == sorted(manifest["files"]) + [shapes.MANIFEST_FILE]
     shapes.check_previous_output(out)  # and it is recognised as ours next time
