@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 OUT=${1:-runs/class_shapes}
 NPROC=${NPROC:-2}
-STEPS=${STEPS:-2500}
+STEPS=${STEPS:-4000}
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 
