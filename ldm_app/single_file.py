@@ -3,8 +3,9 @@
 A single file holds the three networks of an SD-1.x model under their original (CompVis) names in one
 safetensors file: the U-Net under `model.diffusion_model.*`, the KL autoencoder under `first_stage_model.*` and
 the CLIP ViT-L/14 text encoder under `cond_stage_model.transformer.*`. It holds no configs, tokenizer or scheduler:
-those are the SD-1.x ones, shipped without weights in `ldm_app/assets/sd15_configs/` (a diffusers-layout folder),
-so loading a single file needs nothing from the Hugging Face hub.
+those are the SD-1.x ones, shipped without weights in `ldm_app/assets/sd15_configs/` (a diffusers-layout folder;
+its tokenizer is the bundled `assets/tokenizer`, passed in at load), so loading a single file needs nothing from
+the Hugging Face hub.
 
 - `load_single_file(path, pipeline_class=None, **kwargs)`: a `.safetensors` (or a weights-only `.ckpt`) file ->
   a pipeline, through diffusers' own `pipeline_class.from_single_file(path, config=<shipped folder>,
@@ -353,18 +354,13 @@ def load_single_file(path: str | os.PathLike, pipeline_class: type | None = None
     with _config_dir(in_channels) as config:
         # diffusers' own loader: with a local config folder and local_files_only it reads only that folder and the
         # file (no hub call, no cache), converts each network's keys and builds the pipeline; checked in the tests
-        # with HF_HUB_OFFLINE=1 and no network at all
-        if hasattr(pipeline_class, "from_single_file"):
-            return pipeline_class.from_single_file(str(path), config=str(config), local_files_only=True, **kwargs)
-        # A pipeline class without diffusers' FromSingleFileMixin (ours while it subclasses DiffusionPipeline, not
-        # StableDiffusionPipeline): load through StableDiffusionPipeline, then hand the components over.
-        import inspect
+        # with HF_HUB_OFFLINE=1 and no network at all. The tokenizer is the bundled CLIP BPE one (SD-1.x's own),
+        # passed in rather than shipped twice.
+        if "tokenizer" not in kwargs:
+            from .models import load_tokenizer
 
-        from diffusers import StableDiffusionPipeline
-
-        sd = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True, **kwargs)
-        accepted = inspect.signature(pipeline_class.__init__).parameters
-        return pipeline_class(**{k: v for k, v in sd.components.items() if k in accepted})
+            kwargs["tokenizer"] = load_tokenizer()
+        return pipeline_class.from_single_file(str(path), config=str(config), local_files_only=True, **kwargs)
 
 
 # ---- writing ------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from ldm_app import single_file as sf
 from ldm_app.errors import UserError, run_cli
 from ldm_app.export import main as export_main
+from ldm_app.models import TOKENIZER_DIR
 
 PROMPT = "a large red circle in the center on a white background"
 POOL = 16_777_213  # a prime: tensors cut from one random pool at random offsets share no alignment
@@ -63,6 +64,7 @@ def sd_folder(tmp_path_factory) -> Path:
     """A full-size SD-1.x diffusers folder: the shipped configs (PNDM scheduler included) plus random fp16 weights."""
     folder = tmp_path_factory.mktemp("sd") / "model"
     shutil.copytree(sf.SD15_CONFIGS, folder)
+    shutil.copytree(TOKENIZER_DIR, folder / "tokenizer")  # a whole pipeline folder (the configs ship without it)
     gen = torch.Generator().manual_seed(0)
     for component, model in sf._meta_models().items():
         save_file(_random_state(model, gen), str(folder / sf._FOLDER_WEIGHTS[component]))
