@@ -8,7 +8,6 @@ size (a mask of another size is more likely the wrong file than a wish to stretc
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ldm_app import limits
 from ldm_app.errors import UserError
+from ldm_app.fileio import file_sha256
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -45,14 +45,6 @@ def read_image(path: str, flag: str, mode: str) -> Image.Image:
     return rgb if mode == "RGB" else rgb.convert(mode)
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class EditInputs:
     """The loaded init image and mask (None for text-to-image), at the output size (height, width)."""
@@ -71,11 +63,11 @@ class EditInputs:
             return {}
         fields: dict[str, Any] = {
             "init_image": str(Path(req.init_image).resolve()),
-            "init_image_sha256": file_sha256(req.init_image),
+            "init_image_sha256": file_sha256(Path(req.init_image)),
             "strength": float(req.strength if req.strength is not None else default_strength(req)),
         }
         if self.mask is not None:
-            fields.update(mask=str(Path(req.mask).resolve()), mask_sha256=file_sha256(req.mask),
+            fields.update(mask=str(Path(req.mask).resolve()), mask_sha256=file_sha256(Path(req.mask)),
                           inpaint=req.inpaint, mask_blur=float(req.mask_blur), paste_back=bool(req.paste_back))  # fmt: skip
             if req.inpaint == "repaint":
                 fields.update(jump_length=req.jump_length, jump_n_sample=req.jump_n_sample,
@@ -172,7 +164,7 @@ def check_unchanged(stored: Any, flag_given: dict[str, bool]) -> None:
             continue
         if not os.path.isfile(path):
             raise UserError(f"the {name.replace('_', ' ')} recorded in the PNG is not there ({path}); pass {flag} FILE")
-        if digest is not None and file_sha256(path) != digest:
+        if digest is not None and file_sha256(Path(path)) != digest:
             raise UserError(f"{path} changed since the PNG was made (its SHA-256 differs), so the image would not be "
                             f"the same; pass {flag} {path} to use it anyway")  # fmt: skip
 

@@ -14,6 +14,7 @@ reconstruct from the posterior mode (deterministic); VQ models from the quantise
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -29,6 +30,17 @@ from .first_stage import HOLDOUT_FILE, TRAIN_CONFIG_FILE, is_vq, reconstruct  # 
 logger = logging.getLogger("evaluate")
 
 GRID_COLUMNS = 8  # images shown in the reconstruction grid
+# the evaluations in ldm_app/evaluation/: (subcommand, module, its add-arguments function, its run function, help)
+SUBCOMMANDS = (
+    ("ldm", "ldm_app.evaluation.adherence", "add_ldm_arguments", "run_ldm",
+     "prompt adherence (attribute judge) and domain KID of a shapes text-to-image model"),
+    ("sweep", "ldm_app.evaluation.sweep", "add_sweep_arguments", "run_sweep_cli",
+     "adherence and speed under several sampling settings; choose the defaults"),
+    ("edit", "ldm_app.evaluation.edit", "add_edit_arguments", "run_edit_cli",
+     "image-to-image recolouring and inpainting, judged by the judge and by pixels"),
+    ("classes", "ldm_app.evaluation.classes", "add_classes_arguments", "run_classes_cli",
+     "class-conditional sampling: class accuracy per guidance scale"),
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -215,26 +227,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     vae.add_argument("--json", help="write the metrics as JSON here")
     vae.add_argument("--batch_size", type=int, default=16)
     vae.set_defaults(run=_run_vae)
-    from ldm_app.evaluation.adherence import add_ldm_arguments, run_ldm
-
-    ldm = sub.add_parser("ldm", help="prompt adherence (attribute judge) and domain KID of a shapes text-to-image model")
-    add_ldm_arguments(ldm)
-    ldm.set_defaults(run=run_ldm)
-    from ldm_app.evaluation.sweep import add_sweep_arguments, run_sweep_cli
-
-    sweep = sub.add_parser("sweep", help="adherence and speed under several sampling settings; choose the defaults")
-    add_sweep_arguments(sweep)
-    sweep.set_defaults(run=run_sweep_cli)
-    from ldm_app.evaluation.edit import add_edit_arguments, run_edit_cli
-
-    edit = sub.add_parser("edit", help="image-to-image recolouring and inpainting, judged by the judge and by pixels")
-    add_edit_arguments(edit)
-    edit.set_defaults(run=run_edit_cli)
-    from ldm_app.evaluation.classes import add_classes_arguments, run_classes_cli
-
-    classes = sub.add_parser("classes", help="class-conditional sampling: class accuracy per guidance scale")
-    add_classes_arguments(classes)
-    classes.set_defaults(run=run_classes_cli)
+    for name, module, add, run, help_text in SUBCOMMANDS:
+        evaluation = importlib.import_module(module)
+        sub_parser = sub.add_parser(name, help=help_text)
+        getattr(evaluation, add)(sub_parser)
+        sub_parser.set_defaults(run=getattr(evaluation, run))
     return p.parse_args(argv)
 
 

@@ -192,9 +192,8 @@ def check_request(req: Request) -> None:
     if req.class_label is not None and (isinstance(req.class_label, bool) or not isinstance(req.class_label, int)
                                         or req.class_label < 0):
         raise UserError(f"--class_label must be a class number >= 0, got {shown(req.class_label, 40)}")
-    if req.class_label is not None and req.prompts == [""]:
-        pass  # a class-conditional model needs no prompt
-    elif not req.prompts or not all(p.strip() for p in req.prompts):
+    class_only = req.class_label is not None and req.prompts == [""]  # a class is condition enough
+    if not class_only and (not req.prompts or not all(p.strip() for p in req.prompts)):
         raise UserError("no prompt (or an empty one); expected a prompt argument, --from_file FILE or --from_png FILE")
     for prompt in req.prompts:
         check_unicode("the prompt", prompt)

@@ -268,7 +268,6 @@ class CallPlan:
 
     args: dict[str, Any]
     scheduler: SchedulerMixin
-    batch_size: int
     output_type: str
     extras: dict[str, Any]  # ours, not diffusers' (inpainting: method, RePaint schedule, mask blur, paste-back)
 
@@ -633,7 +632,7 @@ class LdmAppPipelineMixin:
             args.update(height=height, width=width)
         extras = self.check_images(args, steps)
         extras["class_labels"] = self.check_class_labels(args.pop("class_labels", None), n_prompts, per_prompt)
-        return CallPlan(args, scheduler, batch_size, output_type, extras)
+        return CallPlan(args, scheduler, output_type, extras)
 
     def check_class_labels(self, class_labels: Any, num_prompts: int, per_prompt: int) -> torch.Tensor | None:
         """One class label per image for a class-conditional U-Net (num_class_embeds = classes + the null class),
@@ -1003,7 +1002,7 @@ class LatentDiffusionInpaintPipeline(LdmAppPipelineMixin, StableDiffusionInpaint
     def _sample(self, plan: CallPlan) -> Any:
         want = plan.output_type
         if plan.extras["paste_back"] and want != "latent":
-            plan = CallPlan({**plan.args, "output_type": "pt"}, plan.scheduler, plan.batch_size, "pt", plan.extras)
+            plan = CallPlan({**plan.args, "output_type": "pt"}, plan.scheduler, "pt", plan.extras)
         if plan.extras["inpaint"] == "repaint":
             images = self._repaint(plan)
         else:
