@@ -93,3 +93,27 @@ def class_labels_for_call(class_labels: Any, num_prompts: int, per_prompt: int, 
         raise UserError(f"got {len(values)} class labels for {num_prompts} prompts x {per_prompt} images; give one, "
                         "one per prompt or one per image")  # fmt: skip
     return torch.tensor(values, dtype=torch.long)
+
+
+# ---- an image by channel-wise concatenation: the inpainting model (SD-inpainting's 9-channel U-Net) ------------
+
+CONCAT_KINDS = ("none", "inpaint")
+
+
+def concat_channels(concat: str, latent_channels: int) -> int:
+    """Channels concatenated to the noisy latents at the U-Net's input: for "inpaint", the mask (1) and the masked
+    image's latents (C), diffusers' StableDiffusionInpaintPipeline layout [x_t, mask, masked-image latents]."""
+    return 1 + latent_channels if concat == "inpaint" else 0
+
+
+def masked_image(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The image with the region to repaint set to 0 (mid-gray in [-1, 1]), as diffusers' pipeline prepares it:
+    pixels (B, 3, H, W), mask (B, 1, H, W), 1 = repaint."""
+    return pixels * (mask < 0.5)
+
+
+def inpaint_condition(mask: torch.Tensor, masked_latents: torch.Tensor) -> torch.Tensor:
+    """(B, 1 + C, h, w): the pixel mask resized to the latents (nearest, as diffusers' prepare_mask_latents) and the
+    masked image's scaled latents, the channels concatenated after x_t."""
+    small = torch.nn.functional.interpolate(mask, size=masked_latents.shape[-2:])
+    return torch.cat([small.to(masked_latents), masked_latents], dim=1)

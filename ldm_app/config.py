@@ -89,16 +89,21 @@ CONDITIONING_KINDS = ("text", "class", "text+class")
 
 @dataclass
 class ConditioningConfig:
-    """What the U-Net is conditioned on (the seeds' three ways, two of them here): text by cross-attention, and/or
-    a class label as an embedding added to the timestep embedding (diffusers' `num_class_embeds`, so the folder
-    still loads in diffusers). Classes come from a dataset column (`label_column`, e.g. imagefolder's class
-    sub-folders or a `label` key in metadata.jsonl) as integers 0..num_classes-1; index num_classes is the null
-    class, used for `label_dropout` of the labels (classifier-free guidance over classes)."""
+    """What the U-Net is conditioned on (the seeds' three ways): text by cross-attention, and/or a class label as an
+    embedding added to the timestep embedding (diffusers' `num_class_embeds`, so the folder still loads in
+    diffusers), and/or an image by channel-wise concatenation (`concat`). Classes come from a dataset column
+    (`label_column`, e.g. imagefolder's class sub-folders or a `label` key in metadata.jsonl) as integers
+    0..num_classes-1; index num_classes is the null class, used for `label_dropout` of the labels (classifier-free
+    guidance over classes). `concat: inpaint` makes an inpainting model: the U-Net also sees a random mask and the
+    latents of the image with the mask's region blanked (ldm_app.masks; SD-inpainting's 9-channel layout, loads in
+    diffusers' StableDiffusionInpaintPipeline); fine-tuning a text-to-image folder widens its first convolution
+    with zero weights for the new channels."""
 
     kind: str = "text"
     num_classes: int = 0
     label_column: str = "label"
     label_dropout: float = 0.1
+    concat: str = "none"
 
     @property
     def uses_text(self) -> bool:
@@ -118,6 +123,10 @@ class ConditioningConfig:
                             "kind class or text+class")  # fmt: skip
         if not 0 <= self.label_dropout < 1:
             raise UserError(f"conditioning.label_dropout must be in [0, 1), got {self.label_dropout}")
+        from .conditioning import CONCAT_KINDS
+
+        if self.concat not in CONCAT_KINDS:
+            raise UserError(f"unknown conditioning.concat {self.concat!r}; expected one of {', '.join(CONCAT_KINDS)}")
 
 
 @dataclass

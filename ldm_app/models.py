@@ -47,15 +47,17 @@ def build_autoencoder(cfg: AutoencoderConfig) -> Autoencoder:
     raise ValueError(f"unknown autoencoder kind {cfg.kind!r}")
 
 
-def build_unet(cfg: UNetConfig, cross_attention_dim: int, num_classes: int = 0) -> UNet2DConditionModel:
+def build_unet(cfg: UNetConfig, cross_attention_dim: int, num_classes: int = 0,
+               extra_in_channels: int = 0) -> UNet2DConditionModel:  # fmt: skip
     """eps_theta(x_t, t, c[, y]): attention levels get CrossAttn blocks (self-attention + cross-attention to c);
     with `num_classes`, a class embedding (num_classes + 1 rows: the last is the null class) added to the
-    timestep embedding, diffusers' own `num_class_embeds`."""
+    timestep embedding, diffusers' own `num_class_embeds`; `extra_in_channels` concatenated after x_t at the
+    input (an inpainting model's mask and masked-image latents), the output keeping the latents' channels."""
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention))
     return UNet2DConditionModel(
         sample_size=cfg.sample_size,
-        in_channels=cfg.in_channels,
+        in_channels=cfg.in_channels + extra_in_channels,
         out_channels=cfg.in_channels,
         down_block_types=down,
         up_block_types=up,
@@ -66,6 +68,23 @@ def build_unet(cfg: UNetConfig, cross_attention_dim: int, num_classes: int = 0) 
         cross_attention_dim=cross_attention_dim,
         num_class_embeds=num_classes + 1 if num_classes else None,
     )
+
+
+def widen_unet_input(unet: UNet2DConditionModel, in_channels: int) -> UNet2DConditionModel:
+    """Give the U-Net's first convolution `in_channels` inputs, the new ones with zero weights, so the widened
+    model computes exactly what it did before (SD-inpainting's initialisation from SD; diffusers' own
+    train_instruct_pix2pix.py does the same inline). In place; returns the U-Net."""
+    old = unet.conv_in
+    if in_channels < old.in_channels:
+        raise ValueError(f"cannot narrow the U-Net input from {old.in_channels} to {in_channels} channels")
+    new = torch.nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_channels] = old.weight
+        new.bias.copy_(old.bias)
+    unet.conv_in = new.to(old.weight)
+    unet.register_to_config(in_channels=in_channels)
+    return unet
 
 
 def build_text_encoder(cfg: TextEncoderConfig) -> CLIPTextModel:

@@ -569,6 +569,11 @@ class LdmAppPipelineMixin:
                     output_type=output_type, num_images_per_prompt=num_images_per_prompt)  # fmt: skip
         if sampler is not None:
             check_sampler_name(sampler)
+        if self.unet.config.in_channels != self.unet.config.out_channels and not isinstance(
+                self, StableDiffusionInpaintPipeline):  # fmt: skip
+            raise UserError(f"this is an inpainting model (its U-Net takes {self.unet.config.in_channels} input "
+                            "channels: latents, mask, masked image): it needs an image and a mask "
+                            "(LatentDiffusionInpaintPipeline, or generate.py --init_image IMG --mask MASK)")
         prompt_embeds = args.get("prompt_embeds")
         if prompt is None and prompt_embeds is None:
             raise UserError("give a prompt (or prompt_embeds)")

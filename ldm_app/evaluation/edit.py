@@ -60,6 +60,8 @@ INPAINT_SETTINGS: tuple[tuple[str, bool, dict[str, Any]], ...] = (
     ("repaint", False, {}), ("repaint", True, {}),
     ("repaint", True, {"jump_n_sample": 1}),
 )
+# an inpainting model's settings (`--inpaint_model`): the 9-channel U-Net, with the same sampler, steps and guidance
+MODEL_SETTINGS: tuple[tuple[str, bool, dict[str, Any]], ...] = (("model", False, {}), ("model", True, {}))
 TARGET_NEW_OBJECT_RIGHT = 0.90  # the issue's target for inpainting
 
 FOREGROUND_DISTANCE = 40.0  # RGB distance from the background colour above which a pixel is foreground (the
@@ -394,8 +396,11 @@ def run_edit(
     settings: tuple[tuple[str, bool, dict[str, Any]], ...] = INPAINT_SETTINGS,
     mask_margin: int = 4,
     log: Callable[[str], None] = print,
+    inpaint_model=None,
 ) -> EditResult:
-    """Both tasks on `num` fresh scenes each (see the module doc), with the model's sampling defaults."""
+    """Both tasks on `num` fresh scenes each (see the module doc), with the model's sampling defaults. With
+    `inpaint_model` (a pipeline over a 9-channel inpainting U-Net on the same autoencoder), MODEL_SETTINGS run too,
+    on the same examples and seeds, with `pipe`'s sampler, steps and guidance."""
     from ldm_app.pipeline import LatentDiffusionImg2ImgPipeline, LatentDiffusionInpaintPipeline
 
     check_num(num, batch_size)
@@ -407,6 +412,17 @@ def run_edit(
     inpaint = LatentDiffusionInpaintPipeline.from_pipe(pipe)
     for p in (img2img, inpaint):
         p.set_progress_bar_config(disable=True)
+    if inpaint_model is not None:
+        from ldm_app.pipeline import LatentDiffusionInpaintPipeline as InpaintPipeline
+
+        if inpaint_model.unet.config.in_channels != 9:
+            raise UserError(f"the inpainting model's U-Net takes {inpaint_model.unet.config.in_channels} input "
+                            "channels; an inpainting model (conditioning.concat=inpaint) takes 9")
+        inpaint_model = InpaintPipeline.from_pipe(inpaint_model)
+        inpaint_model.sampling_defaults = dict(pipe.sampling_defaults)
+        inpaint_model.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        inpaint_model.set_progress_bar_config(disable=True)
+        settings = tuple(settings) + MODEL_SETTINGS
 
     # 1. recolouring
     rec = recolour_examples(num, seed, resolution)
@@ -438,7 +454,7 @@ def run_edit(
     for method, paste_back, extra in settings:
         name = setting_name(method, paste_back, extra)
         outs, seconds = _run_batched(
-            inpaint, [ex.prompt for ex in inp], [ex.image_seed for ex in inp], batch_size,
+            inpaint_model if method == "model" else inpaint, [ex.prompt for ex in inp], [ex.image_seed for ex in inp], batch_size,
             {"image": [_pil(a) for a in inp_inputs], "mask_image": [_pil(ex.mask) for ex in inp]},
             inpaint=method, paste_back=paste_back, **extra,
         )
@@ -603,6 +619,9 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", default=None, help="write a PNG of examples here (input | mask | outputs)")
     parser.add_argument("--batch_size", type=int, default=10)
     parser.add_argument("--mask_margin", type=int, default=4, help="pixels added around the masked object's box")
+    parser.add_argument("--inpaint_model", default=None,
+                        help="also an inpainting model folder (9-channel U-Net, train_ldm.py conditioning.concat="
+                             "inpaint) on the same examples, with --model's sampler, steps and guidance")
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda[:n]|mps")
     parser.add_argument("--dtype", default="auto", help="auto|fp32|fp16|bf16")
     add_judge_arguments(parser)
@@ -619,6 +638,8 @@ def run_edit_cli(args: argparse.Namespace) -> dict[str, Any]:
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     check_model_folder(Path(args.model))  # before the judge, which may take minutes to train on a new machine
+    if args.inpaint_model:
+        check_model_folder(Path(args.inpaint_model))
     for flag, dest in (("--json", args.json), ("--grid", args.grid)):
         if dest:
             check_output_file(flag, dest)
@@ -627,8 +648,16 @@ def run_edit_cli(args: argparse.Namespace) -> dict[str, Any]:
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     judge.net.to(device)
-    result = run_edit(pipe, judge, args.num, args.seed, args.batch_size, mask_margin=args.mask_margin)
+    model = None
+    if args.inpaint_model:
+        from ldm_app.pipeline import LatentDiffusionInpaintPipeline
+
+        model = LatentDiffusionInpaintPipeline.from_pretrained(args.inpaint_model, dtype=dtype).to(device)
+    result = run_edit(pipe, judge, args.num, args.seed, args.batch_size, mask_margin=args.mask_margin,
+                      inpaint_model=model)
     result.report["model"] = str(Path(args.model).resolve())
+    if args.inpaint_model:
+        result.report["inpaint_model"] = str(Path(args.inpaint_model).resolve())
     for line in table_lines(result.report):
         print(line)
     if args.json:

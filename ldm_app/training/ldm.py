@@ -40,9 +40,10 @@ from ..checkpointing import load_checkpoint, lock_run_folder, save_checkpoint, w
 from ..config import (ConditioningConfig, DataConfig, NoiseScheduleConfig, TextEncoderConfig, TrainConfig, UNetConfig,
                       load_config,
                       flag_overrides, merge, parse_overrides, to_dict)
-from ..conditioning import NULL_CAPTION, drop_captions, drop_labels, encode_text, read_labels
+from ..conditioning import (NULL_CAPTION, concat_channels, drop_captions, drop_labels, encode_text, inpaint_condition,
+                            masked_image, read_labels)
 from ..errors import ArgumentParser, UserError
-from ..first_stage import latent_channels, latent_stats, sample_x0
+from ..first_stage import is_vq, latent_channels, latent_stats, sample_x0
 from .common import (EmptyBatchGuard, Position, batches, launched_processes, batches_per_epoch, effective_lr, make_accelerator, make_lr_scheduler,
                      make_optimizer, open_run_folder, release_freed_memory, setup_logging, step_generator)
 
@@ -215,33 +216,46 @@ def build_models(cfg: LDMRunConfig) -> Models:
     from ..models import build_text_encoder, build_unet, load_autoencoder, load_text_encoder, load_tokenizer
 
     if cfg.ldm.pretrained_model:
-        return _models_from_pipeline(Path(cfg.ldm.pretrained_model), cfg.ldm.pretrained_vae)
+        return _models_from_pipeline(Path(cfg.ldm.pretrained_model), cfg.ldm.pretrained_vae, cfg.conditioning.concat)
     vae = _load("autoencoder", cfg.ldm.pretrained_vae, load_autoencoder)
     check_compatible(vae, cfg.unet.in_channels, cfg)
+    extra = concat_channels(cfg.conditioning.concat, latent_channels(vae))
     torch.manual_seed(cfg.train.seed)  # initial weights are a function of the seed
     te_cfg = cfg.text_encoder
     text_encoder = (_load("text encoder", te_cfg.pretrained, load_text_encoder) if te_cfg.pretrained
                     else build_text_encoder(te_cfg))
     unet = build_unet(cfg.unet, cross_attention_dim=text_encoder.config.hidden_size,
-                      num_classes=cfg.conditioning.num_classes)
+                      num_classes=cfg.conditioning.num_classes, extra_in_channels=extra)
     tokenizer = load_tokenizer(model_max_length=text_encoder.config.max_position_embeddings)
     diffusion = GaussianDiffusion.from_scheduler_config(cfg.noise)
     return Models(vae, text_encoder, tokenizer, unet, diffusion, train_text_encoder=not te_cfg.pretrained)
 
 
-def _models_from_pipeline(folder: Path, vae_dir: str | None) -> Models:
-    """Fine-tuning: every component from an SD-1.x-layout folder (the text encoder stays frozen)."""
+def _models_from_pipeline(folder: Path, vae_dir: str | None, concat: str = "none") -> Models:
+    """Fine-tuning: every component from an SD-1.x-layout folder (the text encoder stays frozen). With
+    `concat`, a text-to-image U-Net gets its input widened for the concatenated channels (zero weights)."""
     from diffusers import UNet2DConditionModel
 
     from ..diffusion import GaussianDiffusion
-    from ..models import load_autoencoder, load_text_encoder, load_tokenizer
+    from ..models import load_autoencoder, load_text_encoder, load_tokenizer, widen_unet_input
 
     if not (folder / "model_index.json").is_file():
         raise UserError(f"--pretrained_model {str(folder)!r} is not a pipeline folder (no model_index.json)")
     logger.warning("--pretrained_model: the unet, text_encoder and noise config sections are taken from %s", folder)
     vae = _load("autoencoder", vae_dir or folder / "vae", load_autoencoder)
     unet = _load("U-Net", folder / "unet", lambda p: UNet2DConditionModel.from_pretrained(p, use_safetensors=True))
-    check_compatible(vae, unet.config.in_channels, None)
+    check_compatible(vae, unet.config.out_channels, None)
+    channels = latent_channels(vae)
+    want = channels + concat_channels(concat, channels)
+    have = unet.config.in_channels
+    if have == channels and want > channels:
+        widen_unet_input(unet, want)
+        logger.info("U-Net input widened from %d to %d channels (zero weights) for conditioning.concat=%s",
+                    have, want, concat)
+    elif have != want:
+        raise UserError(f"{folder / 'unet'} takes {have} input channels; conditioning.concat={concat!r} needs "
+                        f"{want} (or {channels}, widened): " + ("set conditioning.concat=inpaint for an inpainting "
+                        "model" if concat == "none" else "not a model this run can fine-tune"))  # fmt: skip
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
     try:
@@ -414,11 +428,31 @@ class LDMTrainer:
         with contextlib.nullcontext() if self.m.train_text_encoder else torch.no_grad():
             return encode_text(self.m.tokenizer, self.text_encoder, captions, self.acc.device)
 
+    def inpaint_latents(self, batch: dict[str, Any], g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """An inpainting model's step inputs: x0 (B, C, h, w) and the concatenated condition (B, 1 + C, h, w) of a
+        random mask (ldm_app.masks) and the masked image's latents (a posterior sample, as diffusers' pipeline
+        encodes it), both images encoded in one autoencoder call. Draws: masks, x0's eps, the masked image's eps."""
+        from ..masks import random_masks
+
+        pixels = batch["pixel_values"].to(self.acc.device)
+        mask = random_masks(pixels, g)  # (B, 1, H, W), 1 = repaint
+        with self.acc.autocast():
+            mean, std = latent_stats(self.m.vae, torch.cat([pixels, masked_image(pixels, mask)]))
+        n, sf = len(pixels), self.m.vae.config.scaling_factor
+        x0 = sample_x0(mean[:n], None if std is None else std[:n], sf, g)
+        masked = sample_x0(mean[n:], None if std is None else std[n:], sf, g)
+        return x0, inpaint_condition(mask, masked)
+
     def loss(self, batch: dict[str, Any], g: torch.Generator) -> torch.Tensor:
-        """The simplified DDPM objective on one batch; draws, in order: latent eps, caption drops, t, noise."""
+        """The simplified DDPM objective on one batch; draws, in order: latent eps (an inpainting model: masks and
+        latent eps), caption drops, t, noise."""
         ldm = self.cfg.ldm
         cond = self.cfg.conditioning
-        x0 = self.latents(batch, g)  # (B, C, h, w)
+        concat = None
+        if cond.concat == "inpaint":
+            x0, concat = self.inpaint_latents(batch, g)  # (B, C, h, w), (B, 1 + C, h, w)
+        else:
+            x0 = self.latents(batch, g)  # (B, C, h, w)
         if cond.uses_text:
             captions = drop_captions(batch["captions"], ldm.caption_dropout, g)
         else:  # class only: the text encoder sees the null caption (the U-Net keeps its cross-attention)
@@ -429,7 +463,8 @@ class LDMTrainer:
             y = drop_labels(self.labels[batch["indices"]], cond.num_classes, cond.label_dropout, g).to(x0.device)
 
         def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.unet(x_t, t, encoder_hidden_states=c, class_labels=y, return_dict=False)[0]
+            x_in = x_t if concat is None else torch.cat([x_t, concat], dim=1)  # [x_t, mask, masked latents]
+            return self.unet(x_in, t, encoder_hidden_states=c, class_labels=y, return_dict=False)[0]
 
         loss, _ = self.m.diffusion.training_losses(model_fn, x0, generator=g, snr_gamma=ldm.snr_gamma,
                                                    noise_offset=ldm.noise_offset)
@@ -609,14 +644,17 @@ class LDMTrainer:
         return copy
 
     def pipeline(self, full: dict[str, dict] | None = None) -> Any:
-        """A LatentDiffusionPipeline over the live modules (EMA weights if the caller swapped them in)."""
-        from ..pipeline import LatentDiffusionPipeline
+        """A LatentDiffusionPipeline over the live modules (EMA weights if the caller swapped them in); an
+        inpainting model's is a LatentDiffusionInpaintPipeline (its folder loads in diffusers'
+        StableDiffusionInpaintPipeline)."""
+        from ..pipeline import LatentDiffusionInpaintPipeline, LatentDiffusionPipeline
         from ..samplers import make_scheduler
 
         ldm = self.cfg.ldm
         text_encoder = self._export_module("text_encoder", full) if self.m.train_text_encoder else self.m.text_encoder
         scheduler = make_scheduler(ldm.validation_sampler, self.m.diffusion.scheduler.config)
-        pipe = LatentDiffusionPipeline(vae=self.m.vae, text_encoder=text_encoder, tokenizer=self.m.tokenizer,
+        cls = LatentDiffusionInpaintPipeline if self.cfg.conditioning.concat == "inpaint" else LatentDiffusionPipeline
+        pipe = cls(vae=self.m.vae, text_encoder=text_encoder, tokenizer=self.m.tokenizer,
                                        unet=self._export_module("unet", full), scheduler=scheduler)
         pipe.sampling_defaults = {"sampler": ldm.validation_sampler,
                                   "num_inference_steps": ldm.validation_num_inference_steps,
@@ -658,6 +696,12 @@ class LDMTrainer:
         if cond.uses_class:  # classes 0, 1, ... (with the prompts, or alone: the first 8 classes, no text)
             prompts = prompts if cond.uses_text else [NULL_CAPTION] * min(cond.num_classes, 8)
             extra["class_labels"] = [k % cond.num_classes for k in range(len(prompts))]
+        if cond.concat == "inpaint" and prompts:  # an inpainting model from text alone: everything masked
+            from PIL import Image
+
+            side = self.cfg.data.resolution
+            extra["image"] = [Image.new("RGB", (side, side), (128, 128, 128))] * len(prompts)
+            extra["mask_image"] = [Image.new("L", (side, side), 255)] * len(prompts)
         if prompts and self.acc.is_main_process:
             with self.ema_weights(), self.acc.autocast(), _eval_mode(self.trainables):
                 images = self.pipeline(full)(prompts, generator=make_generators(ldm.validation_seed, len(prompts)),
@@ -734,6 +778,19 @@ def check_strategy(accelerator: Any, cfg: LDMRunConfig, train_text_encoder: bool
 # Entry point
 
 
+def check_concat(cfg: LDMRunConfig, models: Models) -> None:
+    """An inpainting model encodes each step's masked images: it needs the pixels (no latent cache) and a KL
+    autoencoder (diffusers' inpainting pipeline samples the masked image's posterior)."""
+    if cfg.conditioning.concat == "none":
+        return
+    if cfg.ldm.cache_latents:
+        raise UserError(f"conditioning.concat={cfg.conditioning.concat} encodes a newly masked image every step and "
+                        "cannot use cached latents: set ldm.cache_latents=false (--set ldm.cache_latents=false)")
+    if is_vq(models.vae):
+        raise UserError(f"conditioning.concat={cfg.conditioning.concat} needs a KL autoencoder (diffusers' "
+                        "inpainting pipeline encodes the masked image through a KL posterior); this one is VQ")
+
+
 def check_enough_images(n: int, batch_size: int, num_processes: int) -> None:
     if batches_per_epoch(n, batch_size, num_processes) == 0:
         raise UserError(f"the dataset has {n} training images, fewer than one batch of {batch_size} x "
@@ -759,6 +816,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
         check_cacheable(dataset)
     check_enough_images(len(dataset), cfg.train.train_batch_size, launched_processes())
     cond = cfg.conditioning
+    check_concat(cfg, models)
     if cond.uses_class:  # labels and the U-Net's class embedding, before the run folder is touched
         read_labels(dataset, cond.label_column, cond.num_classes)
     LDMTrainer.check_class_embedding(cfg, models.unet)
