@@ -216,3 +216,18 @@ def test_evaluate_edit_runs_an_inpainting_model_beside_the_other_methods(tiny_pi
     with pytest.raises(UserError, match="takes 9"):
         run_edit(tiny_pipeline, tiny_judge, num=2, batch_size=2, strengths=(0.5,), settings=settings,
                  log=lambda _: None, inpaint_model=tiny_pipeline)  # fmt: skip
+
+
+def test_the_seam_measure_sees_an_edge_and_only_at_the_mask():
+    from ldm_app.evaluation.edit import seam
+
+    image = np.full((16, 16, 3), 128, np.uint8)
+    mask = np.zeros((16, 16), bool)
+    mask[4:12, 4:12] = True
+    assert seam(image, mask) == 0.0
+    image[4:12, 4:12] = 100  # a flat patch filling the mask exactly: every pair across the edge differs by 28
+    assert seam(image, mask) == 28.0
+    image[:] = 128
+    image[6:10, 6:10] = 0  # an object well inside the mask: no seam
+    assert seam(image, mask) == 0.0
+    assert seam(image, np.zeros((16, 16), bool)) == 0.0

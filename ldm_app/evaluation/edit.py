@@ -24,7 +24,10 @@ back twice:
    the old object's area), the other object kept (judge: its colour and shape; pixels: its interior colour and
    foreground IoU >= IOU_KEPT, in its box), and outside the mask the max / mean absolute difference from the
    input (0..255; paste_back must give exactly 0), beside the autoencoder's own round-trip error of the input
-   there (decode(encode(x).mode)), which is what a method without paste_back can at best reach.
+   there (decode(encode(x).mode)), which is what a method without paste_back can at best reach; and the seam: the
+   mean difference across the mask's edge (`seam`; the input's own value is the floor). With `--inpaint_model`, an
+   inpainting model (9-channel U-Net, train_ldm.py conditioning.concat=inpaint) runs on the same examples and
+   seeds with the same sampler, steps and guidance ("model", MODEL_SETTINGS).
 
 Each setting of an example uses the same generator seed, so settings differ only in the method. Seconds per image
 are wall time of the pipeline calls (batched, `--batch_size`) over the number of images, on this machine's load.
@@ -121,6 +124,24 @@ def abs_diff(a: Any, b: Any, region: np.ndarray) -> dict[str, float]:
         return {"max": 0.0, "mean": 0.0}
     d = np.abs(to_uint8(a).astype(np.int16) - to_uint8(b).astype(np.int16))[region]
     return {"max": float(d.max()), "mean": float(d.mean())}
+
+
+def seam(image: Any, mask: np.ndarray) -> float:
+    """How visible the mask's edge is: the mean, over pairs of 4-adjacent pixels on either side of the edge (one in
+    the mask, one out), of their largest channel difference (0..255). Objects sit inside the evaluation's masks, so
+    in the input these pairs are background on both sides (0 up to the colour jitter): what rises above the input's
+    value is a seam the method drew. 0.0 for a mask without an edge."""
+    a = to_uint8(image).astype(np.int16)
+    diffs = []
+    for axis in (0, 1):
+        first = [slice(None)] * 2
+        second = [slice(None)] * 2
+        first[axis], second[axis] = slice(None, -1), slice(1, None)
+        across = mask[tuple(first)] != mask[tuple(second)]  # pairs straddling the edge
+        d = np.abs(a[tuple(first)] - a[tuple(second)]).max(axis=-1)
+        diffs.append(d[across])
+    pairs = np.concatenate(diffs)
+    return float(pairs.mean()) if pairs.size else 0.0
 
 
 def object_coverage(obj: ShapeObject, resolution: int) -> np.ndarray:
@@ -295,7 +316,7 @@ def score_inpaint(
                       f"{seen[f'{other_slot}_shape']}, {seen['count']} objects",
             "pixels": {"new_present": bool(present), "new_colour_right": new_colour == new.colour,
                        "other_kept": other_colour == other.colour and other_iou >= IOU_KEPT, "other_iou": other_iou,
-                       "outside_mask": abs_diff(out, inp, ~ex.mask)},
+                       "outside_mask": abs_diff(out, inp, ~ex.mask), "seam": seam(out, ex.mask)},
             "pixel_colour": new_colour,
         })  # fmt: skip
     return records
@@ -333,6 +354,7 @@ def summarize_inpaint(records: list[dict[str, Any]]) -> dict[str, Any]:
             "other_mean_iou": _mean(records, "pixels", "other_iou"),
             "outside_mask_max_abs_diff": max(o["max"] for o in outside),
             "outside_mask_mean_abs_diff": float(np.mean([o["mean"] for o in outside])),
+            "seam": _mean(records, "pixels", "seam"),
         },
         "by_background": by_background,
     }
@@ -349,19 +371,21 @@ def _pil(a: np.ndarray):
 
 
 def _run_batched(call: Callable[..., Any], prompts: list[str], seeds: list[int], batch_size: int,
-                 per_image: dict[str, list[Any]], **fixed: Any) -> tuple[list[np.ndarray], float]:  # fmt: skip
+                 per_image: dict[str, list[Any]], **fixed: Any) -> tuple[list[np.ndarray], float, float]:  # fmt: skip
     """Outputs (uint8 (H, W, 3)) of `call` over batches (the `per_image` arguments sliced alike, `fixed` ones
-    passed as they are), image k from a CPU generator seeded seeds[k]; and the seconds spent in `call`."""
-    outputs, seconds = [], 0.0
+    passed as they are), image k from a CPU generator seeded seeds[k]; and the seconds spent in `call`: wall time and
+    this process's CPU time (all its threads; on a CPU shared with other jobs, the figure that does not depend on
+    their load)."""
+    outputs, seconds, cpu = [], 0.0, 0.0
     for start in range(0, len(prompts), batch_size):
         stop = start + batch_size
         kwargs = {name: values[start:stop] for name, values in per_image.items()}
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start:stop]]
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         images = call(prompts[start:stop], generator=generators, output_type="np", **kwargs, **fixed).images
-        seconds += time.perf_counter() - t
+        seconds, cpu = seconds + time.perf_counter() - t, cpu + time.process_time() - c
         outputs += [to_uint8(im) for im in images]
-    return outputs, seconds
+    return outputs, seconds, cpu
 
 
 def autoencoder_roundtrip(pipe, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -433,12 +457,13 @@ def run_edit(
     recolour_report["source (no edit)"] = baseline
     per_example: dict[str, list] = {}
     for strength in strengths:
-        outs, seconds = _run_batched(img2img, [ex.prompt for ex in rec], [ex.image_seed for ex in rec], batch_size,
+        outs, seconds, cpu = _run_batched(img2img, [ex.prompt for ex in rec], [ex.image_seed for ex in rec], batch_size,
                                      {"image": [_pil(a) for a in rec_inputs]}, strength=strength)  # fmt: skip
         rec_outputs[strength] = outs
         records = score_recolour(judge, rec, outs)
         recolour_report[f"strength {strength:g}"] = {"strength": strength, **summarize_recolour(records),
-                                                     "seconds_per_image": seconds / num}  # fmt: skip
+                                                     "seconds_per_image": seconds / num,
+                                                     "cpu_seconds_per_image": cpu / num}  # fmt: skip
         per_example[f"recolour strength {strength:g}"] = records
         log(f"recolour strength {strength:g}: {num} images in {seconds:.1f}s")
 
@@ -447,13 +472,14 @@ def run_edit(
     inp_inputs = [np.asarray(render_scene(ex.source, resolution)) for ex in inp]
     inp_outputs: dict[str, list[np.ndarray]] = {}
     inpaint_report: dict[str, Any] = {}
+    inpaint_report["input (no edit)"] = summarize_inpaint(score_inpaint(judge, inp, inp_inputs, inp_inputs))
     roundtrip = autoencoder_roundtrip(pipe, inp_inputs)
     inpaint_report["autoencoder round trip (no edit)"] = summarize_inpaint(score_inpaint(judge, inp, roundtrip,
                                                                                          inp_inputs))  # fmt: skip
     inp_outputs["autoencoder round trip"] = roundtrip
     for method, paste_back, extra in settings:
         name = setting_name(method, paste_back, extra)
-        outs, seconds = _run_batched(
+        outs, seconds, cpu = _run_batched(
             inpaint_model if method == "model" else inpaint, [ex.prompt for ex in inp], [ex.image_seed for ex in inp], batch_size,
             {"image": [_pil(a) for a in inp_inputs], "mask_image": [_pil(ex.mask) for ex in inp]},
             inpaint=method, paste_back=paste_back, **extra,
@@ -463,7 +489,7 @@ def run_edit(
         summary = summarize_inpaint(records)
         summary["judge"]["meets_target"] = summary["judge"]["new_right"] >= TARGET_NEW_OBJECT_RIGHT
         inpaint_report[name] = {"method": method, "paste_back": paste_back, **summary,
-                                "seconds_per_image": seconds / num}
+                                "seconds_per_image": seconds / num, "cpu_seconds_per_image": cpu / num}
         per_example[f"inpaint {name}"] = records
         without = inp_outputs.get(setting_name(method, False, extra))
         if paste_back and without is not None:  # same seeds: inside the mask it must be the run without paste_back
@@ -531,14 +557,15 @@ def table_lines(report: dict[str, Any]) -> list[str]:
               f"colour) | other object kept | outside the mask vs the input (0..255); target new object >= "
               f"{TARGET_NEW_OBJECT_RIGHT:.0%} (judge)",
               f"{'setting':<36} {'new judge':>9} {'colour j':>8} {'shape j':>7} {'colour px':>9} {'other j':>7} "
-              f"{'other px':>8} {'out max':>7} {'out mean':>8} {'s/image':>8}"]  # fmt: skip
+              f"{'other px':>8} {'out max':>7} {'out mean':>8} {'seam':>5} {'s/image':>8} {'cpu s/img':>9}"]  # fmt: skip
     for name, r in report["inpaint"].items():
         j, p = r["judge"], r["pixels"]
         sec = f"{r['seconds_per_image']:8.3f}" if "seconds_per_image" in r else f"{'':>8}"
+        sec += f" {r['cpu_seconds_per_image']:9.3f}" if "cpu_seconds_per_image" in r else f" {'':>9}"
         lines.append(f"{name:<36} {_pct(j['new_right']):>9} {_pct(j['new_colour_right']):>8} "
                      f"{_pct(j['new_shape_right']):>7} {_pct(p['new_colour_right']):>9} {_pct(j['other_kept']):>7} "
                      f"{_pct(p['other_kept']):>8} {p['outside_mask_max_abs_diff']:7.0f} "
-                     f"{p['outside_mask_mean_abs_diff']:8.3f} {sec}")  # fmt: skip
+                     f"{p['outside_mask_mean_abs_diff']:8.3f} {p['seam']:5.1f} {sec}")  # fmt: skip
     return lines
 
 
