@@ -95,6 +95,89 @@ def class_labels_for_call(class_labels: Any, num_prompts: int, per_prompt: int, 
     return torch.tensor(values, dtype=torch.long)
 
 
+# ---- a scalar (an MLP of [s, 1] added to the timestep embedding: diffusers' class_embed_type="projection") ------
+
+# The U-Net's class_labels for a scalar model are (B, 2) floats: [s, 1] for a value s, [0, 0] for the null condition.
+# The second entry tells "no value" from s = 0, which a bare (B, 1) input could not.
+SCALAR_INPUT_DIM = 2
+
+
+def scalar_condition(values: torch.Tensor) -> torch.Tensor:
+    """(B,) values -> the U-Net's (B, 2) class_labels [s, 1]."""
+    values = values.float().reshape(-1, 1)
+    return torch.cat([values, torch.ones_like(values)], dim=1)
+
+
+def null_scalar_condition(n: int) -> torch.Tensor:
+    """(n, 2) zeros: the null condition of a scalar model (classifier-free guidance's unconditional input)."""
+    return torch.zeros(n, SCALAR_INPUT_DIM)
+
+
+def is_scalar_unet(config: Any) -> bool:
+    """Whether a U-Net config is a scalar model's: diffusers' projection class embedding from [s, 1]."""
+    return (getattr(config, "class_embed_type", None) == "projection"
+            and getattr(config, "projection_class_embeddings_input_dim", None) == SCALAR_INPUT_DIM)  # fmt: skip
+
+
+def read_scalars(dataset: Any, column: str) -> torch.Tensor:
+    """The number in `column` of every row of `dataset` (an ldm_app ImageCaptionDataset, or anything with a
+    `hf_dataset`), finite (one-line UserError naming the row otherwise), as a (N,) float32 tensor."""
+    import math
+    from pathlib import Path
+
+    from ldm_app.errors import UserError
+    from ldm_app.limits import shown
+
+    hf = getattr(dataset, "hf_dataset", dataset)
+    if column not in getattr(hf, "column_names", []):
+        raise UserError(f"the dataset has no scalar column {column!r} (columns: {', '.join(hf.column_names)}); add "
+                        f"a {column!r} number to each metadata.jsonl line (python -m ldm_app.data.shapes --sizes "
+                        "writes 'size') or set conditioning.scalar_column")  # fmt: skip
+    values = list(hf[column])
+    for row, value in enumerate(values):
+        number = not isinstance(value, bool) and isinstance(value, (int, float))
+        if not number or not math.isfinite(value):
+            name = f" ({Path(dataset.image_name(row)).name})" if hasattr(dataset, "image_name") else ""
+            raise UserError(f"{column} {shown(value, 40)} in row {row}{name} is not a "
+                            f"{'finite number' if number else 'number'}")  # fmt: skip
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def drop_scalars(condition: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Replace each row [s, 1] of `condition` (B, 2) by the null condition [0, 0] with probability p."""
+    drop = torch.rand(len(condition), generator=generator) < p  # (B,)
+    return torch.where(drop[:, None], torch.zeros_like(condition), condition)
+
+
+def scalars_for_call(scalars: Any, num_prompts: int, per_prompt: int) -> torch.Tensor:
+    """A call's scalars, one per image: a number (every image), or one per prompt (repeated per image of the
+    prompt), or one per image; each finite (UserError otherwise). (num_prompts * per_prompt,) float32."""
+    import math
+    from numbers import Real
+
+    from ldm_app.errors import UserError
+    from ldm_app.limits import shown
+
+    batch = num_prompts * per_prompt
+    values = scalars.flatten().tolist() if isinstance(scalars, torch.Tensor) else scalars
+    if isinstance(values, Real) and not isinstance(values, bool):
+        values = [values]
+    if (not isinstance(values, (list, tuple)) or not values
+            or not all(isinstance(v, Real) and not isinstance(v, bool) for v in values)):  # fmt: skip
+        raise UserError(f"scalars must be a number or a list of numbers, got {shown(scalars, 60)}")
+    for v in values:
+        if not math.isfinite(v):
+            raise UserError(f"scalars must be finite numbers, got {v}")
+    if len(values) == 1:
+        values = list(values) * batch
+    elif len(values) == num_prompts:
+        values = [v for v in values for _ in range(per_prompt)]
+    elif len(values) != batch:
+        raise UserError(f"got {len(values)} scalars for {num_prompts} prompts x {per_prompt} images; give one, one "
+                        "per prompt or one per image")  # fmt: skip
+    return torch.tensor([float(v) for v in values], dtype=torch.float32)
+
+
 # ---- an image by channel-wise concatenation: the inpainting model (SD-inpainting's 9-channel U-Net) ------------
 
 CONCAT_KINDS = ("none", "inpaint")

@@ -84,25 +84,38 @@ class UNetConfig:
             raise UserError("attention must enable at least one level: text conditioning is cross-attention")
 
 
-CONDITIONING_KINDS = ("text", "class", "text+class")
+CONDITIONING_KINDS = ("text", "class", "text+class", "scalar", "text+scalar")
 
 
 @dataclass
 class ConditioningConfig:
-    """What the U-Net is conditioned on (the seeds' three ways): text by cross-attention, and/or a class label as an
-    embedding added to the timestep embedding (diffusers' `num_class_embeds`, so the folder still loads in
-    diffusers), and/or an image by channel-wise concatenation (`concat`). Classes come from a dataset column
-    (`label_column`, e.g. imagefolder's class sub-folders or a `label` key in metadata.jsonl) as integers
-    0..num_classes-1; index num_classes is the null class, used for `label_dropout` of the labels (classifier-free
-    guidance over classes). `concat: inpaint` makes an inpainting model: the U-Net also sees a random mask and the
-    latents of the image with the mask's region blanked (ldm_app.masks; SD-inpainting's 9-channel layout, loads in
-    diffusers' StableDiffusionInpaintPipeline); fine-tuning a text-to-image folder widens its first convolution
-    with zero weights for the new channels."""
+    """What the U-Net is conditioned on (the seeds' three ways): text by cross-attention, and/or a class label or a
+    scalar as an embedding added to the timestep embedding, and/or an image by channel-wise concatenation
+    (`concat`). Both embeddings are diffusers' own U-Net options, so the folder still loads in diffusers; a U-Net
+    has one such embedding, so a model takes a class or a scalar, not both.
+
+    Classes (`num_class_embeds`) come from a dataset column (`label_column`, e.g. imagefolder's class sub-folders or
+    a `label` key in metadata.jsonl) as integers 0..num_classes-1; index num_classes is the null class, used for
+    `label_dropout` of the labels (classifier-free guidance over classes).
+
+    A scalar (`class_embed_type="projection"`, an MLP from 2 inputs) is a number per image from `scalar_column`
+    (e.g. the object's size written by `python -m ldm_app.data.shapes --sizes`). The U-Net sees [s, 1] for a value
+    s and [0, 0] for the null condition (dropped with probability `label_dropout`; the unconditional half of
+    classifier-free guidance), so s = 0 stays distinct from "no value". Values should be O(1), like the size as a
+    fraction of the image side: the first linear layer sees them raw, and values in the hundreds would swamp the
+    timestep embedding they are added to. Fine-tuning a text-to-image folder adds the MLP with its last layer
+    zero, so training starts from exactly the text model.
+
+    `concat: inpaint` makes an inpainting model: the U-Net also sees a random mask and the latents of the image
+    with the mask's region blanked (ldm_app.masks; SD-inpainting's 9-channel layout, loads in diffusers'
+    StableDiffusionInpaintPipeline); fine-tuning a text-to-image folder widens its first convolution with zero
+    weights for the new channels."""
 
     kind: str = "text"
     num_classes: int = 0
     label_column: str = "label"
-    label_dropout: float = 0.1
+    scalar_column: str = "size"
+    label_dropout: float = 0.1  # share of class labels / scalars replaced by the null condition
     concat: str = "none"
 
     @property
@@ -113,14 +126,22 @@ class ConditioningConfig:
     def uses_class(self) -> bool:
         return "class" in self.kind
 
+    @property
+    def uses_scalar(self) -> bool:
+        return "scalar" in self.kind
+
     def validate(self) -> None:
         if self.kind not in CONDITIONING_KINDS:
-            raise UserError(f"unknown conditioning.kind {self.kind!r}; expected one of {', '.join(CONDITIONING_KINDS)}")
+            raise UserError(f"unknown conditioning.kind {self.kind!r}; expected one of {', '.join(CONDITIONING_KINDS)}"
+                            + (" (a U-Net has one class/scalar embedding: not both)" if "class" in self.kind and
+                               "scalar" in self.kind else ""))  # fmt: skip
         if self.uses_class and self.num_classes < 1:
             raise UserError(f"conditioning.kind {self.kind!r} needs conditioning.num_classes >= 1")
         if not self.uses_class and self.num_classes:
             raise UserError(f"conditioning.num_classes is set but conditioning.kind is {self.kind!r}; use "
                             "kind class or text+class")  # fmt: skip
+        if not self.scalar_column:
+            raise UserError("conditioning.scalar_column must name a dataset column")
         if not 0 <= self.label_dropout < 1:
             raise UserError(f"conditioning.label_dropout must be in [0, 1), got {self.label_dropout}")
         from .conditioning import CONCAT_KINDS

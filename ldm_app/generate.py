@@ -75,11 +75,12 @@ class Request:
     class_label: int | None = None  # for a class-conditional model, or the class for classifier guidance
     classifier: str | None = None  # classifier guidance (Dhariwal & Nichol 2021): a train_classifier.py folder
     classifier_scale: float = 0.0
+    scalar: float | None = None  # for a scalar-conditioned model (e.g. the object size as a fraction of the side)
 
 
 EDIT_FIELDS = ("init_image", "strength", "mask", "inpaint", "mask_blur", "paste_back", "jump_length", "jump_n_sample",
                "harmonize", "loras", "embeddings", "weighting", "class_label", "classifier",
-               "classifier_scale")  # fmt: skip
+               "classifier_scale", "scalar")  # fmt: skip
 
 
 # ---- the Python API ---------------------------------------------------------------------------------------------
@@ -155,7 +156,8 @@ def run(req: Request, sink: OutputSink) -> list[Path]:
         req = replace(req, inpaint=method, paste_back=req.paste_back is not False)
     if inputs.size is not None:
         req = replace(req, height=inputs.size[0], width=inputs.size[1])
-    base = replace(effective_params(pipe, req), **inputs.params(req), **adapters, class_label=req.class_label)
+    base = replace(effective_params(pipe, req), **inputs.params(req), **adapters, class_label=req.class_label,
+                   scalar=None if req.scalar is None else float(req.scalar))
     if classifier is not None:  # guided DDIM (ldm_app.classifier): the sampler is DDIM whatever the model's
         base = replace(base, sampler="ddim", classifier=str(Path(req.classifier).resolve()),
                        classifier_scale=float(req.classifier_scale))
@@ -192,7 +194,10 @@ def check_request(req: Request) -> None:
     if req.class_label is not None and (isinstance(req.class_label, bool) or not isinstance(req.class_label, int)
                                         or req.class_label < 0):
         raise UserError(f"--class_label must be a class number >= 0, got {shown(req.class_label, 40)}")
-    class_only = req.class_label is not None and req.prompts == [""]  # a class is condition enough
+    if req.scalar is not None:
+        limits.check_number("--scalar", req.scalar)
+    # a class or a scalar is condition enough (a model without text)
+    class_only = (req.class_label is not None or req.scalar is not None) and req.prompts == [""]
     if not class_only and (not req.prompts or not all(p.strip() for p in req.prompts)):
         raise UserError("no prompt (or an empty one); expected a prompt argument, --from_file FILE or --from_png FILE")
     for prompt in req.prompts:
@@ -274,6 +279,7 @@ def check_with_model(pipe: LatentDiffusionPipeline, req: Request, jobs: list[Ima
     pipe.check_call(
         [job.prompt for job in batch], [job.negative_prompt for job in batch], first.height, first.width,
         first.steps, first.guidance_scale, class_labels=None if first.classifier else first.class_label,
+        scalars=first.scalar,
     )  # fmt: skip
 
 
@@ -305,6 +311,8 @@ def load_classifier_for(pipe: LatentDiffusionPipeline, req: Request) -> Any:
     if pipe.unet.config.num_class_embeds is not None:
         raise UserError("--classifier guides a text or unconditional model; this model is class-conditional (give "
                         "--class_label alone)")  # fmt: skip
+    if pipe.unet.config.class_embed_type is not None:  # guided DDIM calls the U-Net without its scalar
+        raise UserError("--classifier guides a text or unconditional model; this model is scalar-conditioned")
     classifier = load_classifier(req.classifier, device=pipe.device)
     height, width, _, _ = pipe.resolve_defaults(req.height, req.width, None, None)
     check_fits(classifier, pipe, height, width)
@@ -382,6 +390,8 @@ def sample(pipe: LatentDiffusionPipeline, batch: list[ImageParams], inputs: edit
     extra = inputs.call_arguments(p) if inputs is not None else {"height": p.height, "width": p.width}
     if p.class_label is not None:
         extra["class_labels"] = p.class_label
+    if p.scalar is not None:
+        extra["scalars"] = p.scalar
     return pipe(**text, num_inference_steps=p.steps, guidance_scale=p.guidance_scale, generator=generators,
                 **extra).images  # fmt: skip
 
@@ -575,6 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "python -m ldm_app.train_classifier folder; sampling is DDIM")
     p.add_argument("--classifier_scale", type=_float, default=0.0, help="strength s of the classifier's gradient "
                    "(default 0; about 20-30 for the shapes classifier)")
+    p.add_argument("--scalar", type=_float, help="the value of a scalar-conditioned model (e.g. the object size as a "
+                   "fraction of the image side; then the prompt may be left out)")
     adapters = p.add_argument_group("adapters")
     adapters.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="apply a LoRA "
                           "(.safetensors, diffusers or kohya/A1111 format), scale default 1; repeatable")
@@ -615,8 +627,8 @@ def request_from_args(args: argparse.Namespace) -> Request:
     if stored is not None and args.model is None and not os.path.isdir(stored.model):
         raise UserError(f"the model recorded in {args.from_png} is not there ({stored.model}); pass --model DIR")
     prompts = read_prompt_file(args.from_file) if args.from_file else [args.prompt] if args.prompt is not None else []
-    if not prompts and args.class_label is not None and not args.from_png:
-        prompts = [""]  # a class-conditional model: the class is the condition
+    if not prompts and (args.class_label is not None or args.scalar is not None) and not args.from_png:
+        prompts = [""]  # a class- or scalar-conditioned model: the class or value is the condition
     if stored is not None:
         edit_inputs.check_unchanged(stored, {"init_image": args.init_image is not None, "mask": args.mask is not None})
 
@@ -654,6 +666,7 @@ def request_from_args(args: argparse.Namespace) -> Request:
         embeddings=tuple(args.embedding) or (stored.embeddings if stored is not None else ()),
         weighting=args.weighting or (stored is not None and stored.weighting),
         class_label=pick(args.class_label, "class_label"),
+        scalar=pick(args.scalar, "scalar"),
         classifier=pick(args.classifier, "classifier"),
         classifier_scale=args.classifier_scale if args.classifier_scale or stored is None or
         stored.classifier_scale is None else stored.classifier_scale,

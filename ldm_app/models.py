@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel, VQModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .conditioning import SCALAR_INPUT_DIM
 from .config import AutoencoderConfig, TextEncoderConfig, UNetConfig
 from .errors import UserError
 from .first_stage import downsampling_factor  # noqa: F401 (part of the builders' API)
@@ -48,11 +49,15 @@ def build_autoencoder(cfg: AutoencoderConfig) -> Autoencoder:
 
 
 def build_unet(cfg: UNetConfig, cross_attention_dim: int, num_classes: int = 0,
-               extra_in_channels: int = 0) -> UNet2DConditionModel:  # fmt: skip
+               extra_in_channels: int = 0, scalar: bool = False) -> UNet2DConditionModel:  # fmt: skip
     """eps_theta(x_t, t, c[, y]): attention levels get CrossAttn blocks (self-attention + cross-attention to c);
     with `num_classes`, a class embedding (num_classes + 1 rows: the last is the null class) added to the
-    timestep embedding, diffusers' own `num_class_embeds`; `extra_in_channels` concatenated after x_t at the
-    input (an inpainting model's mask and masked-image latents), the output keeping the latents' channels."""
+    timestep embedding, diffusers' own `num_class_embeds`; with `scalar`, an MLP of [s, 1] added there instead
+    (diffusers' `class_embed_type="projection"`, see ldm_app.conditioning); `extra_in_channels` concatenated
+    after x_t at the input (an inpainting model's mask and masked-image latents), the output keeping the
+    latents' channels."""
+    if num_classes and scalar:
+        raise ValueError("a U-Net has one class embedding: classes or a scalar, not both")
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention))
     return UNet2DConditionModel(
@@ -67,7 +72,33 @@ def build_unet(cfg: UNetConfig, cross_attention_dim: int, num_classes: int = 0,
         norm_num_groups=cfg.norm_num_groups,
         cross_attention_dim=cross_attention_dim,
         num_class_embeds=num_classes + 1 if num_classes else None,
+        class_embed_type="projection" if scalar else None,
+        projection_class_embeddings_input_dim=SCALAR_INPUT_DIM if scalar else None,
     )
+
+
+def add_scalar_embedding(unet: UNet2DConditionModel, seed: int = 0) -> UNet2DConditionModel:
+    """Give a text-to-image U-Net the scalar embedding of `build_unet(scalar=True)` (diffusers' projection class
+    embedding: TimestepEmbedding(2, time_embed_dim), built as diffusers builds it) with its LAST linear layer zero,
+    so it adds exactly 0 to the timestep embedding and the model starts as the text model it was (the same idea
+    as widen_unet_input's zero channels, and ControlNet's zero convolutions). The first layer is random (seeded;
+    the global RNG is left alone): were it zero too, the last layer's gradient would be zero for every input
+    except through its bias, and the scalar could never be learned. The config is updated so the saved folder
+    reloads in diffusers with the embedding. In place; returns the U-Net."""
+    from diffusers.models.embeddings import TimestepEmbedding
+
+    if unet.class_embedding is not None:
+        raise ValueError("this U-Net already has a class embedding")
+    time_embed_dim = unet.time_embedding.linear_2.out_features
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        embedding = TimestepEmbedding(SCALAR_INPUT_DIM, time_embed_dim)
+    with torch.no_grad():
+        embedding.linear_2.weight.zero_()
+        embedding.linear_2.bias.zero_()
+    unet.class_embedding = embedding.to(unet.time_embedding.linear_2.weight)
+    unet.register_to_config(class_embed_type="projection", projection_class_embeddings_input_dim=SCALAR_INPUT_DIM)
+    return unet
 
 
 def widen_unet_input(unet: UNet2DConditionModel, in_channels: int) -> UNet2DConditionModel:

@@ -637,6 +637,7 @@ class LdmAppPipelineMixin:
             args.update(height=height, width=width)
         extras = self.check_images(args, steps)
         extras["class_labels"] = self.check_class_labels(args.pop("class_labels", None), n_prompts, per_prompt)
+        extras["scalars"] = self.check_scalars(args.pop("scalars", None), n_prompts, per_prompt)
         return CallPlan(args, scheduler, output_type, extras)
 
     def check_class_labels(self, class_labels: Any, num_prompts: int, per_prompt: int) -> torch.Tensor | None:
@@ -653,6 +654,21 @@ class LdmAppPipelineMixin:
         if class_labels is None:
             raise UserError(f"this model is class-conditional: give class_labels (0..{rows - 2})")
         return class_labels_for_call(class_labels, num_prompts, per_prompt, rows - 1)
+
+    def check_scalars(self, scalars: Any, num_prompts: int, per_prompt: int) -> torch.Tensor | None:
+        """One scalar per image for a scalar-conditioned U-Net (ldm_app.conditioning), none for any other;
+        UserError otherwise."""
+        from ldm_app.conditioning import is_scalar_unet, scalars_for_call
+
+        if not is_scalar_unet(self.unet.config):
+            if scalars is not None:
+                raise UserError("this model is not scalar-conditioned (its U-Net has no scalar embedding); drop "
+                                "scalars")  # fmt: skip
+            return None
+        if scalars is None:
+            raise UserError("this model is scalar-conditioned: give scalars (a number per prompt or per image, e.g. "
+                            "the object size as a fraction of the image side)")  # fmt: skip
+        return scalars_for_call(scalars, num_prompts, per_prompt)
 
     def _takes_size(self) -> bool:
         return "height" in inspect.signature(type(self).__call__).parameters
@@ -712,10 +728,15 @@ class LdmAppPipelineMixin:
             plan = self.check_call(sampler=sampler, **args)
         except UserError as e:
             raise CallArgumentError(str(e)) from None
-        # the call's own scheduler, and for a class-conditional U-Net one that passes the call's class labels
+        # the call's own scheduler, and for a class- or scalar-conditioned U-Net one that passes the call's labels
         swaps = {"scheduler": plan.scheduler}
         if plan.extras.get("class_labels") is not None:
             swaps["unet"] = ClassConditionedUNet(self.unet, plan.extras["class_labels"])
+        elif plan.extras.get("scalars") is not None:
+            from ldm_app.conditioning import null_scalar_condition, scalar_condition
+
+            swaps["unet"] = ClassConditionedUNet(self.unet, scalar_condition(plan.extras["scalars"]),
+                                                 null_scalar_condition(1)[0])  # fmt: skip
         if self._needs_exclusive_call(plan.args):
             with _EXCLUSIVE_CALL_LOCK:
                 saved = {name: getattr(self, name) for name in swaps}
@@ -761,23 +782,27 @@ class LdmAppPipelineMixin:
 
 
 class ClassConditionedUNet:
-    """A class-conditional U-Net as diffusers' pipelines call it (they pass no class_labels): every call gets the
-    call's labels, and under classifier-free guidance ([uncond; cond] batches) the null class for the first half.
-    Attributes (config, dtype, device...) are the U-Net's. One per call: the shared U-Net is not changed."""
+    """A class- or scalar-conditioned U-Net as diffusers' pipelines call it (they pass no class_labels): every call
+    gets the call's labels, and under classifier-free guidance ([uncond; cond] batches) the null condition for the
+    first half. Labels are (B,) class indices (null: the last class embedding) or (B, D) float rows, a scalar
+    model's [s, 1] (null: `null`, [0, 0]); float rows take the U-Net's dtype (an fp16 model's projection would
+    refuse float32 input). Attributes (config, dtype, device...) are the U-Net's. One per call: the shared U-Net
+    is not changed."""
 
-    def __init__(self, unet: UNet2DConditionModel, labels: torch.Tensor):
+    def __init__(self, unet: UNet2DConditionModel, labels: torch.Tensor, null: torch.Tensor | None = None):
         self.unet = unet
-        self.labels = labels  # (B,)
-        self.null = unet.config.num_class_embeds - 1
+        self.labels = labels  # (B,) or (B, D)
+        self.null = torch.tensor(unet.config.num_class_embeds - 1) if null is None else null  # () or (D,)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.unet, name)
 
     def __call__(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
         labels = self.labels
-        if sample.shape[0] == 2 * len(labels):  # classifier-free guidance: the null class for the uncond half
-            labels = torch.cat([torch.full_like(labels, self.null), labels])
-        return self.unet(sample, timestep, *args, class_labels=labels.to(sample.device), **kwargs)
+        if sample.shape[0] == 2 * len(labels):  # classifier-free guidance: the null condition for the uncond half
+            labels = torch.cat([self.null.to(labels).expand_as(labels), labels])
+        labels = labels.to(sample.device, dtype=sample.dtype if labels.is_floating_point() else labels.dtype)
+        return self.unet(sample, timestep, *args, class_labels=labels, **kwargs)
 
 
 class ModelLoadError(UserError, ValueError):
@@ -820,12 +845,14 @@ class LatentDiffusionPipeline(LdmAppPipelineMixin, StableDiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         sampler: str | None = None,
         class_labels: int | list[int] | torch.Tensor | None = None,
+        scalars: float | list[float] | torch.Tensor | None = None,
         **kwargs: Any,
     ) -> StableDiffusionPipelineOutput | tuple:
         """diffusers' StableDiffusionPipeline call. Arguments left None come from the model's sampling defaults
         (ldm_app.json), else 50 steps, guidance 7.5 and the U-Net's native size; `sampler` (a name from
         ldm_app.samplers) applies to this call only; `class_labels` (for a class-conditional model): one int, one
-        per prompt or one per image. Image order: all images of prompt 0, then of prompt 1, ... Safe to call from
+        per prompt or one per image; `scalars` (for a scalar-conditioned model): one number, one per prompt or one
+        per image. Image order: all images of prompt 0, then of prompt 1, ... Safe to call from
         several threads at once (see the module doc)."""
         return self._ldm_call(_call_arguments(locals()))
 
@@ -894,6 +921,7 @@ class LatentDiffusionImg2ImgPipeline(LdmAppPipelineMixin, StableDiffusionImg2Img
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         sampler: str | None = None,
         class_labels: int | list[int] | torch.Tensor | None = None,
+        scalars: float | list[float] | torch.Tensor | None = None,
         **kwargs: Any,
     ) -> StableDiffusionPipelineOutput | tuple:
         """diffusers' StableDiffusionImg2ImgPipeline call; the output has the init image's size. Steps and guidance
@@ -990,6 +1018,7 @@ class LatentDiffusionInpaintPipeline(LdmAppPipelineMixin, StableDiffusionInpaint
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         sampler: str | None = None,
         class_labels: int | list[int] | torch.Tensor | None = None,
+        scalars: float | list[float] | torch.Tensor | None = None,
         inpaint: str | None = None,
         jump_length: int = 5,
         jump_n_sample: int = 5,

@@ -89,6 +89,7 @@ class ImageParams:
     class_label: int | None = None  # a class-conditional model's class, or the classifier's
     classifier: str | None = None  # classifier guidance: the classifier folder (absolute) and its scale
     classifier_scale: float | None = None
+    scalar: float | None = None  # a scalar-conditioned model's value
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -136,6 +137,8 @@ def _check_values(data: dict[str, Any]) -> None:
         raise UserError(f"unknown inpaint method {limits.shown(data['inpaint'], 40)}")
     if not 0 <= limits.check_number("mask_blur", data.get("mask_blur", 0.0)) <= 256:
         raise UserError(f"mask_blur must be in [0, 256], got {data.get('mask_blur')}")
+    if data.get("scalar") is not None:
+        limits.check_number("scalar", data["scalar"])  # json.loads reads NaN and Infinity
     if data.get("class_label") is not None and data["class_label"] < 0:
         raise UserError(f"class_label must be >= 0, got {data['class_label']}")
     if data.get("harmonize") is not None and not 0 <= limits.check_number("harmonize", data["harmonize"]) < 1:
@@ -186,6 +189,8 @@ def format_parameters(p: ImageParams) -> str:
         settings.update({"Inpaint": p.inpaint, "Mask blur": p.mask_blur, "Paste back": p.paste_back})
     if p.class_label is not None:
         settings["Class"] = p.class_label
+    if p.scalar is not None:
+        settings["Scalar"] = p.scalar
     if p.classifier is not None:
         settings["Classifier scale"] = p.classifier_scale
     if p.loras:

@@ -262,17 +262,27 @@ def class_label(scene: Scene) -> int:
 NUM_CLASSES = len(COLOURS) * len(SHAPES)
 
 
+def object_size(scene: Scene) -> float:
+    """The object's width (bounding-box side / image side) of a one-object scene, to 3 decimals (a thousandth of
+    the side is a sixteenth of a pixel at 64 px): the scalar of scalar-conditioned training."""
+    (obj,) = scene.objects
+    return round(obj.width, 3)
+
+
 def make_dataset(
     out: str | Path, num_images: int, resolution: int, seed: int, two_object_fraction: float = 0.25,
-    labels: bool = False,
+    labels: bool = False, sizes: bool = False,
 ) -> Path:
     """Write `num_images` rendered scenes and their captions to `out` (imagefolder layout), atomically; with
-    `labels` (one-object scenes only), also each scene's `class_label` as the `label` of its metadata line.
+    `labels` (one-object scenes only), also each scene's `class_label` as the `label` of its metadata line; with
+    `sizes` (one-object scenes only), its `object_size` as `size`.
 
     Image i is drawn from its own generator seeded with (seed, i), so it does not depend on `num_images`.
     """
     if labels and two_object_fraction:
         raise UserError("class labels are colour x shape of one object: use --two_object_fraction 0 with --labels")
+    if sizes and two_object_fraction:
+        raise UserError("sizes are the width of one object: use --two_object_fraction 0 with --sizes")
     out = Path(out)
     _check_args(out, num_images, resolution, seed, two_object_fraction)
     files: dict[str, dict] = {}
@@ -292,10 +302,14 @@ def make_dataset(
             row = {"file_name": file_name, "text": caption(scene)}
             if labels:
                 row["label"] = class_label(scene)
+            if sizes:
+                row["size"] = object_size(scene)
             lines.append(json.dumps(row) + "\n")
         write(tmp, METADATA_FILE, "".join(lines).encode("utf-8"))
         arguments = {"num_images": int(num_images), "resolution": int(resolution), "seed": int(seed),
                      "two_object_fraction": float(two_object_fraction), "labels": bool(labels)}
+        if sizes:  # recorded only when asked, so the manifests of earlier commands stay byte-identical
+            arguments["sizes"] = True
         manifest = {"written_by": WRITTEN_BY, "arguments": arguments, "files": files}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         _check_out(out)  # again just before the swap: --out may have changed while the images were drawn
@@ -318,9 +332,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--two_object_fraction", type=float, default=0.25, help="share of two-object scenes")
     parser.add_argument("--labels", action="store_true", help="also write each image's class (colour x shape, "
                         f"{NUM_CLASSES} classes) as 'label' in metadata.jsonl; needs --two_object_fraction 0")
+    parser.add_argument("--sizes", action="store_true", help="also write each image's object width (bounding-box "
+                        "side / image side, 3 decimals) as 'size' in metadata.jsonl, the scalar of "
+                        "conditioning.kind scalar / text+scalar; needs --two_object_fraction 0")
     args = parser.parse_args(argv)
     path = make_dataset(args.out, args.num_images, args.resolution, args.seed, args.two_object_fraction,
-                        labels=args.labels)
+                        labels=args.labels, sizes=args.sizes)
     print(f"wrote {args.num_images} images to {path}")
 
 

@@ -40,8 +40,9 @@ from ..checkpointing import load_checkpoint, lock_run_folder, save_checkpoint, w
 from ..config import (ConditioningConfig, DataConfig, NoiseScheduleConfig, TextEncoderConfig, TrainConfig, UNetConfig,
                       load_config,
                       flag_overrides, merge, parse_overrides, to_dict)
-from ..conditioning import (NULL_CAPTION, concat_channels, drop_captions, drop_labels, encode_text, inpaint_condition,
-                            masked_image, read_labels)
+from ..conditioning import (NULL_CAPTION, concat_channels, drop_captions, drop_labels, drop_scalars, encode_text,
+                            inpaint_condition, is_scalar_unet, masked_image, read_labels, read_scalars,
+                            scalar_condition)
 from ..errors import ArgumentParser, UserError
 from ..first_stage import is_vq, latent_channels, latent_stats, sample_x0
 from .common import (EmptyBatchGuard, Position, batches, launched_processes, batches_per_epoch, effective_lr, make_accelerator, make_lr_scheduler,
@@ -216,7 +217,8 @@ def build_models(cfg: LDMRunConfig) -> Models:
     from ..models import build_text_encoder, build_unet, load_autoencoder, load_text_encoder, load_tokenizer
 
     if cfg.ldm.pretrained_model:
-        return _models_from_pipeline(Path(cfg.ldm.pretrained_model), cfg.ldm.pretrained_vae, cfg.conditioning.concat)
+        return _models_from_pipeline(Path(cfg.ldm.pretrained_model), cfg.ldm.pretrained_vae, cfg.conditioning.concat,
+                                     scalar=cfg.conditioning.uses_scalar, seed=cfg.train.seed)
     vae = _load("autoencoder", cfg.ldm.pretrained_vae, load_autoencoder)
     check_compatible(vae, cfg.unet.in_channels, cfg)
     extra = concat_channels(cfg.conditioning.concat, latent_channels(vae))
@@ -225,19 +227,22 @@ def build_models(cfg: LDMRunConfig) -> Models:
     text_encoder = (_load("text encoder", te_cfg.pretrained, load_text_encoder) if te_cfg.pretrained
                     else build_text_encoder(te_cfg))
     unet = build_unet(cfg.unet, cross_attention_dim=text_encoder.config.hidden_size,
-                      num_classes=cfg.conditioning.num_classes, extra_in_channels=extra)
+                      num_classes=cfg.conditioning.num_classes, extra_in_channels=extra,
+                      scalar=cfg.conditioning.uses_scalar)
     tokenizer = load_tokenizer(model_max_length=text_encoder.config.max_position_embeddings)
     diffusion = GaussianDiffusion.from_scheduler_config(cfg.noise)
     return Models(vae, text_encoder, tokenizer, unet, diffusion, train_text_encoder=not te_cfg.pretrained)
 
 
-def _models_from_pipeline(folder: Path, vae_dir: str | None, concat: str = "none") -> Models:
+def _models_from_pipeline(folder: Path, vae_dir: str | None, concat: str = "none", scalar: bool = False,
+                          seed: int = 0) -> Models:
     """Fine-tuning: every component from an SD-1.x-layout folder (the text encoder stays frozen). With
-    `concat`, a text-to-image U-Net gets its input widened for the concatenated channels (zero weights)."""
+    `concat`, a text-to-image U-Net gets its input widened for the concatenated channels (zero weights); with
+    `scalar`, a U-Net without a class embedding gets the scalar embedding, its last layer zero (seeded)."""
     from diffusers import UNet2DConditionModel
 
     from ..diffusion import GaussianDiffusion
-    from ..models import load_autoencoder, load_text_encoder, load_tokenizer, widen_unet_input
+    from ..models import add_scalar_embedding, load_autoencoder, load_text_encoder, load_tokenizer, widen_unet_input
 
     if not (folder / "model_index.json").is_file():
         raise UserError(f"--pretrained_model {str(folder)!r} is not a pipeline folder (no model_index.json)")
@@ -256,6 +261,9 @@ def _models_from_pipeline(folder: Path, vae_dir: str | None, concat: str = "none
         raise UserError(f"{folder / 'unet'} takes {have} input channels; conditioning.concat={concat!r} needs "
                         f"{want} (or {channels}, widened): " + ("set conditioning.concat=inpaint for an inpainting "
                         "model" if concat == "none" else "not a model this run can fine-tune"))  # fmt: skip
+    if scalar and unet.class_embedding is None:  # a text-to-image folder: starts as exactly that model
+        add_scalar_embedding(unet, seed)
+        logger.info("scalar embedding added to the U-Net (last layer zero: the start equals the text model)")
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
     try:
@@ -343,8 +351,9 @@ class LDMTrainer:
         self.losses: list[torch.Tensor] = []
         self.skipped = 0  # unreadable image loads dropped from batches by this process in this run
         cond = cfg.conditioning
-        # class labels by dataset row: batches carry their rows' indices, cached or not
+        # class labels and scalars by dataset row: batches carry their rows' indices, cached or not
         self.labels = read_labels(dataset, cond.label_column, cond.num_classes) if cond.uses_class else None
+        self.scalars = read_scalars(dataset, cond.scalar_column) if cond.uses_scalar else None
         self.check_class_embedding(cfg, models.unet)
         self._setup_models()
         self._setup_optimisation()
@@ -353,11 +362,23 @@ class LDMTrainer:
 
     @staticmethod
     def check_class_embedding(cfg: LDMRunConfig, unet: Any) -> None:
-        """A class-conditional run needs a U-Net with num_classes + 1 class embeddings (a fine-tuned folder too)."""
-        want = cfg.conditioning.num_classes + 1 if cfg.conditioning.uses_class else None
-        have = unet.config.num_class_embeds
+        """A class-conditional run needs a U-Net with num_classes + 1 class embeddings, a scalar run the scalar
+        embedding (ldm_app.conditioning), any other run neither (a fine-tuned folder too)."""
+        cond, config = cfg.conditioning, unet.config
+        scalar = is_scalar_unet(config)
+        if cond.uses_scalar != scalar:
+            have = "has a scalar embedding" if scalar else \
+                f"has no scalar embedding (class_embed_type={config.class_embed_type!r})"  # fmt: skip
+            raise UserError(f"the U-Net {have}; conditioning.kind is {cond.kind!r}")
+        if scalar:
+            return
+        if config.class_embed_type is not None:
+            raise UserError(f"the U-Net has class_embed_type={config.class_embed_type!r}, which train_ldm.py cannot "
+                            "train")  # fmt: skip
+        want = cond.num_classes + 1 if cond.uses_class else None
+        have = config.num_class_embeds
         if want != have:
-            raise UserError(f"the U-Net has num_class_embeds={have}, conditioning {cfg.conditioning.kind!r} "
+            raise UserError(f"the U-Net has num_class_embeds={have}, conditioning {cond.kind!r} "
                             f"needs {want}; a class-conditional model needs conditioning.num_classes + 1 (null) rows")
 
     def _setup_models(self) -> None:
@@ -461,6 +482,8 @@ class LDMTrainer:
         y = None
         if cond.uses_class:  # (B,) labels, the null class with probability label_dropout
             y = drop_labels(self.labels[batch["indices"]], cond.num_classes, cond.label_dropout, g).to(x0.device)
+        elif cond.uses_scalar:  # (B, 2) [s, 1], the null [0, 0] with probability label_dropout
+            y = drop_scalars(scalar_condition(self.scalars[batch["indices"]]), cond.label_dropout, g).to(x0)
 
         def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x_in = x_t if concat is None else torch.cat([x_t, concat], dim=1)  # [x_t, mask, masked latents]
@@ -696,6 +719,15 @@ class LDMTrainer:
         if cond.uses_class:  # classes 0, 1, ... (with the prompts, or alone: the first 8 classes, no text)
             prompts = prompts if cond.uses_text else [NULL_CAPTION] * min(cond.num_classes, 8)
             extra["class_labels"] = [k % cond.num_classes for k in range(len(prompts))]
+        rows, cols = 1, len(prompts)
+        generators = make_generators(ldm.validation_seed, len(prompts))
+        if cond.uses_scalar:  # a row per value (with the prompts, or alone: 4 seeds, no text), the same noise per row
+            values = self.validation_scalars()
+            per_row = prompts if cond.uses_text else [NULL_CAPTION] * 4
+            prompts = per_row * len(values)
+            extra["scalars"] = [v for v in values for _ in per_row]
+            rows, cols = (len(values), len(per_row)) if per_row else (1, 0)
+            generators = [g for _ in values for g in make_generators(ldm.validation_seed, len(per_row))]
         if cond.concat == "inpaint" and prompts:  # an inpainting model from text alone: everything masked
             from PIL import Image
 
@@ -704,18 +736,23 @@ class LDMTrainer:
             extra["mask_image"] = [Image.new("L", (side, side), 255)] * len(prompts)
         if prompts and self.acc.is_main_process:
             with self.ema_weights(), self.acc.autocast(), _eval_mode(self.trainables):
-                images = self.pipeline(full)(prompts, generator=make_generators(ldm.validation_seed, len(prompts)),
-                                             **extra).images  # fmt: skip
-            self._save_grid(images)
+                images = self.pipeline(full)(prompts, generator=generators, **extra).images
+            self._save_grid(images, rows, cols)
         self.acc.wait_for_everyone()
 
-    def _save_grid(self, images: list[Any]) -> None:
+    def validation_scalars(self) -> list[float]:
+        """A scalar model's validation values: the training values' 10th, 50th and 90th percentiles (values the
+        model has seen, whatever their unit), rounded to 3 decimals."""
+        q = torch.quantile(self.scalars.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.double))
+        return [round(float(v), 3) for v in q]
+
+    def _save_grid(self, images: list[Any], rows: int, cols: int) -> None:
         import numpy as np
         from diffusers.utils import make_image_grid
 
         from ..fileio import atomic_path, write_errors
 
-        grid = make_image_grid(images, rows=1, cols=len(images))
+        grid = make_image_grid(images, rows=rows, cols=cols)
         path = self.out / "validation" / f"step-{self.state.step:07d}.png"
         with write_errors(path):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -819,6 +856,8 @@ def main(argv: list[str] | None = None) -> TrainResult:
     check_concat(cfg, models)
     if cond.uses_class:  # labels and the U-Net's class embedding, before the run folder is touched
         read_labels(dataset, cond.label_column, cond.num_classes)
+    if cond.uses_scalar:
+        read_scalars(dataset, cond.scalar_column)
     LDMTrainer.check_class_embedding(cfg, models.unet)
     with lock_run_folder(args.output_dir):
         out, checkpoint = open_run_folder(args.output_dir, to_dict(cfg), args.resume_from_checkpoint,
