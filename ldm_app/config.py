@@ -428,7 +428,9 @@ def save_config(cfg: Any, path: str | Path) -> None:
 # Fields added after runs were already saved, with the value those earlier runs had in effect (which is not
 # always today's default: runs before `train.fused_adam` used the for-loop AdamW). A saved run config that lacks
 # one of these is read as holding this value, so such a run still resumes with the config it was made with.
-LEGACY_VALUES: dict[str, Any] = {"train.fused_adam": False}
+# Conditioning keys added later take their default: no earlier run was an inpainting or a scalar run.
+LEGACY_VALUES: dict[str, Any] = {"train.fused_adam": False, "conditioning.concat": "none",
+                                 "conditioning.scalar_column": "size"}
 
 
 def with_legacy_values(saved: Mapping[str, Any]) -> dict[str, Any]:

@@ -132,6 +132,16 @@ def test_the_loss_sees_the_scalar(sized, tmp_path, fresh_accelerate):
     assert a.losses[0] != b.losses[0]
 
 
+def test_a_run_saved_before_scalar_column_existed_still_resumes(ldm_files, tmp_path, fresh_accelerate):
+    out = tmp_path / "out"
+    train_main(run_args(ldm_files, out, "--max_train_steps", "1", "--checkpointing_steps", "1"))
+    saved = json.loads((out / "run_config.json").read_text())
+    del saved["conditioning"]["scalar_column"]  # as written by the previous version
+    (out / "run_config.json").write_text(json.dumps(saved))
+    result = train_main(run_args(ldm_files, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"))
+    assert result.step == 2
+
+
 def test_scalars_steer_sampling_and_are_recorded(trained, tmp_path, capsys):
     pipe = LatentDiffusionPipeline.from_pretrained(trained)
     pipe.set_progress_bar_config(disable=True)
