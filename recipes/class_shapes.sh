@@ -11,16 +11,11 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/class_shapes}
 NPROC=${NPROC:-2}
 STEPS=${STEPS:-4000}
-export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
-mkdir -p "$OUT"
+source recipes/common.sh
 
-launch() {
-    if [ "$NPROC" -gt 1 ]; then torchrun --standalone --nproc_per_node "$NPROC" "$@"; else python "$@"; fi
-}
-
-[ -e "$OUT/data/metadata.jsonl" ] || python -m ldm_app.data.shapes --out "$OUT/data" --num_images 20000 \
+stage data "$OUT/data/metadata.jsonl" python -m ldm_app.data.shapes --out "$OUT/data" --num_images 20000 \
     --resolution 64 --two_object_fraction 0 --labels
-[ -e "$OUT/run/model_index.json" ] || launch train_ldm.py --config configs/ldm/shapes64_cpu.yaml \
+stage train "$OUT/run/model_index.json" launch train_ldm.py --config configs/ldm/shapes64_cpu.yaml \
     --train_data_dir "$OUT/data" --pretrained_vae ldm_app/assets/default_model/vae --output_dir "$OUT/run" \
     --set conditioning.kind=class --set conditioning.num_classes=18 --max_train_steps "$STEPS" \
     --set train.lr_warmup_steps=100 --set ldm.validation_steps=0 --resume_from_checkpoint latest

@@ -13,16 +13,11 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/inpaint_shapes}
 NPROC=${NPROC:-2}
 STEPS=${STEPS:-3000}
-export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
-mkdir -p "$OUT"
+source recipes/common.sh
 
-launch() {
-    if [ "$NPROC" -gt 1 ]; then torchrun --standalone --nproc_per_node "$NPROC" "$@"; else python "$@"; fi
-}
-
-[ -e "$OUT/data/metadata.jsonl" ] || python -m ldm_app.data.shapes --out "$OUT/data" --num_images 30000 \
+stage data "$OUT/data/metadata.jsonl" python -m ldm_app.data.shapes --out "$OUT/data" --num_images 30000 \
     --resolution 64 --two_object_fraction 0.5
-[ -e "$OUT/run/model_index.json" ] || launch train_ldm.py --config configs/ldm/shapes64_cpu.yaml \
+stage train "$OUT/run/model_index.json" launch train_ldm.py --config configs/ldm/shapes64_cpu.yaml \
     --train_data_dir "$OUT/data" --pretrained_model ldm_app/assets/default_model --output_dir "$OUT/run" \
     --set conditioning.concat=inpaint --set ldm.cache_latents=false --max_train_steps "$STEPS" \
     --learning_rate 5e-4 --set train.lr_warmup_steps=100 --set ldm.validation_steps=0 \
