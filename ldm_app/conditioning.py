@@ -76,7 +76,6 @@ def class_labels_for_call(class_labels: Any, num_prompts: int, per_prompt: int, 
     from ldm_app.errors import UserError
     from ldm_app.limits import shown
 
-    batch = num_prompts * per_prompt
     values = [class_labels] if isinstance(class_labels, int) and not isinstance(class_labels, bool) else class_labels
     if isinstance(values, torch.Tensor):
         values = values.tolist()
@@ -85,14 +84,22 @@ def class_labels_for_call(class_labels: Any, num_prompts: int, per_prompt: int, 
     for v in values:
         if not 0 <= v < num_classes:
             raise UserError(f"class label {v} is outside 0..{num_classes - 1} (this model has {num_classes} classes)")
+    return torch.tensor(one_per_image(values, num_prompts, per_prompt, "class labels"), dtype=torch.long)
+
+
+def one_per_image(values: list[Any], num_prompts: int, per_prompt: int, what: str) -> list[Any]:
+    """A call's per-image values from one value (every image), one per prompt (repeated per image of the prompt) or
+    one per image; UserError for any other count."""
+    from ldm_app.errors import UserError
+
     if len(values) == 1:
-        values = list(values) * batch
-    elif len(values) == num_prompts:
-        values = [v for v in values for _ in range(per_prompt)]
-    elif len(values) != batch:
-        raise UserError(f"got {len(values)} class labels for {num_prompts} prompts x {per_prompt} images; give one, "
-                        "one per prompt or one per image")  # fmt: skip
-    return torch.tensor(values, dtype=torch.long)
+        return list(values) * (num_prompts * per_prompt)
+    if len(values) == num_prompts:
+        return [v for v in values for _ in range(per_prompt)]
+    if len(values) != num_prompts * per_prompt:
+        raise UserError(f"got {len(values)} {what} for {num_prompts} prompts x {per_prompt} images; give one, one per "
+                        "prompt or one per image")  # fmt: skip
+    return list(values)
 
 
 # ---- a scalar (an MLP of [s, 1] added to the timestep embedding: diffusers' class_embed_type="projection") ------
@@ -158,7 +165,6 @@ def scalars_for_call(scalars: Any, num_prompts: int, per_prompt: int) -> torch.T
     from ldm_app.errors import UserError
     from ldm_app.limits import shown
 
-    batch = num_prompts * per_prompt
     values = scalars.flatten().tolist() if isinstance(scalars, torch.Tensor) else scalars
     if isinstance(values, Real) and not isinstance(values, bool):
         values = [values]
@@ -168,13 +174,7 @@ def scalars_for_call(scalars: Any, num_prompts: int, per_prompt: int) -> torch.T
     for v in values:
         if not math.isfinite(v):
             raise UserError(f"scalars must be finite numbers, got {v}")
-    if len(values) == 1:
-        values = list(values) * batch
-    elif len(values) == num_prompts:
-        values = [v for v in values for _ in range(per_prompt)]
-    elif len(values) != batch:
-        raise UserError(f"got {len(values)} scalars for {num_prompts} prompts x {per_prompt} images; give one, one "
-                        "per prompt or one per image")  # fmt: skip
+    values = one_per_image(values, num_prompts, per_prompt, "scalars")
     return torch.tensor([float(v) for v in values], dtype=torch.float32)
 
 
