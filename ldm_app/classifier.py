@@ -265,6 +265,10 @@ def classifier_guided_sample(
     Without class labels (and scale 0) `num_images` (default: the number of prompts) sets the batch."""
     from ldm_app.samplers import make_scheduler, set_timesteps_checked
 
+    unet = pipe.unet.config
+    if unet.num_class_embeds is not None or unet.class_embed_type is not None or unet.in_channels != unet.out_channels:
+        raise UserError("classifier guidance samples a text-to-image (or unconditional) model; this one is "
+                        "class-, scalar- or image-conditioned (its U-Net needs class labels, scalars or a mask)")
     scale = float(classifier_scale)
     if scale != scale or abs(scale) == float("inf"):  # NaN / inf
         raise UserError(f"classifier_scale must be a finite number, got {classifier_scale!r}")

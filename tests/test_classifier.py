@@ -234,3 +234,17 @@ def test_generate_cli_guides_with_a_classifier_and_records_it(tiny_pipeline_dir,
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_a_conditioned_unet_is_refused(tiny_pipeline):
+    import copy
+
+    from ldm_app.models import widen_unet_input
+    from ldm_app.pipeline import LatentDiffusionInpaintPipeline
+
+    components = {k: v for k, v in tiny_pipeline.components.items() if v is not None}
+    components["unet"] = widen_unet_input(copy.deepcopy(tiny_pipeline.unet), 9)  # an inpainting model
+    with pytest.raises(UserError) as excinfo:
+        classifier_guided_sample(LatentDiffusionInpaintPipeline(**components), _tiny_classifier(), [0], 1.0,
+                                 num_inference_steps=2)  # fmt: skip
+    assert "class-, scalar- or image-conditioned" in _one_line(excinfo)
