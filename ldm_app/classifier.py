@@ -240,6 +240,16 @@ class GuidedOutput:
     class_labels: list[int]
 
 
+def check_guidable(unet_config: Any) -> None:
+    """Guided DDIM calls the U-Net with x_t, t and the text alone: a model that also needs class labels, scalars
+    or a mask and a masked image (an inpainting model) is refused in one line."""
+    c = unet_config
+    if c.num_class_embeds is not None or c.class_embed_type is not None or c.in_channels != c.out_channels:
+        raise UserError("classifier guidance samples a text-to-image (or unconditional) model; this one is "
+                        "class-, scalar- or image-conditioned (its U-Net needs class labels, scalars or a mask; a "
+                        "class-conditional model takes its class without a classifier)")  # fmt: skip
+
+
 @torch.no_grad()
 def classifier_guided_sample(
     pipe: Any,
@@ -265,10 +275,7 @@ def classifier_guided_sample(
     Without class labels (and scale 0) `num_images` (default: the number of prompts) sets the batch."""
     from ldm_app.samplers import make_scheduler, set_timesteps_checked
 
-    unet = pipe.unet.config
-    if unet.num_class_embeds is not None or unet.class_embed_type is not None or unet.in_channels != unet.out_channels:
-        raise UserError("classifier guidance samples a text-to-image (or unconditional) model; this one is "
-                        "class-, scalar- or image-conditioned (its U-Net needs class labels, scalars or a mask)")
+    check_guidable(pipe.unet.config)
     scale = float(classifier_scale)
     if scale != scale or abs(scale) == float("inf"):  # NaN / inf
         raise UserError(f"classifier_scale must be a finite number, got {classifier_scale!r}")

@@ -302,17 +302,13 @@ def check_model_exists(model: str) -> None:
 
 
 def load_classifier_for(pipe: LatentDiffusionPipeline, req: Request) -> Any:
-    """The classifier of --classifier, checked against the model (latent shape; not a class-conditional model,
-    whose --class_label would mean its own classes), or None."""
+    """The classifier of --classifier, checked against the model (latent shape; a model guided DDIM can sample:
+    not class-, scalar- or image-conditioned, see classifier.check_guidable), or None."""
     if req.classifier is None:
         return None
-    from ldm_app.classifier import check_fits, load_classifier
+    from ldm_app.classifier import check_fits, check_guidable, load_classifier
 
-    if pipe.unet.config.num_class_embeds is not None:
-        raise UserError("--classifier guides a text or unconditional model; this model is class-conditional (give "
-                        "--class_label alone)")  # fmt: skip
-    if pipe.unet.config.class_embed_type is not None:  # guided DDIM calls the U-Net without its scalar
-        raise UserError("--classifier guides a text or unconditional model; this model is scalar-conditioned")
+    check_guidable(pipe.unet.config)  # before loading the classifier
     classifier = load_classifier(req.classifier, device=pipe.device)
     height, width, _, _ = pipe.resolve_defaults(req.height, req.width, None, None)
     check_fits(classifier, pipe, height, width)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -21,7 +22,8 @@ class LDMFiles:
     root: Path
 
 
-def make_ldm_files(root: Path) -> LDMFiles:
+def make_ldm_files(root: Path, **dataset: Any) -> LDMFiles:
+    """The autoencoder and 8 renders; `dataset` passes shapes options (e.g. labels=True, sizes=True)."""
     from ldm_app.config import AutoencoderConfig
     from ldm_app.data.shapes import make_dataset
     from ldm_app.models import build_autoencoder
@@ -29,7 +31,7 @@ def make_ldm_files(root: Path) -> LDMFiles:
     torch.manual_seed(0)
     vae_cfg = AutoencoderConfig(block_out_channels=(8, 8, 8), norm_num_groups=8, latent_channels=4, sample_size=32)
     build_autoencoder(vae_cfg).save_pretrained(root / "vae")
-    make_dataset(root / "data", num_images=8, resolution=32, seed=0)
+    make_dataset(root / "data", num_images=8, resolution=32, seed=0, **dataset)
     return LDMFiles(root / "data", root / "vae", root)
 
 

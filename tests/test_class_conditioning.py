@@ -23,10 +23,7 @@ CLASS = ["--set", "conditioning.kind=class", "--set", f"conditioning.num_classes
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory):
-    files = make_ldm_files(tmp_path_factory.mktemp("cls"))
-    make_dataset(files.root / "labelled", num_images=8, resolution=32, seed=0, two_object_fraction=0.0, labels=True)
-    files.data = files.root / "labelled"
-    return files
+    return make_ldm_files(tmp_path_factory.mktemp("cls"), two_object_fraction=0.0, labels=True)
 
 
 @pytest.fixture(scope="module")

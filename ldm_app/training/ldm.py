@@ -38,8 +38,7 @@ import torch
 
 from ..checkpointing import load_checkpoint, lock_run_folder, save_checkpoint, write_run_config
 from ..config import (ConditioningConfig, DataConfig, NoiseScheduleConfig, TextEncoderConfig, TrainConfig, UNetConfig,
-                      load_config,
-                      flag_overrides, merge, parse_overrides, to_dict)
+                      flag_overrides, load_config, merge, parse_overrides, to_dict)
 from ..conditioning import (NULL_CAPTION, concat_channels, drop_captions, drop_labels, drop_scalars, encode_text,
                             inpaint_condition, is_scalar_unet, masked_image, read_labels, read_scalars,
                             scalar_condition)
@@ -678,7 +677,7 @@ class LDMTrainer:
         scheduler = make_scheduler(ldm.validation_sampler, self.m.diffusion.scheduler.config)
         cls = LatentDiffusionInpaintPipeline if self.cfg.conditioning.concat == "inpaint" else LatentDiffusionPipeline
         pipe = cls(vae=self.m.vae, text_encoder=text_encoder, tokenizer=self.m.tokenizer,
-                                       unet=self._export_module("unet", full), scheduler=scheduler)
+                   unet=self._export_module("unet", full), scheduler=scheduler)
         pipe.sampling_defaults = {"sampler": ldm.validation_sampler,
                                   "num_inference_steps": ldm.validation_num_inference_steps,
                                   "guidance_scale": ldm.validation_guidance_scale}
