@@ -107,6 +107,9 @@ def one_per_image(values: list[Any], num_prompts: int, per_prompt: int, what: st
 # The U-Net's class_labels for a scalar model are (B, 2) floats: [s, 1] for a value s, [0, 0] for the null condition.
 # The second entry tells "no value" from s = 0, which a bare (B, 1) input could not.
 SCALAR_INPUT_DIM = 2
+# Values are meant to be O(1) (see ConditioningConfig); beyond this magnitude the projection overflows float32 on
+# the way (1e30 gives NaN latents: a black image) long before anything meaningful: refused in one line instead.
+MAX_ABS_SCALAR = 1e6
 
 
 def scalar_condition(values: torch.Tensor) -> torch.Tensor:
@@ -143,10 +146,10 @@ def read_scalars(dataset: Any, column: str) -> torch.Tensor:
     values = list(hf[column])
     for row, value in enumerate(values):
         number = not isinstance(value, bool) and isinstance(value, (int, float))
-        if not number or not math.isfinite(value):
+        if not number or not math.isfinite(value) or abs(value) > MAX_ABS_SCALAR:
             name = f" ({Path(dataset.image_name(row)).name})" if hasattr(dataset, "image_name") else ""
             raise UserError(f"{column} {shown(value, 40)} in row {row}{name} is not a "
-                            f"{'finite number' if number else 'number'}")  # fmt: skip
+                            f"{f'finite number within +-{MAX_ABS_SCALAR:g}' if number else 'number'}")  # fmt: skip
     return torch.tensor(values, dtype=torch.float32)
 
 
@@ -174,6 +177,9 @@ def scalars_for_call(scalars: Any, num_prompts: int, per_prompt: int) -> torch.T
     for v in values:
         if not math.isfinite(v):
             raise UserError(f"scalars must be finite numbers, got {v}")
+        if abs(v) > MAX_ABS_SCALAR:
+            raise UserError(f"scalar {v:g} is beyond +-{MAX_ABS_SCALAR:g}; a scalar model takes values of order 1 "
+                            "(e.g. a size as a fraction of the image side)")
     values = one_per_image(values, num_prompts, per_prompt, "scalars")
     return torch.tensor([float(v) for v in values], dtype=torch.float32)
 

@@ -26,10 +26,7 @@ TEXT_SCALAR = ["--set", "conditioning.kind=text+scalar"]
 
 @pytest.fixture(scope="module")
 def sized(tmp_path_factory):
-    files = make_ldm_files(tmp_path_factory.mktemp("scalar"))
-    make_dataset(files.root / "sized", num_images=8, resolution=32, seed=0, two_object_fraction=0.0, sizes=True)
-    files.data = files.root / "sized"
-    return files
+    return make_ldm_files(tmp_path_factory.mktemp("scalar"), two_object_fraction=0.0, sizes=True)
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +247,17 @@ def test_a_text_model_refuses_scalars(tiny_pipeline, tiny_pipeline_dir, tmp_path
     assert code == 2 and len(err) == 1 and "not scalar-conditioned" in err[0] and not (tmp_path / "x.png").exists()
 
 
+def test_a_huge_scalar_is_refused_before_sampling(trained, tmp_path, capsys):
+    # 1e30 overflows the projection in float32: NaN latents, an all-black image, if let through
+    pipe = LatentDiffusionPipeline.from_pretrained(trained)
+    with pytest.raises(UserError, match="beyond"):
+        pipe("a red circle", scalars=1e30, num_inference_steps=2)
+    code = run_cli(generate_main, ["a red circle", "--scalar", "1e30", "--model", str(trained), "--steps", "2",
+                                   "--output", str(tmp_path / "x.png")])  # fmt: skip
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip() and "Loading" not in line]
+    assert code == 2 and len(err) == 1 and "beyond" in err[0] and not (tmp_path / "x.png").exists()
+
+
 def _edited(sized, tmp_path, edit):
     folder = tmp_path / "edited"
     shutil.copytree(sized.data, folder)
@@ -265,6 +273,7 @@ BAD = {
     "non-numeric": ([], lambda rows: [r.update(size="big") for r in rows], "size 'big' in row 0"),
     "not finite": ([], lambda rows: rows[3].update(size=float("inf")), "in row 3 (000003.png) is not a finite number"),
     "missing value": ([], lambda rows: rows[2].pop("size"), "size None in row 2 (000002.png) is not a number"),
+    "huge": ([], lambda rows: rows[1].update(size=1e30), "in row 1 (000001.png) is not a finite number within"),
     "class+scalar": (["--set", "conditioning.kind=class+scalar"], None, "unknown conditioning.kind"),
     "text run, scalar folder": (["--set", "conditioning.kind=text"], "scalar folder",
                                 "the U-Net has a scalar embedding; conditioning.kind is 'text'"),
