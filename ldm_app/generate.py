@@ -162,9 +162,9 @@ def run(req: Request, sink: OutputSink) -> list[Path]:
         base = replace(base, sampler="ddim", classifier=str(Path(req.classifier).resolve()),
                        classifier_scale=float(req.classifier_scale))
     jobs = [replace(base, prompt=p, seed=req.seed + k) for p in req.prompts for k in range(req.num_images)]
-    check_with_model(pipe, req, jobs)  # the model's own limits (steps per sampler), before the first image
-    say(describe(base, pipe) + (" (random)" if random_seed else ""))
     runner = edit_inputs.pipeline_for(pipe, inputs)
+    check_with_model(runner, req, jobs, inputs)  # the model's own limits (steps per sampler), before the first image
+    say(describe(base, pipe) + (" (random)" if random_seed else ""))
     paths, images = [], []
     for start in range(0, len(jobs), req.batch_size):
         batch = jobs[start : start + req.batch_size]
@@ -267,19 +267,22 @@ def check_sizes(batch: int, grid_images: int, height: int, width: int) -> None:
                         f"of {maximum:,}; leave out --grid or make fewer or smaller images")  # fmt: skip
 
 
-def check_with_model(pipe: LatentDiffusionPipeline, req: Request, jobs: list[ImageParams]) -> None:
+def check_with_model(pipe: LatentDiffusionPipeline, req: Request, jobs: list[ImageParams],
+                     inputs: edit_inputs.EditInputs | None = None) -> None:  # fmt: skip
     """The checks that need the model: its stored defaults against the limits, the steps its sampler can take on
-    its training timesteps, the batch at the effective size; the same checks as the pipeline call, done before
-    the first image is made."""
+    its training timesteps, the batch at the effective size; the same checks as the pipeline call (of the pipeline
+    that will run: text-to-image, image-to-image or inpainting, with the job's image arguments), done before the
+    first image is made."""
     first = jobs[0]
     limits.check_image_side("height", first.height)
     limits.check_image_side("width", first.width)
     check_sizes(min(req.batch_size, len(jobs)), len(jobs) if req.grid else 0, first.height, first.width)
     batch = jobs[: req.batch_size]
+    images = inputs.call_arguments(first) if inputs is not None else {"height": first.height, "width": first.width}
     pipe.check_call(
-        [job.prompt for job in batch], [job.negative_prompt for job in batch], first.height, first.width,
-        first.steps, first.guidance_scale, class_labels=None if first.classifier else first.class_label,
-        scalars=first.scalar,
+        [job.prompt for job in batch], [job.negative_prompt for job in batch], num_inference_steps=first.steps,
+        guidance_scale=first.guidance_scale, class_labels=None if first.classifier else first.class_label,
+        scalars=first.scalar, **images,
     )  # fmt: skip
 
 

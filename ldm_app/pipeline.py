@@ -957,8 +957,10 @@ class LatentDiffusionInpaintPipeline(LdmAppPipelineMixin, StableDiffusionInpaint
     _latent_channels_from = "vae"
 
     def check_images(self, args: dict[str, Any], steps: int) -> dict[str, Any]:
-        extras = {name: args.pop(name) for name in ("inpaint", "jump_length", "jump_n_sample", "harmonize",
-                                                     "mask_blur", "paste_back")}  # fmt: skip
+        # a direct check_call (generate.py checks before its first image) may leave them out: the call's defaults
+        defaults = {name: p.default for name, p in inspect.signature(type(self).__call__).parameters.items()}
+        ours = ("inpaint", "jump_length", "jump_n_sample", "harmonize", "mask_blur", "paste_back")
+        extras = {name: args.pop(name, defaults[name]) for name in ours}
         image_size = check_image_argument("image", args.get("image"), self.vae_scale_factor)
         mask_size = check_image_argument("mask_image", args.get("mask_image"), self.vae_scale_factor)
         if mask_size != image_size:

@@ -231,3 +231,19 @@ def test_the_seam_measure_sees_an_edge_and_only_at_the_mask():
     image[6:10, 6:10] = 0  # an object well inside the mask: no seam
     assert seam(image, mask) == 0.0
     assert seam(image, np.zeros((16, 16), bool)) == 0.0
+
+
+def test_generate_inpaints_with_the_model(inpaint_run, tmp_path):
+    from ldm_app.generate import main as generate_main
+    from ldm_app.pngmeta import read_params
+
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "scene.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    path = generate_main(["a red circle", "--model", str(inpaint_run), "--init_image", str(tmp_path / "scene.png"),
+                          "--mask", str(tmp_path / "mask.png"), "--steps", "2", "--output", str(tmp_path / "o.png")])[0]  # fmt: skip
+    assert read_params(path).inpaint == "model"
+    with Image.open(path) as im:
+        out = np.asarray(im.convert("RGB")).astype(int)
+    assert np.abs(out[mask == 0] - 90).max() == 0  # paste-back, generate's default with a mask
