@@ -191,12 +191,12 @@ def load_loras(pipe, specs: Iterable[tuple[str | Path, float]]) -> list[str]:
                 )
         pipe.set_adapters(names, [scale for _, scale in specs])
     except BaseException:
-        _unload_loras(pipe)
+        unload_loras(pipe)
         raise
     return names
 
 
-def _unload_loras(pipe) -> None:
+def unload_loras(pipe) -> None:
     """Undo every LoRA: diffusers removes peft's wrapper layers too, so the modules are the original ones again."""
     if any(True for _ in _adapter_names(pipe)) or _has_peft_layers(pipe):
         with _quiet_libraries():

@@ -19,7 +19,7 @@ import secrets
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ldm_app import DEFAULT_MODEL, __version__, edit_inputs, limits
 from ldm_app.errors import ArgumentParser, UserError
@@ -142,13 +142,45 @@ def prepare(req: Request) -> OutputSink:
     return OutputSink.plan(Path(req.output), len(req.prompts) * req.num_images, req.overwrite)
 
 
-def run(req: Request, sink: OutputSink) -> list[Path]:
-    """Load the model, generate in batches and write each image (after `prepare` checked the request)."""
+@dataclass
+class RunHooks:
+    """What a caller that serves many jobs (ldm_app.serving) adds to `run`: a loaded pipeline to use instead of
+    loading `req.model`, a step callback (`on_step(step, total)` per denoising step of each batch), a stop flag read
+    at every step and between batches (`should_stop()`: the running batch ends early, diffusers' interrupt, and no
+    further batch starts), and `on_image(params, image, path)` for each image made (path None when not saved)."""
+
+    pipe: Any = None
+    on_step: Callable[[int, int], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    on_image: Callable[[ImageParams, Any, Path | None], None] | None = None
+
+    def stopped(self) -> bool:
+        return self.should_stop is not None and self.should_stop()
+
+    def step_callback(self) -> Callable[..., dict] | None:
+        """A diffusers `callback_on_step_end` reporting the step and interrupting the call when asked to stop."""
+        if self.on_step is None and self.should_stop is None:
+            return None
+
+        def callback(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            if self.on_step is not None:
+                self.on_step(step + 1, int(getattr(pipe, "_num_timesteps", 0) or 0))
+            if self.stopped():
+                pipe._interrupt = True  # diffusers' loops skip the remaining steps, then decode
+            return tensors
+
+        return callback
+
+
+def run(req: Request, sink: OutputSink | None, hooks: RunHooks | None = None) -> list[Path]:
+    """Load the model, generate in batches and write each image (after `prepare` checked the request). `sink`
+    None: nothing is written (the images reach `hooks.on_image`)."""
+    hooks = hooks or RunHooks()
     random_seed = req.seed is None
     if random_seed:
         req = replace(req, seed=secrets.randbelow(2**32))
     inputs = edit_inputs.load(req)  # (again: cheap) the init image and mask, sized
-    pipe = load_pipeline(req)
+    pipe = hooks.pipe if hooks.pipe is not None else load_pipeline(req)
     classifier = load_classifier_for(pipe, req)
     adapters = edit_inputs.load_adapters(pipe, req)
     if inputs.mask is not None:  # recorded as resolved, so a remake needs no model lookup
@@ -167,13 +199,19 @@ def run(req: Request, sink: OutputSink) -> list[Path]:
     say(describe(base, pipe) + (" (random)" if random_seed else ""))
     paths, images = [], []
     for start in range(0, len(jobs), req.batch_size):
+        if hooks.stopped():
+            break
         batch = jobs[start : start + req.batch_size]
         runner.set_progress_bar_config(desc=f"images {start + 1}-{start + len(batch)} of {len(jobs)}")
-        for params, image in zip(batch, sample(runner, batch, inputs, req, classifier)):
-            paths.append(sink.save_image(image, params))
+        for params, image in zip(batch, sample(runner, batch, inputs, req, classifier, hooks.step_callback())):
+            path = sink.save_image(image, params) if sink is not None else None
+            if path is not None:
+                paths.append(path)
+            if hooks.on_image is not None:
+                hooks.on_image(params, image, path)
             if req.grid:  # kept only for the grid: thousands of images must not pile up in memory
                 images.append(image)
-    if req.grid:
+    if req.grid and sink is not None and images:
         text = f"grid of {len(images)} images\n" + "\n".join(p.name for p in paths)
         paths.append(sink.save_grid(make_grid(images), base, text))
     return paths
@@ -363,8 +401,10 @@ def describe(p: ImageParams, pipe: LatentDiffusionPipeline) -> str:
 
 
 def sample(pipe: LatentDiffusionPipeline, batch: list[ImageParams], inputs: edit_inputs.EditInputs | None = None,
-           req: Request | None = None, classifier: Any = None) -> list[Image.Image]:  # fmt: skip
-    """One pipeline call for a batch of jobs that share every setting but prompt and seed."""
+           req: Request | None = None, classifier: Any = None,
+           callback: Callable[..., dict] | None = None) -> list[Image.Image]:  # fmt: skip
+    """One pipeline call for a batch of jobs that share every setting but prompt and seed. `callback`: diffusers'
+    callback_on_step_end (not with classifier guidance)."""
     import torch
 
     p = batch[0]
@@ -391,6 +431,8 @@ def sample(pipe: LatentDiffusionPipeline, batch: list[ImageParams], inputs: edit
         extra["class_labels"] = p.class_label
     if p.scalar is not None:
         extra["scalars"] = p.scalar
+    if callback is not None:
+        extra["callback_on_step_end"] = callback
     return pipe(**text, num_inference_steps=p.steps, guidance_scale=p.guidance_scale, generator=generators,
                 **extra).images  # fmt: skip
 

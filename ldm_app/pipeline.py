@@ -984,8 +984,6 @@ class LatentDiffusionInpaintPipeline(LdmAppPipelineMixin, StableDiffusionInpaint
         args["strength"] = check_strength(args.get("strength"), steps)
         if method == "repaint" and args["strength"] != 1.0:
             raise UserError("inpaint='repaint' starts from pure noise (strength 1); drop strength or use 'blend'")
-        if method == "repaint" and args.get("callback_on_step_end") is not None:
-            raise UserError("callback_on_step_end is not supported with inpaint='repaint'")
         return dict(extras, inpaint=method, paste_back=bool(extras["paste_back"]))
 
     @torch.no_grad()
@@ -1108,8 +1106,12 @@ class LatentDiffusionInpaintPipeline(LdmAppPipelineMixin, StableDiffusionInpaint
         free_below = round(e["harmonize"] * a["num_inference_steps"]) * (
             scheduler.config.num_train_timesteps // scheduler.num_inference_steps)
         t_last = scheduler.timesteps[0] + 1
+        callback = a.get("callback_on_step_end")
+        self._interrupt = False
         with self.progress_bar(total=len(scheduler.timesteps)) as progress:
-            for t in scheduler.timesteps:
+            for i, t in enumerate(scheduler.timesteps):
+                if self._interrupt:  # as in diffusers' loops: the remaining steps are skipped, the latents decoded
+                    break
                 if t < t_last:  # a reverse step x_t -> x_{t-1}, known region from q(x_{t-1} | x0)
                     model_input = torch.cat([x, x]) if guided else x
                     eps = self.unet(model_input, t, encoder_hidden_states=context,
@@ -1122,5 +1124,9 @@ class LatentDiffusionInpaintPipeline(LdmAppPipelineMixin, StableDiffusionInpaint
                 else:  # a jump back: x_{t-1} -> x_t along the forward process
                     x = scheduler.undo_step(x, t_last, generator=generator)
                 t_last = t
+                if callback is not None:  # diffusers' callback_on_step_end; a step here is a step or a jump back
+                    names = a.get("callback_on_step_end_tensor_inputs") or ["latents"]
+                    out = callback(self, i, t, {"latents": x} if "latents" in names else {})
+                    x = out.get("latents", x)
                 progress.update()
         return self.decode_to_images(x, plan.output_type)
