@@ -178,7 +178,10 @@ def decode_image(data: bytes, what: str, mode: str = "RGB") -> Any:
             rgb = to_rgb(image)
     except UserError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:  # Pillow's own refusal, from the header too, for a gross excess
+        raise UserError(f"{what} claims far more pixels than allowed (a decompression bomb?); the limit is {side} "
+                        "pixels per side") from None  # fmt: skip
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise UserError(f"{what} is not a readable image ({type(e).__name__}); expected a PNG or JPEG") from None
     return rgb if mode == "RGB" else rgb.convert(mode)
 
