@@ -1,25 +1,31 @@
 """Image-caption data for training: a local `imagefolder` folder (or a hub dataset) as a torch Dataset.
 
 The folder layout is the one `datasets` reads with `load_dataset("imagefolder", data_dir=...)`: image files and a
-`metadata.jsonl` with one `{"file_name": "0001.png", "text": "a caption"}` a line.
+`metadata.jsonl` with one `{"file_name": "0001.png", "text": "a caption"}` a line. A folder without metadata.jsonl
+may instead hold a caption file beside each image (`0001.png` + `0001.txt`, kohya's convention): its text,
+lines joined by spaces, is the caption. docs/training.md describes both for users.
 
-Images are decoded here, lazily and one at a time, instead of by `datasets`: a corrupt or unreadable file must
-not stop a long run, so `__getitem__` returns None for it (with a warning naming the file) and `collate_fn` drops
-it. The folder itself (missing, empty, no metadata.jsonl, no caption column) is checked before any training
-starts, and a problem there is a one-line `UserError`.
+Images are decoded here, not by `datasets`: a corrupt or unreadable file must not stop a run. The trainers call
+`readable()` first, which decodes every image once and leaves the unreadable ones out, with one warning line
+(how many, the first one and why); with none readable it is a one-line `UserError`. The rows kept are a function
+of the files only, so a resumed run sees the same rows. A file that breaks later (changed mid-run) still does not
+stop the run: `__getitem__` returns None for it (with a warning naming the file) and `collate_fn` drops it. The
+folder itself (missing, empty, no captions, no caption column) is checked before any image is read, and a problem
+there is a one-line `UserError`.
 
 Counting skipped images: `ImageCaptionDataset.skipped` holds the indices that failed to decode *in this process*,
 so with DataLoader workers (separate processes) the main process never sees them. The count that survives
-workers is `batch["num_skipped"]` from `collate_fn`: sum it over the run for the training log. Call
-`validate_images()` to find every unreadable file up front instead (it decodes the whole dataset).
+workers is `batch["num_skipped"]` from `collate_fn`: sum it over the run for the training log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +40,9 @@ from ldm_app.errors import UserError
 logger = logging.getLogger(__name__)
 
 METADATA_FILE = "metadata.jsonl"
-_LAYOUT = f'image files plus a {METADATA_FILE} with lines like {{"file_name": "0001.png", "text": "a caption"}}'
+CAPTION_SUFFIX = ".txt"  # a caption file beside its image: 0001.png + 0001.txt
+_LAYOUT = (f'image files plus a {METADATA_FILE} with lines like {{"file_name": "0001.png", "text": "a caption"}}, '
+           f'or a caption file beside each image (0001.png + 0001{CAPTION_SUFFIX})')
 # What PIL raises for an unreadable image: missing/truncated/unidentified files are OSError (incl.
 # UnidentifiedImageError), some malformed headers surface as SyntaxError, and oversized ones as
 # DecompressionBombError; malformed data inside a readable header, and images `to_rgb` refuses, are ValueError.
@@ -126,12 +134,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise UnsupportedImageError(f"image mode {mode} cannot be converted to RGB ({e})") from None
 
 
-def _decode(source: dict[str, Any]) -> Image.Image:
-    """Decode an undecoded `datasets.Image` value ({"bytes", "path"}) to RGB, fully, so errors surface here."""
+def _decode(source: dict[str, Any], draft: int | None = None) -> Image.Image:
+    """Decode an undecoded `datasets.Image` value ({"bytes", "path"}) to RGB, fully, so errors surface here.
+    `draft`: let a JPEG decode at a reduced scale, no smaller than draft x draft (PIL's `draft`; several times
+    faster on photos, for the up-front check; a truncated or corrupt file fails all the same)."""
     fp = io.BytesIO(source["bytes"]) if source.get("bytes") is not None else source["path"]
     with Image.open(fp) as image:
+        if draft:
+            image.draft(None, (draft, draft))
         image.load()
         return to_rgb(ImageOps.exif_transpose(image))
+
+
+def _reason(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 # ---- the dataset ----
@@ -179,7 +195,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             return _decode(source)
         except _DECODE_ERRORS as e:
             if index not in self.skipped:  # warn once per file, not once per epoch
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                reason = _reason(e)
                 logger.warning("skipping unreadable image %s: %s", self.image_name(index), reason)
                 if self.first_error is None:
                     self.first_error = f"{Path(self.image_name(index)).name}: {reason}"
@@ -197,15 +213,32 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         """Decode every image once; return the indices of the unreadable ones (each also warned and counted)."""
         return [i for i in range(len(self)) if self.load_image(i) is None]
 
-    def require_readable(self, source: str) -> int:
-        """Decode images in order until one is readable and return its index; if none is, a one-line UserError
-        (a run on a folder of unreadable files must stop, not loop looking for a non-empty batch). Cheap when
-        the data is fine: one decode."""
-        for i in range(len(self)):
-            if self.load_image(i) is not None:
-                return i
-        raise UserError(f"no readable image in {source}: {len(self)} of {len(self)} skipped "
-                        f"(first: {self.first_error})")
+    def readable(self, source: str) -> ImageCaptionDataset:
+        """This dataset without its unreadable images: every image is decoded once (a JPEG at a reduced scale, see
+        `_decode`) and the ones that fail are left out, with one warning line "skipped N unreadable images of M in
+        SOURCE: first: PATH (REASON)". No readable image at all is a one-line UserError. Which rows are kept depends
+        on the files only, so every process, and a resumed run, trains on the same rows in the same order."""
+        from tqdm.auto import tqdm
+
+        bad: list[tuple[int, str]] = []
+        main_process = int(os.environ.get("RANK", "0")) == 0
+        # a bar only for a slow check (delay) on a terminal (disable=None), on one process
+        for i in tqdm(range(len(self)), desc="checking images", unit="img", leave=False, delay=2,
+                      disable=None if main_process else True):
+            try:
+                _decode(self.hf_dataset[i][self.image_column], draft=self.resolution)
+            except _DECODE_ERRORS as e:
+                bad.append((i, _reason(e)))
+        if not bad:
+            return self
+        first, reason = bad[0]
+        if len(bad) == len(self):
+            raise UserError(f"no readable image in {source}: {len(self)} of {len(self)} skipped "
+                            f"(first: {Path(self.image_name(first)).name}: {reason})")
+        logger.warning("skipped %d unreadable images of %d in %s: first: %s (%s)", len(bad), len(self), source,
+                       self.image_name(first), reason)
+        unreadable = {i for i, _ in bad}
+        return self.select([i for i in range(len(self)) if i not in unreadable])
 
     def select(self, indices: Sequence[int]) -> ImageCaptionDataset:
         """A dataset over the given rows (e.g. the train part of `split_indices`), with the same transforms."""
@@ -237,15 +270,19 @@ def collate_fn(items: list[dict[str, Any] | None]) -> dict[str, Any]:
 # ---- loading and up-front checks ----
 
 
-def _check_folder(folder: Path, caption_column: str) -> None:
-    """Cheap checks of an imagefolder before anything is loaded: exists, not empty, metadata with the columns."""
+def _check_folder(folder: Path, caption_column: str) -> bool:
+    """Cheap checks of an imagefolder before anything is loaded: exists, not empty, metadata with the columns.
+    Returns True when the captions come from caption files beside the images (no metadata.jsonl)."""
     if not folder.is_dir():
         raise UserError(f"train_data_dir {folder} is not a folder: expected a folder of {_LAYOUT}")
     if not any(folder.iterdir()):
         raise UserError(f"train_data_dir {folder} is empty: expected {_LAYOUT}")
     metadata = folder / METADATA_FILE
     if not metadata.is_file():
-        raise UserError(f"train_data_dir {folder} has no {METADATA_FILE}: expected {_LAYOUT}")
+        if next(folder.rglob(f"*{CAPTION_SUFFIX}"), None) is not None:
+            return True
+        raise UserError(f"train_data_dir {folder} has no {METADATA_FILE} and no {CAPTION_SUFFIX} caption files: "
+                        f"expected {_LAYOUT}")
     try:
         text = metadata.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
@@ -268,6 +305,49 @@ def _check_folder(folder: Path, caption_column: str) -> None:
             f"{metadata} has no caption column {caption_column!r} (keys: {sorted(record)}): "
             "set caption_column to one of those keys or add the captions"
         )
+    return False
+
+
+def _read_caption(path: Path) -> str:
+    """A caption file's text, its lines joined by spaces (a UTF-8 byte-order mark is dropped)."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"caption file {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read caption file {path}: {e.strerror or e}") from None
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _add_sidecar_captions(ds: datasets.Dataset, folder: Path, caption_column: str,
+                          image_column: str) -> datasets.Dataset:
+    """The caption column from the caption file beside each image (0001.png -> 0001.txt); every image needs one."""
+    sources = ds.cast_column(image_column, datasets.Image(decode=False))[image_column]
+    paths = [Path(source["path"]) for source in sources]
+    missing = [p for p in paths if not p.with_suffix(CAPTION_SUFFIX).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} of {len(paths)} images in {folder} have no caption file (first: "
+                        f"{missing[0].relative_to(folder)} has no {missing[0].with_suffix(CAPTION_SUFFIX).name} "
+                        f"beside it): give every image one, or write a {METADATA_FILE}")
+    return ds.add_column(caption_column, [_read_caption(p.with_suffix(CAPTION_SUFFIX)) for p in paths])
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """`datasets` shows "Downloading data" and "Generating train split" bars (and info lines) for a local folder
+    too, where nothing is downloaded: off while a local folder loads. Errors still raise; a user's own
+    HF_DATASETS_DISABLE_PROGRESS_BARS setting is left alone."""
+    bars = datasets.is_progress_bar_enabled() and "HF_DATASETS_DISABLE_PROGRESS_BARS" not in os.environ
+    verbosity = datasets.logging.get_verbosity()
+    if bars:
+        datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _load(train_data_dir: str | None, dataset_name: str | None, cache_dir: str | None) -> datasets.Dataset:
@@ -275,7 +355,9 @@ def _load(train_data_dir: str | None, dataset_name: str | None, cache_dir: str |
         raise UserError("give exactly one of train_data_dir (a local imagefolder) or dataset_name (a hub dataset)")
     try:
         if train_data_dir is not None:
-            return datasets.load_dataset("imagefolder", data_dir=train_data_dir, split="train", cache_dir=cache_dir)
+            with _quiet_datasets():
+                return datasets.load_dataset("imagefolder", data_dir=train_data_dir, split="train",
+                                             cache_dir=cache_dir)
         return datasets.load_dataset(dataset_name, split="train", cache_dir=cache_dir)
     except (DatasetNotFoundError, ConnectionError) as e:
         raise UserError(
@@ -319,9 +401,12 @@ def build_dataset(
         raise UserError(f"resolution must be a positive number of pixels, got {resolution}")
     if max_samples is not None and max_samples < 1:
         raise UserError(f"max_samples must be at least 1 (or unset for all), got {max_samples}")
-    if train_data_dir is not None:
-        _check_folder(Path(train_data_dir), caption_column)
+    sidecars = train_data_dir is not None and _check_folder(Path(train_data_dir), caption_column)
     ds = _load(train_data_dir, dataset_name, cache_dir)
+    if sidecars:
+        if image_column not in ds.column_names:
+            raise UserError(f"{train_data_dir} has caption files but no images: expected {_LAYOUT}")
+        ds = _add_sidecar_captions(ds, Path(train_data_dir), caption_column, image_column)
     ds = _check_columns(ds, str(train_data_dir or dataset_name), caption_column, image_column)
     if max_samples is not None:
         ds = ds.select(range(min(max_samples, len(ds))))

@@ -9,6 +9,7 @@ optimiser state that accelerate saves; no global RNG state has to round-trip.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -16,7 +17,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -57,22 +58,197 @@ def launched_processes() -> int:
         return 1
 
 
-def make_accelerator(cfg: TrainConfig, output_dir: str | Path, cpu: bool = False):
-    """accelerate owns device placement, mixed precision, distribution and gradient accumulation. Processes
-    started by torchrun on a machine without CUDA get a gloo process group: accelerate builds one only when told
-    to use the CPU."""
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
+
+
+def check_report_to(report_to: str) -> None:
+    """`--report_to`: refuse a tracker that is not installed, before any work (accelerate would drop it with only
+    a debug message, and the run would log nowhere)."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    from ..errors import UserError
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    if report_to in available and not available[report_to]():
+        raise UserError(f"--report_to {report_to} needs the {report_to} package, which is not installed: "
+                        f"pip install {report_to}, or pass --report_to tensorboard|none")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What a launch can use: a test describes any machine with this."""
+
+    cuda: bool
+    gpus: int
+    gpu_bf16: bool  # the GPU supports bf16 (False without a GPU)
+    cores: int  # CPU cores this process may run on
+
+    @classmethod
+    def here(cls) -> Machine:
+        cuda = torch.cuda.is_available()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return cls(cuda, torch.cuda.device_count() if cuda else 0, cuda and torch.cuda.is_bf16_supported(), cores)
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    try:
+        return max(int(env.get(name, default)), 1)
+    except ValueError:
+        return default
+
+
+def _env_flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def check_launch(precision: str, cpu: bool, env: Mapping[str, str], machine: Machine) -> tuple[str, bool, list[str]]:
+    """Fit the launch to the machine: (mixed precision to give accelerate, run on the CPU, one warning line per
+    mismatch). `precision` is train.mixed_precision, `cpu` the --cpu flag, `env` what the launcher set
+    (accelerate launch: ACCELERATE_*, torchrun / accelerate launch: WORLD_SIZE, LOCAL_WORLD_SIZE).
+
+    Why by hand: accelerate adapts silently. `accelerate launch --config_file configs/accelerate/ddp.yaml` on a
+    2-core machine without a GPU started 8 CPU processes; the launch config's bf16 gave way to our explicit
+    mixed_precision; fp16 on the CPU is accepted and trains in fp32 (accelerate turns autocast off)."""
+    world = _env_int(env, "WORLD_SIZE", 1)
+    local = _env_int(env, "LOCAL_WORLD_SIZE", world)
+    forced_cpu = cpu or _env_flag(env, "ACCELERATE_USE_CPU")
+    on_cpu = forced_cpu or not machine.cuda
+    warnings = []
+    if not machine.cuda and not forced_cpu:
+        asked = []
+        if "ACCELERATE_MIXED_PRECISION" in env and world > 1:  # accelerate launch's multi-GPU launcher
+            asked.append(f"accelerate launch of {world} processes without --cpu")
+        asked += [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                  if _env_flag(env, var)]
+        if env.get("CUDA_VISIBLE_DEVICES", "").strip() not in ("", "-1"):
+            asked.append(f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}")
+        if asked:
+            warnings.append(f"GPU launch without a GPU: {', '.join(asked)}, but torch sees no CUDA device, so "
+                            "training runs on the CPU")
+    if on_cpu and local > machine.cores:
+        warnings.append(f"more processes than CPU cores: {local} training processes on {machine.cores} core(s) "
+                        f"compete for them; start at most {machine.cores} (torchrun --nproc_per_node {machine.cores})")
+    elif not on_cpu and local > machine.gpus:
+        warnings.append(f"more processes than GPUs: {local} training processes on {machine.gpus} GPU(s); start "
+                        f"at most {machine.gpus} (accelerate launch --num_processes {machine.gpus})")
+
+    def unusable(p: str) -> str | None:
+        if p == "fp16" and on_cpu:
+            return "fp16 needs a GPU (on the CPU accelerate turns autocast off)"
+        if p == "bf16" and not on_cpu and not machine.gpu_bf16:
+            return "this GPU does not support bf16"
+        return None
+
+    launcher = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launcher in ("fp16", "bf16") and precision == "no":
+        why = unusable(launcher)
+        warnings.append(f"mixed precision: the accelerate launch config asks for {launcher}, but "
+                        "train.mixed_precision is 'no', which wins, so precision is 'no'"
+                        + (f" ({why})" if why else f": pass --mixed_precision {launcher} to use it"))
+    why = unusable(precision)
+    if why:
+        alternative = "; bf16 works on the CPU" if precision == "fp16" else "; fp16 works on it"
+        warnings.append(f"mixed precision {precision} is not available: {why}, so precision is 'no'{alternative}")
+        precision = "no"
+    return precision, on_cpu, warnings
+
+
+def make_accelerator(cfg: TrainConfig, output_dir: str | Path, cpu: bool = False, report_to: str = "tensorboard",
+                     machine: Machine | None = None):
+    """accelerate owns device placement, mixed precision, distribution and gradient accumulation; `check_launch`
+    first fits the launch to the machine (one warning line per mismatch, main process). Processes started by
+    torchrun on a machine without CUDA get a gloo process group: accelerate builds one only when told to use the
+    CPU. `report_to`: one of REPORT_TO (accelerate's trackers; "all" = every installed one)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    cpu = cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+    precision, on_cpu, warnings = check_launch(cfg.mixed_precision, cpu, os.environ, machine or Machine.here())
+    cpu = cpu or (on_cpu and launched_processes() > 1)
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs"))
-    return Accelerator(
-        mixed_precision=cfg.mixed_precision,
+    accelerator = Accelerator(
+        mixed_precision=precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with="tensorboard",
+        log_with=None if report_to == "none" else report_to,
         project_config=project,
         cpu=cpu,
     )
+    if accelerator.is_main_process:
+        for line in warnings:
+            logger.warning(line)
+    return accelerator
+
+
+@contextlib.contextmanager
+def no_transformers_bars() -> Iterator[None]:
+    """transformers draws a "Writing model shards" bar for every text encoder it saves: off while a checkpoint
+    or pipeline is written, so it does not cut through the training bar."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def log_image(accelerator: Any, name: str, image: Any, step: int) -> None:
+    """A PIL image to every tracker that takes images (TensorBoard, W&B), main process."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({name: np.asarray(image)[None]}, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({name: [image]}, step)
+
+
+class TrainProgress:
+    """The training loops' progress bar over optimisation steps, on the main process: tqdm's ETA and step rate,
+    plus the loop's figures (loss, ...) and images per second. While it is open, log lines go through
+    tqdm.write (tqdm's logging_redirect_tqdm), so they do not break the bar. Written to a file rather than a
+    terminal, it refreshes every 30 s instead of 10 times a second (a long run's log stays readable)."""
+
+    def __init__(self, desc: str, total: int, initial: int, images_per_step: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        interactive = sys.stderr.isatty()
+        self.images_per_step = images_per_step
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled,
+                        mininterval=0.1 if interactive else 30.0, dynamic_ncols=interactive)
+        self._redirect = contextlib.ExitStack()
+
+    def __enter__(self) -> TrainProgress:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        # only when the log goes to the console (setup_logging); under pytest the root logger has no such handler
+        console = any(type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.stdout)
+                      for h in logging.root.handlers)
+        if console and not self.bar.disable:
+            self._redirect.enter_context(logging_redirect_tqdm())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()  # ends the bar's line, so an error message starts a line of its own
+        self._redirect.close()
+
+    def update(self, figures: Callable[[], dict[str, float]]) -> None:
+        """One optimisation step done. `figures` is called only when the bar is about to be redrawn: reading a
+        loss off the GPU waits for the step to finish."""
+        bar = self.bar
+        if bar.disable:
+            return
+        if bar._time() - bar.last_print_t >= bar.mininterval or bar.n + 1 >= bar.total:
+            postfix = {k: f"{v:.4g}" for k, v in figures().items()}
+            # steps/s: tqdm's smoothed estimate, or (before tqdm has one: a log file refreshes every 30 s) the
+            # mean since the bar opened
+            elapsed = bar._time() - bar.start_t
+            rate = bar.format_dict.get("rate") or ((bar.n - bar.initial) / elapsed if elapsed > 0 else None)
+            if rate:
+                postfix["img/s"] = f"{rate * self.images_per_step:.1f}"
+            bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
 
 
 def step_generator(seed: int, step: int, process_index: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -44,8 +44,9 @@ from ..conditioning import (NULL_CAPTION, concat_channels, drop_captions, drop_l
                             scalar_condition)
 from ..errors import ArgumentParser, UserError
 from ..first_stage import is_vq, latent_channels, latent_stats, sample_x0
-from .common import (EmptyBatchGuard, Position, batches, launched_processes, batches_per_epoch, effective_lr, make_accelerator, make_lr_scheduler,
-                     make_optimizer, open_run_folder, release_freed_memory, setup_logging, step_generator)
+from .common import (REPORT_TO, EmptyBatchGuard, Position, TrainProgress, batches, batches_per_epoch, check_report_to,
+                     effective_lr, launched_processes, log_image, make_accelerator, make_lr_scheduler, make_optimizer,
+                     no_transformers_bars, open_run_folder, release_freed_memory, setup_logging, step_generator)
 
 logger = logging.getLogger("train_ldm")
 
@@ -122,7 +123,9 @@ class LDMRunConfig:
 
 # flag -> config key; each flag given on the command line overrides that key (after --set)
 FLAG_KEYS = {
-    "train_data_dir": "data.train_data_dir", "pretrained_vae": "ldm.pretrained_vae",
+    "train_data_dir": "data.train_data_dir", "dataset_name": "data.dataset_name",
+    "caption_column": "data.caption_column", "image_column": "data.image_column",
+    "pretrained_vae": "ldm.pretrained_vae",
     "pretrained_model": "ldm.pretrained_model", "max_train_steps": "train.max_train_steps",
     "checkpointing_steps": "train.checkpointing_steps", "checkpoints_total_limit": "train.checkpoints_total_limit",
     "seed": "train.seed", "mixed_precision": "train.mixed_precision", "learning_rate": "train.learning_rate",
@@ -137,7 +140,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="train_ldm.py", description="Train a text-conditioned latent diffusion U-Net.")
     p.add_argument("--config", help="YAML file overriding the defaults (configs/ldm/*.yaml)")
     p.add_argument("--output_dir", required=True, help="run folder: checkpoints, logs, and the final pipeline")
-    p.add_argument("--train_data_dir", help="imagefolder: images + metadata.jsonl with a 'text' caption column")
+    p.add_argument("--train_data_dir", help="a folder of images with a metadata.jsonl (file_name + caption column) "
+                   "or a .txt caption file beside each image (see docs/training.md)")
+    p.add_argument("--dataset_name", help="or a dataset on the Hugging Face hub (needs a network)")
+    p.add_argument("--caption_column", help="the caption column of metadata.jsonl or the hub dataset (default: text)")
+    p.add_argument("--image_column", help="the hub dataset's image column (default: image)")
     p.add_argument("--pretrained_vae", help="trained autoencoder folder (AutoencoderKL or VQModel)")
     p.add_argument("--pretrained_model", help="SD-1.x-layout pipeline folder to fine-tune")
     p.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest' (fresh start if none)")
@@ -153,6 +160,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a prompt (repeat the flag for more) or one text file with a prompt per line")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config key")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    p.add_argument("--report_to", choices=REPORT_TO, default="tensorboard",
+                   help="where the training curves go (OUT/logs for TensorBoard; 'all': every installed tracker)")
     return p.parse_args(argv)
 
 
@@ -521,33 +530,37 @@ class LDMTrainer:
                        self.cfg.data.dataloader_num_workers)
 
     def run(self) -> TrainResult:
-        cfg = self.cfg.train
+        cfg, acc = self.cfg.train, self.acc
         self._log_start()
         window, last_saved, t0 = [], self.state.step, time.perf_counter()
         stream = self.data_stream()
-        guard = EmptyBatchGuard(len(self.dataset), cfg.train_batch_size, self.acc.num_processes)
-        while self.state.step < cfg.max_train_steps:
-            self.state.position, batch = next(stream)
-            self.skipped += int(batch["num_skipped"])
-            # every image of the batch was unreadable (warned by the dataset), here or on another process
-            if guard.skip(self._empty_anywhere(len(batch["captions"])), self.skipped, self.dataset):
-                continue
-            window.append(self.train_step(batch))
-            if not self.acc.sync_gradients:
-                continue
-            self.state.step += 1
-            self._after_optimizer_step()
-            self.losses.append(torch.stack(window).mean())
-            if self.state.step % cfg.log_every == 0:
-                self._log(t0)
-                release_freed_memory()
-                t0 = time.perf_counter()
-            window = []
-            if self.state.step % cfg.checkpointing_steps == 0:
-                self.save()
-                last_saved = self.state.step
-            if self.cfg.ldm.validation_steps and self.state.step % self.cfg.ldm.validation_steps == 0:
-                self.validate()
+        guard = EmptyBatchGuard(len(self.dataset), cfg.train_batch_size, acc.num_processes)
+        per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
+        with TrainProgress("train_ldm", cfg.max_train_steps, self.state.step, per_step,
+                           acc.is_main_process) as progress:
+            while self.state.step < cfg.max_train_steps:
+                self.state.position, batch = next(stream)
+                self.skipped += int(batch["num_skipped"])
+                # every image of the batch was unreadable (warned by the dataset), here or on another process
+                if guard.skip(self._empty_anywhere(len(batch["captions"])), self.skipped, self.dataset):
+                    continue
+                window.append(self.train_step(batch))
+                if not acc.sync_gradients:
+                    continue
+                self.state.step += 1
+                self._after_optimizer_step()
+                self.losses.append(torch.stack(window).mean())
+                progress.update(lambda: {"loss": self.losses[-1].item()})  # this process's loss
+                if self.state.step % cfg.log_every == 0:
+                    self._log(t0)
+                    release_freed_memory()
+                    t0 = time.perf_counter()
+                window = []
+                if self.state.step % cfg.checkpointing_steps == 0:
+                    self.save()
+                    last_saved = self.state.step
+                if self.cfg.ldm.validation_steps and self.state.step % self.cfg.ldm.validation_steps == 0:
+                    self.validate()
         if last_saved != self.state.step:
             self.save()
         if self.skipped:
@@ -557,7 +570,7 @@ class LDMTrainer:
                                                     self.state.step % self.cfg.ldm.validation_steps == 0):
             self.validate()
         self.export_final()
-        self.acc.end_training()
+        acc.end_training()
         return TrainResult(self.state.step, [float(x) for x in self.losses])
 
     def _empty_anywhere(self, n: int) -> bool:
@@ -688,7 +701,7 @@ class LDMTrainer:
         """Write the pipeline layout into `folder` (which holds other files too): save to a staging folder inside
         it, then move each entry into place, model_index.json last."""
         staging = folder / ".pipeline"
-        with self.ema_weights():
+        with self.ema_weights(), no_transformers_bars():
             self.pipeline(full).save_pretrained(staging)
         for item in sorted(staging.iterdir(), key=lambda p: p.name == "model_index.json"):
             _replace(item, folder / item.name)
@@ -746,7 +759,6 @@ class LDMTrainer:
         return [round(float(v), 3) for v in q]
 
     def _save_grid(self, images: list[Any], rows: int, cols: int) -> None:
-        import numpy as np
         from diffusers.utils import make_image_grid
 
         from ..fileio import atomic_path, write_errors
@@ -757,8 +769,7 @@ class LDMTrainer:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 grid.save(tmp)
-        writer = self.acc.get_tracker("tensorboard", unwrap=True)
-        writer.add_image("validation", np.asarray(grid), self.state.step, dataformats="HWC")
+        log_image(self.acc, "validation", grid, self.state.step)
         logger.info("validation grid -> %s", path)
 
 
@@ -843,9 +854,10 @@ def main(argv: list[str] | None = None) -> TrainResult:
     args = parse_args(argv)
     cfg = load_run_config(args)
     setup_logging()
+    check_report_to(args.report_to)
     models = build_models(cfg)
     dataset = build_train_dataset(cfg)
-    dataset.require_readable(str(cfg.data.train_data_dir or cfg.data.dataset_name))
+    dataset = dataset.readable(str(cfg.data.train_data_dir or cfg.data.dataset_name))
     if cfg.ldm.cache_latents:
         from .latent_cache import check_cacheable
 
@@ -861,7 +873,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
     with lock_run_folder(args.output_dir):
         out, checkpoint = open_run_folder(args.output_dir, to_dict(cfg), args.resume_from_checkpoint,
                                           MAY_DIFFER_ON_RESUME)
-        accelerator = make_accelerator(cfg.train, out, cpu=args.cpu)
+        accelerator = make_accelerator(cfg.train, out, cpu=args.cpu, report_to=args.report_to)
         check_strategy(accelerator, cfg, models.train_text_encoder)
         accelerator.init_trackers("train_ldm")
         trainer = LDMTrainer(cfg, models, dataset, accelerator, out)

@@ -37,8 +37,9 @@ from ..errors import ArgumentParser, UserError
 from ..first_stage import HOLDOUT_FILE, TRAIN_CONFIG_FILE, encode_latents  # noqa: F401 (names of the run folder)
 from ..losses import (NLayerDiscriminator, autoencoder_nll, disc_factor, generator_objective, hinge_d_loss,
                       load_lpips, reconstruction_loss)
-from .common import (EmptyBatchGuard, Position, batches, effective_lr, launched_processes, make_accelerator, make_lr_scheduler, make_optimizer,
-                     open_run_folder, psnr, release_freed_memory, setup_logging, step_generator)
+from .common import (REPORT_TO, EmptyBatchGuard, Position, TrainProgress, batches, check_report_to, effective_lr,
+                     launched_processes, make_accelerator, make_lr_scheduler, make_optimizer, open_run_folder, psnr,
+                     release_freed_memory, setup_logging, step_generator)
 
 logger = logging.getLogger("train_vae")
 
@@ -117,8 +118,10 @@ class VAERunConfig:
 
 # flag -> config key; a flag given on the command line overrides that key (after --set)
 FLAG_KEYS = {
-    "train_data_dir": "data.train_data_dir", "max_train_steps": "train.max_train_steps",
-    "checkpointing_steps": "train.checkpointing_steps", "seed": "train.seed",
+    "train_data_dir": "data.train_data_dir", "dataset_name": "data.dataset_name",
+    "caption_column": "data.caption_column", "image_column": "data.image_column",
+    "max_train_steps": "train.max_train_steps", "checkpointing_steps": "train.checkpointing_steps",
+    "seed": "train.seed",
     "mixed_precision": "train.mixed_precision", "learning_rate": "train.learning_rate",
     "train_batch_size": "train.train_batch_size", "gradient_accumulation_steps": "train.gradient_accumulation_steps",
 }
@@ -129,7 +132,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        description="Train a KL or VQ autoencoder (the LDM first stage) from scratch.")
     p.add_argument("--config", help="YAML file overriding the defaults (configs/vae/*.yaml)")
     p.add_argument("--output_dir", required=True, help="run folder: checkpoints, logs, and the final model in vae/")
-    p.add_argument("--train_data_dir", help="imagefolder: images + metadata.jsonl")
+    p.add_argument("--train_data_dir", help="a folder of images with a metadata.jsonl (file_name + caption column) "
+                   "or a .txt caption file beside each image (see docs/training.md)")
+    p.add_argument("--dataset_name", help="or a dataset on the Hugging Face hub (needs a network)")
+    p.add_argument("--caption_column", help="the caption column of metadata.jsonl or the hub dataset (default: text)")
+    p.add_argument("--image_column", help="the hub dataset's image column (default: image)")
     p.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest' (fresh start if none)")
     for name in ("max_train_steps", "checkpointing_steps", "seed", "train_batch_size", "gradient_accumulation_steps"):
         p.add_argument(f"--{name}", type=int)
@@ -137,6 +144,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config key")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    p.add_argument("--report_to", choices=REPORT_TO, default="tensorboard",
+                   help="where the training curves go (OUT/logs for TensorBoard; 'all': every installed tracker)")
     return p.parse_args(argv)
 
 
@@ -340,38 +349,32 @@ class VAETrainer:
         return bool(self.acc.gather(n).min() == 0) if self.acc.num_processes > 1 else n.item() == 0
 
     def run(self) -> None:
-        from tqdm.auto import tqdm
-
-        train = self.cfg.train
-        progress = tqdm(total=train.max_train_steps, initial=self.step, desc="train_vae",
-                        disable=not self.acc.is_main_process)
+        train, acc = self.cfg.train, self.acc
+        per_step = train.train_batch_size * train.gradient_accumulation_steps * acc.num_processes
         stream, micro, t0, last_saved = self.data_stream(), 0, time.time(), None
-        guard = EmptyBatchGuard(len(self.dataset), train.train_batch_size, self.acc.num_processes)
-        try:
+        guard = EmptyBatchGuard(len(self.dataset), train.train_batch_size, acc.num_processes)
+        with TrainProgress("train_vae", train.max_train_steps, self.step, per_step, acc.is_main_process) as progress:
             while self.step < train.max_train_steps:
                 self.position, batch = next(stream)
                 self.skipped += int(batch["num_skipped"])
                 x0 = batch["pixel_values"]
                 if guard.skip(self._empty_anywhere(x0), self.skipped, self.dataset):
                     continue
-                with self.acc.accumulate(self.model, self.disc):
+                with acc.accumulate(self.model, self.disc):
                     g = step_generator(train.seed, self.step * train.gradient_accumulation_steps + micro,
-                                       self.acc.process_index, self.acc.device)
+                                       acc.process_index, acc.device)
                     logs = self.train_step(x0, g)
                 micro += 1
-                if not self.acc.sync_gradients:
+                if not acc.sync_gradients:
                     continue
                 self.step, micro = self.step + 1, 0
-                progress.update(1)
-                progress.set_postfix(loss=f"{logs['loss/total'].item():.4g}", psnr=f"{logs['psnr'].item():.2f}")
+                progress.update(lambda: {"loss": logs["loss/total"].item(), "psnr": logs["psnr"].item()})
                 if self.step % train.log_every == 0 or self.step == train.max_train_steps:
                     self._log(logs, t0)
                     release_freed_memory()
                 if self.step % train.checkpointing_steps == 0:
                     self.save()
                     last_saved = self.step
-        finally:  # ends the bar's line, so an error message starts a line of its own
-            progress.close()
         if last_saved != self.step:
             self.save()
         if self.skipped:
@@ -470,15 +473,16 @@ def main(argv: list[str] | None = None) -> TrainResult:
     args = parse_args(argv)
     cfg = load_run_config(args)
     setup_logging()
+    check_report_to(args.report_to)
     train_set, holdout = build_datasets(cfg)
     source = cfg.data.train_data_dir or cfg.data.dataset_name
-    train_set.require_readable(f"the training split of {source} ({len(holdout['indices'])} held out)"
-                               if holdout["indices"] else str(source))
+    train_set = train_set.readable(f"the training split of {source} ({len(holdout['indices'])} held out)"
+                                   if holdout["indices"] else str(source))
     check_enough_images(len(train_set), cfg.train.train_batch_size, launched_processes())
     with lock_run_folder(args.output_dir):
         out, checkpoint = open_run_folder(args.output_dir, to_dict(cfg), args.resume_from_checkpoint,
                                           MAY_DIFFER_ON_RESUME)
-        accelerator = make_accelerator(cfg.train, out, cpu=args.cpu)
+        accelerator = make_accelerator(cfg.train, out, cpu=args.cpu, report_to=args.report_to)
         check_enough_images(len(train_set), cfg.train.train_batch_size, accelerator.num_processes)
         accelerator.init_trackers("train_vae")
         logger.info("%s autoencoder, f=%d; %d training images, %d held out", cfg.autoencoder.kind,
