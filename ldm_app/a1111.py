@@ -184,17 +184,15 @@ def error_response(status: int, kind: str, message: str, headers: dict[str, str]
     return JSONResponse(content, status_code=status, headers=headers)
 
 
-# the command-line flag names in the serving core's messages, as this API's fields
-_FLAG_WORDS = {"--width": "width", "--height": "height", "--steps": "steps", "--guidance_scale": "cfg_scale",
-               "--batch_size": "batch_size", "--seed": "seed", "--negative_prompt": "negative_prompt",
-               "--num_images": "n_iter x batch_size", "--strength": "denoising_strength", "--mask_blur": "mask_blur",
-               "--sampler": "sampler_name"}  # fmt: skip
-_FLAG = re.compile("|".join(re.escape(flag) + r"\b" for flag in _FLAG_WORDS))
+# the serving core's names (generate.py's flags, with or without their "--") where this API's fields differ
+_FLAG_WORDS = {"guidance_scale": "cfg_scale", "num_images": "n_iter x batch_size", "strength": "denoising_strength",
+               "sampler": "sampler_name", "num_inference_steps": "steps"}  # fmt: skip
+_FLAG = re.compile(r"(?<![\w-])(?:--)?(" + "|".join(_FLAG_WORDS) + r")\b(?!-)")
 
 
 def api_wording(message: str) -> str:
     """A serving-core message with the command-line flags it names replaced by this API's field names."""
-    return _FLAG.sub(lambda m: _FLAG_WORDS[m.group(0)], message)
+    return _FLAG.sub(lambda m: _FLAG_WORDS[m.group(1)], message)
 
 
 def _validation_message(error: RequestValidationError) -> str:

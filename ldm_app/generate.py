@@ -153,6 +153,7 @@ class RunHooks:
     on_step: Callable[[int, int], None] | None = None
     should_stop: Callable[[], bool] | None = None
     on_image: Callable[[ImageParams, Any, Path | None], None] | None = None
+    log: Callable[[str], None] | None = None  # where the "model: ..." line goes (default: stdout)
 
     def stopped(self) -> bool:
         return self.should_stop is not None and self.should_stop()
@@ -196,13 +197,14 @@ def run(req: Request, sink: OutputSink | None, hooks: RunHooks | None = None) ->
     jobs = [replace(base, prompt=p, seed=req.seed + k) for p in req.prompts for k in range(req.num_images)]
     runner = edit_inputs.pipeline_for(pipe, inputs)
     check_with_model(runner, req, jobs, inputs)  # the model's own limits (steps per sampler), before the first image
-    say(describe(base, pipe) + (" (random)" if random_seed else ""))
+    (hooks.log or say)(describe(base, pipe) + (" (random)" if random_seed else ""))
     paths, images = [], []
     for start in range(0, len(jobs), req.batch_size):
         if hooks.stopped():
             break
         batch = jobs[start : start + req.batch_size]
-        runner.set_progress_bar_config(desc=f"images {start + 1}-{start + len(batch)} of {len(jobs)}")
+        runner.set_progress_bar_config(**{**getattr(runner, "_progress_bar_config", {}),  # keeps e.g. disable=True
+                                          "desc": f"images {start + 1}-{start + len(batch)} of {len(jobs)}"})
         for params, image in zip(batch, sample(runner, batch, inputs, req, classifier, hooks.step_callback())):
             path = sink.save_image(image, params) if sink is not None else None
             if path is not None:
@@ -469,6 +471,7 @@ class OutputSink:
     total: int
     overwrite: bool = False
     written: int = 0
+    log: Callable[[str], None] = say  # where "wrote PATH" goes (a server sends it to its log)
 
     @classmethod
     def plan(cls, path: Path, total: int, overwrite: bool = False) -> OutputSink:
@@ -503,7 +506,7 @@ class OutputSink:
             dest.parent.mkdir(parents=True, exist_ok=True)
         path = save_png(image, dest, params, text, overwrite=self.overwrite)
         note = "" if path == dest else f" ({dest.name} exists; --overwrite replaces it)"
-        say(f"wrote {path}{note}")
+        self.log(f"wrote {path}{note}")
         return path
 
     def _save_numbered(self, image: Image.Image, params: ImageParams | None, text: str | None, name: str) -> Path:
@@ -516,7 +519,7 @@ class OutputSink:
         first = max(numbers, default=-1) + 1
         names = (folder / f"{index:05d}-{name}" for index in itertools.count(first + 1))
         path = save_png(image, folder / f"{first:05d}-{name}", params, text, alternatives=names)
-        say(f"wrote {path}")
+        self.log(f"wrote {path}")
         return path
 
 

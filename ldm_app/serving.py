@@ -34,6 +34,7 @@ import io
 import itertools
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -49,6 +50,7 @@ MODEL_SUFFIXES = (".safetensors", ".ckpt")
 DEFAULT_MODEL_NAME = "default_model"  # the bundled model's name when it is not inside --models_dir
 MAX_SCAN_DEPTH = 3  # how deep --models_dir is searched for model folders
 MAX_INPUT_BYTES = 64 * 1024 * 1024  # one base64 image after decoding
+_FLAG = re.compile(r"(?<![\w-])--(\w+)")  # "--width" in generate.py's messages -> "width"
 
 
 class QueueFull(UserError):
@@ -373,13 +375,16 @@ class GenerationService:
             dtype=self.config.dtype, strength=spec.strength, inpaint=spec.inpaint, mask_blur=spec.mask_blur,
             paste_back=spec.paste_back, loras=loras,
         )  # fmt: skip
-        # the checks on everything but the input files first, so a bad request writes nothing
-        generate.check_request(replace(request, init_image=None, mask=None, strength=None, inpaint=None,
-                                       paste_back=None, mask_blur=0.0))  # fmt: skip
-        if spec.init_image is not None:
-            request = replace(request, init_image=_store_input(spec.init_image, inputs),
-                              mask=_store_input(spec.mask, inputs) if spec.mask is not None else None)  # fmt: skip
-            generate.check_request(request)
+        try:
+            # the checks on everything but the input files first, so a bad request writes nothing
+            generate.check_request(replace(request, init_image=None, mask=None, strength=None, inpaint=None,
+                                           paste_back=None, mask_blur=0.0))  # fmt: skip
+            if spec.init_image is not None:
+                request = replace(request, init_image=_store_input(spec.init_image, inputs),
+                                  mask=_store_input(spec.mask, inputs) if spec.mask is not None else None)  # fmt: skip
+                generate.check_request(request)
+        except UserError as e:  # generate.py's messages name its flags; a server's clients know field names
+            raise UserError(_FLAG.sub(r"\1", str(e))) from None
         return request, model_name
 
     def submit(self, spec: JobSpec) -> Job:
@@ -517,7 +522,9 @@ class GenerationService:
         sink = None
         if job.spec.save:
             sink = generate.OutputSink.plan(Path(job.request.output), job.request.num_images)
-        hooks = generate.RunHooks(pipe=pipe, on_step=on_step, should_stop=lambda: job.stop, on_image=on_image)
+            sink.log = logger.info
+        hooks = generate.RunHooks(pipe=pipe, on_step=on_step, should_stop=lambda: job.stop, on_image=on_image,
+                                  log=lambda text: logger.info("job %d: %s", job.id, text))  # fmt: skip
         try:
             generate.run(job.request, sink, hooks)
         finally:
