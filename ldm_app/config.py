@@ -248,6 +248,36 @@ class TrainConfig:
             raise UserError(f"checkpoints_total_limit must be >= 1 or null, got {self.checkpoints_total_limit}")
 
 
+@dataclass
+class LoRAConfig:
+    """LoRA fine-tuning (Hu et al. 2021) of a pretrained model: the base weights stay frozen and only low-rank
+    updates W + (alpha / rank) * B A of the `target_modules` train (peft, as diffusers' train_text_to_image_lora.py).
+    `rank: null` (the default) is no LoRA: the whole U-Net trains. The defaults are that script's: the U-Net's
+    attention projections, alpha = rank; `text_encoder: true` adds LoRA to the CLIP text encoder's attention
+    projections too (`text_encoder_target_modules`)."""
+
+    rank: int | None = None
+    alpha: float | None = None  # null: = rank (scale 1)
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    text_encoder: bool = False
+    text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+    def validate(self) -> None:
+        if self.rank is None:
+            if self.text_encoder or self.alpha is not None:
+                raise UserError("lora.alpha / lora.text_encoder need a LoRA rank: pass --lora_rank R")
+            return
+        if self.rank < 1:
+            raise UserError(f"the LoRA rank (--lora_rank, lora.rank) must be a positive integer, got {self.rank}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise UserError(f"lora.alpha must be > 0 (or null: = rank), got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules or (self.text_encoder and not self.text_encoder_target_modules):
+            raise UserError("lora.target_modules (and text_encoder_target_modules) must name at least one module")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Validation helpers
 
@@ -425,17 +455,31 @@ def save_config(cfg: Any, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def _default_of(f: dataclasses.Field) -> Any:
+    value = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    return list(value) if isinstance(value, tuple) else value
+
+
 # Fields added after runs were already saved, with the value those earlier runs had in effect (which is not
 # always today's default: runs before `train.fused_adam` used the for-loop AdamW). A saved run config that lacks
 # one of these is read as holding this value, so such a run still resumes with the config it was made with.
 # Conditioning keys added later take their default: no earlier run was an inpainting or a scalar run.
 LEGACY_VALUES: dict[str, Any] = {"train.fused_adam": False, "conditioning.concat": "none",
-                                 "conditioning.scalar_column": "size"}
+                                 "conditioning.scalar_column": "size", **{f"lora.{f.name}": _default_of(f)
+                                                                         for f in dataclasses.fields(LoRAConfig)}}
+# Sections added after runs were already saved: section -> a section every config that has it also has. A saved
+# config that has the companion but not the section gets it (empty, then filled from LEGACY_VALUES): train_ldm.py
+# runs saved before LoRA training existed resume as the no-LoRA runs they were.
+LEGACY_SECTIONS: dict[str, str] = {"lora": "ldm"}
 
 
 def with_legacy_values(saved: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a saved plain config dict with the fields it predates filled in from `LEGACY_VALUES`."""
+    """A copy of a saved plain config dict with the sections and fields it predates filled in from
+    `LEGACY_SECTIONS` and `LEGACY_VALUES`."""
     out = copy.deepcopy(dict(saved))
+    for section, companion in LEGACY_SECTIONS.items():
+        if isinstance(out.get(companion), dict) and section not in out:
+            out[section] = {}
     for dotted, value in LEGACY_VALUES.items():
         *sections, key = dotted.split(".")
         node = out
@@ -460,7 +504,7 @@ def diff_configs(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -
 
 
 __all__ = [
-    "AutoencoderConfig", "UNetConfig", "TextEncoderConfig", "NoiseScheduleConfig", "DataConfig", "TrainConfig",
+    "AutoencoderConfig", "UNetConfig", "LoRAConfig", "TextEncoderConfig", "NoiseScheduleConfig", "DataConfig", "TrainConfig",
     "from_dict", "to_dict", "validate", "parse_overrides", "flag_overrides", "merge", "read_yaml", "load_config",
     "save_config",
     "diff_configs", "with_legacy_values", "LEGACY_VALUES",

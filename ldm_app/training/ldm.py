@@ -13,7 +13,8 @@ Every random draw of a step comes from `step_generator(seed, micro_step, process
 
 Every checkpoint is also a pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/,
 with the EMA weights): `LatentDiffusionPipeline.from_pretrained(checkpoint_dir)` loads it, and the output folder
-ends as one.
+ends as one. A LoRA run (`--lora_rank R --pretrained_model DIR`, lora.py) trains only peft adapters of a frozen
+pretrained model, and writes pytorch_lora_weights.safetensors instead of the pipeline.
 
 We write our own loop rather than adapt diffusers' examples/text_to_image/train_text_to_image.py, whose
 checkpoints do not load as pipelines, whose resume restarts the epoch, which caches nothing and cannot train the
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import logging
 import os
@@ -37,8 +37,8 @@ from typing import Any, Iterator
 import torch
 
 from ..checkpointing import load_checkpoint, lock_run_folder, save_checkpoint, write_run_config
-from ..config import (ConditioningConfig, DataConfig, NoiseScheduleConfig, TextEncoderConfig, TrainConfig, UNetConfig,
-                      flag_overrides, load_config, merge, parse_overrides, to_dict)
+from ..config import (ConditioningConfig, DataConfig, LoRAConfig, NoiseScheduleConfig, TextEncoderConfig, TrainConfig,
+                      UNetConfig, flag_overrides, load_config, merge, parse_overrides, to_dict)
 from ..conditioning import (NULL_CAPTION, concat_channels, drop_captions, drop_labels, drop_scalars, encode_text,
                             inpaint_condition, is_scalar_unet, masked_image, read_labels, read_scalars,
                             scalar_condition)
@@ -47,6 +47,7 @@ from ..first_stage import is_vq, latent_channels, latent_stats, sample_x0
 from .common import (REPORT_TO, EmptyBatchGuard, Position, TrainProgress, batches, batches_per_epoch, check_report_to,
                      effective_lr, launched_processes, log_image, make_accelerator, make_lr_scheduler, make_optimizer,
                      no_transformers_bars, open_run_folder, release_freed_memory, setup_logging, step_generator)
+from .lora import LORA_FILE, add_lora, check_lora_base, check_lora_run, save_lora
 
 logger = logging.getLogger("train_ldm")
 
@@ -113,6 +114,10 @@ class LDMRunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ldm: LDMSection = field(default_factory=LDMSection)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def validate(self) -> None:
+        check_lora_run(self)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -133,6 +138,7 @@ FLAG_KEYS = {
     "gradient_checkpointing": "train.gradient_checkpointing", "cache_latents": "ldm.cache_latents",
     "cache_dir": "ldm.cache_dir", "validation_steps": "ldm.validation_steps",
     "validation_prompts": "ldm.validation_prompts", "enable_xformers_memory_efficient_attention": "ldm.enable_xformers",
+    "lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_text_encoder": "lora.text_encoder",
 }
 
 
@@ -147,6 +153,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image_column", help="the hub dataset's image column (default: image)")
     p.add_argument("--pretrained_vae", help="trained autoencoder folder (AutoencoderKL or VQModel)")
     p.add_argument("--pretrained_model", help="SD-1.x-layout pipeline folder to fine-tune")
+    p.add_argument("--lora_rank", type=int, help="LoRA fine-tuning of --pretrained_model with adapters of this rank: "
+                   "only they train, and the output is pytorch_lora_weights.safetensors (docs/training.md)")
+    p.add_argument("--lora_alpha", type=float, help="LoRA alpha (default: the rank; the update is scaled by "
+                   "alpha / rank)")
+    p.add_argument("--lora_text_encoder", action="store_true", default=None,
+                   help="with --lora_rank: LoRA on the text encoder's attention too")
     p.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest' (fresh start if none)")
     for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "seed", "train_batch_size",
                  "gradient_accumulation_steps", "validation_steps"):
@@ -213,7 +225,8 @@ def _load(what: str, path: str | Path, loader: Any) -> Any:
     if not Path(path).is_dir():
         raise UserError(f"{what} folder {str(path)!r} not found")
     try:
-        return loader(path)
+        with no_transformers_bars():  # transformers' "Loading weights" bar: noise for a local load, and it would
+            return loader(path)       # put lines before a one-line error that follows
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise UserError(f"{str(path)!r} is not a {what} folder ({first})") from None
@@ -225,8 +238,17 @@ def build_models(cfg: LDMRunConfig) -> Models:
     from ..models import build_text_encoder, build_unet, load_autoencoder, load_text_encoder, load_tokenizer
 
     if cfg.ldm.pretrained_model:
-        return _models_from_pipeline(Path(cfg.ldm.pretrained_model), cfg.ldm.pretrained_vae, cfg.conditioning.concat,
-                                     scalar=cfg.conditioning.uses_scalar, seed=cfg.train.seed)
+        check_lora_base(cfg)
+        models = _models_from_pipeline(Path(cfg.ldm.pretrained_model), cfg.ldm.pretrained_vae,
+                                       cfg.conditioning.concat, scalar=cfg.conditioning.uses_scalar,
+                                       seed=cfg.train.seed)
+        if cfg.lora.rank is not None:  # freezes the base weights; a text encoder with LoRA trains its adapters
+            models.train_text_encoder = cfg.lora.text_encoder
+            n = add_lora(models.unet, models.text_encoder if cfg.lora.text_encoder else None, cfg.lora,
+                         cfg.train.seed)
+            logger.info("LoRA rank %d on %s: %d trainable parameters", cfg.lora.rank,
+                        "the U-Net and the text encoder" if cfg.lora.text_encoder else "the U-Net", n)
+        return models
     vae = _load("autoencoder", cfg.ldm.pretrained_vae, load_autoencoder)
     check_compatible(vae, cfg.unet.in_channels, cfg)
     extra = concat_channels(cfg.conditioning.concat, latent_channels(vae))
@@ -319,7 +341,12 @@ def build_train_dataset(cfg: LDMRunConfig) -> Any:
 
 
 def unwrap_params(accelerator: Any, module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return list(accelerator.unwrap_model(module).parameters())
+    """The trained parameters of a prepared module (all of them, or a LoRA run's adapters)."""
+    return [p for _, p in trainable_named_params(accelerator, module)]
+
+
+def trainable_named_params(accelerator: Any, module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in accelerator.unwrap_model(module).named_parameters() if p.requires_grad]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -392,7 +419,9 @@ class LDMTrainer:
     def _setup_models(self) -> None:
         m, device = self.m, self.acc.device
         m.vae.requires_grad_(False).eval().to(device)
-        m.text_encoder.requires_grad_(m.train_text_encoder).train(m.train_text_encoder).to(device)
+        if self.cfg.lora.rank is None:  # a LoRA run's requires_grad flags were set by add_lora
+            m.text_encoder.requires_grad_(m.train_text_encoder)
+        m.text_encoder.train(m.train_text_encoder).to(device)
         m.unet.train()
         if self.cfg.train.gradient_checkpointing:
             m.unet.enable_gradient_checkpointing()
@@ -402,10 +431,11 @@ class LDMTrainer:
             enable_xformers(m.unet)
 
     def _setup_optimisation(self) -> None:
-        """Optimiser over the U-Net (and the text encoder when trained); accelerate wraps all of it."""
+        """Optimiser over the U-Net (and the text encoder when trained), their trainable parameters only (a LoRA
+        run: the adapters); accelerate wraps all of it."""
         cfg, acc, p = self.cfg.train, self.acc, self.acc.num_processes
         trainables = [self.m.unet] + ([self.m.text_encoder] if self.m.train_text_encoder else [])
-        params = itertools.chain.from_iterable(t.parameters() for t in trainables)
+        params = [q for t in trainables for q in t.parameters() if q.requires_grad]
         optimizer = make_optimizer(params, cfg, effective_lr(cfg, p))
         lr_scheduler = make_lr_scheduler(optimizer, cfg, p)
         *trainables, self.optimizer, self.lr_scheduler = acc.prepare(*trainables, optimizer, lr_scheduler)
@@ -509,7 +539,7 @@ class LDMTrainer:
             loss = self.loss(batch, g)
             acc.backward(loss)
             if acc.sync_gradients and cfg.max_grad_norm > 0:
-                acc.clip_grad_norm_(itertools.chain.from_iterable(t.parameters() for t in self.trainables),
+                acc.clip_grad_norm_([q for t in self.trainables for q in t.parameters() if q.requires_grad],
                                     cfg.max_grad_norm)
             self.optimizer.step()
             self.lr_scheduler.step()
@@ -624,8 +654,8 @@ class LDMTrainer:
 
         tensors, meta = {}, {}
         for name, ema in self.ema.items():
-            module = self.acc.unwrap_model(self.named_trainables[name])
-            for (pname, _), shadow in zip(module.named_parameters(), ema.shadow_params):
+            for (pname, _), shadow in zip(trainable_named_params(self.acc, self.named_trainables[name]),
+                                          ema.shadow_params):
                 tensors[f"{name}.{pname}"] = shadow.detach().contiguous()
             meta[f"{name}.optimization_step"] = str(ema.optimization_step)
         save_file(tensors, str(path), metadata=meta)
@@ -642,21 +672,25 @@ class LDMTrainer:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
         for name, ema in self.ema.items():
-            module = self.acc.unwrap_model(self.named_trainables[name])
-            for (pname, _), shadow in zip(module.named_parameters(), ema.shadow_params):
+            for (pname, _), shadow in zip(trainable_named_params(self.acc, self.named_trainables[name]),
+                                          ema.shadow_params):
                 shadow.data.copy_(tensors[f"{name}.{pname}"])
             ema.optimization_step = int(meta[f"{name}.optimization_step"])
 
     # ---- checkpoints, pipelines, validation ----------------------------------------------------------------
 
     def save(self) -> None:
-        """A checkpoint (collective): accelerate state + training_state.json + EMA + a loadable pipeline."""
+        """A checkpoint (collective): accelerate state + training_state.json + EMA + a loadable pipeline (a LoRA
+        run: the LoRA file instead)."""
         full = self._gather_full_weights()
 
         def write_extra(folder: Path) -> None:
             if self.ema:
                 self._save_ema(folder / EMA_FILE)
-            self._save_pipeline_into(folder, full)
+            if self.cfg.lora.rank is not None:
+                self._save_lora_into(folder)
+            else:
+                self._save_pipeline_into(folder, full)
 
         path = save_checkpoint(self.acc, self.out, self.state.step, self.state.to_json(), write_extra,
                                self.cfg.train.checkpoints_total_limit)
@@ -707,10 +741,24 @@ class LDMTrainer:
             _replace(item, folder / item.name)
         staging.rmdir()
 
+    def _save_lora_into(self, folder: Path) -> Path:
+        """`folder`/pytorch_lora_weights.safetensors, with the EMA weights when the EMA is on."""
+        te = self.acc.unwrap_model(self.text_encoder) if self.m.train_text_encoder else None
+        with self.ema_weights():
+            return save_lora(folder, self.acc.unwrap_model(self.unet), te)
+
     def export_final(self) -> None:
-        """The output folder becomes a complete pipeline (EMA weights), loadable by generate.py and diffusers."""
+        """The output folder becomes a complete pipeline (EMA weights), loadable by generate.py and diffusers; a
+        LoRA run's gets pytorch_lora_weights.safetensors instead (generate.py --lora, load_lora_weights)."""
         from ..fileio import write_errors
 
+        if self.cfg.lora.rank is not None:
+            if self.acc.is_main_process:
+                with write_errors(self.out):
+                    path = self._save_lora_into(self.out)
+                logger.info("LoRA weights written to %s (step %d)", path, self.state.step)
+            self.acc.wait_for_everyone()
+            return
         full = self._gather_full_weights()
         if self.acc.is_main_process:
             try:
@@ -813,6 +861,9 @@ def check_strategy(accelerator: Any, cfg: LDMRunConfig, train_text_encoder: bool
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
+    if cfg.lora.rank is not None and kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise UserError(f"LoRA training (--lora_rank) is not supported with {kind.value}: the adapters are small, "
+                        "train with DDP")
     if cfg.ldm.use_ema and kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise UserError(f"ldm.use_ema is not supported with {kind.value} (the EMA would need the full weights on "
                         "every process): pass --set ldm.use_ema=false, or train with DDP")

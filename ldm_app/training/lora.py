@@ -1,0 +1,143 @@
+"""LoRA fine-tuning for train_ldm.py (`--lora_rank R --pretrained_model DIR`).
+
+The adapters are peft's, added through diffusers' / transformers' adapter integration (`model.add_adapter(
+LoraConfig(...))`), and the file is written by diffusers' `StableDiffusionPipeline.save_lora_weights`, exactly as
+diffusers' examples/text_to_image/train_text_to_image_lora.py does; so `pipe.load_lora_weights(folder)` and
+`generate.py --lora FILE:SCALE` read it. Its safetensors metadata carries each adapter's LoraConfig (rank, alpha,
+target modules), so an alpha other than the rank loads with the right scale.
+
+What train_ldm.py does differently in a LoRA run (ldm.py):
+- only the LoRA parameters require gradients; the optimiser, gradient clipping and the EMA see only those (the EMA,
+  when ldm.use_ema is on, averages the LoRA weights, and the exported file holds the averaged ones, as a full run's
+  pipeline holds the averaged U-Net);
+- checkpoints hold accelerate's state (the whole U-Net with its adapters: resuming needs nothing else), the EMA and
+  the LoRA file instead of a pipeline folder; the output folder ends with the LoRA file and run_config.json (the base
+  model and the LoRA settings), not a pipeline;
+- the latent cache works as in full training; with `lora.text_encoder` the text states are computed every step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..config import LoRAConfig
+from ..errors import UserError
+
+logger = logging.getLogger("train_ldm")
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default weight name for load_lora_weights(folder)
+
+
+def check_lora_run(cfg: Any) -> None:
+    """Config-level checks of a LoRA run (train_ldm's LDMRunConfig), before any model is loaded."""
+    if cfg.lora.rank is None:
+        return
+    if not cfg.ldm.pretrained_model:
+        raise UserError("LoRA (--lora_rank) adapts a pretrained model: give --pretrained_model PIPELINE_DIR (an "
+                        "SD-1.x-layout folder such as ldm_app/assets/default_model)")
+    if cfg.lora.text_encoder:
+        check_text_encoder_adapters()
+
+
+def check_text_encoder_adapters() -> None:
+    """Text-encoder LoRA goes through transformers' adapter integration (`add_adapter` here, `load_adapter` in
+    diffusers' load_lora_weights), which needs a recent enough peft: refused up front rather than after the
+    models are loaded."""
+    from transformers.integrations.peft import MIN_PEFT_VERSION
+    from transformers.utils.peft_utils import check_peft_version
+
+    try:
+        check_peft_version(min_version=MIN_PEFT_VERSION)
+    except ValueError:
+        import importlib.metadata
+
+        raise UserError(f"lora.text_encoder (--lora_text_encoder) needs peft >= {MIN_PEFT_VERSION} with this "
+                        f"transformers (peft {importlib.metadata.version('peft')} is installed; diffusers could not "
+                        "load the file's text-encoder part either): pip install -U peft, or train the U-Net's LoRA "
+                        "only") from None
+
+
+def check_lora_base(cfg: Any) -> None:
+    """Before loading: refuse a run that would have to add layers to the pretrained U-Net (a widened input
+    convolution for conditioning.concat, a new scalar embedding). Those layers start at zero and would stay frozen
+    under LoRA, so the run would silently train without the condition. Read from the folder's unet/config.json
+    (a folder without one is refused by the loading that follows)."""
+    if cfg.lora.rank is None:
+        return
+    folder = Path(cfg.ldm.pretrained_model) / "unet"
+    try:
+        unet = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        in_channels, out_channels = unet["in_channels"], unet["out_channels"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    # an eps/v U-Net outputs the latent channels: more inputs than that means the concatenated channels are there
+    if cfg.conditioning.concat != "none" and in_channels <= out_channels:
+        raise UserError(f"LoRA cannot train conditioning.concat={cfg.conditioning.concat} on {folder}: its U-Net "
+                        f"takes {in_channels} input channels and would need a new, trained input layer; fine-tune "
+                        "fully (no --lora_rank) or start from an inpainting model")
+    if cfg.conditioning.uses_scalar and unet.get("class_embed_type") is None:
+        raise UserError(f"LoRA cannot train conditioning.kind={cfg.conditioning.kind} on {folder}: its U-Net has no "
+                        "scalar embedding and a new one would stay frozen; fine-tune fully (no --lora_rank)")
+
+
+def add_lora(unet: Any, text_encoder: Any | None, lora: LoRAConfig, seed: int) -> int:
+    """Freeze `unet` (and `text_encoder`, when given) and add a trainable LoRA adapter to each, its initial weights
+    a function of `seed` (peft draws them from torch's global generator: seeded here, so two runs with one seed,
+    and a resumed run's fresh start, agree); returns the number of trainable parameters."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _add_lora(unet, text_encoder, lora)
+
+
+def _add_lora(unet: Any, text_encoder: Any | None, lora: LoRAConfig) -> int:
+    from peft import LoraConfig
+
+    alpha = lora.alpha if lora.alpha is not None else lora.rank
+    # init_lora_weights="gaussian": A ~ N(0, 1/r), B = 0 (diffusers' script): the run starts at the base model
+    modules = [(unet, "target_modules")] + ([(text_encoder, "text_encoder_target_modules")] if text_encoder else [])
+    for module, key in modules:
+        module.requires_grad_(False)
+        targets = list(getattr(lora, key))
+        try:
+            module.add_adapter(LoraConfig(r=lora.rank, lora_alpha=alpha, lora_dropout=lora.dropout,
+                                          init_lora_weights="gaussian", target_modules=targets))
+        except ValueError as e:  # peft: "Target modules {...} not found in the base model. ..."
+            raise UserError(f"lora.{key} {targets}: {str(e).splitlines()[0][:200]}") from None
+    return sum(p.numel() for m, _ in modules for p in m.parameters() if p.requires_grad)
+
+
+def lora_layers(module: Any) -> dict[str, Any]:
+    """The module's LoRA weights in diffusers' naming (what save_lora_weights expects)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+
+
+def save_lora(folder: Path, unet: Any, text_encoder: Any | None) -> Path:
+    """Write `folder`/pytorch_lora_weights.safetensors (diffusers' format, with the adapters' LoraConfig as
+    metadata). The file is written beside its final name and renamed into place, so a reader never sees half a
+    file (save_lora_weights itself writes in place)."""
+    from diffusers import StableDiffusionPipeline
+
+    staging = folder / ".lora"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        StableDiffusionPipeline.save_lora_weights(
+            staging, unet_lora_layers=lora_layers(unet),
+            text_encoder_lora_layers=lora_layers(text_encoder) if text_encoder is not None else None,
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            text_encoder_lora_adapter_metadata=(text_encoder.peft_config["default"].to_dict()
+                                                if text_encoder is not None else None),
+            weight_name=LORA_FILE, safe_serialization=True)
+        os.replace(staging / LORA_FILE, folder / LORA_FILE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder / LORA_FILE
