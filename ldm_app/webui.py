@@ -527,7 +527,8 @@ class WebUI:
 
 def _for_the_page(message: str) -> str:
     """A UserError's message with the command line's flag names (`--height`) as the page's fields (`height`): the
-    checks are generate.py's, shared with the command line."""
+    checks are generate.py's, shared with the command line. The service already renames them in its submit-time
+    checks; this also covers the model-side checks that fail in the worker (the job's future)."""
     return re.sub(r"(?<![\w-])--(?=[a-z][a-z_]*\b)", "", message)
 
 
