@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from ldm_helpers import CONFIG, max_abs_diff, weights
+from ldm_helpers import CONFIG, ROOT, max_abs_diff, subprocess_env, weights
+
+from ldm_app.checkpointing import list_checkpoints
 
 from ldm_app.errors import run_cli
 from ldm_app.training.lora import LORA_FILE
@@ -121,6 +127,26 @@ def test_resumed_run_ends_with_the_same_lora_weights(straight, ldm_files, tiny_p
     assert max_abs_diff(weights(straight[0] / LORA_FILE), weights(out / LORA_FILE)) <= 1e-6
     # and the straight run's adapters did move between the checkpoints (the comparison is not vacuous)
     assert max_abs_diff(weights(straight[0] / "checkpoint-3" / LORA_FILE), weights(out / LORA_FILE)) > 1e-4
+
+
+def test_resume_after_sigkill_ends_with_the_same_lora_weights(straight, ldm_files, tiny_pipeline_dir, tmp_path):
+    killed = tmp_path / "killed"
+    argv = lora_args(ldm_files, tiny_pipeline_dir, killed, *STEPS, "--validation_prompts", "a red circle")
+    log = open(tmp_path / "killed.log", "wb")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_ldm.py"), *argv], stdout=log,
+                            stderr=subprocess.STDOUT, env=subprocess_env(), cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while not list_checkpoints(killed) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
+    assert not (killed / LORA_FILE).exists()  # killed before the end
+    result = main([*argv, "--resume_from_checkpoint", "latest"])
+    assert result.step == 6 and len(result.losses) < 6  # resumed from a checkpoint
+    for name in ("model.safetensors", "ema.safetensors", LORA_FILE):
+        a, b = weights(straight[0] / "checkpoint-6" / name), weights(killed / "checkpoint-6" / name)
+        assert max_abs_diff(a, b) <= 1e-6, name
+    assert max_abs_diff(weights(straight[0] / LORA_FILE), weights(killed / LORA_FILE)) <= 1e-6
 
 
 def test_text_encoder_lora(ldm_files, tiny_pipeline_dir, tmp_path, capsys):
