@@ -256,10 +256,11 @@ class WebUI:
                                          label="Denoising strength", elem_id=f"{name}_strength")  # fmt: skip
                 if name == "inpaint":
                     with gr.Row():
-                        inpaint_method = gr.Dropdown(["blend", "repaint", "model"], value="blend",
+                        inpaint_method = gr.Dropdown(["auto", "blend", "repaint", "model"], value="auto",
                                                      label="Inpaint method", elem_id="inpaint_method",
-                                                     info="blend: any model; repaint: RePaint resampling; model: "
-                                                     "an inpainting model (9-channel U-Net)")  # fmt: skip
+                                                     info="auto: model for an inpainting model (9-channel U-Net), "
+                                                     "else repaint (RePaint resampling, the most accurate; see the "
+                                                     "README); blend: fastest")  # fmt: skip
                         mask_blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="inpaint_mask_blur")
                 with gr.Row():
                     sampler = gr.Dropdown(self.sampler_choices, value=defaults["sampler"], label="Sampler",
@@ -388,7 +389,8 @@ class WebUI:
             batch_size=count(tab.batch_size, "batch size"), n_iter=count(tab.batch_count, "batch count"),
             init_image=init_image, mask=mask,
             strength=real(tab.strength, "strength") if tab.strength is not None else None,
-            inpaint=data[tab.inpaint_method] if tab.inpaint_method is not None else None,
+            inpaint=data[tab.inpaint_method] if tab.inpaint_method is not None and data[tab.inpaint_method] != "auto"
+            else None,  # None: generate.py's default for the model
             mask_blur=real(tab.mask_blur, "mask blur") if tab.mask_blur is not None else 0.0,
             loras=tuple((name, scale) for name in names), model=data[self.model],
         )  # fmt: skip
