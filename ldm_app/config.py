@@ -278,6 +278,23 @@ class LoRAConfig:
             raise UserError("lora.target_modules (and text_encoder_target_modules) must name at least one module")
 
 
+@dataclass
+class EmbeddingConfig:
+    """Textual inversion (Gal et al. 2022) of a pretrained model: one new token whose input embedding (one vector)
+    is the only weight that trains, as diffusers' examples/textual_inversion/textual_inversion.py. The captions
+    must contain `token`; its vector starts as `initializer_token`'s (one existing token; "*" is A1111's default)."""
+
+    token: str | None = None  # null: no textual inversion
+    initializer_token: str = "*"
+
+    def validate(self) -> None:
+        if self.token is None:
+            return
+        if not self.token.strip() or any(ch.isspace() for ch in self.token):
+            raise UserError(f"the embedding token (--train_embedding) must be one word without spaces, got "
+                            f"{self.token!r}")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Validation helpers
 
@@ -466,11 +483,12 @@ def _default_of(f: dataclasses.Field) -> Any:
 # Conditioning keys added later take their default: no earlier run was an inpainting or a scalar run.
 LEGACY_VALUES: dict[str, Any] = {"train.fused_adam": False, "conditioning.concat": "none",
                                  "conditioning.scalar_column": "size", **{f"lora.{f.name}": _default_of(f)
-                                                                         for f in dataclasses.fields(LoRAConfig)}}
+                                                                         for f in dataclasses.fields(LoRAConfig)},
+                                 **{f"embedding.{f.name}": _default_of(f) for f in dataclasses.fields(EmbeddingConfig)}}
 # Sections added after runs were already saved: section -> a section every config that has it also has. A saved
 # config that has the companion but not the section gets it (empty, then filled from LEGACY_VALUES): train_ldm.py
-# runs saved before LoRA training existed resume as the no-LoRA runs they were.
-LEGACY_SECTIONS: dict[str, str] = {"lora": "ldm"}
+# runs saved before LoRA / textual-inversion training existed resume as the runs they were.
+LEGACY_SECTIONS: dict[str, str] = {"lora": "ldm", "embedding": "ldm"}
 
 
 def with_legacy_values(saved: Mapping[str, Any]) -> dict[str, Any]:
@@ -504,7 +522,7 @@ def diff_configs(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -
 
 
 __all__ = [
-    "AutoencoderConfig", "UNetConfig", "LoRAConfig", "TextEncoderConfig", "NoiseScheduleConfig", "DataConfig", "TrainConfig",
+    "AutoencoderConfig", "UNetConfig", "LoRAConfig", "EmbeddingConfig", "TextEncoderConfig", "NoiseScheduleConfig", "DataConfig", "TrainConfig",
     "from_dict", "to_dict", "validate", "parse_overrides", "flag_overrides", "merge", "read_yaml", "load_config",
     "save_config",
     "diff_configs", "with_legacy_values", "LEGACY_VALUES",

@@ -224,3 +224,121 @@ def test_a_run_saved_before_lora_existed_still_resumes(ldm_files, tmp_path):
     reset_accelerate()
     result = main(run_args(ldm_files, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"))
     assert result.step == 2
+
+
+# ---- textual inversion (--train_embedding) -------------------------------------------------------------------
+
+TOKEN = "<shape>"
+
+
+@pytest.fixture(scope="module")
+def token_data(ldm_files, tmp_path_factory):
+    """The 8 renders with TOKEN in every caption (in place of the shape's name)."""
+    folder = tmp_path_factory.mktemp("ti") / "data"
+    shutil.copytree(ldm_files.data, folder)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["text"] = " ".join(TOKEN if w in ("circle", "square", "triangle") else w for w in row["text"].split())
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def ti_args(data, base, out, *extra: str) -> list[str]:
+    return ["--config", str(CONFIG), "--train_data_dir", str(data), "--pretrained_model", str(base),
+            "--output_dir", str(out), "--train_embedding", TOKEN, "--cache_latents",
+            "--set", "train.learning_rate=5e-2", *extra]
+
+
+@pytest.fixture(scope="module")
+def ti_straight(token_data, tiny_pipeline_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ti") / "straight"
+    torch.set_num_threads(1)
+    result = main(ti_args(token_data, tiny_pipeline_dir, out, *STEPS, "--validation_prompts", f"a red {TOKEN}"))
+    reset_accelerate()
+    return out, result
+
+
+def test_textual_inversion_trains_only_the_new_vector(ti_straight, tiny_pipeline_dir):
+    from transformers import CLIPTokenizer
+
+    out, result = ti_straight
+    assert result.step == 6
+    base = weights(tiny_pipeline_dir / "text_encoder" / "model.safetensors")
+    state = weights(out / "checkpoint-6" / "model.safetensors")  # the text encoder: the U-Net is not trained at all
+    assert not (out / "checkpoint-6" / "model_1.safetensors").exists()
+    key = next(k for k in base if k.endswith("token_embedding.weight"))
+    assert max_abs_diff({k: v for k, v in state.items() if k != key}, {k: v for k, v in base.items() if k != key}) == 0
+    old, new = base[key], state[key]
+    assert new.shape[0] == old.shape[0] + 1 and torch.equal(new[:-1], old)  # every other row bit-identical
+    star = CLIPTokenizer.from_pretrained(tiny_pipeline_dir / "tokenizer").convert_tokens_to_ids("*</w>")
+    assert (new[-1] - old[star]).abs().max() > 1e-3  # moved away from its initializer
+    embeds = weights(out / "learned_embeds.safetensors")
+    assert list(embeds) == [TOKEN] and embeds[TOKEN].shape == (1, old.shape[1])
+    assert (out / "checkpoint-3" / "learned_embeds.safetensors").is_file() and not (out / "unet").exists()
+    assert json.loads((out / "run_config.json").read_text())["embedding"]["token"] == TOKEN
+    assert (out / "validation" / "step-0000006.png").is_file()
+
+
+def test_diffusers_and_generate_load_the_embedding(ti_straight, tiny_pipeline_dir):
+    from diffusers import StableDiffusionPipeline
+
+    from ldm_app.adapters import load_embeddings
+    from ldm_app.pipeline import LatentDiffusionPipeline
+
+    out, _ = ti_straight
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="np")
+    initial = pipe("a red *", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_textual_inversion(out)  # the folder: diffusers finds learned_embeds.safetensors itself
+    learned = pipe(f"a red {TOKEN}", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert abs(learned - initial).max() > 1e-3
+
+    ours = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    ours.set_progress_bar_config(disable=True)
+    load_embeddings(ours, [out / "learned_embeds.safetensors"], [TOKEN])  # generate.py --embedding
+    again = ours(f"a red {TOKEN}", generator=torch.Generator().manual_seed(0), guidance_scale=7.5, **kwargs).images
+    assert abs(again - learned).max() < 1e-4
+
+
+def test_textual_inversion_resumes_exactly(ti_straight, token_data, tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "resumed"
+    main(ti_args(token_data, tiny_pipeline_dir, out, *STEPS[:1], "3", *STEPS[2:]))
+    reset_accelerate()
+    result = main(ti_args(token_data, tiny_pipeline_dir, out, *STEPS, "--resume_from_checkpoint", "latest"))
+    assert result.step == 6 and len(result.losses) == 3
+    for name in ("model.safetensors", "ema.safetensors", "learned_embeds.safetensors"):
+        a, b = weights(ti_straight[0] / "checkpoint-6" / name), weights(out / "checkpoint-6" / name)
+        assert max_abs_diff(a, b) <= 1e-6, name
+
+
+@pytest.mark.parametrize("case", ["known_word", "not_in_captions", "with_lora", "no_pretrained_model",
+                                  "long_initializer", "spaces"])
+def test_bad_embedding_input_is_one_line(case, token_data, ldm_files, tiny_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ti_args(token_data, tiny_pipeline_dir, out)
+    words = {"known_word": ["circle", "already"], "not_in_captions": ["no caption", TOKEN],
+             "with_lora": ["--lora_rank"], "no_pretrained_model": ["--pretrained_model"],
+             "long_initializer": ["initializer"], "spaces": ["one word"]}[case]
+    i = argv.index("--train_embedding")
+    if case == "known_word":  # in the original captions, so only the tokenizer check refuses it
+        argv[i + 1] = "circle"
+        argv[argv.index("--train_data_dir") + 1] = str(ldm_files.data)
+    elif case == "not_in_captions":
+        argv[argv.index("--train_data_dir") + 1] = str(ldm_files.data)
+    elif case == "with_lora":
+        argv += ["--lora_rank", "4"]
+    elif case == "no_pretrained_model":
+        j = argv.index("--pretrained_model")
+        argv[j:j + 2] = ["--pretrained_vae", str(ldm_files.vae)]
+    elif case == "long_initializer":
+        argv += ["--initializer_token", "red circle"]
+    elif case == "spaces":
+        argv[i + 1] = "my style"
+    rc = run_cli(main, argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert not out.exists()

@@ -37,7 +37,7 @@ from typing import Any, Iterator
 import torch
 
 from ..checkpointing import load_checkpoint, lock_run_folder, save_checkpoint, write_run_config
-from ..config import (ConditioningConfig, DataConfig, LoRAConfig, NoiseScheduleConfig, TextEncoderConfig, TrainConfig,
+from ..config import (ConditioningConfig, DataConfig, EmbeddingConfig, LoRAConfig, NoiseScheduleConfig, TextEncoderConfig, TrainConfig,
                       UNetConfig, flag_overrides, load_config, merge, parse_overrides, to_dict)
 from ..conditioning import (NULL_CAPTION, concat_channels, drop_captions, drop_labels, drop_scalars, encode_text,
                             inpaint_condition, is_scalar_unet, masked_image, read_labels, read_scalars,
@@ -47,7 +47,8 @@ from ..first_stage import is_vq, latent_channels, latent_stats, sample_x0
 from .common import (REPORT_TO, EmptyBatchGuard, Position, TrainProgress, batches, batches_per_epoch, check_report_to,
                      effective_lr, launched_processes, log_image, make_accelerator, make_lr_scheduler, make_optimizer,
                      no_transformers_bars, open_run_folder, release_freed_memory, setup_logging, step_generator)
-from .lora import LORA_FILE, add_lora, check_lora_base, check_lora_run, save_lora
+from .lora import (LORA_FILE, add_embedding, add_lora, check_embedding_captions, check_embedding_run, check_lora_base,
+                   check_lora_run, keep_other_rows, restore_other_rows, save_embedding, save_lora)
 
 logger = logging.getLogger("train_ldm")
 
@@ -115,9 +116,16 @@ class LDMRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     ldm: LDMSection = field(default_factory=LDMSection)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
 
     def validate(self) -> None:
         check_lora_run(self)
+        check_embedding_run(self)
+
+    @property
+    def frozen_base(self) -> bool:
+        """LoRA or textual inversion: the pretrained weights stay frozen, only the added ones train."""
+        return self.lora.rank is not None or self.embedding.token is not None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -139,6 +147,7 @@ FLAG_KEYS = {
     "cache_dir": "ldm.cache_dir", "validation_steps": "ldm.validation_steps",
     "validation_prompts": "ldm.validation_prompts", "enable_xformers_memory_efficient_attention": "ldm.enable_xformers",
     "lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_text_encoder": "lora.text_encoder",
+    "train_embedding": "embedding.token", "initializer_token": "embedding.initializer_token",
 }
 
 
@@ -159,6 +168,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "alpha / rank)")
     p.add_argument("--lora_text_encoder", action="store_true", default=None,
                    help="with --lora_rank: LoRA on the text encoder's attention too")
+    p.add_argument("--train_embedding", metavar="TOKEN", help="textual inversion of --pretrained_model: learn one "
+                   "vector for this new token (write it into the captions); output learned_embeds.safetensors")
+    p.add_argument("--initializer_token", help="the existing token the new vector starts from (default: *)")
     p.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest' (fresh start if none)")
     for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "seed", "train_batch_size",
                  "gradient_accumulation_steps", "validation_steps"):
@@ -218,6 +230,7 @@ class Models:
     unet: Any  # UNet2DConditionModel
     diffusion: Any  # GaussianDiffusion
     train_text_encoder: bool
+    embedding_id: int | None = None  # textual inversion: the new token's row of the input embeddings
 
 
 def _load(what: str, path: str | Path, loader: Any) -> Any:
@@ -248,6 +261,13 @@ def build_models(cfg: LDMRunConfig) -> Models:
                          cfg.train.seed)
             logger.info("LoRA rank %d on %s: %d trainable parameters", cfg.lora.rank,
                         "the U-Net and the text encoder" if cfg.lora.text_encoder else "the U-Net", n)
+        if cfg.embedding.token is not None:  # only the new token's row of the text encoder's embeddings trains
+            models.unet.requires_grad_(False)
+            models.embedding_id = add_embedding(models.text_encoder, models.tokenizer, cfg.embedding.token,
+                                                cfg.embedding.initializer_token)
+            models.train_text_encoder = True
+            logger.info("textual inversion: token %r (id %d) starts as %r", cfg.embedding.token,
+                        models.embedding_id, cfg.embedding.initializer_token)
         return models
     vae = _load("autoencoder", cfg.ldm.pretrained_vae, load_autoencoder)
     check_compatible(vae, cfg.unet.in_channels, cfg)
@@ -419,7 +439,7 @@ class LDMTrainer:
     def _setup_models(self) -> None:
         m, device = self.m, self.acc.device
         m.vae.requires_grad_(False).eval().to(device)
-        if self.cfg.lora.rank is None:  # a LoRA run's requires_grad flags were set by add_lora
+        if not self.cfg.frozen_base:  # a LoRA / embedding run's requires_grad flags were set by add_lora/_embedding
             m.text_encoder.requires_grad_(m.train_text_encoder)
         m.text_encoder.train(m.train_text_encoder).to(device)
         m.unet.train()
@@ -434,22 +454,33 @@ class LDMTrainer:
         """Optimiser over the U-Net (and the text encoder when trained), their trainable parameters only (a LoRA
         run: the adapters); accelerate wraps all of it."""
         cfg, acc, p = self.cfg.train, self.acc, self.acc.num_processes
-        trainables = [self.m.unet] + ([self.m.text_encoder] if self.m.train_text_encoder else [])
-        params = [q for t in trainables for q in t.parameters() if q.requires_grad]
+        # a textual-inversion run's U-Net is frozen whole: not prepared (DDP refuses a module with nothing to train)
+        named = {"unet": self.m.unet} if any(q.requires_grad for q in self.m.unet.parameters()) else {}
+        if self.m.train_text_encoder:
+            named["text_encoder"] = self.m.text_encoder
+        params = [q for t in named.values() for q in t.parameters() if q.requires_grad]
         optimizer = make_optimizer(params, cfg, effective_lr(cfg, p))
         lr_scheduler = make_lr_scheduler(optimizer, cfg, p)
-        *trainables, self.optimizer, self.lr_scheduler = acc.prepare(*trainables, optimizer, lr_scheduler)
-        self.unet = trainables[0]
-        self.text_encoder = trainables[1] if self.m.train_text_encoder else self.m.text_encoder
+        *trainables, self.optimizer, self.lr_scheduler = acc.prepare(*named.values(), optimizer, lr_scheduler)
         self.trainables = trainables
-        self.named_trainables = dict(zip(("unet", "text_encoder"), trainables))
+        self.named_trainables = dict(zip(named, trainables))
+        self.unet = self.named_trainables.get("unet") or self.m.unet.to(acc.device)
+        self.text_encoder = self.named_trainables.get("text_encoder", self.m.text_encoder)
+        self.original_embeddings = None
+        if self.m.embedding_id is not None:
+            weight = self.embedding_weight()
+            self.original_embeddings = weight.detach().clone()  # the base rows (and the token's start)
+            keep_other_rows(weight, self.m.embedding_id)
         self.ema = self._make_ema() if self.cfg.ldm.use_ema else {}
+
+    def embedding_weight(self) -> torch.nn.Parameter:
+        return self.acc.unwrap_model(self.text_encoder).get_input_embeddings().weight
 
     def _make_ema(self) -> dict[str, Any]:
         from diffusers.training_utils import EMAModel
 
         return {name: EMAModel(unwrap_params(self.acc, module), decay=self.cfg.ldm.ema_decay)
-                for name, module in self.named_trainables.items()}
+                for name, module in self.named_trainables.items() if unwrap_params(self.acc, module)}
 
     def use_cache(self, cache_dir: Path) -> None:
         """Train from cached latents (and cached text states when the text encoder is frozen)."""
@@ -525,7 +556,8 @@ class LDMTrainer:
 
         def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x_in = x_t if concat is None else torch.cat([x_t, concat], dim=1)  # [x_t, mask, masked latents]
-            return self.unet(x_in, t, encoder_hidden_states=c, class_labels=y, return_dict=False)[0]
+            with contextlib.nullcontext() if "unet" in self.named_trainables else self.acc.autocast():
+                return self.unet(x_in, t, encoder_hidden_states=c, class_labels=y, return_dict=False)[0]
 
         loss, _ = self.m.diffusion.training_losses(model_fn, x0, generator=g, snr_gamma=ldm.snr_gamma,
                                                    noise_offset=ldm.noise_offset)
@@ -610,6 +642,8 @@ class LDMTrainer:
         return bool(self.acc.gather(torch.tensor([n], device=self.acc.device)).min() == 0)
 
     def _after_optimizer_step(self) -> None:
+        if self.m.embedding_id is not None:
+            restore_other_rows(self.embedding_weight(), self.original_embeddings, self.m.embedding_id)
         for name, ema in self.ema.items():
             ema.step(unwrap_params(self.acc, self.named_trainables[name]))
 
@@ -689,6 +723,8 @@ class LDMTrainer:
                 self._save_ema(folder / EMA_FILE)
             if self.cfg.lora.rank is not None:
                 self._save_lora_into(folder)
+            elif self.m.embedding_id is not None:
+                self._save_embedding_into(folder)
             else:
                 self._save_pipeline_into(folder, full)
 
@@ -705,6 +741,8 @@ class LDMTrainer:
         return {name: self.acc.get_state_dict(module) for name, module in self.named_trainables.items()}
 
     def _export_module(self, name: str, full: dict[str, dict] | None) -> torch.nn.Module:
+        if name not in self.named_trainables:  # frozen, not prepared
+            return getattr(self.m, name)
         module = self.acc.unwrap_model(self.named_trainables[name])
         if full is None:
             return module
@@ -747,16 +785,22 @@ class LDMTrainer:
         with self.ema_weights():
             return save_lora(folder, self.acc.unwrap_model(self.unet), te)
 
+    def _save_embedding_into(self, folder: Path) -> Path:
+        """`folder`/learned_embeds.safetensors, with the EMA vector when the EMA is on."""
+        with self.ema_weights():
+            return save_embedding(folder, self.cfg.embedding.token, self.embedding_weight()[self.m.embedding_id])
+
     def export_final(self) -> None:
         """The output folder becomes a complete pipeline (EMA weights), loadable by generate.py and diffusers; a
         LoRA run's gets pytorch_lora_weights.safetensors instead (generate.py --lora, load_lora_weights)."""
         from ..fileio import write_errors
 
-        if self.cfg.lora.rank is not None:
+        if self.cfg.frozen_base:
             if self.acc.is_main_process:
                 with write_errors(self.out):
-                    path = self._save_lora_into(self.out)
-                logger.info("LoRA weights written to %s (step %d)", path, self.state.step)
+                    path = (self._save_lora_into(self.out) if self.cfg.lora.rank is not None
+                            else self._save_embedding_into(self.out))
+                logger.info("%s written to %s (step %d)", path.name, path, self.state.step)
             self.acc.wait_for_everyone()
             return
         full = self._gather_full_weights()
@@ -861,9 +905,9 @@ def check_strategy(accelerator: Any, cfg: LDMRunConfig, train_text_encoder: bool
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
-    if cfg.lora.rank is not None and kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise UserError(f"LoRA training (--lora_rank) is not supported with {kind.value}: the adapters are small, "
-                        "train with DDP")
+    if cfg.frozen_base and kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise UserError(f"LoRA / textual-inversion training is not supported with {kind.value}: the trained weights "
+                        "are small, train with DDP")
     if cfg.ldm.use_ema and kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise UserError(f"ldm.use_ema is not supported with {kind.value} (the EMA would need the full weights on "
                         "every process): pass --set ldm.use_ema=false, or train with DDP")
@@ -914,6 +958,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
 
         check_cacheable(dataset)
     check_enough_images(len(dataset), cfg.train.train_batch_size, launched_processes())
+    check_embedding_captions(cfg, dataset.captions)
     cond = cfg.conditioning
     check_concat(cfg, models)
     if cond.uses_class:  # labels and the U-Net's class embedding, before the run folder is touched

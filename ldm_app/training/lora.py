@@ -14,6 +14,11 @@ What train_ldm.py does differently in a LoRA run (ldm.py):
   the LoRA file instead of a pipeline folder; the output folder ends with the LoRA file and run_config.json (the base
   model and the LoRA settings), not a pipeline;
 - the latent cache works as in full training; with `lora.text_encoder` the text states are computed every step.
+
+The second half is textual inversion (`--train_embedding TOKEN`), the other cheap adaptation: one new token's
+embedding vector trains (a gradient hook keeps the other rows' gradients at zero, and they are restored after each
+step against weight decay, as diffusers' textual_inversion.py does), the U-Net and the rest of the text encoder are
+frozen, and the output is diffusers' learned_embeds.safetensors.
 """
 
 from __future__ import annotations
@@ -141,3 +146,82 @@ def save_lora(folder: Path, unet: Any, text_encoder: Any | None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder / LORA_FILE
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Textual inversion (--train_embedding TOKEN): the other cheap adaptation, sharing this module's role
+
+EMBEDDING_FILE = "learned_embeds.safetensors"  # diffusers' name: pipe.load_textual_inversion(folder) finds it
+
+
+def check_embedding_run(cfg: Any) -> None:
+    """Config-level checks of a textual-inversion run, before any model is loaded."""
+    if cfg.embedding.token is None:
+        return
+    if not cfg.ldm.pretrained_model:
+        raise UserError("textual inversion (--train_embedding) learns a word for a pretrained model: give "
+                        "--pretrained_model PIPELINE_DIR")
+    if cfg.lora.rank is not None:
+        raise UserError("--train_embedding and --lora_rank cannot be combined: train one, then the other")
+
+
+def check_embedding_captions(cfg: Any, captions: list[str]) -> None:
+    """The token must occur in the captions: only a caption that contains it gives its vector a gradient."""
+    token = cfg.embedding.token
+    if token is not None and not any(token in c for c in captions):
+        raise UserError(f"no caption contains the token {token!r}: write it into the captions of the images it "
+                        "stands for (e.g. 'a photo of " + token + "')")
+
+
+def add_embedding(text_encoder: Any, tokenizer: Any, token: str, initializer: str) -> int:
+    """Add `token` to the tokenizer and a row to the text encoder's input embeddings, initialised as
+    `initializer`'s; freeze the text encoder except that embedding matrix. Returns the new token's id."""
+    import torch
+
+    ids = tokenizer.encode(initializer, add_special_tokens=False)
+    if len(ids) != 1:
+        raise UserError(f"the initializer token {initializer!r} (embedding.initializer_token) must be one token of "
+                        f"the tokenizer; it is {len(ids)}")
+    # "circle" is not in CLIP's vocabulary ("circle</w>" is) and add_tokens would accept it, shadowing the word:
+    # refuse any token the tokenizer already reads as one token
+    if len(tokenizer.encode(token, add_special_tokens=False)) == 1 or tokenizer.add_tokens(token) == 0:
+        raise UserError(f"the token {token!r} is already a word of this model's tokenizer: choose a new one, "
+                        "e.g. '<my-style>'")
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    # mean_resizing=False: the new row is overwritten below (no random draw needed)
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    weight = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[token_id] = weight[ids[0]]
+    text_encoder.requires_grad_(False)
+    weight.requires_grad_(True)
+    return token_id
+
+
+def keep_other_rows(weight: Any, token_id: int) -> Any:
+    """A gradient hook (diffusers' script restores the rows after each step instead; we do that too, see
+    restore_other_rows): only the token's row gets a gradient, so clipping and the optimiser see that row alone."""
+    import torch
+
+    mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    mask[token_id] = 1
+    return weight.register_hook(lambda g: g * mask.to(g.device, g.dtype))
+
+
+def restore_other_rows(weight: Any, original: Any, token_id: int) -> None:
+    """Put every row but the token's back (AdamW's weight decay moves them even without a gradient)."""
+    import torch
+
+    with torch.no_grad():
+        weight[:token_id].copy_(original[:token_id])
+        weight[token_id + 1:].copy_(original[token_id + 1:])
+
+
+def save_embedding(folder: Path, token: str, vector: Any) -> Path:
+    """diffusers' learned_embeds.safetensors ({token: (1, D)}), written beside its name and renamed into place."""
+    from safetensors.torch import save_file
+
+    tmp = folder / f".{EMBEDDING_FILE}.tmp"
+    save_file({token: vector.detach().reshape(1, -1).float().contiguous().cpu()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / EMBEDDING_FILE)
+    return folder / EMBEDDING_FILE
