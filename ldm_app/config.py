@@ -522,7 +522,8 @@ def diff_configs(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -
 
 
 __all__ = [
-    "AutoencoderConfig", "UNetConfig", "LoRAConfig", "EmbeddingConfig", "TextEncoderConfig", "NoiseScheduleConfig", "DataConfig", "TrainConfig",
+    "AutoencoderConfig", "UNetConfig", "TextEncoderConfig", "NoiseScheduleConfig", "DataConfig", "TrainConfig",
+    "LoRAConfig", "EmbeddingConfig",
     "from_dict", "to_dict", "validate", "parse_overrides", "flag_overrides", "merge", "read_yaml", "load_config",
     "save_config",
     "diff_configs", "with_legacy_values", "LEGACY_VALUES",

@@ -37,8 +37,8 @@ from typing import Any, Iterator
 import torch
 
 from ..checkpointing import load_checkpoint, lock_run_folder, save_checkpoint, write_run_config
-from ..config import (ConditioningConfig, DataConfig, EmbeddingConfig, LoRAConfig, NoiseScheduleConfig, TextEncoderConfig, TrainConfig,
-                      UNetConfig, flag_overrides, load_config, merge, parse_overrides, to_dict)
+from ..config import (ConditioningConfig, DataConfig, EmbeddingConfig, LoRAConfig, NoiseScheduleConfig,
+                      TextEncoderConfig, TrainConfig, UNetConfig, flag_overrides, load_config, merge, parse_overrides, to_dict)
 from ..conditioning import (NULL_CAPTION, concat_channels, drop_captions, drop_labels, drop_scalars, encode_text,
                             inpaint_condition, is_scalar_unet, masked_image, read_labels, read_scalars,
                             scalar_condition)
@@ -47,7 +47,7 @@ from ..first_stage import is_vq, latent_channels, latent_stats, sample_x0
 from .common import (REPORT_TO, EmptyBatchGuard, Position, TrainProgress, batches, batches_per_epoch, check_report_to,
                      effective_lr, launched_processes, log_image, make_accelerator, make_lr_scheduler, make_optimizer,
                      no_transformers_bars, open_run_folder, release_freed_memory, setup_logging, step_generator)
-from .lora import (LORA_FILE, add_embedding, add_lora, check_embedding_captions, check_embedding_run, check_lora_base,
+from .lora import (add_embedding, add_lora, check_embedding_captions, check_embedding_run, check_lora_base,
                    check_lora_run, keep_other_rows, restore_other_rows, save_embedding, save_lora)
 
 logger = logging.getLogger("train_ldm")
@@ -464,7 +464,7 @@ class LDMTrainer:
         *trainables, self.optimizer, self.lr_scheduler = acc.prepare(*named.values(), optimizer, lr_scheduler)
         self.trainables = trainables
         self.named_trainables = dict(zip(named, trainables))
-        self.unet = self.named_trainables.get("unet") or self.m.unet.to(acc.device)
+        self.unet = self.named_trainables["unet"] if "unet" in named else self.m.unet.to(acc.device)
         self.text_encoder = self.named_trainables.get("text_encoder", self.m.text_encoder)
         self.original_embeddings = None
         if self.m.embedding_id is not None:
@@ -792,7 +792,8 @@ class LDMTrainer:
 
     def export_final(self) -> None:
         """The output folder becomes a complete pipeline (EMA weights), loadable by generate.py and diffusers; a
-        LoRA run's gets pytorch_lora_weights.safetensors instead (generate.py --lora, load_lora_weights)."""
+        LoRA run's gets pytorch_lora_weights.safetensors instead (generate.py --lora, load_lora_weights), a
+        textual-inversion run's learned_embeds.safetensors (generate.py --embedding, load_textual_inversion)."""
         from ..fileio import write_errors
 
         if self.cfg.frozen_base:
