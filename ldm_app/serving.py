@@ -35,6 +35,7 @@ import itertools
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -235,6 +236,12 @@ def _store_input(image: Any, folder: Path) -> str:
     return str(path)
 
 
+def _with_inputs(request: Any, spec: Any, folder: Path) -> Any:
+    """`request` with the job's init image and mask stored under `folder` (generate.py reads them as files)."""
+    return replace(request, init_image=_store_input(spec.init_image, folder),
+                   mask=_store_input(spec.mask, folder) if spec.mask is not None else None)  # fmt: skip
+
+
 # ---- jobs --------------------------------------------------------------------------------------------------------
 
 
@@ -380,9 +387,9 @@ class GenerationService:
             generate.check_request(replace(request, init_image=None, mask=None, strength=None, inpaint=None,
                                            paste_back=None, mask_blur=0.0))  # fmt: skip
             if spec.init_image is not None:
-                request = replace(request, init_image=_store_input(spec.init_image, inputs),
-                                  mask=_store_input(spec.mask, inputs) if spec.mask is not None else None)  # fmt: skip
-                generate.check_request(request)
+                with tempfile.TemporaryDirectory(prefix="ldm_app-check-") as scratch:  # checked before stored
+                    generate.check_request(_with_inputs(request, spec, Path(scratch)))
+                request = _with_inputs(request, spec, inputs)
         except UserError as e:  # generate.py's messages name its flags; a server's clients know field names
             raise UserError(_FLAG.sub(r"\1", str(e))) from None
         return request, model_name

@@ -99,6 +99,8 @@ def test_bad_requests_are_refused_before_the_queue(service):
         "mask size": JobSpec(PROMPT, init_image=image, mask=Image.new("L", (32, 32), 255)),
         "mask alone": JobSpec(PROMPT, mask=Image.new("L", (64, 64), 255)),
         "lora": JobSpec(PROMPT, loras=(("nope", 1.0),)),
+        "strength": JobSpec(PROMPT, init_image=image, strength=1.5),
+        "inpaint method": JobSpec(PROMPT, init_image=image, mask=Image.new("L", (64, 64), 255), inpaint="magic"),
     }
     for name, spec in cases.items():
         with pytest.raises(UserError) as info:
