@@ -51,6 +51,14 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 60, 180),
     "orange": (240, 130, 30),
 }
+# Opt-in colours OUTSIDE the fixed vocabulary (`--extra_colours`), for fine-tuning and measuring a concept the
+# bundled model has never seen. They are not in COLOURS, so the judge, the class labels and every default render
+# are unchanged; a scene draws from them only when asked. "pink" is a single CLIP token, and its palette entry is
+# >= 113 RGB units from every COLOURS entry (nearest: purple) and every background.
+EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {
+    "pink": (240, 110, 200),
+}
+PALETTE: dict[str, tuple[int, int, int]] = {**COLOURS, **EXTRA_COLOURS}  # every drawable colour
 COLOUR_JITTER = 15  # each channel of an object's colour is its palette entry +- at most this
 # Object width (= height of its bounding box) as a fraction of the image side.
 SIZES: dict[str, tuple[float, float]] = {"small": (0.20, 0.30), "large": (0.45, 0.60)}
@@ -81,7 +89,7 @@ _CENTER_JITTER = 0.08  # "in the center" objects: centre within +-8% of the midd
 @dataclass(frozen=True)
 class ShapeObject:
     shape: str  # one of SHAPES
-    colour: str  # one of COLOURS
+    colour: str  # one of COLOURS (or of EXTRA_COLOURS when asked for)
     rgb: tuple[int, int, int]  # the jittered colour actually drawn
     size: str  # one of SIZES
     width: float  # bounding-box side / image side
@@ -136,7 +144,7 @@ def _sample_object(
         hi = min(hi, 2 * (1 / 3 - _THIRD_MARGIN - inset))
     width = float(rng.uniform(lo, hi))
     jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
-    rgb = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + jitter, 0, 255))
+    rgb = tuple(int(v) for v in np.clip(np.array(PALETTE[colour]) + jitter, 0, 255))
     return ShapeObject(
         shape=str(rng.choice(SHAPES)),
         colour=colour,
@@ -148,22 +156,42 @@ def _sample_object(
     )
 
 
-def sample_scene(rng: np.random.Generator, resolution: int, two_object_fraction: float = 0.25) -> Scene:
-    """Draw a random scene. `resolution` sets the inset (at least one pixel) that keeps objects inside the image."""
+def _colour_weights(extra_colours: tuple[str, ...], extra_colour_fraction: float | None) -> np.ndarray | None:
+    """Probabilities over COLOURS + extra_colours: None (uniform) unless `extra_colour_fraction` is given, in which
+    case the extra colours share that probability equally and the COLOURS share the rest."""
+    if extra_colour_fraction is None:
+        return None
+    n_old, n_new = len(COLOURS), len(extra_colours)
+    return np.array([(1 - extra_colour_fraction) / n_old] * n_old + [extra_colour_fraction / n_new] * n_new)
+
+
+def sample_scene(
+    rng: np.random.Generator, resolution: int, two_object_fraction: float = 0.25,
+    extra_colours: tuple[str, ...] = (), extra_colour_fraction: float | None = None,
+) -> Scene:
+    """Draw a random scene. `resolution` sets the inset (at least one pixel) that keeps objects inside the image.
+
+    `extra_colours` (names from EXTRA_COLOURS) widen the palette, uniformly or with `extra_colour_fraction` the
+    probability of an extra colour per draw; without them the draws (and so every scene) are exactly the default's."""
     inset = max(0.01, 1.0 / resolution)
+    palette = list(COLOURS) + [c for c in extra_colours if c not in COLOURS]
+    weights = _colour_weights(tuple(palette[len(COLOURS):]), extra_colour_fraction) if extra_colours else None
     background = str(rng.choice(list(BACKGROUNDS)))
     if rng.random() < two_object_fraction:
         relation = str(rng.choice(RELATIONS))
-        colours = rng.choice(list(COLOURS), size=2, replace=False)
+        if weights is None:
+            colours = rng.choice(palette, size=2, replace=False)
+        else:
+            colours = rng.choice(palette, size=2, replace=False, p=weights)
         # Opposite thirds on one axis, both centred on the other: with widths <= 0.30 they are >= 0.03 apart.
         objects = tuple(
             _sample_object(rng, "small", pos, str(col), inset)
             for pos, col in zip(RELATION_POSITIONS[relation], colours)
         )
         return Scene(background=background, objects=objects, relation=relation)
-    obj = _sample_object(
-        rng, str(rng.choice(list(SIZES))), str(rng.choice(list(POSITIONS))), str(rng.choice(list(COLOURS))), inset
-    )
+    size, position = str(rng.choice(list(SIZES))), str(rng.choice(list(POSITIONS)))
+    colour = str(rng.choice(palette) if weights is None else rng.choice(palette, p=weights))
+    obj = _sample_object(rng, size, position, colour, inset)
     return Scene(background=background, objects=(obj,))
 
 
@@ -271,18 +299,32 @@ def object_size(scene: Scene) -> float:
 
 def make_dataset(
     out: str | Path, num_images: int, resolution: int, seed: int, two_object_fraction: float = 0.25,
-    labels: bool = False, sizes: bool = False,
+    labels: bool = False, sizes: bool = False, extra_colours: tuple[str, ...] | list[str] = (),
+    extra_colour_fraction: float | None = None,
 ) -> Path:
     """Write `num_images` rendered scenes and their captions to `out` (imagefolder layout), atomically; with
     `labels` (one-object scenes only), also each scene's `class_label` as the `label` of its metadata line; with
     `sizes` (one-object scenes only), its `object_size` as `size`.
 
     Image i is drawn from its own generator seeded with (seed, i), so it does not depend on `num_images`.
+    `extra_colours` / `extra_colour_fraction`: see `sample_scene` (opt-in; without them the output is unchanged).
     """
     if labels and two_object_fraction:
         raise UserError("class labels are colour x shape of one object: use --two_object_fraction 0 with --labels")
     if sizes and two_object_fraction:
         raise UserError("sizes are the width of one object: use --two_object_fraction 0 with --sizes")
+    extra_colours = tuple(dict.fromkeys(extra_colours))  # in order, once each
+    for name in extra_colours:
+        if name not in EXTRA_COLOURS:
+            raise UserError(f"--extra_colours: unknown colour {name!r}; choose from {', '.join(EXTRA_COLOURS)}")
+    if extra_colour_fraction is not None:
+        if not extra_colours:
+            raise UserError("--extra_colour_fraction needs --extra_colours")
+        if not 0.0 <= extra_colour_fraction <= 1.0:
+            raise UserError(f"--extra_colour_fraction must be between 0 and 1, got {extra_colour_fraction}")
+    if extra_colours and labels:
+        raise UserError(f"class labels cover the {len(COLOURS)} fixed colours only: --labels cannot be used with "
+                        "--extra_colours")
     out = Path(out)
     _check_args(out, num_images, resolution, seed, two_object_fraction)
     files: dict[str, dict] = {}
@@ -294,7 +336,8 @@ def make_dataset(
     with atomic_dir(out) as tmp:
         lines = []
         for i in tqdm(range(num_images), desc="rendering shapes", unit="img"):
-            scene = sample_scene(np.random.default_rng([seed, i]), resolution, two_object_fraction)
+            scene = sample_scene(np.random.default_rng([seed, i]), resolution, two_object_fraction,
+                                 extra_colours, extra_colour_fraction)
             file_name = f"{i:06d}.png"
             png = io.BytesIO()
             render_scene(scene, resolution).save(png, format="PNG")
@@ -310,6 +353,9 @@ def make_dataset(
                      "two_object_fraction": float(two_object_fraction), "labels": bool(labels)}
         if sizes:  # recorded only when asked, so the manifests of earlier commands stay byte-identical
             arguments["sizes"] = True
+        if extra_colours:  # likewise
+            arguments["extra_colours"] = list(extra_colours)
+            arguments["extra_colour_fraction"] = extra_colour_fraction
         manifest = {"written_by": WRITTEN_BY, "arguments": arguments, "files": files}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         _check_out(out)  # again just before the swap: --out may have changed while the images were drawn
@@ -335,9 +381,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", action="store_true", help="also write each image's object width (bounding-box "
                         "side / image side, 3 decimals) as 'size' in metadata.jsonl, the scalar of "
                         "conditioning.kind scalar / text+scalar; needs --two_object_fraction 0")
+    parser.add_argument("--extra_colours", nargs="+", default=[], metavar="COLOUR",
+                        help=f"also draw these colours outside the fixed vocabulary ({', '.join(EXTRA_COLOURS)}), "
+                        "e.g. to fine-tune on a new concept; without it the output is unchanged")
+    parser.add_argument("--extra_colour_fraction", type=float, default=None,
+                        help="probability that a drawn colour is one of --extra_colours (default: uniform over "
+                        "all colours)")
     args = parser.parse_args(argv)
     path = make_dataset(args.out, args.num_images, args.resolution, args.seed, args.two_object_fraction,
-                        labels=args.labels, sizes=args.sizes)
+                        labels=args.labels, sizes=args.sizes, extra_colours=args.extra_colours,
+                        extra_colour_fraction=args.extra_colour_fraction)
     print(f"wrote {args.num_images} images to {path}")
 
 

@@ -1,0 +1,104 @@
+"""The opt-in new colour of the shapes generator (--extra_colours) and the pixel colour measure of
+ldm_app/evaluation/new_concept.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ldm_app.data import shapes
+from ldm_app.errors import UserError
+from ldm_app.evaluation import judge as judge_mod
+from ldm_app.evaluation.new_concept import NONE, palette_with, pixel_colour
+
+
+def _scene(i: int, **kw) -> shapes.Scene:
+    return shapes.sample_scene(np.random.default_rng([5, i]), 64, **kw)
+
+
+def test_new_colour_is_outside_the_vocabulary_and_far_from_it():
+    assert not set(shapes.EXTRA_COLOURS) & set(shapes.COLOURS)
+    assert shapes.PALETTE == {**shapes.COLOURS, **shapes.EXTRA_COLOURS}
+    for name, rgb in shapes.EXTRA_COLOURS.items():
+        others = [*shapes.COLOURS.values(), *shapes.BACKGROUNDS.values()]
+        assert min(np.linalg.norm(np.subtract(rgb, o)) for o in others) > 100, name
+
+
+# From the generator before --extra_colours existed (python -m ldm_app.data.shapes --num_images 3 --seed 0).
+PINNED_CAPTIONS = [
+    "a large red triangle on the right on a gray background",
+    "a large purple circle on the right on a black background",
+    "a small yellow circle on the right on a gray background",
+]
+PINNED_SHA256 = "59ccc622f911fd0b531ad768df088d4b287e35bfd9269217f67ec465b38687bd"
+
+
+def test_default_draws_unchanged(tmp_path):
+    # Without --extra_colours, every scene is the one the generator drew before the flag existed: the captions and
+    # the first image's bytes pinned from the generator before the change.
+    out = shapes.make_dataset(tmp_path / "d", 3, 64, 0)
+    captions = [json.loads(line)["text"] for line in (out / shapes.METADATA_FILE).read_text().splitlines()]
+    assert captions == [shapes.caption(shapes.sample_scene(np.random.default_rng([0, i]), 64)) for i in range(3)]
+    manifest = json.loads((out / shapes.MANIFEST_FILE).read_text())
+    assert set(manifest["arguments"]) == {"num_images", "resolution", "seed", "two_object_fraction", "labels"}
+    assert captions == PINNED_CAPTIONS
+    assert manifest["files"]["000000.png"]["sha256"] == PINNED_SHA256
+    # The explicit empty palette extension is the default, draw for draw.
+    for i in range(50):
+        assert _scene(i) == _scene(i, extra_colours=())
+
+
+
+def test_extra_colour_appears_in_captions_and_pixels(tmp_path):
+    out = shapes.make_dataset(tmp_path / "p", 40, 64, 3, two_object_fraction=0.25, extra_colours=["pink"],
+                              extra_colour_fraction=0.5)
+    rows = [json.loads(line) for line in (out / shapes.METADATA_FILE).read_text().splitlines()]
+    pink = [r for r in rows if " pink " in r["text"]]
+    assert 10 <= len(pink) <= 35
+    manifest = json.loads((out / shapes.MANIFEST_FILE).read_text())
+    assert manifest["arguments"]["extra_colours"] == ["pink"]
+    scenes = [shapes.sample_scene(np.random.default_rng([3, i]), 64, 0.25, ("pink",), 0.5) for i in range(40)]
+    for scene in scenes:
+        for obj in scene.objects:
+            if obj.colour == "pink":
+                assert np.abs(np.subtract(obj.rgb, shapes.EXTRA_COLOURS["pink"])).max() <= shapes.COLOUR_JITTER
+    one = [s for s in scenes if s.relation is None and s.objects[0].colour == "pink"]
+    assert one and all(pixel_colour(np.asarray(shapes.render_scene(s, 64)))[0] == "pink" for s in one)
+
+
+def test_extra_colour_refusals(tmp_path):
+    with pytest.raises(UserError, match="unknown colour"):
+        shapes.make_dataset(tmp_path / "a", 2, 64, 0, extra_colours=["teal"])
+    with pytest.raises(UserError, match="needs --extra_colours"):
+        shapes.make_dataset(tmp_path / "b", 2, 64, 0, extra_colour_fraction=0.5)
+    with pytest.raises(UserError, match="--labels"):
+        shapes.make_dataset(tmp_path / "c", 2, 64, 0, two_object_fraction=0, labels=True, extra_colours=["pink"])
+
+
+def test_pixel_measure_on_crisp_renders():
+    # Fresh renders (a seed no dataset here uses) of every palette colour, sizes, positions and backgrounds: the
+    # new colour is named right, and an old colour is never called the new one (nor anything else).
+    for i in range(300):
+        scene = _scene(1000 + i, two_object_fraction=0.0, extra_colours=("pink",), extra_colour_fraction=0.3)
+        seen, mean = pixel_colour(np.asarray(shapes.render_scene(scene, 64)))
+        assert seen == scene.objects[0].colour, (scene, seen, mean)
+    # float (3, H, W) input, as the pipeline returns, reads the same
+    scene = _scene(7, two_object_fraction=0.0, extra_colours=("pink",), extra_colour_fraction=1.0)
+    pixels = np.asarray(shapes.render_scene(scene, 64)).transpose(2, 0, 1) / 255.0
+    assert pixel_colour(pixels)[0] == "pink"
+
+
+def test_pixel_measure_empty_image_is_none():
+    for bg in shapes.BACKGROUNDS.values():
+        assert pixel_colour(np.full((64, 64, 3), bg, np.uint8))[0] == NONE
+
+
+def test_palette_with_restores_the_judge_vocabulary():
+    before = dict(judge_mod.HEADS)
+    with palette_with(("pink",)):
+        assert judge_mod.HEADS["colour"][-1] == "pink"
+        scene = judge_mod.sample_scene(np.random.default_rng([0, 0]), 64, 0.0)
+        assert scene.objects[0].colour in shapes.PALETTE
+    assert judge_mod.HEADS == before and judge_mod.sample_scene is shapes.sample_scene
