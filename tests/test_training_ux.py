@@ -258,6 +258,7 @@ def test_gpu_launch_config_on_a_two_core_cpu_machine():
      ["more processes than GPUs: 4 training processes on 2 GPU(s)"]),
     ("no", CPU_2, {"CUDA_VISIBLE_DEVICES": "0"}, "no", ["GPU launch without a GPU: CUDA_VISIBLE_DEVICES=0"]),
     ("no", CPU_2, {"ACCELERATE_USE_DEEPSPEED": "true"}, "no", ["GPU launch without a GPU: DeepSpeed"]),
+    ("no", CPU_2, {"ACCELERATE_USE_FSDP": "true"}, "no", ["GPU launch without a GPU: FSDP", "plain DDP"]),
 ])
 def test_each_mismatch_is_one_warning(precision, machine, env, want, words):
     got, _, warnings = check_launch(precision, False, env, machine)
