@@ -1,5 +1,5 @@
-"""The opt-in new colour of the shapes generator (--extra_colours) and the pixel colour measure of
-ldm_app/evaluation/new_concept.py."""
+"""The opt-in new colour and shape of the shapes generator (--extra_colours, --extra_shapes) and the pixel
+measures of ldm_app/evaluation/new_concept.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from ldm_app.data import shapes
 from ldm_app.errors import UserError
 from ldm_app.evaluation import judge as judge_mod
-from ldm_app.evaluation.new_concept import NONE, palette_with, pixel_colour
+from ldm_app.evaluation.new_concept import NONE, palette_with, pixel_colour, pixel_shape
 
 
 def _scene(i: int, **kw) -> shapes.Scene:
@@ -47,7 +47,7 @@ def test_default_draws_unchanged(tmp_path):
     assert manifest["files"]["000000.png"]["sha256"] == PINNED_SHA256
     # The explicit empty palette extension is the default, draw for draw.
     for i in range(50):
-        assert _scene(i) == _scene(i, extra_colours=())
+        assert _scene(i) == _scene(i, extra_colours=()) == _scene(i, extra_shapes=())
 
 
 
@@ -68,22 +68,52 @@ def test_extra_colour_appears_in_captions_and_pixels(tmp_path):
     assert one and all(pixel_colour(np.asarray(shapes.render_scene(s, 64)))[0] == "pink" for s in one)
 
 
+def test_extra_shape_appears_in_captions_and_pixels(tmp_path):
+    out = shapes.make_dataset(tmp_path / "x", 40, 64, 4, two_object_fraction=0.25, extra_shapes=["cross"],
+                              extra_shape_fraction=0.5)
+    rows = [json.loads(line) for line in (out / shapes.METADATA_FILE).read_text().splitlines()]
+    assert 10 <= sum(" cross " in r["text"] for r in rows) <= 35
+    assert json.loads((out / shapes.MANIFEST_FILE).read_text())["arguments"]["extra_shapes"] == ["cross"]
+    scenes = [shapes.sample_scene(np.random.default_rng([4, i]), 64, 0.25, extra_shapes=("cross",),
+                                  extra_shape_fraction=0.5) for i in range(40)]
+    assert [shapes.caption(s) for s in scenes] == [r["text"] for r in rows]
+    one = [s for s in scenes if s.relation is None and s.objects[0].shape == "cross"]
+    assert one
+    for scene in one:
+        pixels = np.asarray(shapes.render_scene(scene, 64))
+        assert pixel_shape(pixels) == "cross"
+        (obj,) = scene.objects  # the centre of a cross is drawn, its box's corners are not
+        cx, cy = (round(c * 64) for c in obj.center)
+        bg = np.array(shapes.BACKGROUNDS[scene.background])
+        assert np.abs(pixels[cy, cx].astype(int) - bg).max() > 60
+        corner = (round((obj.center[1] - obj.width / 2) * 64) + 1, round((obj.center[0] - obj.width / 2) * 64) + 1)
+        assert np.abs(pixels[corner].astype(int) - bg).max() < 10
+
+
 def test_extra_colour_refusals(tmp_path):
     with pytest.raises(UserError, match="unknown colour"):
         shapes.make_dataset(tmp_path / "a", 2, 64, 0, extra_colours=["teal"])
     with pytest.raises(UserError, match="needs --extra_colours"):
         shapes.make_dataset(tmp_path / "b", 2, 64, 0, extra_colour_fraction=0.5)
+    with pytest.raises(UserError, match="unknown shape"):
+        shapes.make_dataset(tmp_path / "d", 2, 64, 0, extra_shapes=["star"])
+    with pytest.raises(UserError, match="needs --extra_shapes"):
+        shapes.make_dataset(tmp_path / "e", 2, 64, 0, extra_shape_fraction=0.5)
     with pytest.raises(UserError, match="--labels"):
         shapes.make_dataset(tmp_path / "c", 2, 64, 0, two_object_fraction=0, labels=True, extra_colours=["pink"])
 
 
-def test_pixel_measure_on_crisp_renders():
-    # Fresh renders (a seed no dataset here uses) of every palette colour, sizes, positions and backgrounds: the
-    # new colour is named right, and an old colour is never called the new one (nor anything else).
+def test_pixel_measures_on_crisp_renders():
+    # Fresh renders (a seed no dataset here uses) of every colour and shape incl. the new ones, sizes, positions and
+    # backgrounds: the new colour and shape are named right, and an old one is never called a new one (nor
+    # anything else).
     for i in range(300):
-        scene = _scene(1000 + i, two_object_fraction=0.0, extra_colours=("pink",), extra_colour_fraction=0.3)
-        seen, mean = pixel_colour(np.asarray(shapes.render_scene(scene, 64)))
+        scene = _scene(1000 + i, two_object_fraction=0.0, extra_colours=("pink",), extra_colour_fraction=0.3,
+                       extra_shapes=("cross",), extra_shape_fraction=0.3)
+        pixels = np.asarray(shapes.render_scene(scene, 64))
+        seen, mean = pixel_colour(pixels)
         assert seen == scene.objects[0].colour, (scene, seen, mean)
+        assert pixel_shape(pixels) == scene.objects[0].shape, scene
     # float (3, H, W) input, as the pipeline returns, reads the same
     scene = _scene(7, two_object_fraction=0.0, extra_colours=("pink",), extra_colour_fraction=1.0)
     pixels = np.asarray(shapes.render_scene(scene, 64)).transpose(2, 0, 1) / 255.0
@@ -93,12 +123,15 @@ def test_pixel_measure_on_crisp_renders():
 def test_pixel_measure_empty_image_is_none():
     for bg in shapes.BACKGROUNDS.values():
         assert pixel_colour(np.full((64, 64, 3), bg, np.uint8))[0] == NONE
+        assert pixel_shape(np.full((64, 64, 3), bg, np.uint8)) == NONE
 
 
 def test_palette_with_restores_the_judge_vocabulary():
     before = dict(judge_mod.HEADS)
-    with palette_with(("pink",)):
-        assert judge_mod.HEADS["colour"][-1] == "pink"
+    with palette_with("pink"):
+        assert judge_mod.HEADS["colour"][-1] == "pink" and judge_mod.HEADS["shape"] == shapes.SHAPES
         scene = judge_mod.sample_scene(np.random.default_rng([0, 0]), 64, 0.0)
         assert scene.objects[0].colour in shapes.PALETTE
+    with palette_with("cross"):
+        assert judge_mod.HEADS["first_shape"][-1] == "cross" and judge_mod.HEADS["colour"] == tuple(shapes.COLOURS)
     assert judge_mod.HEADS == before and judge_mod.sample_scene is shapes.sample_scene

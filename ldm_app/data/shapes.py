@@ -59,6 +59,8 @@ EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {
     "pink": (240, 110, 200),
 }
 PALETTE: dict[str, tuple[int, int, int]] = {**COLOURS, **EXTRA_COLOURS}  # every drawable colour
+# Likewise opt-in shapes (`--extra_shapes`): "cross" is an upright plus sign whose arms are a third of its box wide.
+EXTRA_SHAPES: tuple[str, ...] = ("cross",)
 COLOUR_JITTER = 15  # each channel of an object's colour is its palette entry +- at most this
 # Object width (= height of its bounding box) as a fraction of the image side.
 SIZES: dict[str, tuple[float, float]] = {"small": (0.20, 0.30), "large": (0.45, 0.60)}
@@ -88,7 +90,7 @@ _CENTER_JITTER = 0.08  # "in the center" objects: centre within +-8% of the midd
 
 @dataclass(frozen=True)
 class ShapeObject:
-    shape: str  # one of SHAPES
+    shape: str  # one of SHAPES (or of EXTRA_SHAPES when asked for)
     colour: str  # one of COLOURS (or of EXTRA_COLOURS when asked for)
     rgb: tuple[int, int, int]  # the jittered colour actually drawn
     size: str  # one of SIZES
@@ -136,7 +138,8 @@ def _sample_center(rng: np.random.Generator, position: str, width: float, inset:
 
 
 def _sample_object(
-    rng: np.random.Generator, size: str, position: str, colour: str, inset: float
+    rng: np.random.Generator, size: str, position: str, colour: str, inset: float,
+    shapes: tuple[str, ...] = SHAPES, shape_weights: np.ndarray | None = None,
 ) -> ShapeObject:
     lo, hi = SIZES[size]
     if position != "center":
@@ -146,7 +149,7 @@ def _sample_object(
     jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
     rgb = tuple(int(v) for v in np.clip(np.array(PALETTE[colour]) + jitter, 0, 255))
     return ShapeObject(
-        shape=str(rng.choice(SHAPES)),
+        shape=str(rng.choice(shapes) if shape_weights is None else rng.choice(shapes, p=shape_weights)),
         colour=colour,
         rgb=rgb,
         size=size,
@@ -156,26 +159,30 @@ def _sample_object(
     )
 
 
-def _colour_weights(extra_colours: tuple[str, ...], extra_colour_fraction: float | None) -> np.ndarray | None:
-    """Probabilities over COLOURS + extra_colours: None (uniform) unless `extra_colour_fraction` is given, in which
-    case the extra colours share that probability equally and the COLOURS share the rest."""
-    if extra_colour_fraction is None:
+def _extra_weights(n_old: int, n_new: int, fraction: float | None) -> np.ndarray | None:
+    """Probabilities over n_old fixed + n_new extra names: None (uniform) unless `fraction` is given, in which
+    case the extra names share that probability equally and the fixed ones share the rest."""
+    if fraction is None or not n_new:
         return None
-    n_old, n_new = len(COLOURS), len(extra_colours)
-    return np.array([(1 - extra_colour_fraction) / n_old] * n_old + [extra_colour_fraction / n_new] * n_new)
+    return np.array([(1 - fraction) / n_old] * n_old + [fraction / n_new] * n_new)
 
 
 def sample_scene(
     rng: np.random.Generator, resolution: int, two_object_fraction: float = 0.25,
     extra_colours: tuple[str, ...] = (), extra_colour_fraction: float | None = None,
+    extra_shapes: tuple[str, ...] = (), extra_shape_fraction: float | None = None,
 ) -> Scene:
     """Draw a random scene. `resolution` sets the inset (at least one pixel) that keeps objects inside the image.
 
     `extra_colours` (names from EXTRA_COLOURS) widen the palette, uniformly or with `extra_colour_fraction` the
-    probability of an extra colour per draw; without them the draws (and so every scene) are exactly the default's."""
+    probability of an extra colour per draw; `extra_shapes` / `extra_shape_fraction` likewise the shapes. Without
+    them the draws (and so every scene) are exactly the default's."""
     inset = max(0.01, 1.0 / resolution)
     palette = list(COLOURS) + [c for c in extra_colours if c not in COLOURS]
-    weights = _colour_weights(tuple(palette[len(COLOURS):]), extra_colour_fraction) if extra_colours else None
+    weights = _extra_weights(len(COLOURS), len(palette) - len(COLOURS), extra_colour_fraction)
+    shapes = SHAPES + tuple(s for s in extra_shapes if s not in SHAPES)
+    shape_weights = _extra_weights(len(SHAPES), len(shapes) - len(SHAPES), extra_shape_fraction)
+    kw = {"shapes": shapes, "shape_weights": shape_weights}
     background = str(rng.choice(list(BACKGROUNDS)))
     if rng.random() < two_object_fraction:
         relation = str(rng.choice(RELATIONS))
@@ -185,13 +192,13 @@ def sample_scene(
             colours = rng.choice(palette, size=2, replace=False, p=weights)
         # Opposite thirds on one axis, both centred on the other: with widths <= 0.30 they are >= 0.03 apart.
         objects = tuple(
-            _sample_object(rng, "small", pos, str(col), inset)
+            _sample_object(rng, "small", pos, str(col), inset, **kw)
             for pos, col in zip(RELATION_POSITIONS[relation], colours)
         )
         return Scene(background=background, objects=objects, relation=relation)
     size, position = str(rng.choice(list(SIZES))), str(rng.choice(list(POSITIONS)))
     colour = str(rng.choice(palette) if weights is None else rng.choice(palette, p=weights))
-    obj = _sample_object(rng, size, position, colour, inset)
+    obj = _sample_object(rng, size, position, colour, inset, **kw)
     return Scene(background=background, objects=(obj,))
 
 
@@ -206,6 +213,11 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: ShapeObject, side: int) -> None
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=obj.rgb)
     elif obj.shape == "triangle":
         draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=obj.rgb)
+    elif obj.shape == "cross":  # opt-in (EXTRA_SHAPES): arms a third of the box wide
+        a, b = x0 + round((x1 - x0) / 3), x1 - round((x1 - x0) / 3)
+        c, d = y0 + round((y1 - y0) / 3), y1 - round((y1 - y0) / 3)
+        draw.rectangle((a, y0, b - 1, y1 - 1), fill=obj.rgb)
+        draw.rectangle((x0, c, x1 - 1, d - 1), fill=obj.rgb)
     else:
         raise ValueError(f"unknown shape {obj.shape!r}")
 
@@ -300,14 +312,16 @@ def object_size(scene: Scene) -> float:
 def make_dataset(
     out: str | Path, num_images: int, resolution: int, seed: int, two_object_fraction: float = 0.25,
     labels: bool = False, sizes: bool = False, extra_colours: tuple[str, ...] | list[str] = (),
-    extra_colour_fraction: float | None = None,
+    extra_colour_fraction: float | None = None, extra_shapes: tuple[str, ...] | list[str] = (),
+    extra_shape_fraction: float | None = None,
 ) -> Path:
     """Write `num_images` rendered scenes and their captions to `out` (imagefolder layout), atomically; with
     `labels` (one-object scenes only), also each scene's `class_label` as the `label` of its metadata line; with
     `sizes` (one-object scenes only), its `object_size` as `size`.
 
     Image i is drawn from its own generator seeded with (seed, i), so it does not depend on `num_images`.
-    `extra_colours` / `extra_colour_fraction`: see `sample_scene` (opt-in; without them the output is unchanged).
+    `extra_colours` / `extra_colour_fraction` / `extra_shapes` / `extra_shape_fraction`: see `sample_scene`
+    (opt-in; without them the output is unchanged).
     """
     if labels and two_object_fraction:
         raise UserError("class labels are colour x shape of one object: use --two_object_fraction 0 with --labels")
@@ -322,9 +336,18 @@ def make_dataset(
             raise UserError("--extra_colour_fraction needs --extra_colours")
         if not 0.0 <= extra_colour_fraction <= 1.0:
             raise UserError(f"--extra_colour_fraction must be between 0 and 1, got {extra_colour_fraction}")
-    if extra_colours and labels:
-        raise UserError(f"class labels cover the {len(COLOURS)} fixed colours only: --labels cannot be used with "
-                        "--extra_colours")
+    extra_shapes = tuple(dict.fromkeys(extra_shapes))
+    for name in extra_shapes:
+        if name not in EXTRA_SHAPES:
+            raise UserError(f"--extra_shapes: unknown shape {name!r}; choose from {', '.join(EXTRA_SHAPES)}")
+    if extra_shape_fraction is not None:
+        if not extra_shapes:
+            raise UserError("--extra_shape_fraction needs --extra_shapes")
+        if not 0.0 <= extra_shape_fraction <= 1.0:
+            raise UserError(f"--extra_shape_fraction must be between 0 and 1, got {extra_shape_fraction}")
+    if (extra_colours or extra_shapes) and labels:
+        raise UserError(f"class labels cover the fixed colours and shapes only: --labels cannot be used with "
+                        "--extra_colours / --extra_shapes")
     out = Path(out)
     _check_args(out, num_images, resolution, seed, two_object_fraction)
     files: dict[str, dict] = {}
@@ -337,7 +360,7 @@ def make_dataset(
         lines = []
         for i in tqdm(range(num_images), desc="rendering shapes", unit="img"):
             scene = sample_scene(np.random.default_rng([seed, i]), resolution, two_object_fraction,
-                                 extra_colours, extra_colour_fraction)
+                                 extra_colours, extra_colour_fraction, extra_shapes, extra_shape_fraction)
             file_name = f"{i:06d}.png"
             png = io.BytesIO()
             render_scene(scene, resolution).save(png, format="PNG")
@@ -356,6 +379,9 @@ def make_dataset(
         if extra_colours:  # likewise
             arguments["extra_colours"] = list(extra_colours)
             arguments["extra_colour_fraction"] = extra_colour_fraction
+        if extra_shapes:
+            arguments["extra_shapes"] = list(extra_shapes)
+            arguments["extra_shape_fraction"] = extra_shape_fraction
         manifest = {"written_by": WRITTEN_BY, "arguments": arguments, "files": files}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         _check_out(out)  # again just before the swap: --out may have changed while the images were drawn
@@ -387,10 +413,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--extra_colour_fraction", type=float, default=None,
                         help="probability that a drawn colour is one of --extra_colours (default: uniform over "
                         "all colours)")
+    parser.add_argument("--extra_shapes", nargs="+", default=[], metavar="SHAPE",
+                        help=f"also draw these shapes outside the fixed vocabulary ({', '.join(EXTRA_SHAPES)}); "
+                        "without it the output is unchanged")
+    parser.add_argument("--extra_shape_fraction", type=float, default=None,
+                        help="probability that a drawn shape is one of --extra_shapes (default: uniform)")
     args = parser.parse_args(argv)
     path = make_dataset(args.out, args.num_images, args.resolution, args.seed, args.two_object_fraction,
                         labels=args.labels, sizes=args.sizes, extra_colours=args.extra_colours,
-                        extra_colour_fraction=args.extra_colour_fraction)
+                        extra_colour_fraction=args.extra_colour_fraction, extra_shapes=args.extra_shapes,
+                        extra_shape_fraction=args.extra_shape_fraction)
     print(f"wrote {args.num_images} images to {path}")
 
 
