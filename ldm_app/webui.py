@@ -44,7 +44,11 @@ from typing import Any, Iterator
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: it reads it then
 
-import gradio as gr  # noqa: E402
+try:
+    import gradio as gr  # noqa: E402
+except ImportError as e:  # an install without the extra: one line, not a traceback
+    raise SystemExit(f"error: the web UI needs gradio, FastAPI and uvicorn ({e}); install them with "
+                     "pip install -e .[webui]") from None
 
 from ldm_app import limits  # noqa: E402
 from ldm_app.errors import ArgumentParser, UserError, run_cli  # noqa: E402
