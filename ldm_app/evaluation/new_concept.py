@@ -162,7 +162,8 @@ def concept_kind(concept: str) -> str:
 
 def _extras(concept: str) -> dict[str, tuple[str, ...]]:
     kind = concept_kind(concept)
-    return {"extra_colours": (concept,) if kind == "colour" else (), "extra_shapes": (concept,) if kind == "shape" else ()}
+    return {"extra_colours": (concept,) if kind == "colour" else (),
+            "extra_shapes": (concept,) if kind == "shape" else ()}
 
 
 @contextlib.contextmanager
@@ -314,11 +315,25 @@ def autoencoder_ceiling(pipe, concept: str, prompts: list[Prompt], standard: Jud
         recon = ((vae.decode(vae.encode(x).latent_dist.mode()).sample.float().cpu() + 1) / 2).clamp(0, 1)
     out = {}
     for name, images in (("renders", renders), ("autoencoder_reconstructions", recon)):
-        summary, _ = score_new_concept(concept, prompts, images, standard, variant)
+        summary, records = score_new_concept(concept, prompts, images, standard, variant)
         out[name] = {"pixels_concept_right": summary["pixels"]["concept_right"],
                      "variant_judge_concept_right": summary["variant_judge"]["concept_right"],
-                     "pixels_seen": next(v for k, v in summary["pixels"].items() if k.endswith("s_seen"))}
+                     "pixels_seen": next(v for k, v in summary["pixels"].items() if k.endswith("s_seen")),
+                     "by_size": by_size(prompts, records)}
     return out, recon
+
+
+def by_size(prompts: list[Prompt], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Both concept measures over the small and the large objects' prompts apart."""
+    out = {}
+    for size in ("small", "large"):
+        idx = [k for k, p in enumerate(prompts) if p.scene.objects[0].size == size]
+        if idx:
+            out[size] = {"num_prompts": len(idx),
+                         "pixels_concept_right": float(np.mean([records[k]["pixels_concept_right"] for k in idx])),
+                         "variant_judge_concept_right": float(np.mean(
+                             [records[k]["variant_judge_concept_right"] for k in idx]))}
+    return out
 
 
 # ---- the grid --------------------------------------------------------------------------------------------------------
@@ -407,20 +422,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         new_images = generate(pipe, prompts, steps, guidance, args.batch_size, log)
         new_seconds = time.perf_counter() - start
         summary, records = score_new_concept(concept, prompts, new_images, standard, variant)
-        by_size = {}
-        for size in ("small", "large"):
-            idx = [k for k, p in enumerate(prompts) if p.scene.objects[0].size == size]
-            if idx:
-                by_size[size] = {"num_prompts": len(idx),
-                                 "pixels_concept_right": float(np.mean([records[k]["pixels_concept_right"] for k in idx])),
-                                 "variant_judge_concept_right": float(np.mean(
-                                     [records[k]["variant_judge_concept_right"] for k in idx]))}
         old = run_adherence(pipe, args.old_prompts, args.two_object_prompts, args.seed, None, args.steps,
                             args.guidance_scale, args.batch_size, standard, log=log)
         old_prompts = old.prompts
         report[name] = {
-            "new_concept": {**summary, "by_size": by_size, "seconds_per_image": new_seconds / len(prompts)},
-            "old_vocabulary": {**_old_summary(old.report), "pixels": old_pixel_measures(old.prompts, old.images, concept)},
+            "new_concept": {**summary, "by_size": by_size(prompts, records),
+                            "seconds_per_image": new_seconds / len(prompts)},
+            "old_vocabulary": {**_old_summary(old.report),
+                               "pixels": old_pixel_measures(old.prompts, old.images, concept)},
             "new_concept_per_prompt": records,
         }
         images[name] = {"new": new_images, "old": old.images}
