@@ -346,7 +346,7 @@ def make_dataset(
         if not 0.0 <= extra_shape_fraction <= 1.0:
             raise UserError(f"--extra_shape_fraction must be between 0 and 1, got {extra_shape_fraction}")
     if (extra_colours or extra_shapes) and labels:
-        raise UserError(f"class labels cover the fixed colours and shapes only: --labels cannot be used with "
+        raise UserError("class labels cover the fixed colours and shapes only: --labels cannot be used with "
                         "--extra_colours / --extra_shapes")
     out = Path(out)
     _check_args(out, num_images, resolution, seed, two_object_fraction)
