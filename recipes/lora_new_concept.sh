@@ -8,9 +8,9 @@
 # vocabulary; a rank-16 U-Net LoRA on the bundled model; then the new concept and the old vocabulary are measured
 # with and without it (ldm_app/evaluation/new_concept.py).
 #
-#   bash recipes/lora_new_colour.sh [OUT]               # OUT defaults to runs/lora_$CONCEPT
-#   CONCEPT=pink bash recipes/lora_new_colour.sh        # the new colour
-#   NPROC=1 bash recipes/lora_new_colour.sh             # one process instead of two
+#   bash recipes/lora_new_concept.sh [OUT]               # OUT defaults to runs/lora_$CONCEPT
+#   CONCEPT=pink bash recipes/lora_new_concept.sh        # the new colour
+#   NPROC=1 bash recipes/lora_new_concept.sh             # one process instead of two
 #
 # Stages are skipped when their output exists; training resumes from its latest checkpoint.
 set -euo pipefail
