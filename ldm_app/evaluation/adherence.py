@@ -9,6 +9,8 @@ generator), so a figure does not depend on the batch size or on how many prompts
   and all five attributes at once;
 - two-object prompts: relation accuracy (both objects judged present with the right colour and shape, in the
   right relation), plus the parts;
+- every accuracy also by a second, geometric judge (`geometry.py`: segmentation, fill ratio, convexity, template
+  IoU, palette distance; no learning), beside the CNN judge's (`accuracy_geometry`, `judged_geometry`);
 - a domain KID (Binkowski et al. 2018) on the judge's penultimate features between the generated images and
   fresh renders of independent scenes, with its floor: the same KID for renders of the prompts' own scenes.
 """
@@ -30,6 +32,7 @@ import torch
 
 from ldm_app.data.shapes import POSITIONS, Scene, caption, render_scene, sample_scene
 from ldm_app.errors import UserError
+from ldm_app.evaluation.geometry import GeometryJudge
 from ldm_app.evaluation.judge import (
     DEFAULT_THRESHOLD,
     HEADS,
@@ -111,7 +114,7 @@ def render(scenes: list[Scene], resolution: int) -> torch.Tensor:
 
 def _describe(pred: dict[str, int], kind: int) -> str:
     """What the judge saw, as a caption-like text (two-object scenes in canonical top/left-first order)."""
-    name = {head: HEADS[head][pred[head]] for head in HEADS}
+    name = {head: HEADS[head][pred[head]] if pred[head] >= 0 else "?" for head in HEADS}  # -1: no verdict
     bg = f"on a {name['background']} background"
     if kind == ONE:
         where = POSITIONS[name["position"]]
@@ -248,6 +251,12 @@ def run_adherence(
     finally:
         pipe.scheduler = original_scheduler
     summary, records = score(judge, prompts, images)
+    geo_summary, geo_records = score(GeometryJudge(), prompts, images)
+    for part in ("one_object", "two_object"):
+        summary[part]["accuracy_geometry"] = geo_summary[part]["accuracy"]
+    summary["two_object"]["relation_accuracy_geometry"] = geo_summary["two_object"]["relation_accuracy"]
+    for record, geo in zip(records, geo_records):
+        record.update(judged_geometry=geo["judged"], correct_geometry=geo["correct"])
     settings = {
         "num_prompts": num_prompts,
         "two_object_prompts": two_object_prompts,
@@ -340,11 +349,20 @@ def write_outputs(result: AdherenceResult, out: str | Path) -> tuple[Path, Path]
 def summary_lines(report: dict[str, Any]) -> list[str]:
     one, two, kid_ = report["one_object"], report["two_object"], report["kid"]
     lines = [f"settings: {json.dumps(report['settings'])}"]
+
+    def both(value: float, geo: float | None) -> str:  # "99.0% (judge) / 93.0% (geometry)"
+        return f"{value:.1%}" + ("" if geo is None else f" (judge) / {geo:.1%} (geometry)")
+
+    def acc(part: dict, name: str) -> str:
+        return f"{name} {both(part['accuracy'][name], part.get('accuracy_geometry', {}).get(name))}"
+
     if one["num_prompts"]:
-        acc = ", ".join(f"{a} {one['accuracy'][a]:.1%}" for a in (*ONE_OBJECT_ATTRIBUTES, "all_attributes"))
-        lines.append(f"one-object ({one['num_prompts']} prompts): {acc}")
+        text = ", ".join(acc(one, a) for a in (*ONE_OBJECT_ATTRIBUTES, "count", "all_attributes"))
+        lines.append(f"one-object ({one['num_prompts']} prompts): {text}")
     if two["num_prompts"]:
-        lines.append(f"two-object ({two['num_prompts']} prompts): relation {two['relation_accuracy']:.1%}")
+        relation = both(two["relation_accuracy"], two.get("relation_accuracy_geometry"))
+        text = ", ".join(acc(two, h) for h in ("count", *TWO_OBJECT_HEADS))
+        lines.append(f"two-object ({two['num_prompts']} prompts): relation {relation}; {text}")
     g, r = kid_["generated_vs_real"], kid_["real_vs_real"]
     lines.append(
         f"domain KID: {g['mean']:.4f} +- {g['std']:.4f} (floor real vs real {r['mean']:.4f} +- {r['std']:.4f})"
