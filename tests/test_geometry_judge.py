@@ -1,8 +1,6 @@
 """The geometric judge: calibrated on fresh crisp renders, and strict where a lenient measure is not."""
 
 import numpy as np
-import pytest
-from PIL import Image
 from scipy import ndimage
 
 from ldm_app.data import shapes
