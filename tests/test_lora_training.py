@@ -55,6 +55,16 @@ def base_name(key: str) -> str:
     return key.replace(".base_layer.", ".")
 
 
+
+def assert_refused_in_one_line(argv: list[str], capsys, words, out) -> None:
+    """train_ldm.py with `argv`: exit 2, one "error: " line naming each of `words`, no output folder."""
+    rc = run_cli(main, argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert not out.exists()
+
 def test_only_the_lora_weights_train(straight, tiny_pipeline_dir):
     out, result = straight
     assert result.step == 6
@@ -203,12 +213,7 @@ def test_bad_lora_input_is_one_line_before_anything_is_written(case, ldm_files, 
     elif case == "alpha_without_rank":
         i = argv.index("--lora_rank")
         argv[i:i + 2] = ["--lora_alpha", "8"]
-    rc = run_cli(main, argv)
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
-    for w in words:
-        assert w in lines[0], lines[0]
-    assert not out.exists()
+    assert_refused_in_one_line(argv, capsys, words, out)
     shutil.rmtree(tmp_path / "latent_cache", ignore_errors=True)
 
 
@@ -336,9 +341,4 @@ def test_bad_embedding_input_is_one_line(case, token_data, ldm_files, tiny_pipel
         argv += ["--initializer_token", "red circle"]
     elif case == "spaces":
         argv[i + 1] = "my style"
-    rc = run_cli(main, argv)
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
-    for w in words:
-        assert w in lines[0], lines[0]
-    assert not out.exists()
+    assert_refused_in_one_line(argv, capsys, words, out)
