@@ -198,6 +198,10 @@ class DataConfig:
     resolution: int = 64
     center_crop: bool = True
     random_flip: bool = False  # off by default: captions say left/right
+    # aspect-ratio bucketing (train_ldm.py): each image goes to the bucket of about resolution^2 pixels whose
+    # aspect ratio is closest to its own, and every batch holds one bucket (ldm_app/data/dataset.py, docs/training.md)
+    buckets: bool = False
+    bucket_max_aspect: float = 2.0  # the longest bucket side is at most this many times the shortest
     holdout_fraction: float = 0.05
     max_samples: int | None = None
     dataloader_num_workers: int = 0
@@ -209,6 +213,8 @@ class DataConfig:
         check_image_side("resolution", self.resolution, multiple=1)  # refused before any image is allocated
         if not 0 <= self.holdout_fraction < 1:
             raise UserError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        if not 1.0 <= self.bucket_max_aspect <= 8.0:
+            raise UserError(f"bucket_max_aspect must be in [1, 8], got {self.bucket_max_aspect}")
         if self.dataloader_num_workers < 0:
             raise UserError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
 
@@ -482,6 +488,7 @@ def _default_of(f: dataclasses.Field) -> Any:
 # one of these is read as holding this value, so such a run still resumes with the config it was made with.
 # Conditioning keys added later take their default: no earlier run was an inpainting or a scalar run.
 LEGACY_VALUES: dict[str, Any] = {"train.fused_adam": False, "conditioning.concat": "none",
+                                 "data.buckets": False, "data.bucket_max_aspect": 2.0,
                                  "conditioning.scalar_column": "size", **{f"lora.{f.name}": _default_of(f)
                                                                          for f in dataclasses.fields(LoRAConfig)},
                                  **{f"embedding.{f.name}": _default_of(f) for f in dataclasses.fields(EmbeddingConfig)}}

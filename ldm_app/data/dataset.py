@@ -24,6 +24,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -71,15 +72,32 @@ def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
     return image if size == (w, h) else image.resize(size, Image.Resampling.BILINEAR)
 
 
-def crop_square(image: Image.Image, resolution: int, center: bool) -> Image.Image:
-    """A `resolution` x `resolution` crop: centred, or at a random offset (torch RNG, so seeded per worker)."""
-    w, h = image.size
+def crop_square(image: Image.Image, resolution: int, center: bool,
+                generator: torch.Generator | None = None) -> Image.Image:
+    """A `resolution` x `resolution` crop: centred, or at a random offset drawn from `generator` (the training
+    stream's per-sample generator, see `sample_generator`; None: torch's global RNG)."""
+    return crop_to(image, (resolution, resolution), center, generator)
+
+
+def crop_to(image: Image.Image, size: tuple[int, int], center: bool,
+            generator: torch.Generator | None = None) -> Image.Image:
+    """A `size` = (width, height) crop of an image at least that large: centred, or at a random offset (left
+    drawn first, then top) from `generator` (None: torch's global RNG)."""
+    (w, h), (cw, ch) = image.size, size
     if center:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
+        left, top = (w - cw) // 2, (h - ch) // 2
     else:
-        left = int(torch.randint(0, w - resolution + 1, ()))
-        top = int(torch.randint(0, h - resolution + 1, ()))
-    return image.crop((left, top, left + resolution, top + resolution))
+        left = int(torch.randint(0, w - cw + 1, (), generator=generator))
+        top = int(torch.randint(0, h - ch + 1, (), generator=generator))
+    return image.crop((left, top, left + cw, top + ch))
+
+
+def resize_to_cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Scale, keeping the aspect ratio, to the smallest size that covers `size` = (width, height) (bilinear)."""
+    (w, h), (bw, bh) = image.size, size
+    scale = max(bw / w, bh / h)
+    new = (max(bw, round(w * scale)), max(bh, round(h * scale)))
+    return image if new == (w, h) else image.resize(new, Image.Resampling.BILINEAR)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -88,15 +106,64 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return x.permute(2, 0, 1) / 127.5 - 1.0
 
 
-def transform_image(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool) -> torch.Tensor:
-    """Resize, crop and (optionally) flip an RGB image into a (3, resolution, resolution) tensor in [-1, 1].
+def transform_image(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+                    generator: torch.Generator | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Resize, crop and (optionally) flip an RGB image into a (3, resolution, resolution) tensor in [-1, 1], or
+    with `size` = (width, height) (a bucket) into a (3, height, width) one. Random choices (crop offset, then flip)
+    come from `generator` (None: torch's global RNG).
 
     Flipping is off by default because captions say "left"/"right": a flipped image contradicts its caption.
     """
-    image = crop_square(resize_shorter_side(image, resolution), resolution, center_crop)
-    if random_flip and bool(torch.rand(()) < 0.5):
+    if size is None:
+        image = crop_square(resize_shorter_side(image, resolution), resolution, center_crop, generator)
+    else:
+        image = crop_to(resize_to_cover(image, size), size, center_crop, generator)
+    if random_flip and bool(torch.rand((), generator=generator) < 0.5):
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return to_tensor(image)
+
+
+# ---- aspect-ratio buckets ----
+
+
+def make_buckets(resolution: int, multiple: int, max_aspect: float = 2.0) -> list[tuple[int, int]]:
+    """The (width, height) buckets for `resolution`: both sides multiples of `multiple`, each as large as fits in
+    resolution^2 pixels (for every width w, the height is the largest multiple <= resolution^2 / w), and no side
+    more than `max_aspect` times the other; sorted by aspect ratio. resolution 512, multiple 64, max_aspect 2:
+    384x640, 448x576, 512x512, 576x448, 640x384 (kohya's rule, with its 64 px step). The square bucket
+    (resolution x resolution) is always there when resolution is a multiple of `multiple`."""
+    area, out = resolution * resolution, []
+    for w in range(multiple, area // multiple + 1, multiple):
+        h = area // w // multiple * multiple
+        if h < multiple:
+            break
+        if max(w / h, h / w) <= max_aspect + 1e-9:
+            out.append((w, h))
+    if not out:
+        raise UserError(f"no bucket of about {resolution}x{resolution} pixels has sides that are multiples of "
+                        f"{multiple}: raise data.resolution")
+    return sorted(out, key=lambda s: s[0] / s[1])
+
+
+def nearest_bucket(size: tuple[int, int], buckets: Sequence[tuple[int, int]]) -> int:
+    """The index of the bucket whose aspect ratio is closest to the image's (by |log ratio|; ties: the first)."""
+    ratio = math.log(size[0] / size[1])
+    return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][0] / buckets[i][1]) - ratio))
+
+
+# EXIF orientations that turn the image by 90 degrees (exif_transpose swaps width and height for these)
+_ROTATED = {5, 6, 7, 8}
+
+
+def _image_size(source: dict[str, Any]) -> tuple[int, int] | None:
+    """(width, height) as `_decode` will see it (after the EXIF rotation), from the header only; None if unreadable."""
+    fp = io.BytesIO(source["bytes"]) if source.get("bytes") is not None else source["path"]
+    try:
+        with Image.open(fp) as image:
+            w, h = image.size
+            return (h, w) if image.getexif().get(0x0112) in _ROTATED else (w, h)
+    except _DECODE_ERRORS:
+        return None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -155,7 +222,14 @@ def _reason(e: BaseException) -> str:
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """Items are {"pixel_values": (3, R, R) float in [-1, 1], "caption": str, "index": int}, or None for an
-    image that cannot be decoded (see the module docstring for how skipped images are counted)."""
+    image that cannot be decoded (see the module docstring for how skipped images are counted).
+
+    An item is asked for by row index, or by (row index, sample seed) as the training stream does
+    (`ldm_app.training.common.batches`): the random crop and flip are then drawn from a generator seeded with that
+    seed, so they are a function of the data position and a resumed run sees the same crops and flips. With
+    buckets (`assign_buckets`) an item's pixel_values are (3, h, w) of its row's bucket."""
+
+    takes_sample_seeds = True  # `batches` passes (index, seed) items
 
     def __init__(
         self,
@@ -173,6 +247,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.caption_column = caption_column
         self.image_column = image_column
         self.captions: list[str] = list(hf_dataset[caption_column])
+        self.buckets: list[tuple[int, int]] | None = None  # (width, height) of each bucket
+        self.bucket_ids: list[int] | None = None  # each row's bucket
         self.skipped: set[int] = set()  # indices that failed to decode in this process
         self.first_error: str | None = None  # "name: reason" of the first of them
 
@@ -202,11 +278,14 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             self.skipped.add(index)
             return None
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any] | None:
+        index, seed = item if isinstance(item, tuple) else (item, None)
         image = self.load_image(index)
         if image is None:
             return None
-        pixel_values = transform_image(image, self.resolution, self.center_crop, self.random_flip)
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        size = None if self.bucket_ids is None else self.buckets[self.bucket_ids[index]]
+        pixel_values = transform_image(image, self.resolution, self.center_crop, self.random_flip, generator, size)
         return {"pixel_values": pixel_values, "caption": self.captions[index], "index": index}
 
     def validate_images(self) -> list[int]:
@@ -240,9 +319,20 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         unreadable = {i for i, _ in bad}
         return self.select([i for i in range(len(self)) if i not in unreadable])
 
+    def assign_buckets(self, multiple: int, max_aspect: float = 2.0) -> ImageCaptionDataset:
+        """Aspect-ratio bucketing: every row goes to the bucket of `make_buckets(resolution, multiple, max_aspect)`
+        with the closest aspect ratio (image sizes read from the file headers); its image is then resized to cover
+        the bucket and cropped to it. An unreadable header gets the square-most bucket (the item will be None
+        anyway). Returns self."""
+        self.buckets = make_buckets(self.resolution, multiple, max_aspect)
+        square = nearest_bucket((1, 1), self.buckets)
+        sizes = [_image_size(source) for source in self.hf_dataset[self.image_column]]
+        self.bucket_ids = [square if size is None else nearest_bucket(size, self.buckets) for size in sizes]
+        return self
+
     def select(self, indices: Sequence[int]) -> ImageCaptionDataset:
         """A dataset over the given rows (e.g. the train part of `split_indices`), with the same transforms."""
-        return ImageCaptionDataset(
+        out = ImageCaptionDataset(
             self.hf_dataset.select(indices),
             self.resolution,
             self.center_crop,
@@ -250,6 +340,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             self.caption_column,
             self.image_column,
         )
+        if self.bucket_ids is not None:
+            out.buckets, out.bucket_ids = self.buckets, [self.bucket_ids[i] for i in indices]
+        return out
 
 
 def collate_fn(items: list[dict[str, Any] | None]) -> dict[str, Any]:

@@ -3,7 +3,10 @@ per-step random generators, the optimiser and the LR schedule, and handing freed
 
 Exact resume by construction: the data order of epoch e is a permutation drawn from (seed, e), and every random
 draw of step s (timesteps, noise, caption dropout, latent sampling) comes from a generator seeded by
-(seed, s, process). A resumed run therefore needs only (step, epoch, batch-in-epoch) besides the weights and
+(seed, s, process). The data augmentation (random crop, flip) of the sample at slot k of epoch e is drawn from a
+generator seeded by the k-th of n seeds that epoch's (seed, e) generator draws after the permutation: the slot
+fixes the step, the process and the place in the batch, so this is the per-step scheme keyed by data position
+(`epoch_order`). With aspect-ratio buckets the same generator also draws the order of the epoch's batches. A resumed run therefore needs only (step, epoch, batch-in-epoch) besides the weights and
 optimiser state that accelerate saves; no global RNG state has to round-trip.
 """
 
@@ -260,9 +263,45 @@ def step_generator(seed: int, step: int, process_index: int, device: torch.devic
     return g
 
 
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 10_007 + epoch)
+
+
 def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed * 10_007 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    return torch.randperm(n, generator=_epoch_generator(seed, epoch)).tolist()
+
+
+def epoch_order(n: int, seed: int, epoch: int, batch_size: int,
+                bucket_ids: list[int] | None = None) -> list[tuple[int, int]]:
+    """Epoch `epoch`'s samples as (row, sample seed), all drawn from the (seed, epoch) generator: first the
+    permutation of the rows (`epoch_permutation`, unchanged), then one 62-bit seed per slot of the epoch (the
+    seed of that sample's augmentation generator, see ImageCaptionDataset).
+
+    Without buckets the rows are in permutation order (batches are consecutive runs of `batch_size`, the last
+    partial one dropped by the loader). With `bucket_ids` (each row's bucket): each bucket's rows, in
+    permutation order, are cut into full batches (a bucket's remainder sits out this epoch), then the batches are
+    shuffled by a third draw of the same generator; the result is a whole number of batches, each of one bucket,
+    so the loader's consecutive runs of `batch_size` (and accelerate's sharding of whole batches) keep every
+    batch inside one bucket."""
+    g = _epoch_generator(seed, epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    seeds = torch.randint(0, 2**62, (n,), generator=g).tolist()
+    if bucket_ids is not None:
+        groups: dict[int, list[int]] = {}
+        for row in order:
+            groups.setdefault(bucket_ids[row], []).append(row)
+        chunks = [rows[i:i + batch_size] for _, rows in sorted(groups.items())
+                  for i in range(0, len(rows) - batch_size + 1, batch_size)]
+        order = [row for j in torch.randperm(len(chunks), generator=g).tolist() for row in chunks[j]]
+    return list(zip(order, seeds))
+
+
+def bucket_batches_per_epoch(bucket_ids: list[int], batch_size: int, num_processes: int) -> int:
+    """Batches each process gets per epoch with buckets: full batches of every bucket, shared over processes."""
+    counts: dict[int, int] = {}
+    for b in bucket_ids:
+        counts[b] = counts.get(b, 0) + 1
+    return sum(c // batch_size for c in counts.values()) // num_processes
 
 
 @dataclass
@@ -283,12 +322,21 @@ def batches(
     num_workers: int = 0,
 ) -> Iterator[tuple[Position, Any]]:
     """Endless stream of (position after this batch, batch), sharded over processes by accelerate, starting at
-    `start` (mid-epoch on resume: the first `start.batch` batches of that epoch are skipped, not replayed)."""
+    `start` (mid-epoch on resume: the first `start.batch` batches of that epoch are skipped, not replayed).
+    A dataset with `takes_sample_seeds` gets (row, sample seed) items (see `epoch_order`), others row indices; one
+    with `bucket_ids` (not None) gets single-bucket batches."""
     from accelerate.data_loader import prepare_data_loader, skip_first_batches
 
     epoch, skip = start.epoch, start.batch
+    seeded, bucket_ids = getattr(dataset, "takes_sample_seeds", False), getattr(dataset, "bucket_ids", None)
     while True:
-        order = epoch_permutation(len(dataset), seed, epoch)
+        order = epoch_order(len(dataset), seed, epoch, batch_size, bucket_ids)
+        order = order if seeded else [row for row, _ in order]
+        if not order:
+            from ..errors import UserError
+
+            raise UserError(f"no bucket holds a full batch of {batch_size} images: lower train.train_batch_size, "
+                            "add images, or turn data.buckets off")
         loader = DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=collate_fn,
                             num_workers=num_workers, drop_last=True)
         loader = prepare_data_loader(loader, device=accelerator.device, num_processes=accelerator.num_processes,

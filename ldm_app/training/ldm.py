@@ -44,7 +44,8 @@ from ..conditioning import (NULL_CAPTION, concat_channels, drop_captions, drop_l
                             scalar_condition)
 from ..errors import ArgumentParser, UserError
 from ..first_stage import is_vq, latent_channels, latent_stats, sample_x0
-from .common import (REPORT_TO, EmptyBatchGuard, Position, TrainProgress, batches, batches_per_epoch, check_report_to,
+from .common import (REPORT_TO, EmptyBatchGuard, Position, TrainProgress, batches, batches_per_epoch,
+                     bucket_batches_per_epoch, check_report_to,
                      effective_lr, launched_processes, log_image, make_accelerator, make_lr_scheduler, make_optimizer,
                      no_transformers_bars, open_run_folder, release_freed_memory, setup_logging, step_generator)
 from .lora import (add_embedding, add_lora, check_embedding_captions, check_embedding_run, check_lora_base,
@@ -586,7 +587,7 @@ class LDMTrainer:
         from .latent_cache import collate_cached
 
         cfg, p = self.cfg.train, self.acc.num_processes
-        check_enough_images(len(self.dataset), cfg.train_batch_size, p)
+        check_enough_images(len(self.dataset), cfg.train_batch_size, p, getattr(self.dataset, "bucket_ids", None))
         collate = collate_cached if self.cache is not None else collate_fn
         return batches(self.dataset, cfg.train_batch_size, cfg.seed, self.acc, self.state.position, collate,
                        self.cfg.data.dataloader_num_workers)
@@ -934,10 +935,32 @@ def check_concat(cfg: LDMRunConfig, models: Models) -> None:
                         "inpainting pipeline encodes the masked image through a KL posterior); this one is VQ")
 
 
-def check_enough_images(n: int, batch_size: int, num_processes: int) -> None:
+def check_enough_images(n: int, batch_size: int, num_processes: int, bucket_ids: list[int] | None = None) -> None:
     if batches_per_epoch(n, batch_size, num_processes) == 0:
         raise UserError(f"the dataset has {n} training images, fewer than one batch of {batch_size} x "
                         f"{num_processes} process(es): lower --train_batch_size")
+    if bucket_ids is not None and bucket_batches_per_epoch(bucket_ids, batch_size, num_processes) == 0:
+        raise UserError(f"data.buckets: no bucket holds {batch_size} x {num_processes} process(es) images (images "
+                        f"per bucket: {sorted(bucket_ids.count(b) for b in set(bucket_ids))}): lower "
+                        "--train_batch_size, or set data.buckets=false")
+
+
+def setup_buckets(cfg: LDMRunConfig, models: Models, dataset: Any) -> None:
+    """`data.buckets`: assign every image its bucket. Bucket sides are multiples of the autoencoder factor f times
+    the U-Net's downsampling (the multiple data.resolution must be, see `check_compatible`): 64 for SD's f=8,
+    3-level-downsampling U-Net, so every bucket is a shape the models take. Cached latents would need one latent
+    shape per bucket: refused."""
+    if not cfg.data.buckets:
+        return
+    if cfg.ldm.cache_latents:
+        raise UserError("data.buckets cannot be combined with ldm.cache_latents (latents of different shapes per "
+                        "bucket are not cached): turn one of them off")
+    f = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    down = 2 ** (len(models.unet.config.block_out_channels) - 1)
+    dataset.assign_buckets(f * down, cfg.data.bucket_max_aspect)
+    counts = {s: dataset.bucket_ids.count(i) for i, s in enumerate(dataset.buckets)}
+    logger.info("aspect-ratio buckets (sides multiples of %d): %s", f * down,
+                ", ".join(f"{w}x{h}: {n}" for (w, h), n in counts.items()))
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
@@ -954,11 +977,12 @@ def main(argv: list[str] | None = None) -> TrainResult:
     models = build_models(cfg)
     dataset = build_train_dataset(cfg)
     dataset = dataset.readable(str(cfg.data.train_data_dir or cfg.data.dataset_name))
+    setup_buckets(cfg, models, dataset)
     if cfg.ldm.cache_latents:
         from .latent_cache import check_cacheable
 
         check_cacheable(dataset)
-    check_enough_images(len(dataset), cfg.train.train_batch_size, launched_processes())
+    check_enough_images(len(dataset), cfg.train.train_batch_size, launched_processes(), dataset.bucket_ids)
     check_embedding_captions(cfg, dataset.captions)
     cond = cfg.conditioning
     check_concat(cfg, models)
