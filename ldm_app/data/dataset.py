@@ -75,7 +75,7 @@ def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
 def crop_square(image: Image.Image, resolution: int, center: bool,
                 generator: torch.Generator | None = None) -> Image.Image:
     """A `resolution` x `resolution` crop: centred, or at a random offset drawn from `generator` (the training
-    stream's per-sample generator, see `sample_generator`; None: torch's global RNG)."""
+    stream's per-sample generator, seeded by `ldm_app.training.common.epoch_order`; None: torch's global RNG)."""
     return crop_to(image, (resolution, resolution), center, generator)
 
 
