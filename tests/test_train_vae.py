@@ -197,3 +197,5 @@ def test_config_errors_name_the_key():
         train_vae.load_config(train_vae.VAERunConfig, TINY, ["data.resolution=64"])
     with pytest.raises(UserError, match="disc_start"):
         train_vae.load_config(train_vae.VAERunConfig, TINY, ["loss.disc_start=-1"])
+    with pytest.raises(UserError, match="data.buckets is for train_ldm.py"):  # not silently square crops
+        train_vae.load_config(train_vae.VAERunConfig, TINY, ["data.buckets=true"])

@@ -108,6 +108,9 @@ class VAERunConfig:
                             f"({self.data.resolution}): set both")
         if self.scale_num_images < 1 or self.eval_num_images < 0:
             raise UserError("scale_num_images must be >= 1 and eval_num_images >= 0")
+        if self.data.buckets:  # the autoencoder trains on square crops; silently ignoring the setting would mislead
+            raise UserError("data.buckets is for train_ldm.py; train_vae.py trains on square crops (set "
+                            "data.buckets=false)")
 
 
 # --------------------------------------------------------------------------------------------------------------
