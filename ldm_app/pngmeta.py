@@ -228,12 +228,7 @@ def save_png(
     process got there first) and the next name is tried. With `overwrite`, `dest` is replaced atomically. A full
     disk or a read-only folder is a one-line UserError naming the path, and leaves no temporary file.
     """
-    info = PngImagePlugin.PngInfo()
-    if params is not None:
-        info.add_text(KEY, params.to_json())
-    text = text if text is not None else format_parameters(params) if params is not None else None
-    if text is not None:
-        info.add_text(TEXT_KEY, _storable(text))
+    info = png_info(params, text)
     dest = Path(dest)
     if overwrite:
         with atomic_path(dest) as tmp:
@@ -246,6 +241,18 @@ def save_png(
             return _publish(tmp, names)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def png_info(params: ImageParams | None, text: str | None = None) -> PngImagePlugin.PngInfo:
+    """The text chunks of an image: `ldm_app` (the parameters as JSON) and `parameters` (`text`, default the A1111
+    text of `params`)."""
+    info = PngImagePlugin.PngInfo()
+    if params is not None:
+        info.add_text(KEY, params.to_json())
+    text = text if text is not None else format_parameters(params) if params is not None else None
+    if text is not None:
+        info.add_text(TEXT_KEY, _storable(text))
+    return info
 
 
 def _write_temporary(image: Image.Image, info: PngImagePlugin.PngInfo, dest: Path) -> Path:

@@ -28,6 +28,7 @@ import base64
 import binascii
 import collections
 import concurrent.futures
+import contextlib
 import datetime
 import hashlib
 import io
@@ -40,7 +41,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ldm_app import DEFAULT_MODEL, limits
 from ldm_app.errors import UserError
@@ -52,6 +53,12 @@ DEFAULT_MODEL_NAME = "default_model"  # the bundled model's name when it is not 
 MAX_SCAN_DEPTH = 3  # how deep --models_dir is searched for model folders
 MAX_INPUT_BYTES = 64 * 1024 * 1024  # one base64 image after decoding
 _FLAG = re.compile(r"(?<![\w-])--(\w+)")  # "--width" in generate.py's messages -> "width"
+
+
+def field_wording(message: str) -> str:
+    """A UserError's message with generate.py's flag names (`--width`) as the fields a server's clients know
+    (`width`): the checks are generate.py's, shared with the command line."""
+    return _FLAG.sub(r"\1", message)
 
 
 class QueueFull(UserError):
@@ -115,14 +122,7 @@ class ModelCatalog:
 
     def path(self, name: str) -> Path:
         """The path of model `name`; UserError for a name the catalog does not have (never a path from a client)."""
-        entries = self.entries()
-        if not isinstance(name, str) or name not in entries:
-            raise UserError(f"unknown model {limits.shown(name, 80)}; expected one of: {', '.join(entries) or '(none)'}")
-        return entries[name]
-
-    def name_of(self, path: str | os.PathLike) -> str | None:
-        resolved = Path(path).resolve()
-        return next((name for name, p in self.entries().items() if p == resolved), None)
+        return _lookup(self.entries(), name, "model")
 
 
 class LoraCatalog:
@@ -139,10 +139,13 @@ class LoraCatalog:
         return {p.stem: p for p in sorted(self.loras_dir.glob("*.safetensors")) if p.is_file()}
 
     def path(self, name: str) -> Path:
-        entries = self.entries()
-        if not isinstance(name, str) or name not in entries:
-            raise UserError(f"unknown LoRA {limits.shown(name, 80)}; expected one of: {', '.join(entries) or '(none)'}")
-        return entries[name]
+        return _lookup(self.entries(), name, "LoRA")
+
+
+def _lookup(entries: dict[str, Path], name: Any, what: str) -> Path:
+    if not isinstance(name, str) or name not in entries:
+        raise UserError(f"unknown {what} {limits.shown(name, 80)}; expected one of: {', '.join(entries) or '(none)'}")
+    return entries[name]
 
 
 # ---- client images -----------------------------------------------------------------------------------------------
@@ -162,65 +165,54 @@ def decode_base64(text: Any, what: str) -> bytes:
         raise UserError(f"{what} is not valid base64; expected a base64-encoded PNG or JPEG") from None
 
 
-def decode_image(data: bytes, what: str, mode: str = "RGB") -> Any:
-    """A PIL image from `data`: the size is checked against the limits from the header, before decoding (so a
-    decompression bomb is refused without being inflated); then converted to `mode` ("RGB": alpha on white, as
-    the training data reader does; "L" for masks)."""
+@contextlib.contextmanager
+def _opened(data: bytes, what: str, expected: str, min_side: int = 1) -> Iterator[Any]:
+    """The PIL image in `data`, its pixels loaded only after its size (read from the header) is within the limits,
+    so a decompression bomb is refused without being inflated; Pillow's errors as one-line UserErrors."""
     from PIL import Image, UnidentifiedImageError
-
-    from ldm_app.data.dataset import to_rgb
 
     side = limits.current().max_image_side
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.width > side or image.height > side:
                 raise UserError(f"{what} is {image.width}x{image.height} pixels, above the limit of {side} per side")
-            if image.width < 8 or image.height < 8:
-                raise UserError(f"{what} is {image.width}x{image.height} pixels; expected at least 8x8")
+            if image.width < min_side or image.height < min_side:
+                raise UserError(f"{what} is {image.width}x{image.height} pixels; expected at least "
+                                f"{min_side}x{min_side}")  # fmt: skip
             image.load()
-            rgb = to_rgb(image)
+            yield image
     except UserError:
         raise
     except Image.DecompressionBombError:  # Pillow's own refusal, from the header too, for a gross excess
-        raise UserError(f"{what} claims far more pixels than allowed (a decompression bomb?); the limit is {side} "
-                        "pixels per side") from None  # fmt: skip
+        raise UserError(f"{what} claims far more pixels than allowed (DecompressionBombError: a decompression "
+                        f"bomb?); the limit is {side} pixels per side") from None  # fmt: skip
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise UserError(f"{what} is not a readable image ({type(e).__name__}); expected a PNG or JPEG") from None
+        raise UserError(f"{what} is not a readable image ({type(e).__name__}); expected {expected}") from None
+
+
+def decode_image(data: bytes, what: str, mode: str = "RGB") -> Any:
+    """A PIL image from `data` (see `_opened`), converted to `mode` ("RGB": alpha on white, as the training data
+    reader does; "L" for masks)."""
+    from ldm_app.data.dataset import to_rgb
+
+    with _opened(data, what, "a PNG or JPEG", min_side=8) as image:
+        rgb = to_rgb(image)
     return rgb if mode == "RGB" else rgb.convert(mode)
 
 
 def encode_png(image: Any, params: Any = None, text: str | None = None) -> bytes:
     """PNG bytes with the same text chunks as a saved image (`ldm_app` JSON and A1111 `parameters`)."""
-    from PIL import PngImagePlugin
+    from ldm_app.pngmeta import png_info
 
-    from ldm_app.pngmeta import KEY, TEXT_KEY, format_parameters
-
-    info = PngImagePlugin.PngInfo()
-    if params is not None:
-        info.add_text(KEY, params.to_json())
-        text = text if text is not None else format_parameters(params)
-    if text is not None:
-        info.add_text(TEXT_KEY, text.encode("utf-8", "backslashreplace").decode("utf-8"))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
+    image.save(buffer, format="PNG", pnginfo=png_info(params, text))
     return buffer.getvalue()
 
 
 def read_png_text(data: bytes) -> dict[str, str]:
     """The text chunks of PNG bytes (the `parameters` of an A1111 or ldm_app image); {} for an image without."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            side = limits.current().max_image_side
-            if image.width > side or image.height > side:
-                raise UserError(f"the image is {image.width}x{image.height} pixels, above the limit of {side} per side")
-            image.load()
-            return {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
-    except UserError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f"not a readable image ({type(e).__name__}); expected a PNG") from None
+    with _opened(data, "the image", "a PNG") as image:
+        return {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
 
 
 def _store_input(image: Any, folder: Path) -> str:
@@ -369,11 +361,6 @@ class GenerationService:
                             f"{spec.init_image.width}x{spec.init_image.height}; expected a mask of the image's size")  # fmt: skip
         loras = tuple(f"{self.loras.path(name)}:{limits.check_number('LoRA scale', scale):g}" for name, scale in spec.loras)
         inputs = self.outputs_dir / "inputs"
-        if spec.init_image is not None:
-            from ldm_app.pipeline import check_mask_coverage
-
-            if spec.mask is not None:
-                check_mask_coverage(spec.mask)
         request = generate.Request(
             prompts=[spec.prompt], model=str(model_path), seed=spec.seed, negative_prompt=spec.negative_prompt,
             steps=spec.steps, guidance_scale=spec.guidance_scale, sampler=spec.sampler, height=spec.height,
@@ -390,8 +377,8 @@ class GenerationService:
                 with tempfile.TemporaryDirectory(prefix="ldm_app-check-") as scratch:  # checked before stored
                     generate.check_request(_with_inputs(request, spec, Path(scratch)))
                 request = _with_inputs(request, spec, inputs)
-        except UserError as e:  # generate.py's messages name its flags; a server's clients know field names
-            raise UserError(_FLAG.sub(r"\1", str(e))) from None
+        except UserError as e:
+            raise UserError(field_wording(str(e))) from None
         return request, model_name
 
     def submit(self, spec: JobSpec) -> Job:
@@ -483,7 +470,9 @@ class GenerationService:
                 if job.future.set_running_or_notify_cancel():
                     job.future.set_result(self._run(job))
             except BaseException as e:  # the job's error goes to whoever waits for it; the worker goes on
-                if not isinstance(e, UserError):
+                if isinstance(e, UserError):  # the model-side checks: the same wording as the submit-time ones
+                    e.args = (field_wording(str(e)),)
+                else:
                     logger.exception("job %d failed", job.id)
                 if not job.future.done():
                     job.future.set_exception(e)

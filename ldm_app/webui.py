@@ -33,6 +33,7 @@ Choices:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import html
 import json
 import os
@@ -61,11 +62,9 @@ MAX_SLIDER_STEPS = 150
 MAX_SLIDER_GUIDANCE = 30.0
 SEND_TO_TXT2IMG = "Send to Text to image"
 PLACEHOLDER = "a small red circle above a small blue square on a white background"  # the bundled model's words
-# A1111's sampler names (as written in their PNGs) -> ours
-A1111_SAMPLERS = {
-    "ddim": "ddim", "plms": "plms", "pndm": "pndm", "ddpm": "ddpm", "euler": "euler", "euler a": "euler_a",
-    "euler_a": "euler_a", "dpm++ 2m": "dpm++", "dpm++ 2m karras": "dpm++", "dpm++": "dpm++",
-}  # fmt: skip
+# A1111 samplers we have no exact twin for, read from a PNG as our nearest one (the API refuses them: a client's
+# request must be exact; a PNG's settings are a starting point). The rest: ldm_app.a1111.resolve_sampler.
+NEAREST_SAMPLERS = {"dpm++ 2m karras": "dpm++"}
 
 
 # ---- model defaults ------------------------------------------------------------------------------------------------
@@ -144,8 +143,13 @@ def parse_parameters(text: str) -> dict[str, Any]:
         sampler = settings["Sampler"].lower()
         if sampler == MODEL_DEFAULT_SAMPLER:
             out["sampler"] = MODEL_DEFAULT_SAMPLER
-        elif sampler in A1111_SAMPLERS:
-            out["sampler"] = A1111_SAMPLERS[sampler]
+        elif sampler in NEAREST_SAMPLERS:
+            out["sampler"] = NEAREST_SAMPLERS[sampler]
+        else:
+            from ldm_app.a1111 import ApiError, resolve_sampler
+
+            with contextlib.suppress(ApiError):  # a sampler we do not offer: left as the page has it
+                out["sampler"] = resolve_sampler(sampler)
     if "Model" in settings:
         out["model"] = settings["Model"]
     return out
@@ -462,7 +466,7 @@ class WebUI:
 
     @staticmethod
     def _error(tab: _Tab, error: Exception) -> dict:
-        return {tab.status: _status(f"Error: {_for_the_page(str(error))}", error=True)}
+        return {tab.status: _status(f"Error: {error}", error=True)}
 
     def _cancel(self, tab: _Tab, request: gr.Request) -> str:
         key = (getattr(request, "session_hash", None) or "", tab.name)
@@ -529,13 +533,6 @@ class WebUI:
         return [p.get("prompt", keep), p.get("negative_prompt", keep), p.get("steps", keep), p.get("guidance", keep),
                 p.get("seed", keep), p.get("width", keep), p.get("height", keep), p.get("sampler", keep),
                 _status(message), gr.Tabs(selected="txt2img")]  # fmt: skip
-
-
-def _for_the_page(message: str) -> str:
-    """A UserError's message with the command line's flag names (`--height`) as the page's fields (`height`): the
-    checks are generate.py's, shared with the command line. The service already renames them in its submit-time
-    checks; this also covers the model-side checks that fail in the worker (the job's future)."""
-    return re.sub(r"(?<![\w-])--(?=[a-z][a-z_]*\b)", "", message)
 
 
 def _size(value: Any, zero_is_default: bool) -> int | None:

@@ -194,3 +194,19 @@ def test_concurrent_submitters_are_served_in_queue_order(models_dir, tmp_path):
     assert len(jobs) == 8 and all(job.future.done() and not job.future.exception() for job in jobs)
     started = sorted(jobs, key=lambda job: job.started)
     assert [job.id for job in started] == [job.id for job in jobs]  # one worker, FIFO: run in the order submitted
+
+
+def test_model_side_errors_name_fields_not_flags(service, monkeypatch):
+    """Errors raised in the worker (the checks that need the model) read like the submit-time ones: field names,
+    not generate.py's flags; the exception keeps its type."""
+    class ModelSideError(UserError):
+        pass
+
+    def failing_run(job):
+        raise ModelSideError("--steps 900 for sampler ddim is above the model's 100 training timesteps (see --help)")
+
+    monkeypatch.setattr(service, "_run", failing_run)
+    job = service.submit(JobSpec(PROMPT, steps=2, save=False))
+    with pytest.raises(ModelSideError) as info:
+        job.future.result(timeout=30)
+    assert str(info.value) == "steps 900 for sampler ddim is above the model's 100 training timesteps (see help)"
