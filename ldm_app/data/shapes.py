@@ -309,6 +309,21 @@ def object_size(scene: Scene) -> float:
     return round(obj.width, 3)
 
 
+
+def _checked_extras(kind: str, names: tuple[str, ...] | list[str], known: dict | tuple,
+                    fraction: float | None) -> tuple[str, ...]:
+    """--extra_colours / --extra_shapes (each name known, in order, once each) and their --extra_*_fraction."""
+    names = tuple(dict.fromkeys(names))
+    for name in names:
+        if name not in known:
+            raise UserError(f"--extra_{kind}s: unknown {kind} {name!r}; choose from {', '.join(known)}")
+    if fraction is not None:
+        if not names:
+            raise UserError(f"--extra_{kind}_fraction needs --extra_{kind}s")
+        if not 0.0 <= fraction <= 1.0:
+            raise UserError(f"--extra_{kind}_fraction must be between 0 and 1, got {fraction}")
+    return names
+
 def make_dataset(
     out: str | Path, num_images: int, resolution: int, seed: int, two_object_fraction: float = 0.25,
     labels: bool = False, sizes: bool = False, extra_colours: tuple[str, ...] | list[str] = (),
@@ -327,24 +342,8 @@ def make_dataset(
         raise UserError("class labels are colour x shape of one object: use --two_object_fraction 0 with --labels")
     if sizes and two_object_fraction:
         raise UserError("sizes are the width of one object: use --two_object_fraction 0 with --sizes")
-    extra_colours = tuple(dict.fromkeys(extra_colours))  # in order, once each
-    for name in extra_colours:
-        if name not in EXTRA_COLOURS:
-            raise UserError(f"--extra_colours: unknown colour {name!r}; choose from {', '.join(EXTRA_COLOURS)}")
-    if extra_colour_fraction is not None:
-        if not extra_colours:
-            raise UserError("--extra_colour_fraction needs --extra_colours")
-        if not 0.0 <= extra_colour_fraction <= 1.0:
-            raise UserError(f"--extra_colour_fraction must be between 0 and 1, got {extra_colour_fraction}")
-    extra_shapes = tuple(dict.fromkeys(extra_shapes))
-    for name in extra_shapes:
-        if name not in EXTRA_SHAPES:
-            raise UserError(f"--extra_shapes: unknown shape {name!r}; choose from {', '.join(EXTRA_SHAPES)}")
-    if extra_shape_fraction is not None:
-        if not extra_shapes:
-            raise UserError("--extra_shape_fraction needs --extra_shapes")
-        if not 0.0 <= extra_shape_fraction <= 1.0:
-            raise UserError(f"--extra_shape_fraction must be between 0 and 1, got {extra_shape_fraction}")
+    extra_colours = _checked_extras("colour", extra_colours, EXTRA_COLOURS, extra_colour_fraction)
+    extra_shapes = _checked_extras("shape", extra_shapes, EXTRA_SHAPES, extra_shape_fraction)
     if (extra_colours or extra_shapes) and labels:
         raise UserError("class labels cover the fixed colours and shapes only: --labels cannot be used with "
                         "--extra_colours / --extra_shapes")
