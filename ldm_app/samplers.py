@@ -10,6 +10,10 @@ process is discretised, so any sampler can be used with any model.
 - `dpm++`: DPM-Solver++ (2M multistep), Lu et al. 2022.
 - `euler`: Euler method on the probability-flow ODE, Karras et al. 2022 (Algorithm 1 with no churn).
 - `euler_a`: Euler ancestral (k-diffusion's `sample_euler_ancestral`), stochastic like `ddpm`.
+- `lcm`: multistep latent consistency sampling, Luo et al. 2023 (diffusers' LCMScheduler): for a model distilled
+  by `python -m ldm_app.train_distill` (1-8 steps; fresh noise between steps, so stochastic like `ddpm`). Its
+  timesteps are picked from the distillation's DDIM grid (`original_inference_steps`, kept from the model's own
+  LCMScheduler config). On a model that was not distilled it runs but gives poor images in few steps.
 """
 
 from __future__ import annotations
@@ -36,13 +40,14 @@ _REGISTRY: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "lcm": ("LCMScheduler", _NO_CLIP),
 }
 
 SAMPLERS: tuple[str, ...] = tuple(_REGISTRY)
 
 # Samplers that draw fresh noise at every step (from the call's generator): their output depends on the seed
 # beyond the initial latents x_T.
-ANCESTRAL_SAMPLERS: tuple[str, ...] = ("ddpm", "euler_a")
+ANCESTRAL_SAMPLERS: tuple[str, ...] = ("ddpm", "euler_a", "lcm")
 
 
 def check_sampler_name(name: str) -> str:
@@ -81,8 +86,12 @@ def set_timesteps_checked(scheduler: SchedulerMixin, steps: int, device: Any = N
     problem = None
     try:
         scheduler.set_timesteps(steps, device=device)
-    except ValueError:  # diffusers' own refusal (steps > T for DDIM/DDPM)
+    except ValueError:  # diffusers' own refusal (steps > T for DDIM/DDPM; LCM: steps > its original_inference_steps)
         problem = "more steps than its training timesteps"
+        if type(scheduler).__name__ == "LCMScheduler":
+            n = scheduler.config.original_inference_steps
+            problem = (f"a distillation grid (original_inference_steps={n}) longer than them" if n > train_steps
+                       else f"more steps than the {n} of its distillation grid (original_inference_steps)")
     if problem is None:
         import torch
 

@@ -11,6 +11,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     PNDMScheduler,
 )
 
@@ -26,6 +27,7 @@ EXPECTED_CLASS = {
     "dpm++": DPMSolverMultistepScheduler,
     "euler": EulerDiscreteScheduler,
     "euler_a": EulerAncestralDiscreteScheduler,
+    "lcm": LCMScheduler,
 }
 
 
@@ -90,7 +92,7 @@ def test_each_sampler_denoises(tiny_pipeline, name):
     assert not torch.allclose(out, x_T * tiny_pipeline.scheduler.init_noise_sigma, atol=1e-2)
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler_a"])
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler_a", "lcm"])
 def test_per_step_noise_comes_from_the_generator(tiny_pipeline, name):
     """Same x_T, different generators: ancestral samplers must differ (fresh noise per step), DDIM must not."""
     tiny_pipeline.set_sampler(name)
@@ -102,7 +104,7 @@ def test_per_step_noise_comes_from_the_generator(tiny_pipeline, name):
     assert torch.allclose(runs[0], runs[1]) == (name not in ANCESTRAL_SAMPLERS)
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler_a", "dpm++"])
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler_a", "dpm++", "lcm"])
 def test_batch_seed_rule(tiny_pipeline, name):
     """Image k of a batch made with generators seeded seed+k equals the prompt run alone with seed+k, for
     deterministic and ancestral samplers alike (each image draws x_T and its per-step noise from its own generator)."""
