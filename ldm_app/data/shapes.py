@@ -14,6 +14,15 @@ with a one-line error before any image is drawn, so a folder holding files the g
 dataset, a dataset written before manifests existed, a user's notes) is never deleted. A full disk or read-only
 place while writing is a one-line error too; the temporary folder is removed and `--out` is left as it was.
 
+Captions are canonical ("a small red circle on the left on a white background", "a small red circle above a small
+blue square on a gray background"). `--free_caption_fraction F` (default 0) captions a share F of the images
+free-form instead (`free_caption`): attributes left out ("a red circle", "something blue on the left"), phrases in
+any order ("on a black background, a big red circle at the top"), words from the SYNONYMS table; `parse_caption`
+reads both forms back. A fraction rather than a switch between two styles because the model to train wants both:
+free captions for partial prompts, canonical ones so that a fully stated prompt stays as well learnt. Which images
+get a free caption, and its wording, come from a random stream of their own: the scenes and images are the same
+at every F, and at F = 0 the output is byte-identical to the generator's before this option existed.
+
 The vocabulary below is FIXED: evaluation imports it to parse captions and to check generated images, so
 changing a name, colour or range invalidates every trained model's scores. Geometry is kept in fractions of the
 image side so that a caption means the same thing at every resolution.
@@ -24,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +93,45 @@ RELATION_POSITIONS: dict[str, tuple[str, str]] = {
     "to the right of": ("right", "left"),
 }
 
+# ---- free-form captions (opt-in: --free_caption_fraction) ----
+# Other plain-English words for the FIXED vocabulary above, in one table: a free-form caption may use any entry,
+# the canonical one included (listed first). Left out on purpose: "box" (a 3-D container), "dot" (says small),
+# "over" / "under" (also mean covering / hidden beneath), "violet" (not the same hue as everyone's "purple").
+SYNONYMS: dict[str, dict[str, tuple[str, ...]]] = {
+    "size": {"small": ("small", "little"), "large": ("large", "big")},
+    "colour": {c: (c,) for c in COLOURS},
+    "shape": {s: (s,) for s in SHAPES},
+    "background": {"white": ("white",), "black": ("black",), "gray": ("gray", "grey")},
+    "position": {
+        "left": ("on the left", "at the left", "on the left side"),
+        "right": ("on the right", "at the right", "on the right side"),
+        "top": ("at the top", "near the top"),
+        "bottom": ("at the bottom", "near the bottom"),
+        "center": ("in the center", "in the centre", "in the middle"),
+    },
+    "relation": {
+        "above": ("above",),
+        "below": ("below", "beneath"),
+        "to the left of": ("to the left of", "left of"),
+        "to the right of": ("to the right of", "right of"),
+    },
+}
+# "A {relation} B" said the other way round: "B {inverse} A" describes the same scene.
+INVERSE_RELATIONS: dict[str, str] = {
+    "above": "below", "below": "above", "to the left of": "to the right of", "to the right of": "to the left of",
+}
+BACKGROUND_PREPOSITIONS = ("on", "against")  # "{prep} a gray background"; not "with" ("a red circle left of a blue
+# square with a gray background" could give the square the background)
+OBJECT_NOUNS = ("shape", "object")  # stand for the shape when it is left out: "a red shape"
+# How often a free caption states each one-object attribute. Colour and shape: at least one of them is always
+# stated (a caption naming neither, "something at the top", says too little to learn or judge an object from).
+FREE_STATE_PROBABILITY = {"size": 0.5, "position": 0.6, "background": 0.5}
+FREE_OBJECT_NAMING = {"colour and shape": 0.6, "colour": 0.2, "shape": 0.2}
+FREE_TWO_OBJECT_SIZE_PROBABILITY = 0.3  # "small" per object (both objects of a two-object scene are small)
+# Seed stream of the caption wording: image i's caption rng is default_rng([seed, FREE_CAPTION_STREAM, i]), apart
+# from the scene's default_rng([seed, i]), so scenes and images are the same in every caption style.
+FREE_CAPTION_STREAM = 1019
+
 SUPERSAMPLE = 4  # draw at 4x then box-downsample: anti-aliased edges without ringing (LANCZOS overshoots)
 _THIRD_MARGIN = 0.01  # keep an object's centre this far inside its third, so the position is never borderline
 _CENTER_JITTER = 0.08  # "in the center" objects: centre within +-8% of the middle (well inside the middle third)
@@ -122,6 +171,135 @@ def caption(scene: Scene) -> str:
         return f"{_describe(obj)} {POSITIONS[obj.position]} {tail}"
     first, second = scene.objects
     return f"{_describe(first)} {scene.relation} {_describe(second)} {tail}"
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _choice(rng: np.random.Generator, options) -> str:
+    return str(options[int(rng.integers(len(options)))])
+
+
+def _free_object(rng: np.random.Generator, stated: dict[str, str]) -> str:
+    """An object phrase naming exactly the attributes in `stated` (size, colour, shape; colour or shape given)."""
+    words = [_choice(rng, SYNONYMS[a][stated[a]]) for a in ("size", "colour") if a in stated]
+    if "shape" not in stated and "size" not in stated and rng.random() < 0.5:
+        return f"something {words[0]}"  # "something blue"
+    words.append(_choice(rng, SYNONYMS["shape"][stated["shape"]]) if "shape" in stated else _choice(rng, OBJECT_NOUNS))
+    return f"{_article(words[0])} {' '.join(words)}"
+
+
+def _background_phrase(rng: np.random.Generator, background: str) -> str:
+    return f"{_choice(rng, BACKGROUND_PREPOSITIONS)} a {_choice(rng, SYNONYMS['background'][background])} background"
+
+
+def _arrange(rng: np.random.Generator, core: str, phrases: list[str]) -> str:
+    """`core` and `phrases` in a random order: the ones before the core end with a comma ("at the top, on a black
+    background, a red circle"), the ones after follow it ("a red circle at the top on a black background")."""
+    order = [core, *phrases]
+    rng.shuffle(order)
+    k = order.index(core)
+    return ", ".join(order[: k + 1]) + "".join(f" {p}" for p in order[k + 1 :])
+
+
+def free_caption(scene: Scene, rng: np.random.Generator) -> tuple[str, dict]:
+    """A free-form caption of `scene` drawn with `rng`, and what it states (the form `parse_caption` returns).
+
+    One object: any of size, position and background may be left out, and colour or shape (not both); the
+    phrases come in any order and words from SYNONYMS. Two objects: each named by colour and shape (size
+    "small" sometimes), the relation in any wording of SYNONYMS or said the other way round ("B below A"), the
+    background sometimes, before or after. What is left out means "any": the scene is the same."""
+    stated: dict = {}
+    if scene.relation is None:
+        (obj,) = scene.objects
+        naming = str(rng.choice(list(FREE_OBJECT_NAMING), p=list(FREE_OBJECT_NAMING.values())))
+        for attribute in ("colour", "shape"):
+            if attribute in naming:
+                stated[attribute] = getattr(obj, attribute)
+        for attribute, p in FREE_STATE_PROBABILITY.items():
+            if rng.random() < p:
+                stated[attribute] = scene.background if attribute == "background" else getattr(obj, attribute)
+        phrases = []
+        if "position" in stated:
+            phrases.append(_choice(rng, SYNONYMS["position"][stated["position"]]))
+        if "background" in stated:
+            phrases.append(_background_phrase(rng, scene.background))
+        return _arrange(rng, _free_object(rng, stated), phrases), stated
+    first, second, relation = *scene.objects, scene.relation
+    if rng.random() < 0.5:  # said the other way round
+        first, second, relation = second, first, INVERSE_RELATIONS[relation]
+    objects = []
+    for obj in (first, second):
+        named = {"colour": obj.colour, "shape": obj.shape}
+        if rng.random() < FREE_TWO_OBJECT_SIZE_PROBABILITY:
+            named["size"] = obj.size
+        objects.append(named)
+    stated["relation"], stated["objects"] = relation, tuple(objects)
+    words = _choice(rng, SYNONYMS["relation"][relation])
+    core = f"{_free_object(rng, objects[0])} {words} {_free_object(rng, objects[1])}"
+    phrases = []
+    if rng.random() < FREE_STATE_PROBABILITY["background"]:
+        stated["background"] = scene.background
+        phrases.append(_background_phrase(rng, scene.background))
+    return _arrange(rng, core, phrases), stated
+
+
+def _words(kind: str) -> dict[str, str]:
+    """Every wording of the `kind` in SYNONYMS -> its vocabulary name."""
+    return {word: name for name, words in SYNONYMS[kind].items() for word in words}
+
+
+def _alternation(words) -> str:
+    return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))  # longest first: "left of" last
+
+
+def parse_caption(text: str) -> dict:
+    """What a caption of this generator (canonical or free-form) states, in vocabulary names:
+    one object: a subset of {"colour", "shape", "size", "position", "background"} with their values;
+    two objects: {"relation": one of RELATIONS, "objects": (first, second) as written, each a dict of the stated
+    "colour" / "shape" / "size"}, plus "background" if stated. Raises ValueError for text outside this grammar."""
+    text = " ".join(text.lower().split())
+    stated: dict = {}
+    background = re.compile(rf"\b(?:{'|'.join(BACKGROUND_PREPOSITIONS)}) an? ({_alternation(_words('background'))}) "
+                            r"background\b")
+    found = background.findall(text)
+    if len(found) > 1:
+        raise ValueError(f"more than one background in {text!r}")
+    if found:
+        stated["background"] = _words("background")[found[0]]
+        text = background.sub(",", text)
+    relation = re.compile(rf"\b({_alternation(_words('relation'))})\b")
+    relations = relation.findall(text)
+    if len(relations) > 1:
+        raise ValueError(f"more than one relation in {text!r}")
+    if relations:
+        left, right = (part.strip(" ,") for part in relation.split(text) if part not in relations)
+        stated["relation"] = _words("relation")[relations[0]]
+        stated["objects"] = (_parse_object(left, text), _parse_object(right, text))
+        return stated
+    position = re.compile(rf"\b({_alternation(_words('position'))})\b")
+    positions = position.findall(text)
+    if len(positions) > 1:
+        raise ValueError(f"more than one position in {text!r}")
+    if positions:
+        stated["position"] = _words("position")[positions[0]]
+        text = position.sub(",", text)
+    chunks = [c.strip() for c in text.split(",") if c.strip()]
+    if len(chunks) != 1:
+        raise ValueError(f"expected one object phrase, found {chunks} in {text!r}")
+    return {**_parse_object(chunks[0], text), **stated}
+
+
+def _parse_object(phrase: str, text: str) -> dict[str, str]:
+    """"a small red circle", "a red shape", "an orange object", "a circle", "something blue" -> what it states."""
+    size, colour, shape = (_alternation(_words(k)) for k in ("size", "colour", "shape"))
+    m = re.fullmatch(rf"(?:an? (?:({size}) )?(?:({colour}) )?(?:({shape})|{'|'.join(OBJECT_NOUNS)})"
+                     rf"|something ({colour}))", phrase)
+    if m is None or not (m[2] or m[3] or m[4]):  # "a small object" names neither colour nor shape
+        raise ValueError(f"cannot read an object from {phrase!r} in {text!r}")
+    found = {"size": m[1], "colour": m[2] or m[4], "shape": m[3]}
+    return {k: _words(k)[v] for k, v in found.items() if v}
 
 
 def _sample_center(rng: np.random.Generator, position: str, width: float, inset: float) -> tuple[float, float]:
@@ -328,7 +506,7 @@ def make_dataset(
     out: str | Path, num_images: int, resolution: int, seed: int, two_object_fraction: float = 0.25,
     labels: bool = False, sizes: bool = False, extra_colours: tuple[str, ...] | list[str] = (),
     extra_colour_fraction: float | None = None, extra_shapes: tuple[str, ...] | list[str] = (),
-    extra_shape_fraction: float | None = None,
+    extra_shape_fraction: float | None = None, free_caption_fraction: float = 0.0,
 ) -> Path:
     """Write `num_images` rendered scenes and their captions to `out` (imagefolder layout), atomically; with
     `labels` (one-object scenes only), also each scene's `class_label` as the `label` of its metadata line; with
@@ -336,7 +514,9 @@ def make_dataset(
 
     Image i is drawn from its own generator seeded with (seed, i), so it does not depend on `num_images`.
     `extra_colours` / `extra_colour_fraction` / `extra_shapes` / `extra_shape_fraction`: see `sample_scene`
-    (opt-in; without them the output is unchanged).
+    (opt-in; without them the output is unchanged). `free_caption_fraction`: the share of images whose caption is
+    a `free_caption` instead of the canonical one (whether image i gets one, and its wording, are drawn from the
+    separate stream [seed, FREE_CAPTION_STREAM, i], so the images, and every caption at 0, are the default's).
     """
     if labels and two_object_fraction:
         raise UserError("class labels are colour x shape of one object: use --two_object_fraction 0 with --labels")
@@ -347,6 +527,8 @@ def make_dataset(
     if (extra_colours or extra_shapes) and labels:
         raise UserError("class labels cover the fixed colours and shapes only: --labels cannot be used with "
                         "--extra_colours / --extra_shapes")
+    if not 0.0 <= free_caption_fraction <= 1.0:
+        raise UserError(f"--free_caption_fraction must be between 0 and 1, got {free_caption_fraction}")
     out = Path(out)
     _check_args(out, num_images, resolution, seed, two_object_fraction)
     files: dict[str, dict] = {}
@@ -364,7 +546,12 @@ def make_dataset(
             png = io.BytesIO()
             render_scene(scene, resolution).save(png, format="PNG")
             write(tmp, file_name, png.getvalue())
-            row = {"file_name": file_name, "text": caption(scene)}
+            text = caption(scene)
+            if free_caption_fraction:
+                wording = np.random.default_rng([seed, FREE_CAPTION_STREAM, i])
+                if wording.random() < free_caption_fraction:
+                    text = free_caption(scene, wording)[0]
+            row = {"file_name": file_name, "text": text}
             if labels:
                 row["label"] = class_label(scene)
             if sizes:
@@ -381,6 +568,8 @@ def make_dataset(
         if extra_shapes:
             arguments["extra_shapes"] = list(extra_shapes)
             arguments["extra_shape_fraction"] = extra_shape_fraction
+        if free_caption_fraction:
+            arguments["free_caption_fraction"] = float(free_caption_fraction)
         manifest = {"written_by": WRITTEN_BY, "arguments": arguments, "files": files}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         _check_out(out)  # again just before the swap: --out may have changed while the images were drawn
@@ -417,11 +606,15 @@ def main(argv: list[str] | None = None) -> None:
                         "without it the output is unchanged")
     parser.add_argument("--extra_shape_fraction", type=float, default=None,
                         help="probability that a drawn shape is one of --extra_shapes (default: uniform)")
+    parser.add_argument("--free_caption_fraction", type=float, default=0.0,
+                        help="share of images captioned free-form (attributes left out, phrases in any order, "
+                        "synonyms; the images are the same), e.g. 0.5; default 0: every caption canonical")
     args = parser.parse_args(argv)
     path = make_dataset(args.out, args.num_images, args.resolution, args.seed, args.two_object_fraction,
                         labels=args.labels, sizes=args.sizes, extra_colours=args.extra_colours,
                         extra_colour_fraction=args.extra_colour_fraction, extra_shapes=args.extra_shapes,
-                        extra_shape_fraction=args.extra_shape_fraction)
+                        extra_shape_fraction=args.extra_shape_fraction,
+                        free_caption_fraction=args.free_caption_fraction)
     print(f"wrote {args.num_images} images to {path}")
 
 
