@@ -1,7 +1,8 @@
 """Evaluation commands (one subcommand per trained part).
 
     python -m ldm_app.evaluate vae --model OUT --data DIR [--num_images N] [--grid PATH] [--json PATH]
-    python -m ldm_app.evaluate ldm --model M ...     (prompt adherence: ldm_app/evaluation/adherence.py)
+    python -m ldm_app.evaluate ldm --model M ...     (prompt adherence: ldm_app/evaluation/adherence.py;
+                                                      --prompt_style free: free-form prompts, scored on what they state)
     python -m ldm_app.evaluate sweep --model M ...   (settings sweep, defaults by measurement: .../sweep.py)
     python -m ldm_app.evaluate edit --model M ...    (recolouring and inpainting: .../edit.py)
 

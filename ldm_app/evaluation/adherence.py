@@ -2,9 +2,15 @@
 
     python -m ldm_app.evaluate ldm --model M [--num_prompts 100] [--two_object_prompts 50] [--seed 0]
         [--sampler ddim] [--steps 50] [--guidance_scale 7.5] [--batch_size 16] [--out DIR]
+        [--prompt_style canonical|free]
 
 Prompts are captions of scenes drawn from the shapes vocabulary (scene i from its own seed, image i from its own
-generator), so a figure does not depend on the batch size or on how many prompts are asked for. Reported:
+generator), so a figure does not depend on the batch size or on how many prompts are asked for. With
+`--prompt_style free` the scenes and image seeds are the same, but each prompt is a free-form caption of its scene
+(`shapes.free_caption`, its wording from a seed stream of its own): some attributes left out, phrases in any
+order, synonyms. Every prompt is scored on what its text states (`shapes.parse_caption`), so a left-out attribute
+("a red circle": size, position and background are "any") is counted for neither judge, and the report gives per
+attribute how many prompts stated it (`num_stated`). Reported:
 - one-object prompts: accuracy per attribute (colour, shape, size, position, background), the judged object count
   and all five attributes at once;
 - two-object prompts: relation accuracy (both objects judged present with the right colour and shape, in the
@@ -30,10 +36,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from ldm_app.data.shapes import POSITIONS, Scene, caption, render_scene, sample_scene
+from ldm_app.data.shapes import (
+    FREE_CAPTION_STREAM,
+    POSITIONS,
+    Scene,
+    caption,
+    free_caption,
+    parse_caption,
+    render_scene,
+    sample_scene,
+)
 from ldm_app.errors import UserError
 from ldm_app.evaluation.geometry import GeometryJudge
 from ldm_app.evaluation.judge import (
+    AXES,
     DEFAULT_THRESHOLD,
     HEADS,
     ONE_OBJECT_HEADS,
@@ -50,6 +66,8 @@ GRID_FILE = "adherence_grid.png"
 ONE, TWO = 0, 1  # prompt kinds; also the seed streams of their scenes
 _REFERENCE_STREAM = 2  # seed stream of the independent real renders KID compares against
 ONE_OBJECT_ATTRIBUTES = (*ONE_OBJECT_HEADS, "background")
+PROMPT_STYLES = ("canonical", "free")  # the caption form of the prompts: see the module docstring
+_FIRST_WRITTEN_IS_FIRST = ("above", "to the left of")  # "A above B": A is the top (the judge's first) object
 
 
 @dataclass(frozen=True)
@@ -73,14 +91,58 @@ def _scene(seed: int, kind: int, i: int, resolution: int, stream: int | None = N
     return sample_scene(rng, resolution, two_object_fraction=float(kind == TWO))
 
 
-def sample_prompts(num_one: int, num_two: int, seed: int, resolution: int = 64) -> list[Prompt]:
-    """`num_one` one-object then `num_two` two-object prompts; prompt i of a kind depends only on (seed, kind, i)."""
+def _text(scene: Scene, style: str, seed: int, kind: int, i: int) -> str:
+    if style == "canonical":
+        return caption(scene)
+    # free: the wording from a stream of its own, so the scene and image seed are the canonical prompt's
+    return free_caption(scene, np.random.default_rng([seed, FREE_CAPTION_STREAM, kind, i]))[0]
+
+
+def sample_prompts(
+    num_one: int, num_two: int, seed: int, resolution: int = 64, style: str = "canonical"
+) -> list[Prompt]:
+    """`num_one` one-object then `num_two` two-object prompts; prompt i of a kind depends only on (seed, kind, i).
+    `style` "free" gives the same scenes and image seeds with free-form captions."""
+    check_prompt_style(style)
     return [
-        Prompt(caption(scene), scene, _seed(seed, kind, i))
+        Prompt(_text(scene, style, seed, kind, i), scene, _seed(seed, kind, i))
         for kind, n in ((ONE, num_one), (TWO, num_two))
         for i in range(n)
         for scene in (_scene(seed, kind, i, resolution),)
     ]
+
+
+def prompt_labels(text: str) -> dict[str, int]:
+    """The judge's class index per head that a prompt's text states, -1 where it states nothing (a left-out
+    attribute) or the head does not apply: `judge.scene_labels` of its scene, restricted to what the text says."""
+    stated = parse_caption(text)
+    labels = {name: -1 for name in HEADS}
+    if "background" in stated:
+        labels["background"] = HEADS["background"].index(stated["background"])
+    if "relation" not in stated:
+        labels["count"] = 0
+        for head in ONE_OBJECT_HEADS:
+            if head in stated:
+                labels[head] = HEADS[head].index(stated[head])
+        return labels
+    relation, objects = stated["relation"], stated["objects"]
+    first, second = objects if relation in _FIRST_WRITTEN_IS_FIRST else objects[::-1]
+    labels["count"] = 1
+    labels["axis"] = AXES.index("vertical" if relation in ("above", "below") else "horizontal")
+    for prefix, obj in (("first", first), ("second", second)):
+        for attribute in ("colour", "shape"):
+            if attribute in obj:
+                labels[f"{prefix}_{attribute}"] = HEADS[f"{prefix}_{attribute}"].index(obj[attribute])
+    return labels
+
+
+def _stated_labels(prompt: Prompt) -> dict[str, int]:
+    """prompt_labels of its text, checked against its scene: a text that misdescribes its scene is a bug here."""
+    stated, truth = prompt_labels(prompt.text), scene_labels(prompt.scene)
+    wrong = [head for head, value in stated.items() if value >= 0 and value != truth[head]]
+    if wrong:
+        raise ValueError(f"prompt {prompt.text!r} contradicts its scene on {', '.join(wrong)}")
+    return stated
 
 
 def generate(
@@ -129,23 +191,25 @@ def score(judge: Judge, prompts: list[Prompt], images: torch.Tensor) -> tuple[di
     pred = judge.predict(images)  # head -> (N,)
     records, hits = [], {ONE: {}, TWO: {}}
     for k, prompt in enumerate(prompts):
-        target = scene_labels(prompt.scene)
+        target = _stated_labels(prompt)  # only what the prompt states is scored
         p = {head: int(pred[head][k]) for head in HEADS}
         ok = {head: p[head] == target[head] for head in HEADS if target[head] >= 0}
         if prompt.kind == ONE:
-            ok["all_attributes"] = all(ok[a] for a in ONE_OBJECT_ATTRIBUTES)
+            ok["all_attributes"] = all(ok[a] for a in ONE_OBJECT_ATTRIBUTES if a in ok)  # all it states
             correct = ok["all_attributes"]
         else:
-            ok["relation"] = ok["count"] and all(ok[h] for h in TWO_OBJECT_HEADS)  # both present, right relation
+            # both present, on the right axis, with the colours and shapes it states
+            ok["relation"] = ok["count"] and all(ok[h] for h in TWO_OBJECT_HEADS if h in ok)
             correct = ok["relation"]
         for name, value in ok.items():
             hits[prompt.kind].setdefault(name, []).append(value)
         records.append(
             {"prompt": prompt.text, "seed": prompt.seed, "judged": _describe(p, prompt.kind), "correct": correct}
         )
-    summary = {
-        "one_object": {"num_prompts": len(hits[ONE].get("count", [])), "accuracy": _means(hits[ONE])},
-        "two_object": {"num_prompts": len(hits[TWO].get("count", [])), "accuracy": _means(hits[TWO])},
+    summary = {  # num_stated: per attribute, the prompts that state it (= num_prompts for canonical prompts)
+        part: {"num_prompts": len(hits[kind].get("count", [])), "accuracy": _means(hits[kind]),
+               "num_stated": {name: len(v) for name, v in hits[kind].items()}}
+        for part, kind in (("one_object", ONE), ("two_object", TWO))
     }
     summary["two_object"]["relation_accuracy"] = summary["two_object"]["accuracy"].get("relation")
     return summary, records
@@ -228,18 +292,21 @@ def run_adherence(
     kid_subsets: int = 100,
     judge_threshold: float = DEFAULT_THRESHOLD,
     log: Callable[[str], None] = print,
+    prompt_style: str = "canonical",
 ) -> AdherenceResult:
     """Generate for sampled prompts and score them. `sampler`/`steps`/`guidance_scale` default to the model's
     stored sampling defaults; a given sampler is used for this call only (the pipeline's own is restored). The
-    judge (default: the cached 64px one) must pass `judge_threshold` on its held-out renders before generating."""
+    judge (default: the cached 64px one) must pass `judge_threshold` on its held-out renders before generating.
+    `prompt_style`: one of PROMPT_STYLES (see the module docstring)."""
     check_counts(num_prompts, two_object_prompts, batch_size)
+    check_prompt_style(prompt_style)
     height, width, steps, guidance_scale = pipe.resolve_defaults(None, None, steps, guidance_scale)
     if height != width:
         raise UserError(f"adherence evaluation needs square images; the model generates {height}x{width}")
     if judge is None:
         judge = load_or_train_judge(threshold=judge_threshold, log=log)
     judge.check(judge_threshold)
-    prompts = sample_prompts(num_prompts, two_object_prompts, seed, height)
+    prompts = sample_prompts(num_prompts, two_object_prompts, seed, height, prompt_style)
     original_scheduler = pipe.scheduler
     try:
         if sampler is not None:
@@ -261,6 +328,7 @@ def run_adherence(
         "num_prompts": num_prompts,
         "two_object_prompts": two_object_prompts,
         "seed": seed,
+        "prompt_style": prompt_style,
         "sampler": used_sampler,
         "steps": steps,
         "guidance_scale": guidance_scale,
@@ -294,6 +362,11 @@ def check_counts(num_prompts: int, two_object_prompts: int, batch_size: int) -> 
         raise UserError("need at least 4 prompts in all (--num_prompts + --two_object_prompts) for KID subsets")
     if batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {batch_size}")
+
+
+def check_prompt_style(style: str) -> None:
+    if style not in PROMPT_STYLES:
+        raise UserError(f"--prompt_style must be one of {', '.join(PROMPT_STYLES)}, got {style!r}")
 
 
 def _sampler_name(pipe) -> str:
@@ -354,14 +427,17 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         return f"{value:.1%}" + ("" if geo is None else f" (judge) / {geo:.1%} (geometry)")
 
     def acc(part: dict, name: str) -> str:
-        return f"{name} {both(part['accuracy'][name], part.get('accuracy_geometry', {}).get(name))}"
+        stated = part.get("num_stated", {}).get(name, part["num_prompts"])
+        of = "" if stated == part["num_prompts"] else f" [stated in {stated}]"  # free-form prompts leave some out
+        return f"{name} {both(part['accuracy'][name], part.get('accuracy_geometry', {}).get(name))}{of}"
 
     if one["num_prompts"]:
-        text = ", ".join(acc(one, a) for a in (*ONE_OBJECT_ATTRIBUTES, "count", "all_attributes"))
+        text = ", ".join(acc(one, a) for a in (*ONE_OBJECT_ATTRIBUTES, "count", "all_attributes")
+                         if a in one["accuracy"])
         lines.append(f"one-object ({one['num_prompts']} prompts): {text}")
     if two["num_prompts"]:
         relation = both(two["relation_accuracy"], two.get("relation_accuracy_geometry"))
-        text = ", ".join(acc(two, h) for h in ("count", *TWO_OBJECT_HEADS))
+        text = ", ".join(acc(two, h) for h in ("count", *TWO_OBJECT_HEADS) if h in two["accuracy"])
         lines.append(f"two-object ({two['num_prompts']} prompts): relation {relation}; {text}")
     g, r = kid_["generated_vs_real"], kid_["real_vs_real"]
     lines.append(
@@ -390,7 +466,15 @@ def add_ldm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda[:n]|mps")
     parser.add_argument("--dtype", default="auto", help="auto|fp32|fp16|bf16")
     parser.add_argument("--kid_subsets", type=int, default=100)
+    add_prompt_style_argument(parser)
     add_judge_arguments(parser)
+
+
+def add_prompt_style_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt_style", choices=PROMPT_STYLES, default="canonical",
+                        help="canonical: every attribute in the training captions' form; free: the same scenes "
+                        "and seeds, captions stating only some attributes in varied order and words (scored on "
+                        "what they state)")
 
 
 def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
@@ -415,6 +499,7 @@ def run_ldm(args: argparse.Namespace) -> dict[str, Any]:
     from ldm_app.pipeline import LatentDiffusionPipeline, check_model_folder, resolve_device_dtype
 
     check_counts(args.num_prompts, args.two_object_prompts, args.batch_size)
+    check_prompt_style(args.prompt_style)
     check_model_folder(Path(args.model))  # before the judge, which may take minutes to train on a new machine
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     judge = judge_from_args(args)
@@ -433,6 +518,7 @@ def run_ldm(args: argparse.Namespace) -> dict[str, Any]:
         judge,
         args.kid_subsets,
         args.judge_threshold,
+        prompt_style=args.prompt_style,
     )
     result.report["model"] = str(Path(args.model).resolve())
     report_path, grid_path = write_outputs(result, args.out or Path(args.model) / "eval")

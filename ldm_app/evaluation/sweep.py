@@ -3,13 +3,15 @@ of the model's recommended sampling defaults by measurement rather than habit.
 
     python -m ldm_app.evaluate sweep --model M [--sampler dpm++ --steps 20 --guidance_scales 1 3 5 7.5]
         [--setting ddim:50:7.5 ...] [--num_prompts 100 --two_object_prompts 50] [--out DIR] [--write_defaults]
+        [--prompt_style canonical|free]
 
 The candidates are `--sampler` x `--steps` x each of `--guidance_scales`; `--setting SAMPLER:STEPS:GUIDANCE`
 adds settings that are measured for the table but never chosen (e.g. diffusers' defaults, or DDPM's 1000 steps).
 Every setting sees the same prompts and seeds. A setting's score is the mean of the accuracies the model is
 judged by: one-object colour, shape, size and position, and two-object relation. With --write_defaults the
 best-scoring candidate (ties: the first listed) is written to the model's ldm_app.json, which `pipe(prompt)` and
-generate.py then use when the caller gives no setting.
+generate.py then use when the caller gives no setting. `--prompt_style free` measures every setting on free-form
+prompts instead (see adherence.py; each accuracy over the prompts that state its attribute).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from ldm_app.errors import UserError
 from ldm_app.evaluation.judge import DEFAULT_THRESHOLD
 from ldm_app.evaluation.adherence import (
     add_judge_arguments,
+    add_prompt_style_argument,
     check_counts,
+    check_prompt_style,
     judge_from_args,
     run_adherence,
     write_outputs,
@@ -133,6 +137,7 @@ def run_sweep(
     out: Path,
     judge_threshold: float = DEFAULT_THRESHOLD,
     log: Callable[[str], None] = print,
+    prompt_style: str = "canonical",
 ) -> list[dict[str, Any]]:
     """One adherence evaluation per setting (reports and grids in out/<setting>/); the table rows."""
     rows = []
@@ -140,7 +145,7 @@ def run_sweep(
         log(f"== {setting.name}")
         result = run_adherence(pipe, num_prompts, two_object_prompts, seed, setting.sampler, setting.steps,
                                setting.guidance_scale, batch_size, judge, judge_threshold=judge_threshold,
-                               log=lambda _: None)
+                               log=lambda _: None, prompt_style=prompt_style)
         write_outputs(result, out / setting.name)
         rows.append(sweep_row(setting, result.report, candidate))
         log(f"   score {rows[-1]['score']:.3f}, {rows[-1]['seconds_per_image']:.3f} s/image")
@@ -170,6 +175,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         help="store the best candidate as the model's sampling defaults (its ldm_app.json)")
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda[:n]|mps")
     parser.add_argument("--dtype", default="auto", help="auto|fp32|fp16|bf16")
+    add_prompt_style_argument(parser)
     add_judge_arguments(parser)
 
 
@@ -182,6 +188,7 @@ def run_sweep_cli(args: argparse.Namespace) -> list[dict[str, Any]]:
     )
 
     check_counts(args.num_prompts, args.two_object_prompts, args.batch_size)
+    check_prompt_style(args.prompt_style)
     candidates = [Setting(args.sampler, args.steps, g) for g in args.guidance_scales]
     extra = [parse_setting(s) for s in args.setting]
     if not candidates and not extra:
@@ -197,13 +204,13 @@ def run_sweep_cli(args: argparse.Namespace) -> list[dict[str, Any]]:
     pipe.set_progress_bar_config(disable=True)
     out = Path(args.out) if args.out else model / "sweep"
     rows = run_sweep(pipe, candidates, extra, args.num_prompts, args.two_object_prompts, args.seed,
-                     args.batch_size, judge, out, args.judge_threshold)
+                     args.batch_size, judge, out, args.judge_threshold, prompt_style=args.prompt_style)
     chosen = choose(rows) if candidates else None
     height, width, _, _ = pipe.resolve_defaults(None, None, None, None)
     result: dict[str, Any] = {
         "model": str(model.resolve()),
         "prompts": {"num_prompts": args.num_prompts, "two_object_prompts": args.two_object_prompts,
-                    "seed": args.seed},
+                    "seed": args.seed, "prompt_style": args.prompt_style},
         "rows": rows,
         "chosen": chosen["setting"] if chosen else None,
         "defaults_written": bool(args.write_defaults),
