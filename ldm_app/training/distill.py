@@ -1,0 +1,377 @@
+"""train_distill: latent consistency distillation (LCD; Luo et al. 2023, "Latent Consistency Models") of a trained
+text-to-image model (the teacher) into a few-step model with classifier-free guidance folded in, so that sampling
+takes 1-8 steps of ONE U-Net pass each (`--sampler lcm`).
+
+    python -m ldm_app.train_distill --teacher DIR --train_data_dir DATA --output_dir OUT
+        [--config configs/distill/shapes64_lcm.yaml] [--set key=value] [--resume_from_checkpoint latest]
+
+The maths is transcribed from diffusers' examples/consistency_distillation/train_lcm_distill_sd_wds.py (its
+webdataset plumbing is not): one optimisation step on B cached latents x0 with captions c,
+
+    n ~ U{0..N-1}, s = tau_n = (n + 1) T/N - 1, t = max(s - T/N, 0)   the teacher's DDIM grid of N timesteps (N = 50:
+                                                                      a solver step skips k = T/N = 20 timesteps)
+    w ~ U[w_min, w_max]                                               guidance, as diffusers' guidance_scale - 1
+    x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps
+    teacher, one DDIM step s -> t with guidance w (x0 and eps guided alike):
+        x0^ = x0_c + w (x0_c - x0_u),  eps^ = eps_c + w (eps_c - eps_u)
+        x_t = sqrt(abar'_n) x0^ + sqrt(1 - abar'_n) eps^              abar'_n = abar at the previous grid point
+    f(x, s) = c_skip(s) x + c_out(s) x0(F(x, s, w, c))                the consistency function, boundary scalings of
+                                                                      LCMScheduler (timestep_scaling 10, sigma_data 0.5)
+    loss = mean( sqrt((f_student(x_s, s) - f_target(x_t, t))^2 + c^2) - c )      pseudo-Huber, c = huber_c
+
+The student is the teacher's U-Net with `time_cond_proj_dim` set: diffusers' guidance embedding (the sinusoidal
+embedding of w, `StableDiffusionPipeline.get_guidance_scale_embedding`, added to the time embedding through
+`time_embedding.cond_proj`). That new layer starts at zero, so at step 0 the student IS the teacher. The target
+network is the EMA of the student (diffusers' EMAModel, decay `ldm.ema_decay` = 0.95 as in the reference; EMAModel
+ramps the decay up as (1 + n) / (10 + n) over the first ~170 steps, where the reference starts the target as a copy
+of the teacher at 0.95). The text encoder and autoencoder are frozen (latents and text states cached).
+
+Everything else is train_ldm.py's machinery, reused by subclassing its trainer: accelerate, per-step generators
+(exact resume), checkpoints that are pipeline folders (here with the target/EMA U-Net and an LCMScheduler), the
+progress bar, validation grids, atomic writes and one-line errors before any work. OUT ends as a complete pipeline
+folder (the teacher's VAE, text encoder and tokenizer, the student U-Net, an LCMScheduler config) with sampling
+defaults in ldm_app.json (sampler lcm, `ldm.validation_num_inference_steps` steps, `ldm.validation_guidance_scale`),
+the teacher's vocabulary.json when it has one, and its run_config.json as teacher_run_config.json (OUT's own
+run_config.json is this run's config, which ties the folder to it for --resume_from_checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..config import flag_overrides, from_dict, merge, parse_overrides, read_yaml, to_dict, validate
+from ..errors import ArgumentParser, UserError
+from .common import REPORT_TO, check_report_to, launched_processes, make_accelerator, open_run_folder, setup_logging
+from .ldm import MAY_DIFFER_ON_RESUME as LDM_MAY_DIFFER
+from .ldm import (LDMRunConfig, LDMTrainer, Models, build_models, build_train_dataset, check_enough_images,
+                  check_strategy)
+
+logger = logging.getLogger("train_distill")
+
+MAY_DIFFER_ON_RESUME = LDM_MAY_DIFFER
+TEACHER_FILES = {"vocabulary.json": "vocabulary.json", "run_config.json": "teacher_run_config.json"}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Run configuration
+
+
+@dataclass
+class DistillSection:
+    """What is specific to latent consistency distillation. The stored sampling defaults are the `ldm.validation_*`
+    settings (sampler lcm, steps, guidance), which also make the validation grids."""
+
+    num_ddim_timesteps: int = 50  # N: the teacher's DDIM solver grid (LCMScheduler's original_inference_steps)
+    w_min: float = 1.0  # guidance w ~ U[w_min, w_max] per image, as diffusers' guidance_scale - 1 (the reference's
+    w_max: float = 3.0  # 5..15 is for SD 1.5; this toolkit's shapes models are best near guidance_scale 3)
+    time_cond_proj_dim: int = 256  # width of the guidance embedding (the reference's default)
+    timestep_scaling: float = 10.0  # LCMScheduler's boundary-condition scaling
+    loss_type: Literal["huber", "l2"] = "huber"
+    huber_c: float = 0.001
+
+    def validate(self) -> None:
+        if self.num_ddim_timesteps < 1:
+            raise UserError(f"num_ddim_timesteps must be >= 1, got {self.num_ddim_timesteps}")
+        if not 0 <= self.w_min <= self.w_max:
+            raise UserError(f"need 0 <= w_min <= w_max, got w_min={self.w_min:g}, w_max={self.w_max:g}")
+        if self.time_cond_proj_dim < 2 or self.time_cond_proj_dim % 2:
+            raise UserError(f"time_cond_proj_dim must be an even number >= 2, got {self.time_cond_proj_dim}")
+        if self.timestep_scaling <= 0 or self.huber_c <= 0:
+            raise UserError("timestep_scaling and huber_c must be > 0")
+
+
+@dataclass
+class DistillRunConfig(LDMRunConfig):
+    """train_ldm.py's run config (the data, train and ldm sections are used; unet, text_encoder and noise are the
+    teacher's, read from its folder) plus the `distill` section."""
+
+    distill: DistillSection = field(default_factory=DistillSection)
+
+    def validate(self) -> None:
+        if not self.ldm.pretrained_model:
+            raise UserError("give --teacher MODEL_DIR (a pipeline folder: train_ldm.py's output or the bundled model)")
+        if self.lora.rank is not None or self.embedding.token is not None:
+            raise UserError("lora.* and embedding.* do not apply to distillation: the student is a whole U-Net")
+        if self.conditioning.kind != "text" or self.conditioning.concat != "none":
+            raise UserError("only text-to-image teachers can be distilled (conditioning.kind=text, concat=none)")
+        if not self.ldm.use_ema:
+            raise UserError("ldm.use_ema must stay on: the EMA of the student is the consistency target network")
+        if self.ldm.validation_sampler != "lcm":
+            raise UserError(f"ldm.validation_sampler must be lcm for a distilled model, got "
+                            f"{self.ldm.validation_sampler!r}")
+        n = self.ldm.validation_num_inference_steps
+        if n > self.distill.num_ddim_timesteps:
+            raise UserError(f"ldm.validation_num_inference_steps ({n}) must be <= distill.num_ddim_timesteps "
+                            f"({self.distill.num_ddim_timesteps})")
+        g, d = self.ldm.validation_guidance_scale, self.distill
+        if not 1 + d.w_min <= g <= 1 + d.w_max:
+            raise UserError(f"ldm.validation_guidance_scale {g:g} is outside the distilled range 1 + [w_min, w_max] "
+                            f"= [{1 + d.w_min:g}, {1 + d.w_max:g}]")
+
+
+# Defaults that differ from train_ldm.py's (below the YAML file and the command line).
+DEFAULTS: dict[str, Any] = {
+    "train": {"learning_rate": 1e-5, "lr_scheduler": "constant", "max_train_steps": 1000, "max_grad_norm": 1.0},
+    "ldm": {"caption_dropout": 0.0, "snr_gamma": None, "use_ema": True, "ema_decay": 0.95, "cache_latents": True,
+            "validation_sampler": "lcm", "validation_num_inference_steps": 4, "validation_guidance_scale": 3.0},
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+
+FLAG_KEYS = {
+    "teacher": "ldm.pretrained_model", "train_data_dir": "data.train_data_dir",
+    "caption_column": "data.caption_column", "max_train_steps": "train.max_train_steps",
+    "checkpointing_steps": "train.checkpointing_steps", "checkpoints_total_limit": "train.checkpoints_total_limit",
+    "seed": "train.seed", "learning_rate": "train.learning_rate", "train_batch_size": "train.train_batch_size",
+    "cache_dir": "ldm.cache_dir", "validation_steps": "ldm.validation_steps",
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = ArgumentParser(prog="python -m ldm_app.train_distill",
+                       description="Distil a text-to-image model into a few-step latent consistency model (LCM).")
+    p.add_argument("--teacher", help="the model to distil: a pipeline folder (train_ldm.py's output, the bundled "
+                   "ldm_app/assets/default_model)")
+    p.add_argument("--train_data_dir", help="images with a metadata.jsonl (the teacher's training data, or like it)")
+    p.add_argument("--output_dir", required=True, help="run folder: checkpoints, logs, and the final pipeline")
+    p.add_argument("--config", help="YAML file overriding the defaults (configs/distill/*.yaml)")
+    p.add_argument("--caption_column", help="the caption column of metadata.jsonl (default: text)")
+    p.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest' (fresh start if none)")
+    for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "seed", "train_batch_size",
+                 "validation_steps"):
+        p.add_argument(f"--{name}", type=int)
+    p.add_argument("--learning_rate", type=float)
+    p.add_argument("--cache_dir", help="where the latent cache goes (default OUTPUT_DIR/latent_cache)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="any config key")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    p.add_argument("--report_to", choices=REPORT_TO, default="tensorboard",
+                   help="where the training curves go (OUT/logs for TensorBoard; 'all': every installed tracker)")
+    return p.parse_args(argv)
+
+
+def load_run_config(args: argparse.Namespace) -> DistillRunConfig:
+    """DEFAULTS, then the YAML file, then --set, then the dedicated flags; validated."""
+    data = merge(DEFAULTS, read_yaml(args.config) if args.config else {})
+    data = merge(data, merge(parse_overrides(args.set), flag_overrides(args, FLAG_KEYS)))
+    if not (data.get("ldm") or {}).get("pretrained_model"):  # before train_ldm's own wording (--pretrained_model)
+        raise UserError("give --teacher MODEL_DIR (a pipeline folder: train_ldm.py's output or the bundled model)")
+    cfg = from_dict(DistillRunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def check_teacher_folder(folder: str) -> Path:
+    path = Path(folder)
+    if not path.is_dir():
+        raise UserError(f"--teacher folder {folder!r} not found")
+    if not (path / "model_index.json").is_file():
+        raise UserError(f"--teacher {folder!r} is not a pipeline folder (no model_index.json)")
+    return path
+
+
+def make_student(teacher_unet: Any, proj_dim: int) -> Any:
+    """The teacher's U-Net with diffusers' guidance embedding (`time_cond_proj_dim`): the teacher's weights, and
+    the new `time_embedding.cond_proj` (a bias-free linear layer added to the time embedding's input) all zero, so
+    the student's output equals the teacher's for every input and guidance at step 0."""
+    from diffusers import UNet2DConditionModel
+
+    student = UNet2DConditionModel.from_config(teacher_unet.config, time_cond_proj_dim=proj_dim)
+    missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
+    assert missing == ["time_embedding.cond_proj.weight"] and not unexpected, (missing, unexpected)
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student
+
+
+def build_distill_models(cfg: DistillRunConfig) -> tuple[Models, Any]:
+    """(models with the student as `unet`, the frozen teacher U-Net); every problem a one-line UserError."""
+    teacher = check_teacher_folder(cfg.ldm.pretrained_model)
+    models = build_models(cfg)  # the teacher's autoencoder, text encoder (frozen), tokenizer, U-Net, noise schedule
+    unet = models.unet
+    if unet.config.time_cond_proj_dim is not None:
+        raise UserError(f"--teacher {str(teacher)!r}: its U-Net already has a guidance embedding (time_cond_proj_dim="
+                        f"{unet.config.time_cond_proj_dim}), so it is already distilled; give the model it came from")
+    LDMTrainer.check_class_embedding(cfg, unet)  # a class- or scalar-conditioned U-Net is refused here
+    f = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    side = unet.config.sample_size * f
+    if cfg.data.resolution != side:
+        raise UserError(f"data.resolution ({cfg.data.resolution}) must be the teacher's image size {side} (latent side "
+                        f"{unet.config.sample_size} x autoencoder factor {f}): --set data.resolution={side}")
+    models.unet = make_student(unet, cfg.distill.time_cond_proj_dim)
+    return models, unet.requires_grad_(False).eval()
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, dim): the embedding of guidance w that diffusers' StableDiffusionPipeline feeds as `timestep_cond`
+    (it passes guidance_scale - 1): its own function, so training and sampling cannot disagree."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+
+
+def lcm_scheduler(teacher: Path, d: DistillSection) -> Any:
+    """The student's LCMScheduler: the teacher's noise schedule, the distillation's grid and boundary scalings,
+    SD's steps_offset=1 and no x0 clipping (what both our pipeline and diffusers' apply on load)."""
+    from diffusers import LCMScheduler
+
+    config = LCMScheduler.load_config(str(teacher / "scheduler"))
+    return LCMScheduler.from_config(config, original_inference_steps=d.num_ddim_timesteps,
+                                    timestep_scaling=d.timestep_scaling, clip_sample=False, steps_offset=1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The trainer
+
+
+class DistillTrainer(LDMTrainer):
+    """train_ldm.py's trainer with the consistency-distillation loss: the prepared `unet` is the student, the EMA
+    (`self.ema`, exported in checkpoints and the output) is the target network, `teacher` is frozen."""
+
+    def __init__(self, cfg: DistillRunConfig, models: Models, teacher: Any, dataset: Any, accelerator: Any,
+                 output_dir: Path):
+        super().__init__(cfg, models, dataset, accelerator, output_dir)
+        device, d = accelerator.device, cfg.distill
+        self.teacher = teacher.to(device)
+        self.scheduler = lcm_scheduler(Path(cfg.ldm.pretrained_model), d)
+        abar = self.scheduler.alphas_cumprod.to(device, torch.float32)  # the sampler's own schedule
+        self.alpha, self.sigma = abar.sqrt(), (1 - abar).sqrt()
+        T = self.scheduler.config.num_train_timesteps
+        if d.num_ddim_timesteps > T:
+            raise UserError(f"distill.num_ddim_timesteps ({d.num_ddim_timesteps}) exceeds the teacher's {T} timesteps")
+        # The DDIM solver by hand, as the reference's DDIMSolver: DDIMScheduler.step takes one scalar timestep for
+        # the whole batch, and here every image has its own. Grid tau_n = (n + 1) k - 1 (LCMScheduler's
+        # lcm_origin_timesteps), abar'_n = abar at tau_{n-1} (abar_0 for n = 0).
+        self.k = T // d.num_ddim_timesteps
+        self.grid = torch.arange(1, d.num_ddim_timesteps + 1, device=device) * self.k - 1
+        self.abar_prev = torch.cat([abar[:1], abar[self.grid[:-1]]])
+        self.prediction_type = self.scheduler.config.prediction_type
+
+    def x0_eps(self, out: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) from a U-Net output at timesteps t (B,) for the teacher's prediction type."""
+        a, s = self.alpha[t].view(-1, 1, 1, 1), self.sigma[t].view(-1, 1, 1, 1)
+        if self.prediction_type == "epsilon":
+            return (x - s * out) / a, out
+        if self.prediction_type == "v_prediction":
+            return a * x - s * out, a * out + s * x
+        if self.prediction_type == "sample":
+            return out, (x - a * out) / s
+        raise UserError(f"the teacher's prediction_type {self.prediction_type!r} is not supported")
+
+    def consistency(self, out: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """f(x, t) = c_skip(t) x + c_out(t) x0: LCMScheduler's own boundary scalings, as its step() applies them."""
+        c_skip, c_out = self.scheduler.get_scalings_for_boundary_condition_discrete(t.float())
+        return c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * self.x0_eps(out, t, x)[0]
+
+    def loss(self, batch: dict[str, Any], g: torch.Generator) -> torch.Tensor:
+        """The LCD loss on one batch; draws, in order: latent eps, grid index n, noise, guidance w."""
+        from ..conditioning import NULL_CAPTION
+
+        d, device = self.cfg.distill, self.acc.device
+        x0 = self.latents(batch, g)  # (B, C, h, w)
+        B = len(x0)
+        c = self.text_states(list(batch["captions"]))  # (B, L, D)
+        c_null = self.text_states([NULL_CAPTION] * B)
+        n = torch.randint(0, d.num_ddim_timesteps, (B,), generator=g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        w = (torch.rand(B, generator=g) * (d.w_max - d.w_min) + d.w_min).to(device)
+        s = self.grid[n]
+        t = (s - self.k).clamp(min=0)
+        w_emb = guidance_embedding(w, d.time_cond_proj_dim).to(device)
+        x_s = self.alpha[s].view(-1, 1, 1, 1) * x0 + self.sigma[s].view(-1, 1, 1, 1) * noise
+
+        with torch.no_grad():
+            with self.acc.autocast():  # the teacher: one guided DDIM step s -> t (cond and uncond in one batch)
+                out = self.teacher(torch.cat([x_s, x_s]), torch.cat([s, s]),
+                                   encoder_hidden_states=torch.cat([c_null, c]), return_dict=False)[0].float()
+            x0_u, eps_u = self.x0_eps(out[:B], s, x_s)
+            x0_c, eps_c = self.x0_eps(out[B:], s, x_s)
+            wv = w.view(-1, 1, 1, 1)
+            x0_g, eps_g = x0_c + wv * (x0_c - x0_u), eps_c + wv * (eps_c - eps_u)
+            a_prev = self.abar_prev[n].view(-1, 1, 1, 1)
+            x_t = a_prev.sqrt() * x0_g + (1 - a_prev).sqrt() * eps_g
+            # the target network (EMA weights swapped into the student, restored before its own forward pass)
+            with self.ema_weights():
+                target_out = self.acc.unwrap_model(self.unet)(x_t, t, timestep_cond=w_emb, encoder_hidden_states=c,
+                                                              return_dict=False)[0]
+            target = self.consistency(target_out.float(), t, x_t)
+
+        out = self.unet(x_s, s, timestep_cond=w_emb, encoder_hidden_states=c, return_dict=False)[0]
+        pred = self.consistency(out.float(), s, x_s)
+        if d.loss_type == "l2":
+            return torch.nn.functional.mse_loss(pred, target)
+        return (torch.sqrt((pred - target) ** 2 + d.huber_c ** 2) - d.huber_c).mean()
+
+    # ---- pipelines -----------------------------------------------------------------------------------------
+
+    def pipeline(self, full: dict[str, dict] | None = None) -> Any:
+        """train_ldm's pipeline over the live modules, with the student's LCMScheduler and the teacher's stored
+        image size kept beside the distilled defaults."""
+        from ..pipeline import read_sampling_defaults
+
+        pipe = super().pipeline(full)
+        pipe.scheduler = lcm_scheduler(Path(self.cfg.ldm.pretrained_model), self.cfg.distill)
+        teacher = read_sampling_defaults(self.cfg.ldm.pretrained_model)
+        pipe.sampling_defaults = {**{k: teacher[k] for k in ("height", "width") if k in teacher},
+                                  **pipe.sampling_defaults}
+        return pipe
+
+    def export_final(self) -> None:
+        from ..fileio import atomic_path, write_errors
+
+        super().export_final()
+        if self.acc.is_main_process:
+            teacher = Path(self.cfg.ldm.pretrained_model)
+            for name, dest in TEACHER_FILES.items():
+                if (teacher / name).is_file():
+                    with write_errors(self.out / dest), atomic_path(self.out / dest) as tmp:
+                        shutil.copyfile(teacher / name, tmp)
+        self.acc.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Parse, check every input (one-line errors, nothing written), then distil. Returns the run's step and losses."""
+    from ..checkpointing import lock_run_folder, write_run_config
+
+    args = parse_args(argv)
+    cfg = load_run_config(args)
+    setup_logging()
+    check_report_to(args.report_to)
+    models, teacher = build_distill_models(cfg)
+    dataset = build_train_dataset(cfg)
+    dataset = dataset.readable(str(cfg.data.train_data_dir or cfg.data.dataset_name))
+    if cfg.ldm.cache_latents:
+        from .latent_cache import check_cacheable
+
+        check_cacheable(dataset)
+    check_enough_images(len(dataset), cfg.train.train_batch_size, launched_processes())
+    with lock_run_folder(args.output_dir):
+        out, checkpoint = open_run_folder(args.output_dir, to_dict(cfg), args.resume_from_checkpoint,
+                                          MAY_DIFFER_ON_RESUME)
+        accelerator = make_accelerator(cfg.train, out, cpu=args.cpu, report_to=args.report_to)
+        check_strategy(accelerator, cfg, train_text_encoder=False)
+        accelerator.init_trackers("train_distill")
+        trainer = DistillTrainer(cfg, models, teacher, dataset, accelerator, out)
+        if cfg.ldm.cache_latents:
+            trainer.use_cache(Path(cfg.ldm.cache_dir) if cfg.ldm.cache_dir else out / "latent_cache")
+        if checkpoint is not None:
+            trainer.resume(checkpoint)
+        if accelerator.is_main_process:
+            write_run_config(out, to_dict(cfg))
+        return trainer.run()
