@@ -37,6 +37,14 @@ def teacher(tiny_pipeline_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("distill")
     folder = root / "teacher"
     shutil.copytree(tiny_pipeline_dir, folder)
+    # a DPM-Solver++ scheduler config, as the bundled model's (its extra keys must not reach the student's)
+    from diffusers import DPMSolverMultistepScheduler
+
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    DPMSolverMultistepScheduler.from_config(config).save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "DPMSolverMultistepScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
     write_sampling_defaults(folder, {"sampler": "ddim", "num_inference_steps": 20, "guidance_scale": 3.0,
                                      "height": 64, "width": 64})
     (folder / "vocabulary.json").write_text(json.dumps({"words": ["circle", "red"], "num_captions": 8}))
@@ -77,6 +85,7 @@ def test_a_few_steps_train_and_the_output_is_a_distilled_pipeline(trained, teach
     assert unet["time_cond_proj_dim"] == 16
     scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "LCMScheduler" and scheduler["original_inference_steps"] == 50
+    assert "algorithm_type" not in scheduler and scheduler["steps_offset"] == 1  # only LCMScheduler's keys
     assert json.loads((out / "ldm_app.json").read_text())["sampling"] == {
         "height": 64, "width": 64, "sampler": "lcm", "num_inference_steps": 4, "guidance_scale": 3.0}
     assert (out / "vocabulary.json").read_text() == (teacher / "vocabulary.json").read_text()

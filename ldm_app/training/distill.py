@@ -227,7 +227,13 @@ def lcm_scheduler(teacher: Path, d: DistillSection) -> Any:
     SD's steps_offset=1 and no x0 clipping (what both our pipeline and diffusers' apply on load)."""
     from diffusers import LCMScheduler
 
+    import inspect
+
     config = LCMScheduler.load_config(str(teacher / "scheduler"))
+    # only LCMScheduler's own keys: a DPM-Solver teacher's extra keys would be saved with the student and make
+    # diffusers log "config attributes ... will be ignored" on every load
+    known = inspect.signature(LCMScheduler.__init__).parameters
+    config = {k: v for k, v in config.items() if k in known}
     return LCMScheduler.from_config(config, original_inference_steps=d.num_ddim_timesteps,
                                     timestep_scaling=d.timestep_scaling, clip_sample=False, steps_offset=1)
 
