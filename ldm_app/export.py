@@ -4,9 +4,10 @@
     python -m ldm_app.export --model RUN_OR_MODEL_DIR --out FILE.safetensors --single_file [--dtype fp16|fp32]
 
 A train_ldm.py output folder holds the pipeline next to checkpoints, logs and the latent cache; the export keeps
-only the pipeline (safetensors), its sampling defaults (ldm_app.json) and the training config (run_config.json),
-optionally stored in fp16 to halve the size: the bundled default model is such an export. Loading casts back to
-float32 unless a dtype is asked for (LatentDiffusionPipeline.from_pretrained), so an fp16 folder runs on the CPU.
+only the pipeline (safetensors), its sampling defaults (ldm_app.json), the training config (run_config.json) and
+the training captions' words (vocabulary.json), optionally stored in fp16 to halve the size: the bundled default
+model is such an export. Loading casts back to float32 unless a dtype is asked for
+(LatentDiffusionPipeline.from_pretrained), so an fp16 folder runs on the CPU.
 
 What `--out` may be (checked before the model is loaded, so a mistake costs nothing):
 
@@ -43,8 +44,12 @@ from typing import Sequence
 
 from .errors import ArgumentParser, UserError, run_cli
 from .fileio import check_replaceable_dir, file_sha256, read_written_record, some_entries, write_errors
+from .vocabulary import VOCABULARY_FILE
 
 RUN_CONFIG = "run_config.json"  # the training config train_ldm.py writes: it travels with the model
+# files of ours at the model folder's root that travel with it besides the pipeline: the training config and the
+# training captions' words (ldm_app.vocabulary; generate.py names the prompt words the model never saw)
+CARRIED_FILES = (RUN_CONFIG, VOCABULARY_FILE)
 STORE_DTYPES = ("fp16", "fp32")
 EXPORT_RECORD = "ldm_app_export.json"  # written last into every export: what it wrote (see the module docstring)
 WRITTEN_BY = "python -m ldm_app.export"
@@ -174,8 +179,9 @@ def export_model(model: str | Path, out: str | Path, dtype: str = "fp16", single
     pipe.to(DTYPES[dtype])  # not resolve_device_dtype: storing fp16 from the CPU is fine, running it is not
     with atomic_dir(out) as tmp:  # a full disk or read-only place: one UserError (fileio.write_errors)
         pipe.save_pretrained(tmp)
-        if (model / RUN_CONFIG).is_file():
-            shutil.copy2(model / RUN_CONFIG, tmp / RUN_CONFIG)
+        for name in CARRIED_FILES:
+            if (model / name).is_file():
+                shutil.copy2(model / name, tmp / name)
         write_export_record(tmp, dtype)
         check_out(model, out)  # again just before the swap: --out may have changed while the export was written
     return out

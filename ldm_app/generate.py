@@ -198,6 +198,9 @@ def run(req: Request, sink: OutputSink | None, hooks: RunHooks | None = None) ->
     runner = edit_inputs.pipeline_for(pipe, inputs)
     check_with_model(runner, req, jobs, inputs)  # the model's own limits (steps per sampler), before the first image
     (hooks.log or say)(describe(base, pipe) + (" (random)" if random_seed else ""))
+    note_unknown_words(pipe, req)  # once for the run: the pipeline's per-call line is off for its batches below
+    from ldm_app.pipeline import unknown_words_noted_by_caller
+
     paths, images = [], []
     for start in range(0, len(jobs), req.batch_size):
         if hooks.stopped():
@@ -205,7 +208,9 @@ def run(req: Request, sink: OutputSink | None, hooks: RunHooks | None = None) ->
         batch = jobs[start : start + req.batch_size]
         runner.set_progress_bar_config(**{**getattr(runner, "_progress_bar_config", {}),  # keeps e.g. disable=True
                                           "desc": f"images {start + 1}-{start + len(batch)} of {len(jobs)}"})
-        for params, image in zip(batch, sample(runner, batch, inputs, req, classifier, hooks.step_callback())):
+        with unknown_words_noted_by_caller():
+            batch_images = sample(runner, batch, inputs, req, classifier, hooks.step_callback())
+        for params, image in zip(batch, batch_images):
             path = sink.save_image(image, params) if sink is not None else None
             if path is not None:
                 paths.append(path)
@@ -217,6 +222,23 @@ def run(req: Request, sink: OutputSink | None, hooks: RunHooks | None = None) ->
         text = f"grid of {len(images)} images\n" + "\n".join(p.name for p in paths)
         paths.append(sink.save_grid(make_grid(images), base, text))
     return paths
+
+
+def note_unknown_words(pipe: Any, req: Request) -> None:
+    """One "words unknown to this model: ..." line (ldm_app.vocabulary) for all the prompts of the run, on the
+    module's logger at WARNING (generate.py shows it on stderr); nothing when the model stores no vocabulary. With
+    --weighting, the words of the A1111-weighted text, not its weights."""
+    if getattr(pipe, "vocabulary", None) is None:
+        return
+    texts, negatives = list(req.prompts), [req.negative_prompt]
+    if req.weighting:
+        from ldm_app.adapters import parse_a1111_weights
+
+        texts = [" ".join(text for text, _ in parse_a1111_weights(p)) for p in texts]
+        negatives = [" ".join(text for text, _ in parse_a1111_weights(n)) for n in negatives]
+    note = pipe.unknown_words_note(texts, negatives)
+    if note:
+        logger.warning("%s", note)
 
 
 def say(text: str) -> None:

@@ -19,6 +19,8 @@ Calls are serialized only when offload or other hooks move or cache model state 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import importlib
 import importlib.util
@@ -63,6 +65,7 @@ from ldm_app.first_stage import is_vq
 from ldm_app.limits import shown
 from ldm_app.pngmeta import check_unicode
 from ldm_app.samplers import check_sampler_name, make_scheduler, sampler_name, set_timesteps_checked
+from ldm_app.vocabulary import Vocabulary, unknown_words_note
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +90,20 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TOKENIZER_LOCK = threading.Lock()
 # Offload hooks move weights between devices around each call; such pipelines run one call at a time.
 _EXCLUSIVE_CALL_LOCK = threading.RLock()
+# Each call logs the prompt words the model never saw (vocabulary.json); a caller that makes many calls for one
+# request (generate.py: a call per batch) says it once itself and turns the per-call line off in its context (a
+# ContextVar: per thread, so one server thread's run does not silence another's).
+_NOTE_UNKNOWN_WORDS = contextvars.ContextVar("ldm_app_note_unknown_words", default=True)
+
+
+@contextlib.contextmanager
+def unknown_words_noted_by_caller():
+    """Within this block (this thread), pipeline calls do not log the unknown-words line: the caller does."""
+    token = _NOTE_UNKNOWN_WORDS.set(False)
+    try:
+        yield
+    finally:
+        _NOTE_UNKNOWN_WORDS.reset(token)
 
 
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -387,6 +404,7 @@ class LdmAppPipelineMixin:
             requires_safety_checker=requires_safety_checker,
         )  # fmt: skip
         self.sampling_defaults: dict[str, Any] = {}
+        self.vocabulary: Vocabulary | None = None  # the training captions' words (vocabulary.json), None: unknown
 
     # ---- loading and saving -------------------------------------------------------------------------------
 
@@ -416,6 +434,7 @@ class LdmAppPipelineMixin:
                 raise ModelLoadError(f"{folder / name}: the weights do not match its config.json (some tensors "
                                      "are missing); are these another component's weights?")  # fmt: skip
         pipe.sampling_defaults = defaults
+        pipe.vocabulary = Vocabulary.read(folder)
         if sampler is not None:
             pipe.set_sampler(sampler)
         return pipe
@@ -438,6 +457,7 @@ class LdmAppPipelineMixin:
         finally:
             modeling.setLevel(level)
         new.sampling_defaults = dict(getattr(pipeline, "sampling_defaults", {}))
+        new.vocabulary = getattr(pipeline, "vocabulary", None)
         return new
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs) -> None:
@@ -469,6 +489,16 @@ class LdmAppPipelineMixin:
                 write_sampling_defaults(tmp, self.sampling_defaults)
 
     # ---- configuration ------------------------------------------------------------------------------------
+
+    def unknown_words_note(self, prompts: str | list[str], negative_prompts: str | list[str] = ()) -> str | None:
+        """The line naming the prompt words this model never saw in training ("words unknown to this model: corgi,
+        sushi"), or None: all known, or no vocabulary.json with the model. Tokens added to the tokenizer (a loaded
+        textual-inversion embedding) count as known."""
+        vocabulary = getattr(self, "vocabulary", None)
+        if vocabulary is None:
+            return None
+        added = self.tokenizer.get_added_vocab() if getattr(self, "tokenizer", None) is not None else {}
+        return unknown_words_note(vocabulary.with_words(added), prompts, negative_prompts)
 
     def set_sampler(self, name: str) -> None:
         """Swap the scheduler for sampler `name` (see ldm_app.samplers.SAMPLERS), keeping the model's noise schedule.
@@ -728,6 +758,10 @@ class LdmAppPipelineMixin:
             plan = self.check_call(sampler=sampler, **args)
         except UserError as e:
             raise CallArgumentError(str(e)) from None
+        if _NOTE_UNKNOWN_WORDS.get() and plan.args.get("prompt") is not None:
+            note = self.unknown_words_note(plan.args["prompt"], plan.args.get("negative_prompt") or ())
+            if note:
+                logger.warning("%s", note)
         # the call's own scheduler, and for a class- or scalar-conditioned U-Net one that passes the call's labels
         swaps = {"scheduler": plan.scheduler}
         if plan.extras.get("class_labels") is not None:

@@ -776,9 +776,27 @@ class LDMTrainer:
         staging = folder / ".pipeline"
         with self.ema_weights(), no_transformers_bars():
             self.pipeline(full).save_pretrained(staging)
+        vocabulary = self.training_vocabulary()
+        if vocabulary is not None:  # before model_index.json: a folder that looks complete has its vocabulary
+            vocabulary.write(staging)
         for item in sorted(staging.iterdir(), key=lambda p: p.name == "model_index.json"):
             _replace(item, folder / item.name)
         staging.rmdir()
+
+    def training_vocabulary(self) -> Any:
+        """The words of the training captions (ldm_app.vocabulary, vocabulary.json in the pipeline folder) so that
+        generate.py can name the prompt words the model never saw. Fine-tuning adds them to the base model's own;
+        a base without one (an SD checkpoint: its vocabulary is not known) gives none, rather than a list that
+        would call most of its words unknown; a model without text conditioning (class only) has none either."""
+        from ..vocabulary import Vocabulary
+
+        if not self.cfg.conditioning.uses_text:
+            return None
+        vocabulary = Vocabulary.from_captions(self.dataset.captions)
+        if self.cfg.ldm.pretrained_model:
+            base = Vocabulary.read(self.cfg.ldm.pretrained_model)
+            return None if base is None else base.merged(vocabulary)
+        return vocabulary
 
     def _save_lora_into(self, folder: Path) -> Path:
         """`folder`/pytorch_lora_weights.safetensors, with the EMA weights when the EMA is on."""
