@@ -161,3 +161,18 @@ def test_timestep_grid_check_never_lets_a_failing_step_count_through(spacing):
                         continue
                     assert _runs_finite(scheduler), (train_steps, offset, spacing, name, steps)
     assert refused > 0 or spacing == "trailing"  # SD's leading spacing with an offset is where grids break
+
+
+def test_lcm_keeps_a_distilled_models_grid_and_names_it_when_refusing():
+    """`lcm` from a distilled model's own LCMScheduler config keeps its distillation grid (original_inference_steps);
+    more steps than that grid is refused in one line that says so."""
+    from ldm_app.samplers import set_timesteps_checked
+
+    distilled = LCMScheduler.from_config(model_schedule().config, original_inference_steps=25).config
+    scheduler = make_scheduler("lcm", distilled)
+    assert scheduler.config.original_inference_steps == 25 and scheduler.config.clip_sample is False
+    set_timesteps_checked(scheduler, 4, label="lcm")
+    assert [int(t) for t in scheduler.timesteps] == sorted({int(t) for t in scheduler.timesteps}, reverse=True)
+    assert all(int(t) % 40 == 39 for t in scheduler.timesteps)  # on the 25-point grid (k = 1000 / 25 = 40)
+    with pytest.raises(UserError, match="more steps than the 25 of its distillation grid"):
+        set_timesteps_checked(scheduler, 26, label="lcm")
