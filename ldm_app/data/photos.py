@@ -161,7 +161,8 @@ def render_view(view: View, resolution: int) -> Image.Image:
     image = load_source(view.source.name)
     if view.flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    # LANCZOS with PIL's reducing_gap: an antialiased downsample (crops are 1.5-20x the output side)
+    # LANCZOS: an antialiased downsample; reducing_gap=3 box-reduces the large crops first, for speed (at 64 px the
+    # crops are 68 to 1,411 pixels wide), which Pillow documents as indistinguishable from plain LANCZOS in most cases
     return image.crop(view.box).resize((resolution, resolution), Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
