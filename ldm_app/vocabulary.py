@@ -9,6 +9,13 @@ and generate.py and the pipeline say, in one line, which prompt words are not in
 
 A folder without the file (one saved by diffusers, an SD checkpoint) says nothing: its vocabulary is not known.
 
+The bundled model's file comes from its real training captions, regenerated with the data stage of
+recipes/shapes.sh (deterministic for its seed) and read back with this module:
+
+    python -m ldm_app.data.shapes --out /tmp/shapes_vocab --num_images 30000 --resolution 64 --seed 0 \
+        --two_object_fraction 0.5
+    python -m ldm_app.vocabulary --captions /tmp/shapes_vocab/metadata.jsonl --out ldm_app/assets/default_model
+
 One definition of a word, used for the captions and the prompts alike (`words`): the text lowercased, split into
 runs of letters and digits; anything else (spaces, punctuation, A1111 weight brackets) separates words. It is
 coarser than CLIP's BPE on purpose: the question is "did training ever show this word", not which tokens it makes.

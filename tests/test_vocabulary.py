@@ -55,7 +55,8 @@ def test_unknown_words_listed_once_in_order_of_first_appearance():
     assert unknown_words(["a house", "a corgi house"], vocab) == ["house", "corgi"]
     assert unknown_words("a red circle", vocab) == []
     assert unknown_words_note(vocab, ["a corgi in a sushi house"]) == f"{NOTE}: corgi, sushi, house"
-    assert unknown_words_note(vocab, ["a red circle"], ["blurry corgi"]) == f"{NOTE} in the negative prompt: blurry, corgi"
+    only_negative = unknown_words_note(vocab, ["a red circle"], ["blurry corgi"])
+    assert only_negative == f"{NOTE} in the negative prompt: blurry, corgi"
     # a word already named for the prompt is not named again for the negative prompt
     assert unknown_words_note(vocab, ["a corgi"], ["ugly corgi"]) == f"{NOTE}: corgi; in the negative prompt: ugly"
     assert unknown_words_note(vocab, ["a red circle"], [""]) is None
