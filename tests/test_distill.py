@@ -210,7 +210,24 @@ def test_an_already_distilled_teacher_is_refused(trained, teacher, tmp_path, cap
     ("distill.w_min=4", ("w_min <= w_max",)),
     ("ldm.use_ema=false", ("target network",)),
     ("distill.bogus=1", ("unknown config key",)),
+    ("distill.num_ddim_timesteps=2000", ("exceeds the teacher's 1000",)),
 ])
 def test_bad_settings_are_one_line(teacher, tmp_path, capsys, setting, words):
     out = tmp_path / "out"
     _refused(capsys, args(teacher, out, "--set", setting), out, *words)
+
+
+# ---- two processes (torchrun, gloo): what recipes/distill.sh runs ----------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_two_process_cpu_run(teacher, tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "ldm_app.train_distill",
+                           *args(teacher, out)], capture_output=True, text=True, env=subprocess_env(), cwd=ROOT,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3", "checkpoint-6"]
+    assert json.loads((out / "ldm_app.json").read_text())["sampling"]["sampler"] == "lcm"
+    assert weights(out / UNET)["time_embedding.cond_proj.weight"].abs().max() > 0

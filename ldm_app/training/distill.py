@@ -210,6 +210,10 @@ def build_distill_models(cfg: DistillRunConfig) -> tuple[Models, Any]:
     if cfg.data.resolution != side:
         raise UserError(f"data.resolution ({cfg.data.resolution}) must be the teacher's image size {side} (latent side "
                         f"{unet.config.sample_size} x autoencoder factor {f}): --set data.resolution={side}")
+    T = models.diffusion.scheduler.config.num_train_timesteps
+    if cfg.distill.num_ddim_timesteps > T:
+        raise UserError(f"distill.num_ddim_timesteps ({cfg.distill.num_ddim_timesteps}) exceeds the teacher's {T} "
+                        "training timesteps")
     models.unet = make_student(unet, cfg.distill.time_cond_proj_dim)
     return models, unet.requires_grad_(False).eval()
 
@@ -254,9 +258,7 @@ class DistillTrainer(LDMTrainer):
         self.scheduler = lcm_scheduler(Path(cfg.ldm.pretrained_model), d)
         abar = self.scheduler.alphas_cumprod.to(device, torch.float32)  # the sampler's own schedule
         self.alpha, self.sigma = abar.sqrt(), (1 - abar).sqrt()
-        T = self.scheduler.config.num_train_timesteps
-        if d.num_ddim_timesteps > T:
-            raise UserError(f"distill.num_ddim_timesteps ({d.num_ddim_timesteps}) exceeds the teacher's {T} timesteps")
+        T = self.scheduler.config.num_train_timesteps  # num_ddim_timesteps <= T: checked in build_distill_models
         # The DDIM solver by hand, as the reference's DDIMSolver: DDIMScheduler.step takes one scalar timestep for
         # the whole batch, and here every image has its own. Grid tau_n = (n + 1) k - 1 (LCMScheduler's
         # lcm_origin_timesteps), abar'_n = abar at tau_{n-1} (abar_0 for n = 0).
