@@ -38,7 +38,6 @@ run_config.json is this run's config, which ties the folder to it for --resume_f
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -119,7 +118,7 @@ class DistillRunConfig(LDMRunConfig):
 
 # Defaults that differ from train_ldm.py's (below the YAML file and the command line).
 DEFAULTS: dict[str, Any] = {
-    "train": {"learning_rate": 1e-5, "lr_scheduler": "constant", "max_train_steps": 1000, "max_grad_norm": 1.0},
+    "train": {"learning_rate": 1e-4, "lr_scheduler": "constant", "max_train_steps": 1000},  # the reference's lr
     "ldm": {"caption_dropout": 0.0, "snr_gamma": None, "use_ema": True, "ema_decay": 0.95, "cache_latents": True,
             "validation_sampler": "lcm", "validation_num_inference_steps": 4, "validation_guidance_scale": 3.0},
 }
