@@ -428,14 +428,17 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
 
 
 def flag_overrides(args: Any, flag_keys: Mapping[str, str]) -> dict[str, Any]:
-    """Nested overrides from command-line flags: `flag_keys` maps a flag's name to its "section.key"; flags left
-    unset (None) override nothing."""
+    """Nested overrides from command-line flags: `flag_keys` maps a flag's name to its "section.key" (or a
+    top-level "key"); flags left unset (None) override nothing."""
     nested: dict[str, Any] = {}
     for flag, key in flag_keys.items():
         value = getattr(args, flag)
         if value is not None:
-            section, leaf = key.split(".")
-            nested.setdefault(section, {})[leaf] = value
+            *sections, leaf = key.split(".")
+            node = nested
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[leaf] = value
     return nested
 
 

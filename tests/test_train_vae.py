@@ -199,3 +199,43 @@ def test_config_errors_name_the_key():
         train_vae.load_config(train_vae.VAERunConfig, TINY, ["loss.disc_start=-1"])
     with pytest.raises(UserError, match="data.buckets is for train_ldm.py"):  # not silently square crops
         train_vae.load_config(train_vae.VAERunConfig, TINY, ["data.buckets=true"])
+
+
+def test_decoder_only_fine_tune_keeps_the_encoder_and_the_latent_scale(straight, data_dir, tmp_path):
+    """--pretrained_vae + train_decoder_only: the encoder and quant_conv come out bit-identical (the latent space an
+    LDM was trained on does not move), the decoder changes, and the scaling factor is the pretrained one."""
+    base = straight.model_dir
+    tuned = run(data_dir, tmp_path / "ft", "--pretrained_vae", str(base), "--set", "train_decoder_only=true",
+                "--max_train_steps", "3").model_dir
+    before, after = weights(base), weights(tuned)
+    assert before.keys() == after.keys()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in before if k.startswith("decoder.")]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+    config = lambda d: json.loads((d / "config.json").read_text())  # noqa: E731
+    assert config(tuned)["scaling_factor"] == config(base)["scaling_factor"]
+
+
+def test_pretrained_vae_starts_from_its_weights(straight, data_dir, tmp_path):
+    """A full fine-tune from a pretrained folder starts from its weights: at a negligible learning rate (Adam moves
+    each weight by about the learning rate a step) it ends where it began."""
+    out = run(data_dir, tmp_path / "lr0", "--pretrained_vae", str(straight.model_dir), "--learning_rate", "1e-12",
+              "--max_train_steps", "2", "--set", "loss.disc_start=100").model_dir
+    assert_same_weights(weights(straight.model_dir), weights(out))
+
+
+def test_bad_pretrained_vae_is_a_one_line_error_before_anything_is_written(straight, data_dir, tmp_path, capsys):
+    for extra, message in (
+        (["--pretrained_vae", str(tmp_path / "missing")], "expected an autoencoder folder"),
+        (["--pretrained_vae", str(straight.model_dir), "--set", "autoencoder.latent_channels=8"],
+         "does not match the config's autoencoder section"),
+        (["--set", "train_decoder_only=true"], "train_decoder_only needs a trained autoencoder"),
+    ):
+        out = tmp_path / "o"
+        code = run_cli(train_vae.main, ["--config", TINY, "--train_data_dir", str(data_dir), "--output_dir", str(out),
+                                        *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err
+        assert not out.exists()

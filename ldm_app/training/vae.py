@@ -97,8 +97,16 @@ class VAERunConfig:
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     scale_num_images: int = 256  # training images encoded to measure the latent scaling_factor
     eval_num_images: int = 256  # held-out images scored at the end of training
+    # Start from a trained autoencoder (a diffusers folder, safetensors) instead of random weights; its
+    # architecture must be the `autoencoder` section's. With `train_decoder_only`, the encoder (and quant_conv)
+    # stay frozen and the scaling factor is kept, so the latent space does not move: an LDM trained on the old
+    # autoencoder works with the new decoder (how SD's ft-EMA / ft-MSE decoders were made).
+    init_from: str = ""
+    train_decoder_only: bool = False
 
     def validate(self) -> None:
+        if self.train_decoder_only and not self.init_from:
+            raise UserError("train_decoder_only needs a trained autoencoder to start from: give --pretrained_vae DIR")
         f = self.autoencoder.downsampling_factor
         if self.data.resolution % f:
             raise UserError(f"data.resolution ({self.data.resolution}) must be divisible by the autoencoder's "
@@ -127,6 +135,7 @@ FLAG_KEYS = {
     "seed": "train.seed",
     "mixed_precision": "train.mixed_precision", "learning_rate": "train.learning_rate",
     "train_batch_size": "train.train_batch_size", "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "pretrained_vae": "init_from",
 }
 
 
@@ -141,6 +150,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--caption_column", help="the caption column of metadata.jsonl or the hub dataset (default: text)")
     p.add_argument("--image_column", help="the hub dataset's image column (default: image)")
     p.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest' (fresh start if none)")
+    p.add_argument("--pretrained_vae", help="start from this trained autoencoder folder (e.g. MODEL/vae) instead of "
+                   "random weights; with --set train_decoder_only=true only its decoder is fine-tuned")
     for name in ("max_train_steps", "checkpointing_steps", "seed", "train_batch_size", "gradient_accumulation_steps"):
         p.add_argument(f"--{name}", type=int)
     p.add_argument("--learning_rate", type=float)
@@ -266,13 +277,20 @@ class VAETrainer:
         cfg, acc = self.cfg, self.acc
         set_seed(cfg.train.seed)  # the initial weights
         vae = build_autoencoder(cfg.autoencoder)
+        self.kept_scaling_factor = None
+        if cfg.init_from:
+            self.kept_scaling_factor = load_initial_weights(vae, cfg.init_from)
+        if cfg.train_decoder_only:
+            for frozen in (vae.encoder, getattr(vae, "quant_conv", None)):
+                if frozen is not None:
+                    frozen.requires_grad_(False)
         if cfg.train.gradient_checkpointing:
             vae.enable_gradient_checkpointing()
         model = AutoencoderForward(vae, self.kind)
         disc = DiscriminatorForward(NLayerDiscriminator(cfg.autoencoder.in_channels, cfg.loss.disc_channels,
                                                         cfg.loss.disc_num_layers))
         lr = effective_lr(cfg.train, acc.num_processes)
-        opt_ae = make_optimizer(model.parameters(), cfg.train, lr)
+        opt_ae = make_optimizer([q for q in model.parameters() if q.requires_grad], cfg.train, lr)
         opt_d = make_optimizer(disc.parameters(), cfg.train, cfg.loss.disc_learning_rate or lr)
         sched = make_lr_scheduler(opt_ae, cfg.train, acc.num_processes)
         if self.lpips is not None:
@@ -405,10 +423,16 @@ class VAETrainer:
         dest = self.out / MODEL_SUBDIR
         if self.acc.is_main_process:
             vae = self.vae.eval()
-            factor = measure_scaling_factor(vae, self._first_images(self.cfg.scale_num_images), self.cfg.train.seed)
+            if self.cfg.train_decoder_only:  # same encoder, same latents: the LDM's scale must not move
+                factor = self.kept_scaling_factor
+                logger.info("latent scaling_factor = %.5f (kept from %s: the encoder was frozen)", factor,
+                            self.cfg.init_from)
+            else:
+                factor = measure_scaling_factor(vae, self._first_images(self.cfg.scale_num_images),
+                                                self.cfg.train.seed)
+                logger.info("latent scaling_factor = %.5f (1 / std of the latents of %d training images)", factor,
+                            min(self.cfg.scale_num_images, len(self.dataset)))
             vae.register_to_config(scaling_factor=factor)
-            logger.info("latent scaling_factor = %.5f (1 / std of the latents of %d training images)", factor,
-                        min(self.cfg.scale_num_images, len(self.dataset)))
             cfg = replace(self.cfg, autoencoder=replace(self.cfg.autoencoder, scaling_factor=factor))
             with atomic_dir(dest) as tmp:
                 vae.save_pretrained(tmp, safe_serialization=True)
@@ -446,6 +470,33 @@ class VAETrainer:
 # Entry point
 
 
+def load_initial_weights(vae: nn.Module, folder: str) -> float:
+    """Copy a trained autoencoder's weights (FOLDER/diffusion_pytorch_model.safetensors, never a pickle) into
+    `vae`, built from the run config; returns its scaling factor. One-line errors for a missing folder or a
+    different architecture."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(folder)
+    weights, config = path / "diffusion_pytorch_model.safetensors", path / "config.json"
+    if not weights.is_file() or not config.is_file():
+        raise UserError(f"--pretrained_vae {folder}: expected an autoencoder folder with config.json and "
+                        "diffusion_pytorch_model.safetensors (e.g. MODEL/vae)")
+    try:
+        state = load_file(str(weights))
+        scaling_factor = float(json.loads(config.read_text()).get("scaling_factor", 1.0))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"--pretrained_vae {folder}: cannot read it ({e})") from None
+    state = {k: v.float() for k, v in state.items()}  # e.g. an fp16 export
+    mine = vae.state_dict()
+    wrong = sorted(set(mine) ^ set(state)) + sorted(k for k in set(mine) & set(state) if mine[k].shape != state[k].shape)
+    if wrong:
+        raise UserError(f"--pretrained_vae {folder} does not match the config's autoencoder section ({len(wrong)} "
+                        f"weights differ, e.g. {wrong[0]}): use the config it was trained with")
+    vae.load_state_dict(state)
+    return scaling_factor
+
+
 def build_datasets(cfg: VAERunConfig) -> tuple[Any, dict[str, Any]]:
     """(training split, holdout record); the split is drawn from (n, holdout_fraction, seed)."""
     from ..data.dataset import build_dataset, split_indices
@@ -477,6 +528,10 @@ def main(argv: list[str] | None = None) -> TrainResult:
     cfg = load_run_config(args)
     setup_logging()
     check_report_to(args.report_to)
+    if cfg.init_from:  # checked before the output folder is touched, like the config and the data
+        from ..models import build_autoencoder
+
+        load_initial_weights(build_autoencoder(cfg.autoencoder), cfg.init_from)
     train_set, holdout = build_datasets(cfg)
     source = cfg.data.train_data_dir or cfg.data.dataset_name
     train_set = train_set.readable(f"the training split of {source} ({len(holdout['indices'])} held out)"
