@@ -128,6 +128,7 @@ SAMPLERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("DDIM", "ddim", ()),
     ("PLMS", "plms", ()),
     ("DDPM", "ddpm", ()),
+    ("LCM", "lcm", ()),  # for latent consistency models (python -m ldm_app.train_distill's output)
 )
 _OUR_NAMES = {"pndm": "plms"}  # ours that are another's twin: shown under the twin's A1111 name
 AUTOMATIC_SCHEDULERS = ("automatic", "Automatic", "")

@@ -633,6 +633,11 @@ class LdmAppPipelineMixin:
             args["prompt"] = prompts
             if negative_prompt is not None:
                 args["negative_prompt"] = negatives
+            if any(negatives) and getattr(self.unet.config, "time_cond_proj_dim", None) is not None:
+                # diffusers runs no unconditional pass for a U-Net with a guidance embedding (a distilled LCM):
+                # the negative prompt would be silently dropped
+                raise UserError("this model has guidance built into its U-Net (a distilled, few-step model), so a "
+                                "negative prompt has no effect: leave it out")
         else:
             if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
                 raise UserError(f"prompt_embeds must be a (batch, tokens, width) tensor, got {shown(prompt_embeds)}")

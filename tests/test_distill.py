@@ -151,6 +151,18 @@ def test_sampling_is_one_unet_pass_a_step_and_matches_diffusers(trained):
     assert abs(image - other).max() <= 1e-5
 
 
+def test_a_negative_prompt_is_refused_not_dropped(trained):
+    """A guidance-embedded U-Net gets no unconditional pass, so diffusers would drop a negative prompt without a
+    word: ours refuses it in one line (an empty one is fine)."""
+    from ldm_app.errors import UserError
+    from ldm_app.pipeline import LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline.from_pretrained(trained[0])
+    with pytest.raises(UserError, match="negative prompt has no effect"):
+        pipe.check_call("a red circle", negative_prompt="blue")
+    pipe.check_call("a red circle", negative_prompt="")
+
+
 # ---- exact resume after SIGKILL --------------------------------------------------------------------------------
 
 

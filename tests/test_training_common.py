@@ -102,3 +102,22 @@ def test_release_freed_memory_returns_the_heap_pages_pytorch_freed():
     after = _rss_bytes()
     assert before - after > 100 * 2**20, (before, after)
     assert pin.sum().item() == 1024
+
+
+def test_deepspeed_micro_batch_is_filled_from_the_run_config():
+    """Our trainers give accelerate no DataLoader, so an "auto" DeepSpeed micro-batch must come from the config;
+    a value the DeepSpeed config sets itself is kept, and a run without DeepSpeed is left alone."""
+    from types import SimpleNamespace
+
+    from ldm_app.training.common import fill_deepspeed_batch
+
+    auto = SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config={"train_micro_batch_size_per_gpu": "auto"}))
+    fill_deepspeed_batch(auto, 32)
+    assert auto.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 32
+    unset = SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config={}))
+    fill_deepspeed_batch(unset, 8)
+    assert unset.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 8
+    fixed = SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config={"train_micro_batch_size_per_gpu": 4}))
+    fill_deepspeed_batch(fixed, 32)
+    assert fixed.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 4
+    fill_deepspeed_batch(SimpleNamespace(deepspeed_plugin=None), 32)  # no DeepSpeed: nothing to do, no error

@@ -177,10 +177,24 @@ def make_accelerator(cfg: TrainConfig, output_dir: str | Path, cpu: bool = False
         project_config=project,
         cpu=cpu,
     )
+    fill_deepspeed_batch(accelerator.state, cfg.train_batch_size)
     if accelerator.is_main_process:
         for line in warnings:
             logger.warning(line)
     return accelerator
+
+
+def fill_deepspeed_batch(state: Any, train_batch_size: int) -> None:
+    """DeepSpeed needs its micro-batch size when the engine is built. accelerate reads an "auto" value from the
+    DataLoader given to `prepare`, and our trainers give none (they iterate their own data order), so prepare would
+    fail with "requires you to pass at least one of training or evaluation dataloaders": fill it in from the run
+    config, as accelerate's docs say to do without a DataLoader. A value the DeepSpeed config sets is kept."""
+    plugin = getattr(state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds["train_micro_batch_size_per_gpu"] = train_batch_size
 
 
 @contextlib.contextmanager
