@@ -25,7 +25,6 @@ photo is read.
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
 import sys
@@ -36,9 +35,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ldm_app import limits
 from ldm_app.errors import ArgumentParser, UserError, run_cli
-from ldm_app.fileio import atomic_dir, check_replaceable_dir, file_sha256, read_written_record, some_entries
+from ldm_app.data.generated import GeneratedFolder, check_counts
 
 INSTALL_HINT = "scikit-image is not installed: pip install 'ldm_app[photos]'"
 
@@ -166,90 +164,37 @@ def render_view(view: View, resolution: int) -> Image.Image:
     return image.crop(view.box).resize((resolution, resolution), Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
-MIN_RESOLUTION = 16
 METADATA_FILE = "metadata.jsonl"
 CAPTION_SUFFIX = ".txt"
 MANIFEST_FILE = "photos_manifest.json"
 WRITTEN_BY = "python -m ldm_app.data.photos"
-_EXPECTED = "a new path, an empty folder, or a folder written by this generator"
-
-
-def _refuse(out: Path, why: str) -> UserError:
-    return UserError(f"--out {out} {why}; refusing to replace it: expected {_EXPECTED}")
-
-
-def check_previous_output(out: Path) -> None:
-    """Return if the non-empty folder `out` is exactly an earlier output of this generator, else raise a
-    UserError naming what is not (as `ldm_app.data.shapes.check_previous_output`)."""
-    manifest = out / MANIFEST_FILE
-    if manifest.is_symlink() or not manifest.is_file():
-        raise _refuse(out, f"is a folder not written by this generator (no {MANIFEST_FILE}; it holds {some_entries(out)})")
-    files = read_written_record(manifest, WRITTEN_BY)
-    if files is None:
-        raise _refuse(out, f"has an unreadable {MANIFEST_FILE}")
-    for entry in sorted(out.iterdir()):  # plain files only, no subfolders
-        name = entry.name
-        if name == MANIFEST_FILE:
-            continue
-        if entry.is_symlink() or not entry.is_file() or name not in files:
-            raise _refuse(out, f"holds {name}, which the generator did not write")
-        if entry.stat().st_size != files[name]["bytes"] or file_sha256(entry) != files[name]["sha256"]:
-            raise _refuse(out, f"holds {name}, changed since the generator wrote it")
-
-
-def _check_out(out: Path) -> None:
-    if out.name in ("", ".", ".."):
-        raise UserError(f"--out {out} has no folder name of its own: give a path like DIR/photos")
-    check_replaceable_dir(out, _EXPECTED, check_previous_output)
-
-
-def _check_args(out: Path, num_images: int, resolution: int, seed: int) -> None:
-    if num_images < 1:
-        raise UserError(f"--num_images must be at least 1, got {num_images}")
-    if resolution < MIN_RESOLUTION:
-        raise UserError(f"--resolution must be at least {MIN_RESOLUTION} pixels, got {resolution}")
-    max_side = limits.current().max_image_side
-    if resolution > max_side:
-        raise UserError(
-            f"--resolution is {resolution} pixels, above the limit of {max_side} "
-            f"(max_image_side; set {limits.ENV_PREFIX}MAX_IMAGE_SIDE to change it)"
-        )
-    if seed < 0:
-        raise UserError(f"--seed must be a non-negative integer, got {seed}")
-    _check_out(out)
+OUTPUT = GeneratedFolder(MANIFEST_FILE, WRITTEN_BY, "DIR/photos")  # --out's rules and the atomic write (as shapes)
+check_previous_output = OUTPUT.check_previous_output  # is FOLDER exactly an earlier output of this generator?
 
 
 def make_dataset(out: str | Path, num_images: int, resolution: int, seed: int, sidecars: bool = False) -> Path:
     """Write `num_images` captioned views to `out` atomically: metadata.jsonl, or with `sidecars` a caption file
     beside each image instead. View i comes from a generator seeded with (seed, i)."""
     out = Path(out)
-    _check_args(out, num_images, resolution, seed)
+    check_counts(num_images, resolution, seed)
+    OUTPUT.check_out(out)
     _skimage_data()  # the one-line install hint before anything is written
-    files: dict[str, dict] = {}
-
-    def write(folder: Path, name: str, data: bytes) -> None:
-        (folder / name).write_bytes(data)
-        files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-    with atomic_dir(out) as tmp:
+    arguments = {"num_images": int(num_images), "resolution": int(resolution), "seed": int(seed),
+                 "sidecars": bool(sidecars)}
+    with OUTPUT.writing(out, arguments) as writer:
         lines = []
         for i in tqdm(range(num_images), desc="cropping photos", unit="img"):
             view = sample_view(np.random.default_rng([seed, i]), _photo_size)
             stem = f"{i:06d}"
             png = io.BytesIO()
             render_view(view, resolution).save(png, format="PNG")
-            write(tmp, f"{stem}.png", png.getvalue())
+            writer.write(f"{stem}.png", png.getvalue())
             if sidecars:
-                write(tmp, f"{stem}{CAPTION_SUFFIX}", (view.caption + "\n").encode("utf-8"))
+                writer.write(f"{stem}{CAPTION_SUFFIX}", (view.caption + "\n").encode("utf-8"))
             else:
                 lines.append(json.dumps({"file_name": f"{stem}.png", "text": view.caption}) + "\n")
         if not sidecars:
-            write(tmp, METADATA_FILE, "".join(lines).encode("utf-8"))
-        arguments = {"num_images": int(num_images), "resolution": int(resolution), "seed": int(seed),
-                     "sidecars": bool(sidecars)}
-        manifest = {"written_by": WRITTEN_BY, "arguments": arguments, "files": files}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        _check_out(out)  # again just before the swap: --out may have changed meanwhile
+            writer.write(METADATA_FILE, "".join(lines).encode("utf-8"))
     return out
 
 

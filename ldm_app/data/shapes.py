@@ -30,7 +30,6 @@ image side so that a caption means the same thing at every resolution.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
@@ -42,9 +41,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from ldm_app import limits
 from ldm_app.errors import ArgumentParser, UserError, run_cli
-from ldm_app.fileio import atomic_dir, check_replaceable_dir, file_sha256, read_written_record, some_entries
+from ldm_app.data.generated import GeneratedFolder, check_counts
 
 # ---- vocabulary (imported by evaluation: keep fixed) ----
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
@@ -410,64 +408,18 @@ def render_scene(scene: Scene, resolution: int) -> Image.Image:
     return image.resize((resolution, resolution), Image.Resampling.BOX)
 
 
-MIN_RESOLUTION = 16
 METADATA_FILE = "metadata.jsonl"
 MANIFEST_FILE = "shapes_manifest.json"  # what the generator wrote: see the module docstring
 WRITTEN_BY = "python -m ldm_app.data.shapes"
-_EXPECTED = "a new path, an empty folder, or a folder written by this generator"
+OUTPUT = GeneratedFolder(MANIFEST_FILE, WRITTEN_BY, "DIR/shapes")  # --out's rules and the atomic write
+check_previous_output = OUTPUT.check_previous_output  # is FOLDER exactly an earlier output of this generator?
 
 
 def _check_args(out: Path, num_images: int, resolution: int, seed: int, two_object_fraction: float) -> None:
-    if num_images < 1:
-        raise UserError(f"--num_images must be at least 1, got {num_images}")
-    if resolution < MIN_RESOLUTION:
-        raise UserError(f"--resolution must be at least {MIN_RESOLUTION} pixels, got {resolution}")
-    max_side = limits.current().max_image_side
-    if resolution > max_side:
-        raise UserError(
-            f"--resolution is {resolution} pixels, above the limit of {max_side} "
-            f"(max_image_side; set {limits.ENV_PREFIX}MAX_IMAGE_SIDE to change it)"
-        )
-    if seed < 0:
-        raise UserError(f"--seed must be a non-negative integer, got {seed}")
+    check_counts(num_images, resolution, seed)
     if not 0.0 <= two_object_fraction <= 1.0:
         raise UserError(f"--two_object_fraction must be between 0 and 1, got {two_object_fraction}")
-    _check_out(out)
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _refuse(out: Path, why: str) -> UserError:
-    return UserError(f"--out {out} {why}; refusing to replace it: expected {_EXPECTED}")
-
-
-def check_previous_output(out: Path) -> None:
-    """Return if the non-empty folder `out` is exactly an earlier output of this generator (a valid manifest
-    and nothing it does not list, no listed file changed), else raise a UserError naming what is not."""
-    manifest = out / MANIFEST_FILE
-    if manifest.is_symlink() or not manifest.is_file():
-        raise _refuse(out, f"is a folder not written by this generator (no {MANIFEST_FILE}; it holds {some_entries(out)})")
-    files = read_written_record(manifest, WRITTEN_BY)
-    if files is None:
-        raise _refuse(out, f"has an unreadable {MANIFEST_FILE}")
-    for entry in sorted(out.iterdir()):  # the generator writes plain files only, no subfolders
-        name = entry.name
-        if name == MANIFEST_FILE:
-            continue
-        if entry.is_symlink() or not entry.is_file() or name not in files:
-            raise _refuse(out, f"holds {name}, which the generator did not write")
-        st = entry.stat()
-        if st.st_size != files[name]["bytes"] or file_sha256(entry) != files[name]["sha256"]:
-            raise _refuse(out, f"holds {name}, changed since the generator wrote it")
-
-
-def _check_out(out: Path) -> None:
-    """What `--out` must be, checked before anything is drawn: see the module docstring."""
-    if out.name in ("", ".", ".."):
-        raise UserError(f"--out {out} has no folder name of its own: give a path like DIR/shapes")
-    check_replaceable_dir(out, _EXPECTED, check_previous_output)  # built next to --out, renamed into place
+    OUTPUT.check_out(out)
 
 
 def class_label(scene: Scene) -> int:
@@ -531,13 +483,19 @@ def make_dataset(
         raise UserError(f"--free_caption_fraction must be between 0 and 1, got {free_caption_fraction}")
     out = Path(out)
     _check_args(out, num_images, resolution, seed, two_object_fraction)
-    files: dict[str, dict] = {}
-
-    def write(folder: Path, name: str, data: bytes) -> None:
-        (folder / name).write_bytes(data)
-        files[name] = {"bytes": len(data), "sha256": _sha256(data)}
-
-    with atomic_dir(out) as tmp:
+    arguments = {"num_images": int(num_images), "resolution": int(resolution), "seed": int(seed),
+                 "two_object_fraction": float(two_object_fraction), "labels": bool(labels)}
+    if sizes:  # recorded only when asked, so the manifests of earlier commands stay byte-identical
+        arguments["sizes"] = True
+    if extra_colours:  # likewise
+        arguments["extra_colours"] = list(extra_colours)
+        arguments["extra_colour_fraction"] = extra_colour_fraction
+    if extra_shapes:
+        arguments["extra_shapes"] = list(extra_shapes)
+        arguments["extra_shape_fraction"] = extra_shape_fraction
+    if free_caption_fraction:
+        arguments["free_caption_fraction"] = float(free_caption_fraction)
+    with OUTPUT.writing(out, arguments) as writer:
         lines = []
         for i in tqdm(range(num_images), desc="rendering shapes", unit="img"):
             scene = sample_scene(np.random.default_rng([seed, i]), resolution, two_object_fraction,
@@ -545,7 +503,7 @@ def make_dataset(
             file_name = f"{i:06d}.png"
             png = io.BytesIO()
             render_scene(scene, resolution).save(png, format="PNG")
-            write(tmp, file_name, png.getvalue())
+            writer.write(file_name, png.getvalue())
             text = caption(scene)
             if free_caption_fraction:
                 wording = np.random.default_rng([seed, FREE_CAPTION_STREAM, i])
@@ -557,22 +515,7 @@ def make_dataset(
             if sizes:
                 row["size"] = object_size(scene)
             lines.append(json.dumps(row) + "\n")
-        write(tmp, METADATA_FILE, "".join(lines).encode("utf-8"))
-        arguments = {"num_images": int(num_images), "resolution": int(resolution), "seed": int(seed),
-                     "two_object_fraction": float(two_object_fraction), "labels": bool(labels)}
-        if sizes:  # recorded only when asked, so the manifests of earlier commands stay byte-identical
-            arguments["sizes"] = True
-        if extra_colours:  # likewise
-            arguments["extra_colours"] = list(extra_colours)
-            arguments["extra_colour_fraction"] = extra_colour_fraction
-        if extra_shapes:
-            arguments["extra_shapes"] = list(extra_shapes)
-            arguments["extra_shape_fraction"] = extra_shape_fraction
-        if free_caption_fraction:
-            arguments["free_caption_fraction"] = float(free_caption_fraction)
-        manifest = {"written_by": WRITTEN_BY, "arguments": arguments, "files": files}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        _check_out(out)  # again just before the swap: --out may have changed while the images were drawn
+        writer.write(METADATA_FILE, "".join(lines).encode("utf-8"))
     return out
 
 
