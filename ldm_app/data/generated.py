@@ -103,3 +103,16 @@ def check_counts(num_images: int, resolution: int, seed: int) -> None:
         )
     if seed < 0:
         raise UserError(f"--seed must be a non-negative integer, got {seed}")
+
+
+def add_common_arguments(parser: Any) -> None:
+    """--out, --num_images, --resolution and --seed, as every generator takes them."""
+    parser.add_argument(
+        "--out", required=True, help="a new or empty folder, or an earlier output of this generator (replaced)"
+    )
+    parser.add_argument("--num_images", type=int, required=True)
+    parser.add_argument(
+        "--resolution", type=int, default=64,
+        help=f"image side in pixels (>= {MIN_RESOLUTION}, at most the max_image_side limit)",
+    )
+    parser.add_argument("--seed", type=int, default=0)

@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm_app.errors import ArgumentParser, UserError, run_cli
-from ldm_app.data.generated import GeneratedFolder, check_counts
+from ldm_app.data.generated import GeneratedFolder, add_common_arguments, check_counts
 
 INSTALL_HINT = "scikit-image is not installed: pip install 'ldm_app[photos]'"
 
@@ -203,14 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m ldm_app.data.photos",
         description="Write captioned square views of scikit-image's bundled photos (imagefolder layout).",
     )
-    parser.add_argument(
-        "--out", required=True, help="a new or empty folder, or an earlier output of this generator (replaced)"
-    )
-    parser.add_argument("--num_images", type=int, required=True)
-    parser.add_argument(
-        "--resolution", type=int, default=64, help="image side in pixels (>= 16, at most the max_image_side limit)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
+    add_common_arguments(parser)
     parser.add_argument("--sidecars", action="store_true",
                         help="write a caption file beside each image (000000.png + 000000.txt) instead of "
                         "metadata.jsonl")

@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from ldm_app.errors import ArgumentParser, UserError, run_cli
-from ldm_app.data.generated import GeneratedFolder, check_counts
+from ldm_app.data.generated import GeneratedFolder, add_common_arguments, check_counts
 
 # ---- vocabulary (imported by evaluation: keep fixed) ----
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
@@ -524,14 +524,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m ldm_app.data.shapes",
         description="Write a synthetic captioned shapes dataset (imagefolder layout).",
     )
-    parser.add_argument(
-        "--out", required=True, help="a new or empty folder, or an earlier output of this generator (replaced)"
-    )
-    parser.add_argument("--num_images", type=int, required=True)
-    parser.add_argument(
-        "--resolution", type=int, default=64, help="image side in pixels (>= 16, at most the max_image_side limit)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
+    add_common_arguments(parser)
     parser.add_argument("--two_object_fraction", type=float, default=0.25, help="share of two-object scenes")
     parser.add_argument("--labels", action="store_true", help="also write each image's class (colour x shape, "
                         f"{NUM_CLASSES} classes) as 'label' in metadata.jsonl; needs --two_object_fraction 0")
