@@ -213,6 +213,9 @@ def test_max_steps_per_sampler_on_a_short_schedule(tiny_components):
                 continue
             assert torch.isfinite(out).all(), (sampler, steps)
             ran.append(steps)
+        if sampler == "lcm":  # its distillation grid (original_inference_steps, 50 by default) does not fit 10
+            assert ran == [], ran  # timesteps at all: every count refused in one line, none sampled
+            continue
         assert ran[:5] == [1, 2, 3, 4, 5] and 11 not in ran, (sampler, ran)
 
 
