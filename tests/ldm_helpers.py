@@ -4,6 +4,9 @@ fixtures (`ldm_files`, `fresh_accelerate`) live in conftest.py."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,20 @@ def run_args(files: LDMFiles, out: Path, *extra: str) -> list[str]:
 def subprocess_env() -> dict[str, str]:
     # one thread per process: on a shared 2-core machine, thread oversubscription makes torch 10-100x slower
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def kill_after_first_checkpoint(command: list[str], out: Path, log_path: Path) -> None:
+    """Start a trainer (`command`, checkpointing into `out`) in its own process, SIGKILL it as soon as its first
+    checkpoint exists, and check that the signal is what ended it (else the tail of its log)."""
+    from ldm_app.checkpointing import list_checkpoints
+
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=ROOT)
+        deadline = time.monotonic() + 300
+        while not list_checkpoints(out) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL, log_path.read_text()[-2000:]
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from ldm_helpers import ROOT, max_abs_diff, subprocess_env, weights
+from ldm_helpers import ROOT, kill_after_first_checkpoint, max_abs_diff, subprocess_env, weights
 
 from ldm_app.checkpointing import list_checkpoints
 from ldm_app.errors import run_cli
@@ -169,14 +167,8 @@ def test_a_negative_prompt_is_refused_not_dropped(trained):
 def test_resume_after_sigkill_ends_with_the_same_weights(trained, teacher, tmp_path):
     straight, _ = trained
     killed = tmp_path / "killed"
-    log = open(tmp_path / "killed.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "ldm_app.train_distill", *args(teacher, killed)],
-                            stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=ROOT)
-    deadline = time.monotonic() + 300
-    while not list_checkpoints(killed) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
+    kill_after_first_checkpoint([sys.executable, "-m", "ldm_app.train_distill", *args(teacher, killed)], killed,
+                                tmp_path / "killed.log")
     assert not (killed / "model_index.json").exists()  # killed before the end
 
     result = main(args(teacher, killed, "--resume_from_checkpoint", "latest"))

@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from ldm_helpers import CONFIG, ROOT, max_abs_diff, subprocess_env, weights
+from ldm_helpers import CONFIG, ROOT, kill_after_first_checkpoint, max_abs_diff, weights
 
-from ldm_app.checkpointing import list_checkpoints
 
 from ldm_app.errors import run_cli
 from ldm_app.training.lora import LORA_FILE
@@ -142,14 +138,7 @@ def test_resumed_run_ends_with_the_same_lora_weights(straight, ldm_files, tiny_p
 def test_resume_after_sigkill_ends_with_the_same_lora_weights(straight, ldm_files, tiny_pipeline_dir, tmp_path):
     killed = tmp_path / "killed"
     argv = lora_args(ldm_files, tiny_pipeline_dir, killed, *STEPS, "--validation_prompts", "a red circle")
-    log = open(tmp_path / "killed.log", "wb")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_ldm.py"), *argv], stdout=log,
-                            stderr=subprocess.STDOUT, env=subprocess_env(), cwd=ROOT)
-    deadline = time.monotonic() + 300
-    while not list_checkpoints(killed) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
+    kill_after_first_checkpoint([sys.executable, str(ROOT / "train_ldm.py"), *argv], killed, tmp_path / "killed.log")
     assert not (killed / LORA_FILE).exists()  # killed before the end
     result = main([*argv, "--resume_from_checkpoint", "latest"])
     assert result.step == 6 and len(result.losses) < 6  # resumed from a checkpoint

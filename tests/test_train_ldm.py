@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from ldm_helpers import (
     CONFIG,
     LDMFiles,
     ROOT,
+    kill_after_first_checkpoint,
     max_abs_diff,
     run_args,
     subprocess_env,
@@ -116,14 +115,8 @@ def test_resume_after_sigkill_ends_with_the_same_weights(ldm_files, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     main(run_args(ldm_files, straight, *extra))
 
-    log = open(tmp_path / "killed.log", "wb")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_ldm.py"), *run_args(ldm_files, killed, *extra)],
-                            stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(), cwd=ROOT)
-    deadline = time.monotonic() + 300
-    while not list_checkpoints(killed) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-2000:]
+    kill_after_first_checkpoint([sys.executable, str(ROOT / "train_ldm.py"), *run_args(ldm_files, killed, *extra)],
+                                killed, tmp_path / "killed.log")
     assert not (killed / "model_index.json").exists()  # killed before the end
 
     result = main(run_args(ldm_files, killed, *extra, "--resume_from_checkpoint", "latest"))
