@@ -261,32 +261,34 @@ def parse_caption(text: str) -> dict:
     stated: dict = {}
     background = re.compile(rf"\b(?:{'|'.join(BACKGROUND_PREPOSITIONS)}) an? ({_alternation(_words('background'))}) "
                             r"background\b")
-    found = background.findall(text)
-    if len(found) > 1:
-        raise ValueError(f"more than one background in {text!r}")
+    found = _at_most_one(background, "background", text)
     if found:
-        stated["background"] = _words("background")[found[0]]
+        stated["background"] = _words("background")[found]
         text = background.sub(",", text)
     relation = re.compile(rf"\b({_alternation(_words('relation'))})\b")
-    relations = relation.findall(text)
-    if len(relations) > 1:
-        raise ValueError(f"more than one relation in {text!r}")
-    if relations:
-        left, right = (part.strip(" ,") for part in relation.split(text) if part not in relations)
-        stated["relation"] = _words("relation")[relations[0]]
+    found = _at_most_one(relation, "relation", text)
+    if found:
+        left, right = (part.strip(" ,") for part in relation.split(text) if part != found)
+        stated["relation"] = _words("relation")[found]
         stated["objects"] = (_parse_object(left, text), _parse_object(right, text))
         return stated
     position = re.compile(rf"\b({_alternation(_words('position'))})\b")
-    positions = position.findall(text)
-    if len(positions) > 1:
-        raise ValueError(f"more than one position in {text!r}")
-    if positions:
-        stated["position"] = _words("position")[positions[0]]
+    found = _at_most_one(position, "position", text)
+    if found:
+        stated["position"] = _words("position")[found]
         text = position.sub(",", text)
     chunks = [c.strip() for c in text.split(",") if c.strip()]
     if len(chunks) != 1:
         raise ValueError(f"expected one object phrase, found {chunks} in {text!r}")
     return {**_parse_object(chunks[0], text), **stated}
+
+
+def _at_most_one(pattern: re.Pattern, what: str, text: str) -> str | None:
+    """The one phrase of `pattern` in `text` (its captured group), None if absent; ValueError if several."""
+    found = pattern.findall(text)
+    if len(found) > 1:
+        raise ValueError(f"more than one {what} in {text!r}")
+    return found[0] if found else None
 
 
 def _parse_object(phrase: str, text: str) -> dict[str, str]:

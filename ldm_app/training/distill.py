@@ -48,6 +48,7 @@ import torch
 
 from ..config import flag_overrides, from_dict, merge, parse_overrides, read_yaml, to_dict, validate
 from ..errors import ArgumentParser, UserError
+from ..first_stage import downsampling_factor
 from .common import REPORT_TO, check_report_to, launched_processes, make_accelerator, open_run_folder, setup_logging
 from .ldm import MAY_DIFFER_ON_RESUME as LDM_MAY_DIFFER
 from .ldm import (LDMRunConfig, LDMTrainer, Models, build_models, build_train_dataset, check_enough_images,
@@ -204,7 +205,7 @@ def build_distill_models(cfg: DistillRunConfig) -> tuple[Models, Any]:
         raise UserError(f"--teacher {str(teacher)!r}: its U-Net already has a guidance embedding (time_cond_proj_dim="
                         f"{unet.config.time_cond_proj_dim}), so it is already distilled; give the model it came from")
     LDMTrainer.check_class_embedding(cfg, unet)  # a class- or scalar-conditioned U-Net is refused here
-    f = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    f = downsampling_factor(models.vae)
     side = unet.config.sample_size * f
     if cfg.data.resolution != side:
         raise UserError(f"data.resolution ({cfg.data.resolution}) must be the teacher's image size {side} (latent side "

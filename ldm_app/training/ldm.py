@@ -43,7 +43,7 @@ from ..conditioning import (NULL_CAPTION, concat_channels, drop_captions, drop_l
                             inpaint_condition, is_scalar_unet, masked_image, read_labels, read_scalars,
                             scalar_condition)
 from ..errors import ArgumentParser, UserError
-from ..first_stage import is_vq, latent_channels, latent_stats, sample_x0
+from ..first_stage import downsampling_factor, is_vq, latent_channels, latent_stats, sample_x0
 from .common import (REPORT_TO, EmptyBatchGuard, Position, TrainProgress, batches, batches_per_epoch,
                      bucket_batches_per_epoch, check_report_to,
                      effective_lr, launched_processes, log_image, make_accelerator, make_lr_scheduler, make_optimizer,
@@ -335,7 +335,7 @@ def check_compatible(vae: Any, unet_in_channels: int, cfg: LDMRunConfig | None) 
                         f"({channels}): set --set unet.in_channels={channels}")
     if cfg is None:
         return
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    f = downsampling_factor(vae)
     side, down = cfg.data.resolution // f, 2 ** (len(cfg.unet.block_out_channels) - 1)
     if cfg.data.resolution % f or side % down:
         raise UserError(f"data.resolution {cfg.data.resolution} must be a multiple of {f * down} (autoencoder "
@@ -973,7 +973,7 @@ def setup_buckets(cfg: LDMRunConfig, models: Models, dataset: Any) -> None:
     if cfg.ldm.cache_latents:
         raise UserError("data.buckets cannot be combined with ldm.cache_latents (latents of different shapes per "
                         "bucket are not cached): turn one of them off")
-    f = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    f = downsampling_factor(models.vae)
     down = 2 ** (len(models.unet.config.block_out_channels) - 1)
     dataset.assign_buckets(f * down, cfg.data.bucket_max_aspect)
     counts = {s: dataset.bucket_ids.count(i) for i, s in enumerate(dataset.buckets)}
