@@ -33,11 +33,25 @@ folder (the teacher's VAE, text encoder and tokenizer, the student U-Net, an LCM
 defaults in ldm_app.json (sampler lcm, `ldm.validation_num_inference_steps` steps, `ldm.validation_guidance_scale`),
 the teacher's vocabulary.json when it has one, and its run_config.json as teacher_run_config.json (OUT's own
 run_config.json is this run's config, which ties the folder to it for --resume_from_checkpoint).
+
+`distill.method: guidance` is the other distillation here, guidance distillation (Meng et al. 2023, "On
+Distillation of Guided Diffusion Models", stage one, with one fixed guidance scale): the student, a plain copy of
+the teacher's U-Net, learns to give in ONE pass what the teacher gives in two under classifier-free guidance,
+
+    t ~ U{0..T-1}, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+    loss = || F_student(x_t, t, c) - [F(x_t, t, null) + s (F(x_t, t, c) - F(x_t, t, null))] ||^2   s = guidance_scale
+
+(F: the teacher's output, whatever its prediction type: the guided combination is linear). It keeps the teacher's
+sampler and steps and stores guidance 1 (no classifier-free guidance, half the U-Net calls), and it works for an
+inpainting teacher too (`conditioning.concat: inpaint`: both see the same random mask and masked-image latents),
+whose output stays a diffusers StableDiffusionInpaintPipeline folder. configs/distill/inpaint_guidance.yaml.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -51,8 +65,8 @@ from ..errors import ArgumentParser, UserError
 from ..first_stage import downsampling_factor
 from .common import REPORT_TO, check_report_to, launched_processes, make_accelerator, open_run_folder, setup_logging
 from .ldm import MAY_DIFFER_ON_RESUME as LDM_MAY_DIFFER
-from .ldm import (LDMRunConfig, LDMTrainer, Models, build_models, build_train_dataset, check_enough_images,
-                  check_strategy)
+from .ldm import (LDMRunConfig, LDMTrainer, Models, build_models, build_train_dataset, check_concat,
+                  check_enough_images, check_strategy)
 
 logger = logging.getLogger("train_distill")
 
@@ -69,6 +83,8 @@ class DistillSection:
     """What is specific to latent consistency distillation. The stored sampling defaults are the `ldm.validation_*`
     settings (sampler lcm, steps, guidance), which also make the validation grids."""
 
+    method: Literal["lcd", "guidance"] = "lcd"  # latent consistency distillation, or guidance distillation (above)
+    guidance_scale: float = 3.0  # method guidance: the teacher's classifier-free guidance folded into the student
     num_ddim_timesteps: int = 50  # N: the teacher's DDIM solver grid (LCMScheduler's original_inference_steps)
     w_min: float = 1.0  # guidance w ~ U[w_min, w_max] per image, as diffusers' guidance_scale - 1 (the reference's
     w_max: float = 3.0  # 5..15 is for SD 1.5; this toolkit's shapes models are best near guidance_scale 3)
@@ -78,6 +94,9 @@ class DistillSection:
     huber_c: float = 0.001
 
     def validate(self) -> None:
+        if self.guidance_scale <= 1:
+            raise UserError(f"distill.guidance_scale must be > 1 (1 is the teacher without guidance), got "
+                            f"{self.guidance_scale:g}")
         if self.num_ddim_timesteps < 1:
             raise UserError(f"num_ddim_timesteps must be >= 1, got {self.num_ddim_timesteps}")
         if not 0 <= self.w_min <= self.w_max:
@@ -100,8 +119,12 @@ class DistillRunConfig(LDMRunConfig):
             raise UserError("give --teacher MODEL_DIR (a pipeline folder: train_ldm.py's output or the bundled model)")
         if self.lora.rank is not None or self.embedding.token is not None:
             raise UserError("lora.* and embedding.* do not apply to distillation: the student is a whole U-Net")
+        if self.distill.method == "guidance":
+            self._validate_guidance()
+            return
         if self.conditioning.kind != "text" or self.conditioning.concat != "none":
-            raise UserError("only text-to-image teachers can be distilled (conditioning.kind=text, concat=none)")
+            raise UserError("only text-to-image teachers can be distilled by lcd (conditioning.kind=text, "
+                            "concat=none); an inpainting teacher by distill.method=guidance")
         if not self.ldm.use_ema:
             raise UserError("ldm.use_ema must stay on: the EMA of the student is the consistency target network")
         if self.ldm.validation_sampler != "lcm":
@@ -115,6 +138,21 @@ class DistillRunConfig(LDMRunConfig):
         if not 1 + d.w_min <= g <= 1 + d.w_max:
             raise UserError(f"ldm.validation_guidance_scale {g:g} is outside the distilled range 1 + [w_min, w_max] "
                             f"= [{1 + d.w_min:g}, {1 + d.w_max:g}]")
+
+
+    def _validate_guidance(self) -> None:
+        if self.conditioning.kind != "text":
+            raise UserError("distill.method=guidance needs a text-conditioned teacher (conditioning.kind=text)")
+        if self.ldm.validation_sampler == "lcm":
+            raise UserError("distill.method=guidance keeps the teacher's sampler: set ldm.validation_sampler to it "
+                            "(e.g. dpm++), not lcm")
+        if self.ldm.validation_guidance_scale != 1:
+            raise UserError(f"distill.method=guidance folds guidance {self.distill.guidance_scale:g} into the student, "
+                            f"which samples without it: set ldm.validation_guidance_scale=1, not "
+                            f"{self.ldm.validation_guidance_scale:g}")
+        if self.ldm.caption_dropout:
+            raise UserError("distill.method=guidance learns the guided output for the caption given: set "
+                            "ldm.caption_dropout=0")
 
 
 # Defaults that differ from train_ldm.py's (below the YAML file and the command line).
@@ -199,8 +237,20 @@ def make_student(teacher_unet: Any, proj_dim: int) -> Any:
 def build_distill_models(cfg: DistillRunConfig) -> tuple[Models, Any]:
     """(models with the student as `unet`, the frozen teacher U-Net); every problem a one-line UserError."""
     teacher = check_teacher_folder(cfg.ldm.pretrained_model)
+    if cfg.conditioning.concat != "none":  # build_models would widen a text-to-image U-Net: no teacher for the mask
+        try:
+            in_channels = json.loads((teacher / "unet" / "config.json").read_text(encoding="utf-8"))["in_channels"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"--teacher {str(teacher)!r}: unreadable unet/config.json ({e})") from None
+        if in_channels != 9:
+            raise UserError(f"--teacher {str(teacher)!r} is not an inpainting model (its U-Net takes {in_channels} "
+                            "input channels, an inpainting model 9): distil it with conditioning.concat=none")
     models = build_models(cfg)  # the teacher's autoencoder, text encoder (frozen), tokenizer, U-Net, noise schedule
     unet = models.unet
+    if cfg.distill.method == "guidance":  # the student starts as an exact copy of the teacher
+        LDMTrainer.check_class_embedding(cfg, unet)
+        models.unet = copy.deepcopy(unet)
+        return models, unet.requires_grad_(False).eval()
     if unet.config.time_cond_proj_dim is not None:
         raise UserError(f"--teacher {str(teacher)!r}: its U-Net already has a guidance embedding (time_cond_proj_dim="
                         f"{unet.config.time_cond_proj_dim}), so it is already distilled; give the model it came from")
@@ -287,6 +337,8 @@ class DistillTrainer(LDMTrainer):
         """The LCD loss on one batch; draws, in order: latent eps, grid index n, noise, guidance w."""
         from ..conditioning import NULL_CAPTION
 
+        if self.cfg.distill.method == "guidance":
+            return self.guidance_loss(batch, g)
         d, device = self.cfg.distill, self.acc.device
         x0 = self.latents(batch, g)  # (B, C, h, w)
         B = len(x0)
@@ -322,6 +374,31 @@ class DistillTrainer(LDMTrainer):
             return torch.nn.functional.mse_loss(pred, target)
         return (torch.sqrt((pred - target) ** 2 + d.huber_c ** 2) - d.huber_c).mean()
 
+    def guidance_loss(self, batch: dict[str, Any], g: torch.Generator) -> torch.Tensor:
+        """Guidance distillation on one batch (module doc); draws, in order: an inpainting model's masks, latent
+        eps (and the masked image's), then t, noise: train_ldm's order."""
+        from ..conditioning import NULL_CAPTION
+
+        device = self.acc.device
+        concat = None
+        if self.cfg.conditioning.concat == "inpaint":
+            x0, concat = self.inpaint_latents(batch, g)  # (B, C, h, w), (B, 1 + C, h, w)
+        else:
+            x0 = self.latents(batch, g)
+        B = len(x0)
+        c = self.text_states(list(batch["captions"]))
+        c_null = self.text_states([NULL_CAPTION] * B)
+        t = torch.randint(0, len(self.alpha), (B,), generator=g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        x_t = self.alpha[t].view(-1, 1, 1, 1) * x0 + self.sigma[t].view(-1, 1, 1, 1) * noise
+        x_in = x_t if concat is None else torch.cat([x_t, concat], dim=1)  # [x_t, mask, masked latents]
+        with torch.no_grad(), self.acc.autocast():  # the teacher, unconditional and conditional in one batch
+            out = self.teacher(torch.cat([x_in, x_in]), torch.cat([t, t]),
+                               encoder_hidden_states=torch.cat([c_null, c]), return_dict=False)[0].float()
+        target = out[:B] + self.cfg.distill.guidance_scale * (out[B:] - out[:B])
+        pred = self.unet(x_in, t, encoder_hidden_states=c, return_dict=False)[0]
+        return torch.nn.functional.mse_loss(pred.float(), target)
+
     # ---- pipelines -----------------------------------------------------------------------------------------
 
     def pipeline(self, full: dict[str, dict] | None = None) -> Any:
@@ -330,6 +407,8 @@ class DistillTrainer(LDMTrainer):
         from ..pipeline import read_sampling_defaults
 
         pipe = super().pipeline(full)
+        if self.cfg.distill.method == "guidance":  # the teacher's sampler (ldm.validation_sampler), guidance 1
+            return pipe
         pipe.scheduler = lcm_scheduler(Path(self.cfg.ldm.pretrained_model), self.cfg.distill)
         teacher = read_sampling_defaults(self.cfg.ldm.pretrained_model)
         pipe.sampling_defaults = {**{k: teacher[k] for k in ("height", "width") if k in teacher},
@@ -364,6 +443,7 @@ def main(argv: list[str] | None = None) -> Any:
     models, teacher = build_distill_models(cfg)
     dataset = build_train_dataset(cfg)
     dataset = dataset.readable(str(cfg.data.train_data_dir or cfg.data.dataset_name))
+    check_concat(cfg, models)  # an inpainting teacher: no latent cache, a KL autoencoder
     if cfg.ldm.cache_latents:
         from .latent_cache import check_cacheable
 
