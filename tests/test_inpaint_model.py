@@ -213,9 +213,43 @@ def test_evaluate_edit_runs_an_inpainting_model_beside_the_other_methods(tiny_pi
     assert inp["model+paste_back"]["pixels"]["outside_mask_max_abs_diff"] == 0
     assert inp["model"]["pixels"]["outside_mask_max_abs_diff"] > 0  # a random model changes it
     assert result.report["settings"]["inpaint_settings"][:3] == ["blend", "model", "model+paste_back"]
+    assert inp["model"]["guidance_scale"] == tiny_pipeline.resolve_defaults(None, None, None, None)[3]
     with pytest.raises(UserError, match="takes 9"):
         run_edit(tiny_pipeline, tiny_judge, num=2, batch_size=2, strengths=(0.5,), settings=settings,
                  log=lambda _: None, inpaint_model=tiny_pipeline)  # fmt: skip
+
+
+def test_evaluate_edit_runs_a_guidance_distilled_model_without_guidance(tiny_pipeline, tiny_judge):
+    """Two inpainting models in one run (rows model..., model2...): the second stores guidance 1 (train_distill's
+    method=guidance) and samples at 1, one U-Net pass a step; the first at the text model's guidance, two."""
+    import copy
+
+    from ldm_app.evaluation.edit import run_edit
+    from ldm_app.models import widen_unet_input
+    from ldm_app.pipeline import LatentDiffusionInpaintPipeline
+
+    components = {k: v for k, v in tiny_pipeline.components.items() if v is not None}
+    components["unet"] = widen_unet_input(copy.deepcopy(tiny_pipeline.unet), 9)
+    teacher = LatentDiffusionInpaintPipeline(**components)
+    student = LatentDiffusionInpaintPipeline(**components)
+    teacher.sampling_defaults = {"guidance_scale": 3.0}
+    student.sampling_defaults = {"guidance_scale": 1.0}
+    batches = []
+    forward = components["unet"].forward
+
+    def counting(sample, *a, **kw):
+        batches.append(sample.shape[0])
+        return forward(sample, *a, **kw)
+
+    components["unet"].forward = counting
+    result = run_edit(tiny_pipeline, tiny_judge, num=2, batch_size=2, strengths=(), settings=(),
+                      log=lambda _: None, inpaint_model=[teacher, student])  # fmt: skip
+    components["unet"].forward = forward
+    inp = result.report["inpaint"]
+    guidance = tiny_pipeline.resolve_defaults(None, None, None, None)[3]
+    assert guidance > 1 and [inp[k]["guidance_scale"] for k in ("model", "model2+paste_back")] == [guidance, 1.0]
+    assert all(inp[k]["method"] == "model" for k in ("model", "model2"))
+    assert set(batches) == {4, 2}  # CFG batches (2 images x 2) for the teacher, single passes for the student
 
 
 def test_the_seam_measure_sees_an_edge_and_only_at_the_mask():

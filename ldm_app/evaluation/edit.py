@@ -427,8 +427,10 @@ def run_edit(
     inpaint_model=None,
 ) -> EditResult:
     """Both tasks on `num` fresh scenes each (see the module doc), with the model's sampling defaults. With
-    `inpaint_model` (a pipeline over a 9-channel inpainting U-Net on the same autoencoder), MODEL_SETTINGS run too,
-    on the same examples and seeds, with `pipe`'s sampler, steps and guidance."""
+    `inpaint_model` (a pipeline over a 9-channel inpainting U-Net on the same autoencoder, or a list of them),
+    MODEL_SETTINGS run too for each, on the same examples and seeds, with `pipe`'s sampler, steps and guidance;
+    a guidance-distilled model (train_distill's distill.method=guidance: stored guidance 1) keeps guidance 1. Their
+    rows are "model...", then "model2...", ... in the order given."""
     from ldm_app.pipeline import LatentDiffusionImg2ImgPipeline, LatentDiffusionInpaintPipeline
 
     check_num(num, batch_size)
@@ -440,17 +442,20 @@ def run_edit(
     inpaint = LatentDiffusionInpaintPipeline.from_pipe(pipe)
     for p in (img2img, inpaint):
         p.set_progress_bar_config(disable=True)
-    if inpaint_model is not None:
-        from ldm_app.pipeline import LatentDiffusionInpaintPipeline as InpaintPipeline
-
-        if inpaint_model.unet.config.in_channels != 9:
-            raise UserError(f"the inpainting model's U-Net takes {inpaint_model.unet.config.in_channels} input "
+    models: dict[str, Any] = {}  # row label -> inpainting pipeline
+    given = [] if inpaint_model is None else inpaint_model if isinstance(inpaint_model, list) else [inpaint_model]
+    for k, model in enumerate(given):
+        if model.unet.config.in_channels != 9:
+            raise UserError(f"the inpainting model's U-Net takes {model.unet.config.in_channels} input "
                             "channels; an inpainting model (conditioning.concat=inpaint) takes 9")
-        inpaint_model = InpaintPipeline.from_pipe(inpaint_model)
-        inpaint_model.sampling_defaults = dict(pipe.sampling_defaults)
-        inpaint_model.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        inpaint_model.set_progress_bar_config(disable=True)
-        settings = tuple(settings) + MODEL_SETTINGS
+        distilled = model.sampling_defaults.get("guidance_scale") == 1
+        model = LatentDiffusionInpaintPipeline.from_pipe(model)
+        model.sampling_defaults = {**pipe.sampling_defaults, "guidance_scale": 1.0 if distilled else guidance}
+        model.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        model.set_progress_bar_config(disable=True)
+        label = "model" if k == 0 else f"model{k + 1}"
+        models[label] = model
+        settings = tuple(settings) + tuple((label, pb, extra) for _, pb, extra in MODEL_SETTINGS)
 
     # 1. recolouring
     rec = recolour_examples(num, seed, resolution)
@@ -484,15 +489,17 @@ def run_edit(
     for method, paste_back, extra in settings:
         name = setting_name(method, paste_back, extra)
         outs, seconds, cpu = _run_batched(
-            inpaint_model if method == "model" else inpaint, [ex.prompt for ex in inp], [ex.image_seed for ex in inp], batch_size,
+            models.get(method, inpaint), [ex.prompt for ex in inp], [ex.image_seed for ex in inp], batch_size,
             {"image": [_pil(a) for a in inp_inputs], "mask_image": [_pil(ex.mask) for ex in inp]},
-            inpaint=method, paste_back=paste_back, **extra,
+            inpaint="model" if method in models else method, paste_back=paste_back, **extra,
         )
         inp_outputs[name] = outs
         records = score_inpaint(judge, inp, outs, inp_inputs)
         summary = summarize_inpaint(records)
         summary["judge"]["meets_target"] = summary["judge"]["new_right"] >= TARGET_NEW_OBJECT_RIGHT
-        inpaint_report[name] = {"method": method, "paste_back": paste_back, **summary,
+        inpaint_report[name] = {"method": "model" if method in models else method, "paste_back": paste_back,
+                                **({"guidance_scale": models[method].sampling_defaults["guidance_scale"]}
+                                   if method in models else {}), **summary,
                                 "seconds_per_image": seconds / num, "cpu_seconds_per_image": cpu / num}
         per_example[f"inpaint {name}"] = records
         without = inp_outputs.get(setting_name(method, False, extra))
@@ -650,9 +657,10 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", default=None, help="write a PNG of examples here (input | mask | outputs)")
     parser.add_argument("--batch_size", type=int, default=10)
     parser.add_argument("--mask_margin", type=int, default=4, help="pixels added around the masked object's box")
-    parser.add_argument("--inpaint_model", default=None,
+    parser.add_argument("--inpaint_model", action="append", default=[],
                         help="also an inpainting model folder (9-channel U-Net, train_ldm.py conditioning.concat="
-                             "inpaint) on the same examples, with --model's sampler, steps and guidance")
+                             "inpaint) on the same examples, with --model's sampler, steps and guidance (guidance 1 "
+                             "for a guidance-distilled one); repeat for more (rows model, model2, ...)")
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda[:n]|mps")
     parser.add_argument("--dtype", default="auto", help="auto|fp32|fp16|bf16")
     add_judge_arguments(parser)
@@ -669,8 +677,8 @@ def run_edit_cli(args: argparse.Namespace) -> dict[str, Any]:
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     check_model_folder(Path(args.model))  # before the judge, which may take minutes to train on a new machine
-    if args.inpaint_model:
-        check_model_folder(Path(args.inpaint_model))
+    for folder in args.inpaint_model:
+        check_model_folder(Path(folder))
     for flag, dest in (("--json", args.json), ("--grid", args.grid)):
         if dest:
             check_output_file(flag, dest)
@@ -679,16 +687,15 @@ def run_edit_cli(args: argparse.Namespace) -> dict[str, Any]:
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     judge.net.to(device)
-    model = None
-    if args.inpaint_model:
-        from ldm_app.pipeline import LatentDiffusionInpaintPipeline
+    from ldm_app.pipeline import LatentDiffusionInpaintPipeline
 
-        model = LatentDiffusionInpaintPipeline.from_pretrained(args.inpaint_model, dtype=dtype).to(device)
+    models = [LatentDiffusionInpaintPipeline.from_pretrained(folder, dtype=dtype).to(device)
+              for folder in args.inpaint_model]
     result = run_edit(pipe, judge, args.num, args.seed, args.batch_size, mask_margin=args.mask_margin,
-                      inpaint_model=model)
+                      inpaint_model=models)
     result.report["model"] = str(Path(args.model).resolve())
-    if args.inpaint_model:
-        result.report["inpaint_model"] = str(Path(args.inpaint_model).resolve())
+    for k, folder in enumerate(args.inpaint_model):  # "inpaint_model" for the first (the rows "model...")
+        result.report["inpaint_model" if k == 0 else f"inpaint_model{k + 1}"] = str(Path(folder).resolve())
     for line in table_lines(result.report):
         print(line)
     if args.json:
