@@ -177,9 +177,11 @@ FLAG_KEYS = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m ldm_app.train_distill",
-                       description="Distil a text-to-image model into a few-step latent consistency model (LCM).")
+                       description="Distil a model into a few-step latent consistency model (LCM), or (--set "
+                       "distill.method=guidance, configs/distill/inpaint_guidance.yaml) into one that samples without "
+                       "classifier-free guidance at half the U-Net calls; text-to-image or inpainting teachers.")
     p.add_argument("--teacher", help="the model to distil: a pipeline folder (train_ldm.py's output, the bundled "
-                   "ldm_app/assets/default_model)")
+                   "ldm_app/assets/default_model; an inpainting model for method guidance)")
     p.add_argument("--train_data_dir", help="images with a metadata.jsonl (the teacher's training data, or like it)")
     p.add_argument("--output_dir", required=True, help="run folder: checkpoints, logs, and the final pipeline")
     p.add_argument("--config", help="YAML file overriding the defaults (configs/distill/*.yaml)")
