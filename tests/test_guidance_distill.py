@@ -191,3 +191,22 @@ def test_a_text_to_image_teacher_is_refused_for_inpainting(tiny_pipeline_dir, te
     argv = args(teacher, out)
     argv[1] = str(tiny_pipeline_dir)  # a 4-channel U-Net with conditioning.concat=inpaint
     _refused(capsys, argv, out, "not an inpainting model", "4 input channels")
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_two_process_cpu_run(teacher, tmp_path):
+    """What recipes/inpaint_shapes.sh runs: torchrun, 2 processes (gloo), the inpainting teacher."""
+    import subprocess
+
+    from ldm_helpers import subprocess_env
+
+    from ldm_app.checkpointing import list_checkpoints
+
+    out = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "ldm_app.train_distill", *args(teacher, out, "--train_batch_size", "1")],
+                          capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(out)][-1] == "checkpoint-8"
+    assert json.loads((out / "ldm_app.json").read_text())["sampling"]["guidance_scale"] == 1.0
+    assert max_abs_diff(weights(out / UNET), weights(teacher / UNET)) > 0  # trained
