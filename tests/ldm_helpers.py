@@ -69,3 +69,30 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def run_in_process(main: Any, argv: list[str]) -> Any:
+    """A trainer's main(argv) in this process on one torch thread (see subprocess_env), accelerate's process-wide
+    singletons reset afterwards (for module-scoped fixtures, which cannot use the `fresh_accelerate` fixture)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(threads)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def assert_refused_in_one_line(main: Any, argv: list[str], capsys: Any, out: Path, *words: str) -> None:
+    """A CLI main with `argv` (through errors.run_cli): exit 2, one "error: " line naming each of `words`, and no
+    output folder `out`."""
+    from ldm_app.errors import run_cli
+
+    rc = run_cli(main, argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert all(w in lines[0] for w in words), lines[0]
+    assert not out.exists()

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from ldm_helpers import ROOT, kill_after_first_checkpoint, max_abs_diff, weights
+from ldm_helpers import (ROOT, assert_refused_in_one_line, kill_after_first_checkpoint, max_abs_diff,
+                         run_in_process, subprocess_env, weights)
 
-from ldm_app.errors import run_cli
 from ldm_app.training.distill import main
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
@@ -63,18 +63,8 @@ def args(teacher: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(teacher, tmp_path_factory):
-    from accelerate.state import AcceleratorState, GradientState
-
     out = tmp_path_factory.mktemp("trained") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = main(args(teacher, out))
-    finally:
-        torch.set_num_threads(threads)
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-    return out, result
+    return out, run_in_process(main, args(teacher, out))
 
 
 def _probe() -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,11 +155,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(trained, teacher, tmp_p
 
 
 def _refused(capsys, argv: list[str], out: Path, *words: str) -> None:
-    assert run_cli(main, argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    assert all(w in err[0] for w in words), err[0]
-    assert not out.exists()
+    assert_refused_in_one_line(main, argv, capsys, out, *words)
 
 
 @pytest.mark.parametrize("setting, words", [
@@ -197,8 +183,6 @@ def test_a_text_to_image_teacher_is_refused_for_inpainting(tiny_pipeline_dir, te
 def test_two_process_cpu_run(teacher, tmp_path):
     """What recipes/inpaint_shapes.sh runs: torchrun, 2 processes (gloo), the inpainting teacher."""
     import subprocess
-
-    from ldm_helpers import subprocess_env
 
     from ldm_app.checkpointing import list_checkpoints
 

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+import ldm_helpers
 from ldm_helpers import CONFIG, ROOT, kill_after_first_checkpoint, max_abs_diff, weights
 
 
@@ -54,12 +55,8 @@ def base_name(key: str) -> str:
 
 def assert_refused_in_one_line(argv: list[str], capsys, words, out) -> None:
     """train_ldm.py with `argv`: exit 2, one "error: " line naming each of `words`, no output folder."""
-    rc = run_cli(main, argv)
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
-    for w in words:
-        assert w in lines[0], lines[0]
-    assert not out.exists()
+    ldm_helpers.assert_refused_in_one_line(main, argv, capsys, out, *words)
+
 
 def test_only_the_lora_weights_train(straight, tiny_pipeline_dir):
     out, result = straight
