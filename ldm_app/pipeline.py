@@ -660,6 +660,13 @@ class LdmAppPipelineMixin:
                 raise UserError(f"{name} is {value} pixels, below the {smallest} this model can take (its U-Net "
                                 "halves the latents too often for smaller images)")  # fmt: skip
         guidance_scale = limits.check_guidance_scale(guidance_scale)
+        unguided = guidance_scale <= 1 and self.unet.config.time_cond_proj_dim is None  # (an LCM U-Net: above)
+        if prompt is not None and any(negatives) and unguided:
+            # diffusers runs no unconditional pass at guidance <= 1 (e.g. a guidance-distilled model's stored 1):
+            # the negative prompt would be silently dropped
+            raise UserError(f"a negative prompt acts only through classifier-free guidance, which runs at "
+                            f"guidance_scale > 1; at {guidance_scale:g} it has no effect: leave it out or raise "
+                            "guidance_scale")
         per_prompt = limits.check_count("num_images_per_prompt", num_images_per_prompt,
                                         limits.current().max_images_per_call)  # fmt: skip
         batch_size = n_prompts * per_prompt
@@ -950,7 +957,8 @@ class LatentDiffusionImg2ImgPipeline(LdmAppPipelineMixin, StableDiffusionImg2Img
 
     def check_images(self, args: dict[str, Any], steps: int) -> dict[str, Any]:
         check_image_argument("image", args.get("image"), self.vae_scale_factor)
-        args["strength"] = check_strength(args.get("strength"), steps)
+        default = inspect.signature(type(self).__call__).parameters["strength"].default  # a direct check_call's
+        args["strength"] = check_strength(args.get("strength", default), steps)
         return {}
 
     @torch.no_grad()
@@ -1039,7 +1047,7 @@ class LatentDiffusionInpaintPipeline(LdmAppPipelineMixin, StableDiffusionInpaint
         blur = limits.check_number("mask_blur", extras["mask_blur"])
         if not 0 <= blur <= 256:
             raise UserError(f"mask_blur must be in [0, 256] pixels, got {blur:g}")
-        args["strength"] = check_strength(args.get("strength"), steps)
+        args["strength"] = check_strength(args.get("strength", defaults["strength"]), steps)
         if method == "repaint" and args["strength"] != 1.0:
             raise UserError("inpaint='repaint' starts from pure noise (strength 1); drop strength or use 'blend'")
         return dict(extras, inpaint=method, paste_back=bool(extras["paste_back"]))

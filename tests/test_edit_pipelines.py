@@ -208,3 +208,12 @@ def test_all_black_and_all_white_masks_are_refused_for_the_command_line():
     with pytest.raises(UserError, match="all white"):
         check_mask_coverage(Image.new("L", (8, 8), 255))
     check_mask_coverage(Image.fromarray(np.eye(8, dtype=np.uint8) * 255))
+
+
+def test_a_direct_check_call_fills_strength_from_the_call_defaults(base, init_image, box_mask):
+    """check_call without strength (as a caller checking before its first image may do) takes __call__'s default
+    (diffusers': 0.8 for image-to-image, 1.0 for inpainting) instead of refusing None."""
+    img2img = LatentDiffusionImg2ImgPipeline.from_pipe(base)
+    inpaint = LatentDiffusionInpaintPipeline.from_pipe(base)
+    assert img2img.check_call("a red circle", image=init_image).args["strength"] == 0.8
+    assert inpaint.check_call("a red circle", image=init_image, mask_image=box_mask).args["strength"] == 1.0

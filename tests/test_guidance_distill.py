@@ -194,3 +194,21 @@ def test_two_process_cpu_run(teacher, tmp_path):
     assert [p.name for p in list_checkpoints(out)][-1] == "checkpoint-8"
     assert json.loads((out / "ldm_app.json").read_text())["sampling"]["guidance_scale"] == 1.0
     assert max_abs_diff(weights(out / UNET), weights(teacher / UNET)) > 0  # trained
+
+
+def test_a_negative_prompt_without_guidance_is_refused_not_dropped(trained, tiny_pipeline):
+    """At guidance <= 1 (the student's stored default) diffusers runs no unconditional pass, so a negative prompt
+    would be dropped without a word: refused in one line, for any model; an empty one is fine."""
+    from PIL import Image
+
+    from ldm_app.errors import UserError
+    from ldm_app.pipeline import LatentDiffusionInpaintPipeline
+
+    pipe = LatentDiffusionInpaintPipeline.from_pretrained(trained[0])
+    image, mask = Image.new("RGB", (64, 64)), Image.new("L", (64, 64), 255)
+    with pytest.raises(UserError, match="negative prompt acts only through classifier-free guidance"):
+        pipe.check_call("a red circle", negative_prompt="blue", image=image, mask_image=mask)
+    pipe.check_call("a red circle", negative_prompt="", image=image, mask_image=mask)
+    pipe.check_call("a red circle", negative_prompt="blue", image=image, mask_image=mask, guidance_scale=2.0)
+    with pytest.raises(UserError, match="at 1 it has no effect"):
+        tiny_pipeline.check_call("a red circle", negative_prompt="blue", guidance_scale=1.0)

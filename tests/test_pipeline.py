@@ -117,9 +117,11 @@ def test_guidance_batches_uncond_and_cond_in_one_unet_call(tiny_pipeline):
 
 def test_guidance_scale_one_is_conditional_only(tiny_pipeline):
     calls = UNetCalls(tiny_pipeline.unet)
-    plain = generate(tiny_pipeline, guidance_scale=1.0, negative_prompt="ugly")
+    generate(tiny_pipeline, guidance_scale=1.0)
     assert calls.batch_sizes == [1] * STEPS
-    assert max_diff(plain, generate(tiny_pipeline, guidance_scale=1.0, negative_prompt="something else")) == 0
+    # there is no unconditional pass for a negative prompt to act through: refused, not silently dropped
+    with pytest.raises(UserError, match="negative prompt acts only through classifier-free guidance"):
+        generate(tiny_pipeline, guidance_scale=1.0, negative_prompt="ugly")
     guided = [generate(tiny_pipeline, guidance_scale=5.0, negative_prompt=n) for n in ("ugly", "something else")]
     assert max_diff(*guided) > 0  # ...whereas with guidance the negative prompt does matter
 
