@@ -212,3 +212,34 @@ def test_a_negative_prompt_without_guidance_is_refused_not_dropped(trained, tiny
     pipe.check_call("a red circle", negative_prompt="blue", image=image, mask_image=mask, guidance_scale=2.0)
     with pytest.raises(UserError, match="at 1 it has no effect"):
         tiny_pipeline.check_call("a red circle", negative_prompt="blue", guidance_scale=1.0)
+
+
+def test_a_text_to_image_teacher_distils_too(tiny_pipeline_dir, teacher, tmp_path):
+    """conditioning.concat=none: the tiny text-to-image pipeline as the teacher; the student is a plain
+    text-to-image folder diffusers' StableDiffusionPipeline loads, storing guidance 1."""
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "t2i"
+    argv = args(teacher, out, "--set", "conditioning.concat=none", "--max_train_steps", "2",
+                "--checkpointing_steps", "2")
+    argv[1] = str(tiny_pipeline_dir)
+    result = run_in_process(main, argv)
+    assert result.step == 2 and all(x == x for x in result.losses)
+    assert json.loads((out / "ldm_app.json").read_text())["sampling"]["guidance_scale"] == 1.0
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, use_safetensors=True)
+    assert pipe.unet.config.in_channels == 4 and pipe.unet.config.time_cond_proj_dim is None
+    assert max_abs_diff(weights(out / UNET), weights(tiny_pipeline_dir / UNET)) > 0
+
+
+def test_a_consistency_distilled_teacher_is_refused(teacher, tmp_path, capsys):
+    """A U-Net with a guidance embedding (an LCM student) is already distilled: refused for this method too."""
+    from diffusers import UNet2DConditionModel
+
+    lcm = tmp_path / "lcm"
+    shutil.copytree(teacher, lcm)
+    unet = UNet2DConditionModel.from_pretrained(lcm / "unet")
+    UNet2DConditionModel.from_config(unet.config, time_cond_proj_dim=8).save_pretrained(lcm / "unet")
+    out = tmp_path / "out"
+    argv = args(teacher, out)
+    argv[1] = str(lcm)
+    _refused(capsys, argv, out, "already has a guidance embedding")

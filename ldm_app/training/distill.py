@@ -80,8 +80,9 @@ TEACHER_FILES = {"vocabulary.json": "vocabulary.json", "run_config.json": "teach
 
 @dataclass
 class DistillSection:
-    """What is specific to latent consistency distillation. The stored sampling defaults are the `ldm.validation_*`
-    settings (sampler lcm, steps, guidance), which also make the validation grids."""
+    """What is specific to distillation: `method`, then guidance distillation's scale, then latent consistency
+    distillation's settings. The stored sampling defaults are the `ldm.validation_*` settings (lcd: sampler lcm,
+    steps, guidance; guidance: the teacher's sampler and steps, guidance 1), which also make the validation grids."""
 
     method: Literal["lcd", "guidance"] = "lcd"  # latent consistency distillation, or guidance distillation (above)
     guidance_scale: float = 3.0  # method guidance: the teacher's classifier-free guidance folded into the student
@@ -138,7 +139,6 @@ class DistillRunConfig(LDMRunConfig):
         if not 1 + d.w_min <= g <= 1 + d.w_max:
             raise UserError(f"ldm.validation_guidance_scale {g:g} is outside the distilled range 1 + [w_min, w_max] "
                             f"= [{1 + d.w_min:g}, {1 + d.w_max:g}]")
-
 
     def _validate_guidance(self) -> None:
         if self.conditioning.kind != "text":
@@ -249,13 +249,13 @@ def build_distill_models(cfg: DistillRunConfig) -> tuple[Models, Any]:
                             "input channels, an inpainting model 9): distil it with conditioning.concat=none")
     models = build_models(cfg)  # the teacher's autoencoder, text encoder (frozen), tokenizer, U-Net, noise schedule
     unet = models.unet
+    if unet.config.time_cond_proj_dim is not None:
+        raise UserError(f"--teacher {str(teacher)!r}: its U-Net already has a guidance embedding (time_cond_proj_dim="
+                        f"{unet.config.time_cond_proj_dim}), so it is already distilled; give the model it came from")
     if cfg.distill.method == "guidance":  # the student starts as an exact copy of the teacher
         LDMTrainer.check_class_embedding(cfg, unet)
         models.unet = copy.deepcopy(unet)
         return models, unet.requires_grad_(False).eval()
-    if unet.config.time_cond_proj_dim is not None:
-        raise UserError(f"--teacher {str(teacher)!r}: its U-Net already has a guidance embedding (time_cond_proj_dim="
-                        f"{unet.config.time_cond_proj_dim}), so it is already distilled; give the model it came from")
     LDMTrainer.check_class_embedding(cfg, unet)  # a class- or scalar-conditioned U-Net is refused here
     f = downsampling_factor(models.vae)
     side = unet.config.sample_size * f
