@@ -1,8 +1,10 @@
-"""Seconds per image of the teacher's default (DPM-Solver++ 20 steps, guidance 3: two U-Net passes a step) and the
-student at 4 / 2 / 1 LCM steps (one pass a step), measured in ONE process, interleaved, so that a shared machine's
-load falls on every setting alike (the sweep's s/image come from separate runs at different loads).
+"""Seconds per image of the teacher's default (DPM-Solver++ 20 steps, guidance 3: two U-Net passes a step), diffusers'
+default settings (PNDM 50, guidance 7.5) and the student's settings (default: 4 / 2 / 1 LCM steps, one pass a step),
+measured in ONE process, interleaved, so that a shared machine's load falls on every setting alike (the sweep's
+s/image come from separate runs at different loads).
 
     python docs/distill/timing.py --student OUT --teacher ldm_app/assets/default_model [--repeats 3]
+    python docs/distill/timing.py --student GUIDANCE_DISTILLED --teacher ... --student_settings dpm++:10:1,dpm++:20:1
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ def main() -> None:
     p.add_argument("--teacher", required=True)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--student_settings", default="lcm:4:3,lcm:2:3,lcm:1:3", help="SAMPLER:STEPS:GUIDANCE,...")
     args = p.parse_args()
     teacher = LatentDiffusionPipeline.from_pretrained(args.teacher)
     student = LatentDiffusionPipeline.from_pretrained(args.student)
-    settings = {"teacher dpm++ 20 g3": (teacher, "dpm++", 20), "teacher pndm 50 g7.5": (teacher, "pndm", 50),
-                "student lcm 4 g3": (student, "lcm", 4), "student lcm 2 g3": (student, "lcm", 2),
-                "student lcm 1 g3": (student, "lcm", 1)}
+    settings = {"teacher dpm++ 20 g3": (teacher, "dpm++", 20, 3.0), "teacher pndm 50 g7.5": (teacher, "pndm", 50, 7.5)}
+    for item in args.student_settings.split(","):
+        sampler, steps, guidance = item.split(":")
+        settings[f"student {sampler} {steps} g{guidance}"] = (student, sampler, int(steps), float(guidance))
     prompts = ["a large red circle in the center on a white background"] * args.batch
     times: dict[str, list[float]] = {name: [] for name in settings}
     for pipe in (teacher, student):
@@ -35,8 +39,7 @@ def main() -> None:
         pipe(prompts[:2], num_inference_steps=2)  # warm-up
     with torch.no_grad():
         for _ in range(args.repeats):
-            for name, (pipe, sampler, steps) in settings.items():
-                guidance = 7.5 if sampler == "pndm" else 3.0
+            for name, (pipe, sampler, steps, guidance) in settings.items():
                 t0 = time.perf_counter()
                 pipe(prompts, sampler=sampler, num_inference_steps=steps, guidance_scale=guidance,
                      generator=make_generators(0, len(prompts)), output_type="np")
