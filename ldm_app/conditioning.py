@@ -201,6 +201,12 @@ def masked_image(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return pixels * (mask < 0.5)
 
 
+def unet_input(x_t: torch.Tensor, concat: torch.Tensor | None) -> torch.Tensor:
+    """What the U-Net takes: x_t, with an image-conditioned model's condition concatenated after it on the channels
+    ([x_t, mask, masked latents] for an inpainting model)."""
+    return x_t if concat is None else torch.cat([x_t, concat], dim=1)
+
+
 def inpaint_condition(mask: torch.Tensor, masked_latents: torch.Tensor) -> torch.Tensor:
     """(B, 1 + C, h, w): the pixel mask resized to the latents (nearest, as diffusers' prepare_mask_latents) and the
     masked image's scaled latents, the channels concatenated after x_t."""

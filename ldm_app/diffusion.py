@@ -144,9 +144,11 @@ class GaussianDiffusion:
         generator: torch.Generator | None = None,
         snr_gamma: float | None = None,
         noise_offset: float = 0.0,
+        target_fn: ModelFn | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Algorithm 1 of Ho et al.: t ~ U{0..T-1}, eps ~ N(0, I), MSE between the model's output on
-        x_t = q_sample(x0, t, eps) and eps (or v). `model_fn(x_t, t)` closes over any conditioning.
+        x_t = q_sample(x0, t, eps) and eps (or v). `model_fn(x_t, t)` closes over any conditioning. `target_fn(x_t,
+        t)`, when given, is the regression target instead (distillation: a teacher's output on the same x_t).
         Returns the scalar loss and extras: t (B,), per-sample loss (B,) before weighting, weights (B,)."""
         b = x0.shape[0]
         if t is None:
@@ -161,7 +163,10 @@ class GaussianDiffusion:
             offset = randn_tensor(offset_shape, generator=generator, device=x0.device, dtype=x0.dtype)
             noise = noise + noise_offset * offset
         x_t = self.q_sample(x0, t, noise)
-        target = noise if self.prediction_type == "epsilon" else self.v_target(x0, noise, t)
+        if target_fn is not None:
+            target = target_fn(x_t, t)
+        else:
+            target = noise if self.prediction_type == "epsilon" else self.v_target(x0, noise, t)
         pred = model_fn(x_t, t)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)  # (B,)
         weights = torch.ones_like(per_sample) if snr_gamma is None else self.min_snr_weights(t, snr_gamma)

@@ -633,11 +633,6 @@ class LdmAppPipelineMixin:
             args["prompt"] = prompts
             if negative_prompt is not None:
                 args["negative_prompt"] = negatives
-            if any(negatives) and getattr(self.unet.config, "time_cond_proj_dim", None) is not None:
-                # diffusers runs no unconditional pass for a U-Net with a guidance embedding (a distilled LCM):
-                # the negative prompt would be silently dropped
-                raise UserError("this model has guidance built into its U-Net (a distilled, few-step model), so a "
-                                "negative prompt has no effect: leave it out")
         else:
             if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
                 raise UserError(f"prompt_embeds must be a (batch, tokens, width) tensor, got {shown(prompt_embeds)}")
@@ -660,13 +655,16 @@ class LdmAppPipelineMixin:
                 raise UserError(f"{name} is {value} pixels, below the {smallest} this model can take (its U-Net "
                                 "halves the latents too often for smaller images)")  # fmt: skip
         guidance_scale = limits.check_guidance_scale(guidance_scale)
-        unguided = guidance_scale <= 1 and self.unet.config.time_cond_proj_dim is None  # (an LCM U-Net: above)
-        if prompt is not None and any(negatives) and unguided:
-            # diffusers runs no unconditional pass at guidance <= 1 (e.g. a guidance-distilled model's stored 1):
-            # the negative prompt would be silently dropped
-            raise UserError(f"a negative prompt acts only through classifier-free guidance, which runs at "
-                            f"guidance_scale > 1; at {guidance_scale:g} it has no effect: leave it out or raise "
-                            "guidance_scale")
+        if prompt is not None and any(negatives):
+            # a negative prompt acts only through diffusers' unconditional pass, which runs only for a U-Net without
+            # a guidance embedding at guidance > 1: otherwise diffusers would drop it without a word
+            if getattr(self.unet.config, "time_cond_proj_dim", None) is not None:  # a distilled LCM
+                raise UserError("this model has guidance built into its U-Net (a distilled, few-step model), so a "
+                                "negative prompt has no effect: leave it out")
+            if guidance_scale <= 1:  # e.g. a guidance-distilled model's stored 1
+                raise UserError(f"a negative prompt acts only through classifier-free guidance, which runs at "
+                                f"guidance_scale > 1; at {guidance_scale:g} it has no effect: leave it out or raise "
+                                "guidance_scale")
         per_prompt = limits.check_count("num_images_per_prompt", num_images_per_prompt,
                                         limits.current().max_images_per_call)  # fmt: skip
         batch_size = n_prompts * per_prompt
@@ -733,6 +731,10 @@ class LdmAppPipelineMixin:
 
     def _takes_size(self) -> bool:
         return "height" in inspect.signature(type(self).__call__).parameters
+
+    def call_defaults(self) -> dict[str, Any]:
+        """__call__'s defaults, for what a direct check_call (generate.py checks before its first image) leaves out."""
+        return {name: p.default for name, p in inspect.signature(type(self).__call__).parameters.items()}
 
     def check_images(self, args: dict[str, Any], steps: int) -> dict[str, Any]:
         """Checks of `image=`, `mask_image=`, `strength=` (image-to-image and inpainting pipelines); pops and returns
@@ -957,8 +959,7 @@ class LatentDiffusionImg2ImgPipeline(LdmAppPipelineMixin, StableDiffusionImg2Img
 
     def check_images(self, args: dict[str, Any], steps: int) -> dict[str, Any]:
         check_image_argument("image", args.get("image"), self.vae_scale_factor)
-        default = inspect.signature(type(self).__call__).parameters["strength"].default  # a direct check_call's
-        args["strength"] = check_strength(args.get("strength", default), steps)
+        args["strength"] = check_strength(args.get("strength", self.call_defaults()["strength"]), steps)
         return {}
 
     @torch.no_grad()
@@ -1023,8 +1024,7 @@ class LatentDiffusionInpaintPipeline(LdmAppPipelineMixin, StableDiffusionInpaint
     _latent_channels_from = "vae"
 
     def check_images(self, args: dict[str, Any], steps: int) -> dict[str, Any]:
-        # a direct check_call (generate.py checks before its first image) may leave them out: the call's defaults
-        defaults = {name: p.default for name, p in inspect.signature(type(self).__call__).parameters.items()}
+        defaults = self.call_defaults()
         ours = ("inpaint", "jump_length", "jump_n_sample", "harmonize", "mask_blur", "paste_back")
         extras = {name: args.pop(name, defaults[name]) for name in ours}
         image_size = check_image_argument("image", args.get("image"), self.vae_scale_factor)

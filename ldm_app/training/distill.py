@@ -299,14 +299,17 @@ def lcm_scheduler(teacher: Path, d: DistillSection) -> Any:
 
 
 class DistillTrainer(LDMTrainer):
-    """train_ldm.py's trainer with the consistency-distillation loss: the prepared `unet` is the student, the EMA
-    (`self.ema`, exported in checkpoints and the output) is the target network, `teacher` is frozen."""
+    """train_ldm.py's trainer with a distillation loss: the prepared `unet` is the student, `teacher` is frozen;
+    for lcd the EMA (`self.ema`, exported in checkpoints and the output) is the consistency target network, for
+    guidance it is the usual EMA of the student."""
 
     def __init__(self, cfg: DistillRunConfig, models: Models, teacher: Any, dataset: Any, accelerator: Any,
                  output_dir: Path):
         super().__init__(cfg, models, dataset, accelerator, output_dir)
         device, d = accelerator.device, cfg.distill
         self.teacher = teacher.to(device)
+        if d.method == "guidance":  # train_ldm's noise schedule (self.m.diffusion) is all it needs
+            return
         self.scheduler = lcm_scheduler(Path(cfg.ldm.pretrained_model), d)
         abar = self.scheduler.alphas_cumprod.to(device, torch.float32)  # the sampler's own schedule
         self.alpha, self.sigma = abar.sqrt(), (1 - abar).sqrt()
@@ -377,29 +380,28 @@ class DistillTrainer(LDMTrainer):
         return (torch.sqrt((pred - target) ** 2 + d.huber_c ** 2) - d.huber_c).mean()
 
     def guidance_loss(self, batch: dict[str, Any], g: torch.Generator) -> torch.Tensor:
-        """Guidance distillation on one batch (module doc); draws, in order: an inpainting model's masks, latent
-        eps (and the masked image's), then t, noise: train_ldm's order."""
-        from ..conditioning import NULL_CAPTION
+        """Guidance distillation on one batch (module doc): train_ldm's objective and draws (an inpainting model's
+        masks, latent eps, t, noise), with the teacher's guided output on the same x_t as the target."""
+        from ..conditioning import NULL_CAPTION, unet_input
 
-        device = self.acc.device
-        concat = None
-        if self.cfg.conditioning.concat == "inpaint":
-            x0, concat = self.inpaint_latents(batch, g)  # (B, C, h, w), (B, 1 + C, h, w)
-        else:
-            x0 = self.latents(batch, g)
+        x0, concat = self.x0_and_concat(batch, g)
         B = len(x0)
         c = self.text_states(list(batch["captions"]))
         c_null = self.text_states([NULL_CAPTION] * B)
-        t = torch.randint(0, len(self.alpha), (B,), generator=g).to(device)
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        x_t = self.alpha[t].view(-1, 1, 1, 1) * x0 + self.sigma[t].view(-1, 1, 1, 1) * noise
-        x_in = x_t if concat is None else torch.cat([x_t, concat], dim=1)  # [x_t, mask, masked latents]
-        with torch.no_grad(), self.acc.autocast():  # the teacher, unconditional and conditional in one batch
-            out = self.teacher(torch.cat([x_in, x_in]), torch.cat([t, t]),
-                               encoder_hidden_states=torch.cat([c_null, c]), return_dict=False)[0].float()
-        target = out[:B] + self.cfg.distill.guidance_scale * (out[B:] - out[:B])
-        pred = self.unet(x_in, t, encoder_hidden_states=c, return_dict=False)[0]
-        return torch.nn.functional.mse_loss(pred.float(), target)
+        scale = self.cfg.distill.guidance_scale
+
+        def guided_teacher(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x_in = unet_input(x_t, concat)
+            with torch.no_grad(), self.acc.autocast():  # unconditional and conditional in one batch
+                out = self.teacher(torch.cat([x_in, x_in]), torch.cat([t, t]),
+                                   encoder_hidden_states=torch.cat([c_null, c]), return_dict=False)[0].float()
+            return out[:B] + scale * (out[B:] - out[:B])
+
+        def student(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.unet(unet_input(x_t, concat), t, encoder_hidden_states=c, return_dict=False)[0]
+
+        loss, _ = self.m.diffusion.training_losses(student, x0, generator=g, target_fn=guided_teacher)
+        return loss
 
     # ---- pipelines -----------------------------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ from ..config import (ConditioningConfig, DataConfig, EmbeddingConfig, LoRAConfi
                       TextEncoderConfig, TrainConfig, UNetConfig, flag_overrides, load_config, merge, parse_overrides, to_dict)
 from ..conditioning import (NULL_CAPTION, concat_channels, drop_captions, drop_labels, drop_scalars, encode_text,
                             inpaint_condition, is_scalar_unet, masked_image, read_labels, read_scalars,
-                            scalar_condition)
+                            scalar_condition, unet_input)
 from ..errors import ArgumentParser, UserError
 from ..first_stage import downsampling_factor, is_vq, latent_channels, latent_stats, sample_x0
 from .common import (REPORT_TO, EmptyBatchGuard, Position, TrainProgress, batches, batches_per_epoch,
@@ -534,16 +534,18 @@ class LDMTrainer:
         masked = sample_x0(mean[n:], None if std is None else std[n:], sf, g)
         return x0, inpaint_condition(mask, masked)
 
+    def x0_and_concat(self, batch: dict[str, Any], g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x0 (B, C, h, w) and, for an inpainting model, its concatenated condition (B, 1 + C, h, w), else None."""
+        if self.cfg.conditioning.concat == "inpaint":
+            return self.inpaint_latents(batch, g)
+        return self.latents(batch, g), None
+
     def loss(self, batch: dict[str, Any], g: torch.Generator) -> torch.Tensor:
         """The simplified DDPM objective on one batch; draws, in order: latent eps (an inpainting model: masks and
         latent eps), caption drops, t, noise."""
         ldm = self.cfg.ldm
         cond = self.cfg.conditioning
-        concat = None
-        if cond.concat == "inpaint":
-            x0, concat = self.inpaint_latents(batch, g)  # (B, C, h, w), (B, 1 + C, h, w)
-        else:
-            x0 = self.latents(batch, g)  # (B, C, h, w)
+        x0, concat = self.x0_and_concat(batch, g)
         if cond.uses_text:
             captions = drop_captions(batch["captions"], ldm.caption_dropout, g)
         else:  # class only: the text encoder sees the null caption (the U-Net keeps its cross-attention)
@@ -556,9 +558,9 @@ class LDMTrainer:
             y = drop_scalars(scalar_condition(self.scalars[batch["indices"]]), cond.label_dropout, g).to(x0)
 
         def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x_in = x_t if concat is None else torch.cat([x_t, concat], dim=1)  # [x_t, mask, masked latents]
             with contextlib.nullcontext() if "unet" in self.named_trainables else self.acc.autocast():
-                return self.unet(x_in, t, encoder_hidden_states=c, class_labels=y, return_dict=False)[0]
+                return self.unet(unet_input(x_t, concat), t, encoder_hidden_states=c, class_labels=y,
+                                 return_dict=False)[0]
 
         loss, _ = self.m.diffusion.training_losses(model_fn, x0, generator=g, snr_gamma=ldm.snr_gamma,
                                                    noise_offset=ldm.noise_offset)
