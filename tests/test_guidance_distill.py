@@ -243,3 +243,12 @@ def test_a_consistency_distilled_teacher_is_refused(teacher, tmp_path, capsys):
     argv = args(teacher, out)
     argv[1] = str(lcm)
     _refused(capsys, argv, out, "already has a guidance embedding")
+
+
+def test_a_guidance_distilled_teacher_is_refused(trained, teacher, tmp_path, capsys):
+    """The student's conditional-only training left its unconditional output untrained: distilling it again is
+    refused in one line."""
+    out = tmp_path / "out"
+    argv = args(teacher, out)
+    argv[1] = str(trained[0])
+    _refused(capsys, argv, out, "already guidance-distilled")

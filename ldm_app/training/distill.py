@@ -252,6 +252,9 @@ def build_distill_models(cfg: DistillRunConfig) -> tuple[Models, Any]:
     if unet.config.time_cond_proj_dim is not None:
         raise UserError(f"--teacher {str(teacher)!r}: its U-Net already has a guidance embedding (time_cond_proj_dim="
                         f"{unet.config.time_cond_proj_dim}), so it is already distilled; give the model it came from")
+    if _distilled_by_guidance(teacher):  # its unconditional output was never trained: nothing to guide with
+        raise UserError(f"--teacher {str(teacher)!r} is already guidance-distilled (its run_config.json has "
+                        "distill.method=guidance); give the model it came from")
     if cfg.distill.method == "guidance":  # the student starts as an exact copy of the teacher
         LDMTrainer.check_class_embedding(cfg, unet)
         models.unet = copy.deepcopy(unet)
@@ -268,6 +271,15 @@ def build_distill_models(cfg: DistillRunConfig) -> tuple[Models, Any]:
                         "training timesteps")
     models.unet = make_student(unet, cfg.distill.time_cond_proj_dim)
     return models, unet.requires_grad_(False).eval()
+
+
+def _distilled_by_guidance(folder: Path) -> bool:
+    """Whether `folder` is train_distill's output with distill.method=guidance (its own run_config.json says so)."""
+    try:
+        distill = json.loads((folder / "run_config.json").read_text(encoding="utf-8")).get("distill")
+    except (OSError, ValueError, AttributeError):
+        return False  # no run config (a diffusers folder, the bundled model): nothing says it was distilled
+    return isinstance(distill, dict) and distill.get("method") == "guidance"
 
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
