@@ -2,6 +2,11 @@
 
     python -m ldm_app.export --model RUN_OR_MODEL_DIR --out DIR [--dtype fp16|fp32]
     python -m ldm_app.export --model RUN_OR_MODEL_DIR --out FILE.safetensors --single_file [--dtype fp16|fp32]
+    python -m ldm_app.export --model RUN_OR_MODEL_DIR --out DIR --prune_vocabulary
+
+`--prune_vocabulary` keeps only the CLIP tokens the model's training words need (its vocabulary.json) and the
+matching rows of the text encoder's embedding table (ldm_app.prune_vocabulary): the same images for prompts in
+those words, a much smaller text encoder and a tokenizer that loads in milliseconds.
 
 A train_ldm.py output folder holds the pipeline next to checkpoints, logs and the latent cache; the export keeps
 only the pipeline (safetensors), its sampling defaults (ldm_app.json), the training config (run_config.json) and
@@ -44,7 +49,8 @@ from typing import Sequence
 
 from .errors import ArgumentParser, UserError, run_cli
 from .fileio import check_replaceable_dir, file_sha256, read_written_record, some_entries, write_errors
-from .vocabulary import VOCABULARY_FILE
+from .prune_vocabulary import prune_folder
+from .vocabulary import VOCABULARY_FILE, Vocabulary
 
 RUN_CONFIG = "run_config.json"  # the training config train_ldm.py writes: it travels with the model
 # files of ours at the model folder's root that travel with it besides the pipeline: the training config and the
@@ -164,12 +170,22 @@ def _export_single_file(model: Path, out: Path, dtype: str) -> Path:
     return save_single_file(pipe, out, dtype=DTYPES[dtype])  # atomic: a temporary file renamed into place
 
 
-def export_model(model: str | Path, out: str | Path, dtype: str = "fp16", single_file: bool = False) -> Path:
+def export_model(model: str | Path, out: str | Path, dtype: str = "fp16", single_file: bool = False,
+                 prune_vocabulary: bool = False) -> Path:  # fmt: skip
     if dtype not in STORE_DTYPES:
         raise UserError(f"unknown --dtype {dtype!r}; expected one of {', '.join(STORE_DTYPES)}")
     model, out = Path(model), Path(out)
+    if single_file and prune_vocabulary:
+        raise UserError("--prune_vocabulary cannot go with --single_file: the single-file layout holds SD-1.x's "
+                        "whole CLIP vocabulary; export a folder to prune")  # fmt: skip
     if single_file:
         return _export_single_file(model, out, dtype)
+    vocab = None
+    if prune_vocabulary:
+        vocab = Vocabulary.read(model)
+        if vocab is None or not vocab.words:
+            raise UserError(f"--prune_vocabulary needs the model's training words ({model / VOCABULARY_FILE}, "
+                            "written by train_ldm.py or `python -m ldm_app.vocabulary`); it has none")  # fmt: skip
     check_out(model, out)  # before torch is even imported: a wrong --out costs nothing
 
     from .fileio import atomic_dir
@@ -182,6 +198,10 @@ def export_model(model: str | Path, out: str | Path, dtype: str = "fp16", single
         for name in CARRIED_FILES:
             if (model / name).is_file():
                 shutil.copy2(model / name, tmp / name)
+        if vocab is not None:
+            report = prune_folder(tmp, vocab)
+            print(f"pruned the vocabulary to {len(vocab)} words: {report.tokens_before} -> {report.tokens_after} "
+                  f"tokens, {report.merges_before} -> {report.merges_after} BPE merges")
         write_export_record(tmp, dtype)
         check_out(model, out)  # again just before the swap: --out may have changed while the export was written
     return out
@@ -198,8 +218,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--dtype", choices=STORE_DTYPES, default="fp16", help="precision of the stored weights")
     p.add_argument("--single_file", action="store_true",
                    help="write one SD-1.x single-file checkpoint (CompVis/A1111 layout); --out: a new .safetensors")
+    p.add_argument("--prune_vocabulary", action="store_true",
+                   help="keep only the tokens of the model's training words (vocabulary.json) in its tokenizer and "
+                        "text encoder: same images for those words, faster loading, smaller folder")
     args = p.parse_args(argv)
-    out = export_model(args.model, args.out, args.dtype, single_file=args.single_file)
+    out = export_model(args.model, args.out, args.dtype, single_file=args.single_file,
+                       prune_vocabulary=args.prune_vocabulary)
     size = out.stat().st_size if args.single_file else folder_bytes(out)
     print(f"exported {args.model} -> {out} ({size / 2**20:.1f} MiB, {args.dtype} weights"
           + (", single file: U-Net, VAE and text encoder only)" if args.single_file else ")"))
