@@ -16,6 +16,8 @@ from ldm_app.evaluation.sweep import (
     Setting,
     adherence_score,
     choose,
+    judge_score,
+    sweep_row,
     markdown_table,
     parse_setting,
 )
@@ -27,17 +29,48 @@ from ldm_app.pipeline import (
 )
 
 
-def _report(colour, shape, size, position, relation):
-    return {
+def _report(colour, shape, size, position, relation, geometry=None):
+    report = {
         "one_object": {"accuracy": {"colour": colour, "shape": shape, "size": size, "position": position,
                                     "background": 1.0}},
         "two_object": {"relation_accuracy": relation},
     }
+    if geometry is not None:  # the geometric measure's figures, as adherence.py writes them
+        g_colour, g_shape, g_size, g_position, g_relation = geometry
+        report["one_object"]["accuracy_geometry"] = {"colour": g_colour, "shape": g_shape, "size": g_size,
+                                                     "position": g_position, "background": 1.0}
+        report["two_object"]["relation_accuracy_geometry"] = g_relation
+    return report
 
 
 def test_score_is_mean_of_targeted_accuracies():
     assert adherence_score(_report(1.0, 0.5, 1.0, 0.5, 0.0)) == pytest.approx(0.6)
     assert adherence_score(_report(1.0, 0.5, 1.0, 0.5, None)) == pytest.approx(0.75)  # no two-object prompts
+
+
+def test_score_is_the_harsher_judges():
+    # the CNN judge at 0.98 but the geometric measure finding distorted shapes: the setting scores 0.8
+    lenient = _report(1.0, 1.0, 1.0, 1.0, 0.9, geometry=(1.0, 0.6, 1.0, 1.0, 0.4))
+    assert judge_score(lenient) == pytest.approx(0.98)
+    assert judge_score(lenient, geometric=True) == pytest.approx(0.8)
+    assert adherence_score(lenient) == pytest.approx(0.8)
+    # and the other way round: a judge cannot be outvoted by the other one
+    harsh_cnn = _report(0.5, 1.0, 1.0, 1.0, 1.0, geometry=(1.0, 1.0, 1.0, 1.0, 1.0))
+    assert adherence_score(harsh_cnn) == pytest.approx(0.9)
+    # so a sweep picks the setting both judges accept over the one only the CNN judge likes
+    rows = [
+        sweep_row(Setting("dpm++", 20, 3.0), {**lenient, "kid": _KID, "seconds_per_image": 0.1}, True),
+        sweep_row(Setting("dpm++", 20, 1.5), {**_report(1.0, 0.95, 1.0, 1.0, 0.9, geometry=(1.0, 0.95, 1.0, 1.0,
+                                                                                             0.8)),
+                                              "kid": _KID, "seconds_per_image": 0.1}, True),
+    ]
+    assert choose(rows)["setting"] == "dpm++-20-g1.5"
+    assert rows[0]["shape_geometry"] == 0.6 and rows[0]["relation_geometry"] == 0.4
+    table = markdown_table(rows, rows[1])
+    assert "| dpm++ | 20 | 3 | 100% / 100% | 100% / 60% | 100% / 100% | 100% / 100% | 90% / 40% | 0.800 |" in table
+
+
+_KID = {"generated_vs_real": {"mean": 0.05}}
 
 
 def test_choose_best_candidate_first_on_ties():
@@ -109,7 +142,8 @@ def test_markdown_table_marks_default():
            "shape": 1.0, "size": 1.0, "position": 0.25, "relation": None, "score": 0.6875, "kid": 0.1,
            "seconds_per_image": 0.01}
     table = markdown_table([row], row)
-    assert "| ddim **(default)** | 2 | 1 | 50% | 100% | 100% | 25% | - | 0.688 | 0.100 | 0.010 |" in table
+    assert "| ddim **(default)** | 2 | 1 | 50% / - | 100% / - | 100% / - | 25% / - | - / - | 0.688 | 0.100 | 0.010 |" \
+        in table
 
 
 def test_an_fp16_export_loads_in_plain_diffusers_with_no_arguments(tiny_pipeline_dir, tmp_path):
