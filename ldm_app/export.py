@@ -53,9 +53,10 @@ from .prune_vocabulary import prune_folder
 from .vocabulary import VOCABULARY_FILE, Vocabulary
 
 RUN_CONFIG = "run_config.json"  # the training config train_ldm.py writes: it travels with the model
-# files of ours at the model folder's root that travel with it besides the pipeline: the training config and the
-# training captions' words (ldm_app.vocabulary; generate.py names the prompt words the model never saw)
-CARRIED_FILES = (RUN_CONFIG, VOCABULARY_FILE)
+# files of ours at the model folder's root that travel with it besides the pipeline: the training config, the
+# training captions' words (ldm_app.vocabulary; generate.py names the prompt words the model never saw) and, for a
+# distilled model, its teacher's training config (ldm_app.training.distill.TEACHER_FILES)
+CARRIED_FILES = (RUN_CONFIG, VOCABULARY_FILE, "teacher_run_config.json")
 STORE_DTYPES = ("fp16", "fp32")
 EXPORT_RECORD = "ldm_app_export.json"  # written last into every export: what it wrote (see the module docstring)
 WRITTEN_BY = "python -m ldm_app.export"
