@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The bundled default model, reproduced from nothing on a CPU: data -> autoencoder -> text-to-image LDM ->
-# guidance sweep (stores the chosen sampling defaults with the model) -> fp16 export -> evaluation.
+# decoder fine-tune with the PatchGAN (encoder frozen) -> guidance sweep by both judges -> guidance distillation at
+# the chosen guidance (one U-Net pass a step) -> the student's steps, stored as its sampling defaults -> fp16 export
+# with the vocabulary pruned to the captions' words -> evaluation.
 #
 #   bash recipes/shapes.sh [OUT]            # OUT defaults to runs/shapes
 #   NPROC=1 bash recipes/shapes.sh          # one process instead of two
@@ -33,14 +35,46 @@ stage ldm "$OUT/ldm/model_index.json" \
     launch train_ldm.py --config configs/ldm/shapes64_cpu.yaml --train_data_dir "$OUT/data" \
     --pretrained_vae "$OUT/vae/vae" --output_dir "$OUT/ldm" --seed "$SEED" --resume_from_checkpoint latest
 
-# Sampling defaults chosen by measurement: adherence at guidance 1 / 3 / 5 / 7.5 with DPM-Solver++ 20 steps; the
-# best mean adherence wins (ties: the lower scale) and is written to the model's ldm_app.json.
-stage sweep "$OUT/sweep/sweep.json" \
-    python -m ldm_app.evaluate sweep --model "$OUT/ldm" --out "$OUT/sweep" --sampler dpm++ --steps 20 \
-    --guidance_scales 1 3 5 7.5 --write_defaults
+# A sharper decoder for the same latents: only the decoder is trained further, with the PatchGAN on from the start
+# (the encoder and the latent scale stay bit-identical, so the LDM above still fits; how SD's ft-EMA/MSE decoders
+# were made). Measured on the bundled model: held-out PSNR 32.24 -> 33.25 dB, geometric one-object shape at
+# guidance 3 0.87 -> 0.90, KID 0.059 -> 0.044 (README, "The default model").
+stage decoder "$OUT/decoder/vae/config.json" \
+    launch train_vae.py --config configs/vae/shapes64.yaml --train_data_dir "$OUT/data" --output_dir "$OUT/decoder" \
+    --pretrained_vae "$OUT/vae/vae" --set train_decoder_only=true --set train.learning_rate=5e-4 \
+    --set train.max_train_steps=2000 --set loss.disc_start=0 --seed "$SEED" --resume_from_checkpoint latest
 
+stage assemble "$OUT/model/model_index.json" \
+    bash -c "rm -rf '$OUT/model.tmp' && cp -r '$OUT/ldm' '$OUT/model.tmp' && rm -rf '$OUT/model.tmp/vae' \
+             '$OUT/model.tmp'/checkpoint-* '$OUT/model.tmp/latent_cache' && cp -r '$OUT/decoder/vae' '$OUT/model.tmp/vae' \
+             && mv '$OUT/model.tmp' '$OUT/model'"
+
+# Sampling defaults chosen by measurement: adherence at guidance 1 / 1.5 / 2 / 3 / 5 with DPM-Solver++ 20 steps,
+# each setting scored by the harsher of the two judges (the CNN judge and the geometric measure); the best wins
+# (ties: the lower scale) and is written to the model's ldm_app.json.
+stage sweep "$OUT/sweep/sweep.json" \
+    python -m ldm_app.evaluate sweep --model "$OUT/model" --out "$OUT/sweep" --sampler dpm++ --steps 20 \
+    --guidance_scales 1 1.5 2 3 5 --write_defaults
+
+# Guidance distillation at the guidance the sweep chose: the student needs one U-Net pass a step instead of two.
+GUIDANCE=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['sampling']['guidance_scale'])" \
+           "$OUT/model/ldm_app.json")
+stage distill "$OUT/student/model_index.json" \
+    launch -m ldm_app.train_distill --teacher "$OUT/model" --train_data_dir "$OUT/data" --output_dir "$OUT/student" \
+    --config configs/distill/shapes64_guidance.yaml --set distill.guidance_scale="$GUIDANCE" --seed "$SEED" \
+    --resume_from_checkpoint latest
+
+# The student's default: DPM-Solver++ 8 steps at guidance 1 (its guidance is in the weights), the fewest steps that
+# keep the teacher's adherence by both judges but for two-object geometric relation (0.76 vs 0.82 at 10 steps; 6
+# steps: 0.72); 10 and 6 steps measured beside it on the same prompts.
+stage student_sweep "$OUT/student_sweep/sweep.json" \
+    python -m ldm_app.evaluate sweep --model "$OUT/student" --out "$OUT/student_sweep" --sampler dpm++ --steps 8 \
+    --guidance_scales 1 --setting dpm++:10:1 --setting dpm++:6:1 --write_defaults
+
+# fp16, and the tokenizer and text-encoder embedding table cut to the captions' words (same images for them; the
+# tokenizer loads in milliseconds instead of 0.3 s and the folder shrinks from 26.5 to 11.2 MiB)
 stage export "$OUT/default_model/model_index.json" \
-    python -m ldm_app.export --model "$OUT/ldm" --out "$OUT/default_model" --dtype fp16
+    python -m ldm_app.export --model "$OUT/student" --out "$OUT/default_model" --dtype fp16 --prune_vocabulary
 
 stage eval "$OUT/eval/adherence.json" \
     python -m ldm_app.evaluate ldm --model "$OUT/default_model" --out "$OUT/eval"
