@@ -201,6 +201,7 @@ def test_an_already_distilled_teacher_is_refused(trained, teacher, tmp_path, cap
     ("ldm.use_ema=false", ("target network",)),
     ("distill.bogus=1", ("unknown config key",)),
     ("distill.num_ddim_timesteps=2000", ("exceeds the teacher's 1000",)),
+    ("ldm.train_text_encoder=true", ("train_text_encoder", "frozen text encoder")),
 ])
 def test_bad_settings_are_one_line(teacher, tmp_path, capsys, setting, words):
     out = tmp_path / "out"

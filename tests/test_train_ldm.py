@@ -215,3 +215,54 @@ def test_fine_tune_from_a_pipeline_folder(trained, tmp_path):
     assert 0 < max_abs_diff(before, after) < 0.05  # started from the pipeline's weights, then trained 2 steps
     text = "text_encoder/model.safetensors"
     assert max_abs_diff(weights(src / text), weights(tmp_path / "ft" / text)) == 0  # frozen when fine-tuning
+
+
+# ---- --train_text_encoder: full fine-tuning of the text encoder too -------------------------------------------
+
+
+def test_fine_tune_with_train_text_encoder_trains_it_and_resumes_exactly(trained, tmp_path):
+    """The text encoder of --pretrained_model trains with the U-Net; the output loads in diffusers with the trained
+    text encoder; a run resumed from its step-2 checkpoint ends with the same weights as the straight run."""
+    from diffusers import StableDiffusionPipeline
+
+    src, files = trained[0], trained_files(trained)
+    text = "text_encoder/model.safetensors"
+
+    def argv(out: Path, *extra: str) -> list[str]:
+        return ["--config", str(CONFIG), "--train_data_dir", str(files.data), "--pretrained_model", str(src),
+                "--output_dir", str(out), "--max_train_steps", "4", "--checkpointing_steps", "2",
+                "--train_text_encoder", "--set", "train.learning_rate=1e-3", *extra]
+
+    straight = tmp_path / "straight"
+    assert main(argv(straight)).step == 4
+    assert json.loads((straight / "run_config.json").read_text())["ldm"]["train_text_encoder"] is True
+    trained_text = weights(straight / text)
+    assert 0 < max_abs_diff(weights(src / text), trained_text) < 0.05
+    pipe = StableDiffusionPipeline.from_pretrained(straight, safety_checker=None, requires_safety_checker=False)
+    assert max_abs_diff(dict(pipe.text_encoder.state_dict()), trained_text) == 0
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    for name in ("checkpoint-4", "text_encoder", "unet", "model_index.json"):
+        path = resumed / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    result = main(argv(resumed, "--resume_from_checkpoint", "latest"))
+    assert result.step == 4 and len(result.losses) == 2  # resumed at step 2
+    assert max_abs_diff(weights(resumed / text), trained_text) <= 1e-6
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert max_abs_diff(weights(resumed / unet), weights(straight / unet)) <= 1e-6
+
+
+@pytest.mark.parametrize("case", ["from_scratch", "with_lora", "with_embedding"])
+def test_train_text_encoder_refusals(case, trained, ldm_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    if case == "from_scratch":
+        argv, words = run_args(ldm_files, out, "--train_text_encoder"), ["--train_text_encoder", "--pretrained_model"]
+    else:
+        extra = ["--lora_rank", "2"] if case == "with_lora" else ["--train_embedding", "<new>"]
+        argv = ["--config", str(CONFIG), "--train_data_dir", str(trained_files(trained).data), "--pretrained_model",
+                str(trained[0]), "--output_dir", str(out), "--train_text_encoder", *extra]
+        words = ["--train_text_encoder", "--lora_text_encoder" if case == "with_lora" else "--train_embedding"]
+    rc, lines = cli(argv, capsys)
+    assert_one_error_line(rc, lines, *words)
+    assert not out.exists()

@@ -120,6 +120,9 @@ class DistillRunConfig(LDMRunConfig):
             raise UserError("give --teacher MODEL_DIR (a pipeline folder: train_ldm.py's output or the bundled model)")
         if self.lora.rank is not None or self.embedding.token is not None:
             raise UserError("lora.* and embedding.* do not apply to distillation: the student is a whole U-Net")
+        if self.ldm.train_text_encoder:
+            raise UserError("ldm.train_text_encoder does not apply to distillation: the student shares the "
+                            "teacher's frozen text encoder")
         if self.distill.method == "guidance":
             self._validate_guidance()
             return

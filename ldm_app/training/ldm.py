@@ -71,6 +71,9 @@ class LDMSection:
 
     pretrained_vae: str | None = None  # a trained AutoencoderKL / VQModel folder (train_vae.py's output)
     pretrained_model: str | None = None  # or a whole SD-1.x-layout pipeline folder to fine-tune
+    # full fine-tuning of pretrained_model: train its text encoder with the U-Net (DreamBooth's and kohya's
+    # --train_text_encoder), e.g. to teach it new wordings; otherwise it stays frozen (from scratch it always trains)
+    train_text_encoder: bool = False
     caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
     snr_gamma: float | None = None  # Min-SNR-gamma weighting (Hang et al. 2023); 5.0 is the paper's choice
     noise_offset: float = 0.0  # offset noise (Guttenberg 2023); 0.05-0.1 typical
@@ -105,6 +108,9 @@ class LDMSection:
         if not (self.pretrained_vae or self.pretrained_model):
             raise UserError("give --pretrained_vae VAE_DIR (a trained autoencoder folder) or --pretrained_model "
                             "PIPELINE_DIR (a pipeline folder to fine-tune)")
+        if self.train_text_encoder and not self.pretrained_model:
+            raise UserError("--train_text_encoder fine-tunes the text encoder of --pretrained_model PIPELINE_DIR; "
+                            "from scratch the text encoder trains anyway (unless text_encoder.pretrained is set)")
 
 
 @dataclass
@@ -122,6 +128,9 @@ class LDMRunConfig:
     def validate(self) -> None:
         check_lora_run(self)
         check_embedding_run(self)
+        if self.ldm.train_text_encoder and self.frozen_base:
+            raise UserError("--train_text_encoder is full fine-tuning: with --lora_rank use --lora_text_encoder; "
+                            "with --train_embedding only the new token's vector trains")
 
     @property
     def frozen_base(self) -> bool:
@@ -149,6 +158,7 @@ FLAG_KEYS = {
     "validation_prompts": "ldm.validation_prompts", "enable_xformers_memory_efficient_attention": "ldm.enable_xformers",
     "lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_text_encoder": "lora.text_encoder",
     "train_embedding": "embedding.token", "initializer_token": "embedding.initializer_token",
+    "train_text_encoder": "ldm.train_text_encoder",
 }
 
 
@@ -179,6 +189,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--learning_rate", type=float)
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
     p.add_argument("--cache_dir", help="where --cache_latents stores latents (default OUTPUT_DIR/latent_cache)")
+    p.add_argument("--train_text_encoder", action="store_true", default=None,
+                   help="with --pretrained_model (full fine-tuning): train its text encoder too (new words or wordings)")
     for name in ("cache_latents", "gradient_checkpointing", "enable_xformers_memory_efficient_attention"):
         p.add_argument(f"--{name}", action="store_true", default=None)
     p.add_argument("--validation_prompts", action="append", metavar="PROMPT_OR_FILE",
@@ -269,6 +281,8 @@ def build_models(cfg: LDMRunConfig) -> Models:
             models.train_text_encoder = True
             logger.info("textual inversion: token %r (id %d) starts as %r", cfg.embedding.token,
                         models.embedding_id, cfg.embedding.initializer_token)
+        if not cfg.frozen_base:
+            models.train_text_encoder = cfg.ldm.train_text_encoder
         return models
     vae = _load("autoencoder", cfg.ldm.pretrained_vae, load_autoencoder)
     check_compatible(vae, cfg.unet.in_channels, cfg)
