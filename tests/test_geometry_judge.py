@@ -92,3 +92,17 @@ def test_geometry_judge_heads_and_report_lines():
     text = "\n".join(adherence.summary_lines(report))
     assert "colour 100.0% (judge) / 50.0% (geometry)" in text
     assert "relation 100.0% (judge) / 25.0% (geometry)" in text
+
+
+def test_a_blank_image_is_scored_wrong_not_a_crash():
+    """No object found (a plain background): every head of the geometric judge says "no verdict" (-1), and scoring
+    counts the prompt wrong and describes it with "?" instead of failing on the missing position."""
+    import torch
+
+    scene = shapes.sample_scene(np.random.default_rng([geometry.CALIBRATION_SEED, 9, 0]), SIDE, 0.0)
+    blank = torch.ones(1, 3, SIDE, SIDE)  # white: nothing on it
+    pred = geometry.GeometryJudge().predict(blank)
+    assert int(pred["position"][0]) == -1
+    summary, records = adherence.score(geometry.GeometryJudge(), [adherence.Prompt(scene.caption, scene, 0)], blank)
+    assert records[0]["correct"] is False and "?" in records[0]["judged"]
+    assert summary["one_object"]["accuracy"]["all_attributes"] == 0.0

@@ -179,7 +179,7 @@ def _describe(pred: dict[str, int], kind: int) -> str:
     name = {head: HEADS[head][pred[head]] if pred[head] >= 0 else "?" for head in HEADS}  # -1: no verdict
     bg = f"on a {name['background']} background"
     if kind == ONE:
-        where = POSITIONS[name["position"]]
+        where = POSITIONS.get(name["position"], "at ? (no verdict)")  # the geometric judge may find no place
         return f"a {name['size']} {name['colour']} {name['shape']} {where} {bg}"
     relation = "above" if name["axis"] == "vertical" else "to the left of"
     first, second = f"{name['first_colour']} {name['first_shape']}", f"{name['second_colour']} {name['second_shape']}"
