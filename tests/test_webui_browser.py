@@ -29,6 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -279,10 +280,14 @@ def test_inpaint_with_a_mask_painted_in_the_browser(page, app_env, tmp_path):
     painted = sum(1 for v in mask.getdata() if v == 255) / 64**2
     assert 0.05 < painted < 0.7
     assert Image.open(params["init_image"]).convert("RGB").tobytes() == source.tobytes()
-    # outside the mask the image is kept (paste back), inside it is repainted
-    result = Image.open(io.BytesIO(data)).convert("RGB")
-    assert result.getpixel((0, 0)) == (255, 255, 255)
-    assert result.getpixel((32, 32)) != (255, 0, 0)
+    # the corner is kept (paste back), the masked area is repainted: most masked pixels differ from the
+    # source (one pixel alone is not enough: the tiny model's decoder saturates, and with the random seed of a web
+    # request a repainted red area sometimes comes out exactly (255, 0, 0) at the centre)
+    result = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+    inside = np.asarray(mask) == 255
+    assert (result[0, 0] == 255).all()
+    changed = (np.abs(result - np.asarray(source)).max(axis=2) > 8)[inside].mean()
+    assert changed > 0.5, f"only {changed:.0%} of the masked pixels were repainted"
 
 
 def test_img2img_from_an_uploaded_image(page, app_env, tmp_path):
