@@ -55,25 +55,19 @@ stage assemble "$OUT/model/model_index.json" \
 # the other half in the canonical form, so the canonical prompts keep their accuracy), 2,500 steps x 32 images
 # each (LR 2e-4, then 1e-4). Measured on the bundled model's teacher (README, "The default model"): free-form
 # sweep score 0.549 (before) -> 0.766 (first) -> 0.859 (second); canonical 0.96 -> 0.956 -> 0.954.
-stage free_data "$OUT/free_data/metadata.jsonl" \
-    python -m ldm_app.data.shapes --out "$OUT/free_data" --num_images 30000 --resolution 64 --seed "$((SEED + 1))" \
-    --two_object_fraction 0.5 --free_caption_fraction 0.5
-
-stage free_ft "$OUT/free_ft/model_index.json" \
-    launch train_ldm.py --config configs/ldm/shapes64_cpu.yaml --pretrained_model "$OUT/model" --train_text_encoder \
-    --train_data_dir "$OUT/free_data" --output_dir "$OUT/free_ft" --set train.train_batch_size=$((32 / NPROC)) \
-    --set train.learning_rate=2e-4 --set train.max_train_steps=2500 --set train.lr_warmup_steps=100 \
-    --set ldm.validation_steps=0 --seed "$SEED" --resume_from_checkpoint latest
-
-stage free_data2 "$OUT/free_data2/metadata.jsonl" \
-    python -m ldm_app.data.shapes --out "$OUT/free_data2" --num_images 30000 --resolution 64 --seed "$((SEED + 2))" \
-    --two_object_fraction 0.5 --free_caption_fraction 0.5
-
-stage free_ft2 "$OUT/free_ft2/model_index.json" \
-    launch train_ldm.py --config configs/ldm/shapes64_cpu.yaml --pretrained_model "$OUT/free_ft" --train_text_encoder \
-    --train_data_dir "$OUT/free_data2" --output_dir "$OUT/free_ft2" --set train.train_batch_size=$((32 / NPROC)) \
-    --set train.learning_rate=1e-4 --set train.max_train_steps=2500 --set train.lr_warmup_steps=100 \
-    --set ldm.validation_steps=0 --seed "$SEED" --resume_from_checkpoint latest
+free_stages() {  # free_stages NAME SEED LR BASE: render free-form data NAME_data..., then fine-tune BASE on it
+    local data="$OUT/$1_data" ft="$OUT/$1"
+    stage "$1 data" "$data/metadata.jsonl" \
+        python -m ldm_app.data.shapes --out "$data" --num_images 30000 --resolution 64 --seed "$2" \
+        --two_object_fraction 0.5 --free_caption_fraction 0.5
+    stage "$1" "$ft/model_index.json" \
+        launch train_ldm.py --config configs/ldm/shapes64_cpu.yaml --pretrained_model "$4" --train_text_encoder \
+        --train_data_dir "$data" --output_dir "$ft" --set train.train_batch_size=$((32 / NPROC)) \
+        --set train.learning_rate="$3" --set train.max_train_steps=2500 --set train.lr_warmup_steps=100 \
+        --set ldm.validation_steps=0 --seed "$SEED" --resume_from_checkpoint latest
+}
+free_stages free_ft "$((SEED + 1))" 2e-4 "$OUT/model"
+free_stages free_ft2 "$((SEED + 2))" 1e-4 "$OUT/free_ft"
 
 # Sampling defaults chosen by measurement: adherence at guidance 1 / 1.5 / 2 / 3 / 5 with DPM-Solver++ 20 steps,
 # each setting scored by the harsher of the two judges (the CNN judge and the geometric measure); the best wins
@@ -86,7 +80,7 @@ stage sweep "$OUT/sweep/sweep.json" \
 GUIDANCE=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['sampling']['guidance_scale'])" \
            "$OUT/free_ft2/ldm_app.json")
 stage distill "$OUT/student/model_index.json" \
-    launch -m ldm_app.train_distill --teacher "$OUT/free_ft2" --train_data_dir "$OUT/free_data2" --output_dir "$OUT/student" \
+    launch -m ldm_app.train_distill --teacher "$OUT/free_ft2" --train_data_dir "$OUT/free_ft2_data" --output_dir "$OUT/student" \
     --config configs/distill/shapes64_guidance.yaml --set distill.guidance_scale="$GUIDANCE" --seed "$SEED" \
     --resume_from_checkpoint latest
 
