@@ -204,11 +204,15 @@ def test_resume_latest_without_checkpoints_starts_fresh(ldm_files, tmp_path, cap
     assert "no checkpoint" in caplog.text
 
 
+def fine_tune_args(trained, out: Path, *extra: str) -> list[str]:
+    """train_ldm.py arguments that fine-tune the module's trained pipeline folder on its own data."""
+    return ["--config", str(CONFIG), "--train_data_dir", str(trained_files(trained).data), "--pretrained_model",
+            str(trained[0]), "--output_dir", str(out), *extra]
+
+
 def test_fine_tune_from_a_pipeline_folder(trained, tmp_path):
     src = trained[0]
-    files = trained_files(trained)
-    argv = ["--config", str(CONFIG), "--train_data_dir", str(files.data), "--pretrained_model", str(src),
-            "--output_dir", str(tmp_path / "ft"), "--max_train_steps", "2", "--set", "ldm.use_ema=false"]
+    argv = fine_tune_args(trained, tmp_path / "ft", "--max_train_steps", "2", "--set", "ldm.use_ema=false")
     assert main(argv).step == 2
     before = weights(src / "unet" / "diffusion_pytorch_model.safetensors")
     after = weights(tmp_path / "ft" / "unet" / "diffusion_pytorch_model.safetensors")
@@ -225,13 +229,12 @@ def test_fine_tune_with_train_text_encoder_trains_it_and_resumes_exactly(trained
     text encoder; a run resumed from its step-2 checkpoint ends with the same weights as the straight run."""
     from diffusers import StableDiffusionPipeline
 
-    src, files = trained[0], trained_files(trained)
+    src = trained[0]
     text = "text_encoder/model.safetensors"
 
     def argv(out: Path, *extra: str) -> list[str]:
-        return ["--config", str(CONFIG), "--train_data_dir", str(files.data), "--pretrained_model", str(src),
-                "--output_dir", str(out), "--max_train_steps", "4", "--checkpointing_steps", "2",
-                "--train_text_encoder", "--set", "train.learning_rate=1e-3", *extra]
+        return fine_tune_args(trained, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                              "--train_text_encoder", "--set", "train.learning_rate=1e-3", *extra)
 
     straight = tmp_path / "straight"
     assert main(argv(straight)).step == 4
@@ -260,8 +263,7 @@ def test_train_text_encoder_refusals(case, trained, ldm_files, tmp_path, capsys)
         argv, words = run_args(ldm_files, out, "--train_text_encoder"), ["--train_text_encoder", "--pretrained_model"]
     else:
         extra = ["--lora_rank", "2"] if case == "with_lora" else ["--train_embedding", "<new>"]
-        argv = ["--config", str(CONFIG), "--train_data_dir", str(trained_files(trained).data), "--pretrained_model",
-                str(trained[0]), "--output_dir", str(out), "--train_text_encoder", *extra]
+        argv = fine_tune_args(trained, out, "--train_text_encoder", *extra)
         words = ["--train_text_encoder", "--lora_text_encoder" if case == "with_lora" else "--train_embedding"]
     rc, lines = cli(argv, capsys)
     assert_one_error_line(rc, lines, *words)

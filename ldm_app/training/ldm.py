@@ -190,7 +190,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"])
     p.add_argument("--cache_dir", help="where --cache_latents stores latents (default OUTPUT_DIR/latent_cache)")
     p.add_argument("--train_text_encoder", action="store_true", default=None,
-                   help="with --pretrained_model (full fine-tuning): train its text encoder too (new words or wordings)")
+                   help="with --pretrained_model (full fine-tuning): train its text encoder too (new words, wordings)")
     for name in ("cache_latents", "gradient_checkpointing", "enable_xformers_memory_efficient_attention"):
         p.add_argument(f"--{name}", action="store_true", default=None)
     p.add_argument("--validation_prompts", action="append", metavar="PROMPT_OR_FILE",
@@ -268,6 +268,7 @@ def build_models(cfg: LDMRunConfig) -> Models:
         models = _models_from_pipeline(Path(cfg.ldm.pretrained_model), cfg.ldm.pretrained_vae,
                                        cfg.conditioning.concat, scalar=cfg.conditioning.uses_scalar,
                                        seed=cfg.train.seed)
+        models.train_text_encoder = cfg.ldm.train_text_encoder  # full fine-tuning; LoRA and embeddings set their own
         if cfg.lora.rank is not None:  # freezes the base weights; a text encoder with LoRA trains its adapters
             models.train_text_encoder = cfg.lora.text_encoder
             n = add_lora(models.unet, models.text_encoder if cfg.lora.text_encoder else None, cfg.lora,
@@ -281,8 +282,6 @@ def build_models(cfg: LDMRunConfig) -> Models:
             models.train_text_encoder = True
             logger.info("textual inversion: token %r (id %d) starts as %r", cfg.embedding.token,
                         models.embedding_id, cfg.embedding.initializer_token)
-        if not cfg.frozen_base:
-            models.train_text_encoder = cfg.ldm.train_text_encoder
         return models
     vae = _load("autoencoder", cfg.ldm.pretrained_vae, load_autoencoder)
     check_compatible(vae, cfg.unet.in_channels, cfg)
