@@ -121,3 +121,38 @@ def test_deepspeed_micro_batch_is_filled_from_the_run_config():
     fill_deepspeed_batch(fixed, 32)
     assert fixed.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 4
     fill_deepspeed_batch(SimpleNamespace(deepspeed_plugin=None), 32)  # no DeepSpeed: nothing to do, no error
+
+
+def test_deepspeed_unet_gets_its_inputs_in_its_own_dtype():
+    """DeepSpeed casts the U-Net's weights to bf16/fp16 and runs it without autocast (the first GPU check failed
+    with "mat1 and mat2 must have the same dtype"): the trainer casts x_t, c and scalar labels to that dtype and
+    takes eps back in float32; under DDP/FSDP (accelerate's autocast) nothing is cast."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from diffusers import UNet2DConditionModel
+
+    from ldm_app.training.ldm import deepspeed_input_dtype, predict_eps
+
+    def acc(kind, precision):
+        return SimpleNamespace(distributed_type=kind, mixed_precision=precision)
+
+    assert deepspeed_input_dtype(acc(DistributedType.DEEPSPEED, "bf16")) is torch.bfloat16
+    assert deepspeed_input_dtype(acc(DistributedType.DEEPSPEED, "fp16")) is torch.float16
+    assert deepspeed_input_dtype(acc(DistributedType.DEEPSPEED, "no")) is None
+    assert deepspeed_input_dtype(acc(DistributedType.FSDP, "bf16")) is None
+    assert deepspeed_input_dtype(acc(DistributedType.MULTI_GPU, "bf16")) is None
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                                norm_num_groups=8, attention_head_dim=4)
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 5, 16)
+    reference = predict_eps(unet, x, t, c, None, None)
+    unet.to(torch.bfloat16)  # what DeepSpeed's bf16 engine does to the weights
+    with pytest.raises(RuntimeError, match="dtype"):  # float32 inputs: the failure seen on the GPU
+        predict_eps(unet, x, t, c, None, None)
+    eps = predict_eps(unet, x, t, c, None, torch.bfloat16)
+    assert eps.dtype is torch.float32 and eps.shape == x.shape
+    assert torch.allclose(eps, reference, atol=0.1), (eps - reference).abs().max()  # bf16 rounding only

@@ -479,6 +479,7 @@ class LDMTrainer:
         self.trainables = trainables
         self.named_trainables = dict(zip(named, trainables))
         self.unet = self.named_trainables["unet"] if "unet" in named else self.m.unet.to(acc.device)
+        self.unet_input_dtype = deepspeed_input_dtype(acc)
         self.text_encoder = self.named_trainables.get("text_encoder", self.m.text_encoder)
         self.original_embeddings = None
         if self.m.embedding_id is not None:
@@ -572,8 +573,7 @@ class LDMTrainer:
 
         def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with contextlib.nullcontext() if "unet" in self.named_trainables else self.acc.autocast():
-                return self.unet(unet_input(x_t, concat), t, encoder_hidden_states=c, class_labels=y,
-                                 return_dict=False)[0]
+                return predict_eps(self.unet, unet_input(x_t, concat), t, c, y, self.unet_input_dtype)
 
         loss, _ = self.m.diffusion.training_losses(model_fn, x0, generator=g, snr_gamma=ldm.snr_gamma,
                                                    noise_offset=ldm.noise_offset)
@@ -949,6 +949,29 @@ def check_strategy(accelerator: Any, cfg: LDMRunConfig, train_text_encoder: bool
     if train_text_encoder and kind == DistributedType.DEEPSPEED:
         raise UserError("DeepSpeed trains a single model: use a pretrained (frozen) text encoder "
                         "(text_encoder.pretrained) or DDP/FSDP")
+
+
+def predict_eps(unet: Any, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, labels: torch.Tensor | None,
+                input_dtype: torch.dtype | None) -> torch.Tensor:
+    """eps_theta(x_t, t, c[, y]). With `input_dtype` (deepspeed_input_dtype) the float inputs are cast to the
+    U-Net's weights' dtype and eps comes back in float32, so the loss is computed in float32 as under autocast."""
+    if input_dtype is None:
+        return unet(x, t, encoder_hidden_states=states, class_labels=labels, return_dict=False)[0]
+    x, states = x.to(input_dtype), states.to(input_dtype)
+    if labels is not None and labels.is_floating_point():  # scalar conditioning; class ids stay integers
+        labels = labels.to(input_dtype)
+    return unet(x, t, encoder_hidden_states=states, class_labels=labels, return_dict=False)[0].float()
+
+
+def deepspeed_input_dtype(accelerator: Any) -> torch.dtype | None:
+    """The dtype a DeepSpeed-wrapped U-Net needs its inputs in, else None. Under DDP/FSDP accelerate runs the
+    prepared model's forward in autocast; under DeepSpeed it does not: the engine casts the weights to fp16/bf16
+    and a float32 input fails ("mat1 and mat2 must have the same dtype", seen on the first GPU check)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(str(accelerator.mixed_precision))
 
 
 # --------------------------------------------------------------------------------------------------------------
