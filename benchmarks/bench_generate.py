@@ -7,6 +7,10 @@ ours/diffusers (target: <= 1.0). On a shared CPU the ratio is the figure to trus
 --threads 1 the CPU-time ratio is the least disturbed by other processes.
 
     python benchmarks/bench_generate.py --runs 5 --steps 10 --size 256
+    python benchmarks/bench_generate.py --model sd15 --device cuda --dtype fp16 --size 512 --steps 20 --runs 10
+
+--model sd15 builds an SD-1.5-sized model instead (gpu_check.sd15_components: 860M U-Net, random weights,
+DPM-Solver++) on --device: the GPU parity check, where batch 1 is bound by kernel launches and Python overhead.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ldm_app.pipeline import LatentDiffusionPipeline  # noqa: E402
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "ldm_app" / "assets" / "tokenizer"
 TEXT_DIM = 256
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROMPT = "a watercolor painting of a lighthouse at dusk"
 
 
@@ -75,13 +80,17 @@ def build_components(size: int, seed: int = 0) -> dict:
 
 def timed_run(pipe, args: argparse.Namespace) -> tuple[float, float, torch.Tensor]:
     """Wall and CPU seconds for one full generation (text encoding, sampling loop, decoding), and its image
-    (1, 3, H, W). CPU time is what other processes on a shared machine disturb least."""
+    (1, 3, H, W). CPU time is what other processes on a shared machine disturb least. On a GPU the clock stops
+    after a synchronize (the work is queued asynchronously)."""
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sync()
     start, start_cpu = time.perf_counter(), time.process_time()
     image = pipe(
         PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=7.5,
-        generator=torch.Generator().manual_seed(0), output_type="pt",
+        generator=torch.Generator(args.device).manual_seed(0), output_type="pt",
     ).images
-    return time.perf_counter() - start, time.process_time() - start_cpu, image
+    sync()
+    return time.perf_counter() - start, time.process_time() - start_cpu, image.float().cpu()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,14 +99,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="sampling steps per image")
     parser.add_argument("--size", type=int, default=256, help="image height and width in pixels (multiple of 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--model", choices=["small", "sd15"], default="small",
+                        help="small: a 12.8M-parameter U-Net, DDIM (default); sd15: SD-1.5-sized, DPM-Solver++")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights' dtype (default fp32)")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.steps < 1 or args.size < 8 or args.size % 8:
         raise UserError("--runs and --steps must be >= 1 and --size a positive multiple of 8")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: torch sees no CUDA device here")
 
-    components = build_components(args.size)
-    ours = LatentDiffusionPipeline(**components)
+    if args.model == "sd15":
+        from gpu_check import sd15_components  # benchmarks/ is on the path when this file runs
+
+        components = sd15_components(args.device)
+    else:
+        components = build_components(args.size)
+    ours = LatentDiffusionPipeline(**components).to(args.device, DTYPES[args.dtype])
     theirs = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
                                      requires_safety_checker=False)
     pipes = {"ldm_app": ours, "diffusers": theirs}
@@ -114,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
             cpu[name].append(cpu_seconds)
 
     n_params = sum(p.numel() for p in ours.unet.parameters()) / 1e6
-    print(f"U-Net {n_params:.1f}M params, {args.size}x{args.size}, {args.steps} DDIM steps, guidance 7.5, "
-          f"{args.runs} runs, {torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    print(f"U-Net {n_params:.1f}M params, {args.size}x{args.size}, {args.steps} "
+          f"{type(ours.scheduler).__name__} steps, guidance 7.5, {args.dtype}, {args.runs} runs, {where}")
     print(f"max pixel difference between the two images: {(images['ldm_app'] - images['diffusers']).abs().max():.2e}")
     print(f"{'':<22}{'ldm_app':>10}{'diffusers':>10}{'ratio':>8}")
     for label, t in (("wall s (median)", wall), ("cpu s (median)", cpu)):

@@ -53,7 +53,7 @@ class Sizes:
     steps: int  # generation sampling steps
     batches: tuple[int, int]
     timed_runs: int  # timed generation calls after one warm-up call
-    default_steps: int  # the bundled model's sampling steps
+    default_steps: int | None  # the bundled model's sampling steps (None: its own, from ldm_app.json)
     train_resolution: int
     train_batch: int
     train_steps: int  # optimisation steps; img/s is read off the last log window of train.log_every steps
@@ -63,7 +63,7 @@ class Sizes:
     workers: int  # DataLoader workers for the encoded-latents row
 
 
-FULL = Sizes(tiny=False, resolution=512, steps=20, batches=(1, 4), timed_runs=2, default_steps=20,
+FULL = Sizes(tiny=False, resolution=512, steps=20, batches=(1, 4), timed_runs=2, default_steps=None,
              train_resolution=512, train_batch=8, train_steps=10, log_every=5, train_images=64, lora_rank=16,
              workers=4)
 SMOKE = Sizes(tiny=True, resolution=64, steps=2, batches=(1, 4), timed_runs=1, default_steps=2,
@@ -80,7 +80,7 @@ class Row:
 
     @property
     def cap_s(self) -> int:
-        """A row's own time limit: generous against the estimate (which no GPU has confirmed yet)."""
+        """A row's own time limit: generous against the estimate (the first H200 run, 2026-12-04, stayed well inside it)."""
         return max(4 * self.est_s, 60)
 
 
@@ -95,12 +95,16 @@ def rows(s: Sizes = FULL) -> list[Row]:
             out.append(Row(f"gen_sd15_{dtype}_b{b}", "gen", f"{model}, {gen}, batch {b}, {dtype}, SDPA",
                            dtype != "fp32", {1: 2, 4: 6}[b] * (3 if dtype == "fp32" else 1)))
     for b in s.batches:
+        out.append(Row(f"gen_sd15_fp16_b{b}_diffusers", "gen", f"as gen_sd15_fp16_b{b}, diffusers' "
+                       "StableDiffusionPipeline on the same modules and scheduler", True, {1: 2, 4: 6}[b]))
+    for b in s.batches:
         out.append(Row(f"gen_sd15_fp16_b{b}_xformers", "gen", f"as gen_sd15_fp16_b{b}, xformers attention", True,
                        {1: 2, 4: 6}[b]))
+    steps = "its own steps" if s.default_steps is None else f"{s.default_steps} steps"
     for dtype in ("fp32", "fp16", "bf16"):
         for b in s.batches:
             out.append(Row(f"gen_default_{dtype}_b{b}", "gen",
-                           f"bundled model, 64 px, {s.default_steps} steps, its guidance, batch {b}, {dtype}",
+                           f"bundled model, 64 px, {steps}, its guidance, batch {b}, {dtype}",
                            dtype != "fp32", 2))
     out += [
         Row("train_full_cached", "train", f"train_ldm, {model} full fine-tune, {train}, cached latents", False, 35),
@@ -126,6 +130,38 @@ GROUP_BUDGET_S = {"gen": 120, "train": 150, "fsdp": 110, "deepspeed": 110, "comp
 
 # --------------------------------------------------------------------------------------------------------------
 # Worker side: the measurements (heavy imports only here)
+
+
+def sd15_components(device: Any, tiny: bool = False, resolution: int = 512) -> dict[str, Any]:
+    """An SD-1.5-sized model (U-Net, autoencoder, CLIP text encoder from ldm_app/assets/sd15_configs, random weights:
+    speed does not depend on them), DPM-Solver++, built on `device`; tiny: the same configs shrunk (--smoke).
+    Also used by bench_generate.py --model sd15."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm_app.models import load_tokenizer
+    from ldm_app.samplers import make_scheduler
+    from ldm_app.single_file import SD15_CONFIGS
+
+    unet_cfg = dict(UNet2DConditionModel.load_config(SD15_CONFIGS / "unet"))
+    vae_cfg = dict(AutoencoderKL.load_config(SD15_CONFIGS / "vae"))
+    te_cfg = CLIPTextConfig.from_pretrained(SD15_CONFIGS / "text_encoder")
+    sched_cfg = json.loads((SD15_CONFIGS / "scheduler" / "scheduler_config.json").read_text())
+    if tiny:
+        unet_cfg.update(block_out_channels=[32, 32, 64, 64], layers_per_block=1, cross_attention_dim=32,
+                        sample_size=resolution // 8)
+        vae_cfg.update(block_out_channels=[8, 8, 8, 8], layers_per_block=1, norm_num_groups=8,
+                       sample_size=resolution)
+        te_cfg.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           projection_dim=32))
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(unet_cfg)
+        vae = AutoencoderKL.from_config(vae_cfg)
+        text_encoder = CLIPTextModel(te_cfg)
+    return {"vae": vae.eval(), "text_encoder": text_encoder.eval(), "tokenizer": load_tokenizer(), "unet": unet.eval(),
+            "scheduler": make_scheduler("dpm++", sched_cfg)}
 
 
 class RowTimeout(Exception):
@@ -222,33 +258,9 @@ class Worker:
     def sd15_pipeline(self, dtype: Any) -> Any:
         """An SD-1.5-sized LatentDiffusionPipeline with random weights, built on the device (initialising 1 G
         parameters on the CPU would take longer than the rows). Smoke: the same configs shrunk."""
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
-
-        from ldm_app.models import load_tokenizer
         from ldm_app.pipeline import LatentDiffusionPipeline
-        from ldm_app.samplers import make_scheduler
-        from ldm_app.single_file import SD15_CONFIGS
 
-        torch = self.torch
-        unet_cfg = dict(UNet2DConditionModel.load_config(SD15_CONFIGS / "unet"))
-        vae_cfg = dict(AutoencoderKL.load_config(SD15_CONFIGS / "vae"))
-        te_cfg = CLIPTextConfig.from_pretrained(SD15_CONFIGS / "text_encoder")
-        sched_cfg = json.loads((SD15_CONFIGS / "scheduler" / "scheduler_config.json").read_text())
-        if self.sizes.tiny:
-            unet_cfg.update(block_out_channels=[32, 32, 64, 64], layers_per_block=1, cross_attention_dim=32,
-                            sample_size=self.sizes.resolution // 8)
-            vae_cfg.update(block_out_channels=[8, 8, 8, 8], layers_per_block=1, norm_num_groups=8,
-                           sample_size=self.sizes.resolution)
-            te_cfg.update(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                               projection_dim=32))
-        torch.manual_seed(0)
-        with torch.device(self.device):
-            unet = UNet2DConditionModel.from_config(unet_cfg)
-            vae = AutoencoderKL.from_config(vae_cfg)
-            text_encoder = CLIPTextModel(te_cfg)
-        pipe = LatentDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=load_tokenizer(),
-                                       unet=unet.eval(), scheduler=make_scheduler("dpm++", sched_cfg))
+        pipe = LatentDiffusionPipeline(**sd15_components(self.device, self.sizes.tiny, self.sizes.resolution))
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(self.device, dtype)
 
@@ -289,6 +301,18 @@ class Worker:
             pipe.enable_xformers_memory_efficient_attention()  # stays on: the last rows of this model
             return self.time_generation(pipe, b, **call)
 
+        def diffusers_pipe(b: int) -> dict[str, Any]:  # the speed-parity reference, on the GPU
+            from diffusers import StableDiffusionPipeline
+
+            ours = sd15("fp16")
+            ref = StableDiffusionPipeline(**{k: ours.components[k] for k in ("vae", "text_encoder", "tokenizer",
+                                          "unet", "scheduler")}, safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+            ref.set_progress_bar_config(disable=True)
+            return self.time_generation(ref, b, **call)
+
+        for b in s.batches:
+            self.run_row(f"gen_sd15_fp16_b{b}_diffusers", lambda: diffusers_pipe(b))
         for b in s.batches:
             self.run_row(f"gen_sd15_fp16_b{b}_xformers", lambda: xformers(b), needs="xformers")
         holder.clear()
