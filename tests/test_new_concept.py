@@ -135,3 +135,28 @@ def test_palette_with_restores_the_judge_vocabulary():
     with palette_with("cross"):
         assert judge_mod.HEADS["first_shape"][-1] == "cross" and judge_mod.HEADS["colour"] == tuple(shapes.COLOURS)
     assert judge_mod.HEADS == before and judge_mod.sample_scene is shapes.sample_scene
+
+
+def test_concept_vae_must_share_the_base_latent_space(tmp_path):
+    """--vae of the evaluation: a decoder fine-tuned from the base autoencoder loads onto the base's device and
+    dtype; an autoencoder with another latent scale (not fine-tuned from it) or a folder that is no autoencoder
+    is refused in one line."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from ldm_app.evaluation.new_concept import load_concept_vae
+
+    def tiny(scaling_factor):
+        return AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4,
+                             scaling_factor=scaling_factor)
+
+    base = tiny(0.2).to(torch.float16)
+    tiny(0.2).save_pretrained(tmp_path / "same")
+    vae = load_concept_vae(str(tmp_path / "same"), base)
+    assert vae.dtype == torch.float16 and not vae.training
+    tiny(0.5).save_pretrained(tmp_path / "other")
+    with pytest.raises(UserError, match="scaling_factor is 0.5, the base model's 0.2"):
+        load_concept_vae(str(tmp_path / "other"), base)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a --vae autoencoder folder"):
+        load_concept_vae(str(tmp_path / "empty"), base)

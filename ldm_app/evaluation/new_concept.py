@@ -1,8 +1,8 @@
 """A concept the bundled model has never seen, measured twice: does a LoRA teach the model a new shape (or colour)
 while the old vocabulary keeps its accuracy?
 
-    python -m ldm_app.evaluation.new_concept --model BASE --lora LORA_DIR_OR_FILE [--concept cross|pink]
-        [--num_prompts 100] [--old_prompts 100] [--two_object_prompts 50] [--seed 0] [--out DIR]
+    python -m ldm_app.evaluation.new_concept --model BASE --lora LORA_DIR_OR_FILE [--vae DECODER_DIR]
+        [--concept cross|pink] [--num_prompts 100] [--old_prompts 100] [--two_object_prompts 50] [--seed 0] [--out DIR]
 
 The concept is one of `ldm_app.data.shapes.EXTRA_SHAPES` / `EXTRA_COLOURS` (outside the fixed vocabulary;
 recipes/lora_new_concept.sh trains the LoRA). Held-out prompts: one-object scenes of the concept from a seed stream
@@ -22,6 +22,10 @@ image seed. Two independent measures:
 
 A ceiling: the prompts' scenes rendered and passed through the base model's autoencoder (encode, decode), scored
 the same way. A U-Net LoRA only changes latents, so what the decoder cannot draw stays out of reach (pink: none).
+`--vae`: an autoencoder whose decoder was fine-tuned on the concept (train_vae.py --set train_decoder_only=true,
+the same encoder, so the same latents): "base + LoRA" then decodes with it, its own ceiling is reported beside the
+base one, and the LoRA's new-concept images are also decoded by the base decoder ("lora_base_decoder"), which
+separates what the LoRA and the decoder each bring.
 
 The old vocabulary: the standard adherence evaluation (adherence.py: standard judge, one- and two-object prompts,
 domain KID) with and without the LoRA, plus the pixel colour and shape of the one-object images (and how often an
@@ -373,6 +377,21 @@ def _lora_file(path: Path) -> Path:
     return path
 
 
+def load_concept_vae(folder: str, base_vae: Any) -> Any:
+    """The fine-tuned autoencoder, on the base one's device and dtype; refused unless it shares the base's latent
+    space (same latent channels and scaling factor: a decoder-only fine-tune keeps both)."""
+    from diffusers import AutoencoderKL
+
+    from ldm_app.training.ldm import _load
+
+    vae = _load("--vae autoencoder", folder, AutoencoderKL.from_pretrained)
+    for key in ("latent_channels", "scaling_factor"):
+        if vae.config[key] != base_vae.config[key]:
+            raise UserError(f"--vae {folder}: its {key} is {vae.config[key]}, the base model's "
+                            f"{base_vae.config[key]}: not a decoder fine-tuned from the base autoencoder")
+    return vae.to(base_vae.device, base_vae.dtype).eval()
+
+
 def _old_summary(report: dict[str, Any]) -> dict[str, Any]:
     keep = ("one_object", "two_object", "kid", "settings", "seconds_per_image")
     return {k: report[k] for k in keep}
@@ -394,11 +413,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _, _, steps, guidance = pipe.resolve_defaults(None, None, args.steps, args.guidance_scale)
     prompts = new_concept_prompts(concept, args.num_prompts, args.seed)
     ceiling, recon = autoencoder_ceiling(pipe, concept, prompts, standard, variant)
+    base_vae = pipe.vae
+    tuned_vae = recon_tuned = None
+    if args.vae:
+        tuned_vae = load_concept_vae(args.vae, base_vae)
+        pipe.vae = tuned_vae
+        ceiling_tuned, recon_tuned = autoencoder_ceiling(pipe, concept, prompts, standard, variant)
+        ceiling = {**ceiling, "tuned_decoder_reconstructions": ceiling_tuned["autoencoder_reconstructions"]}
+        pipe.vae = base_vae
 
     report: dict[str, Any] = {
         "model": args.model,
         "lora": str(lora),
         "lora_scale": args.lora_scale,
+        "vae": args.vae,
         "concept": {"name": concept, "kind": kind,
                     "rgb": EXTRA_COLOURS[concept] if kind == "colour" else None},
         "settings": {"num_prompts": args.num_prompts, "old_prompts": args.old_prompts,
@@ -418,6 +446,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("base", "lora"):
         if name == "lora":
             load_loras(pipe, [(lora, args.lora_scale)])
+            if tuned_vae is not None:  # the LoRA's images through the base decoder first, then the tuned one
+                own = generate(pipe, prompts, steps, guidance, args.batch_size, log)
+                summary, records = score_new_concept(concept, prompts, own, standard, variant)
+                report["lora_base_decoder"] = {"new_concept": {**summary, "by_size": by_size(prompts, records)}}
+                pipe.vae = tuned_vae
         start = time.perf_counter()
         new_images = generate(pipe, prompts, steps, guidance, args.batch_size, log)
         new_seconds = time.perf_counter() - start
@@ -447,8 +480,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         (f"'{concept}' prompts: renders of the prompts' scenes (first: {prompts[0].text})",
          render([p.scene for p in prompts[:n]], 64), [" ".join(p.text.split()[1:4]) for p in prompts[:n]]),
         ("the same renders through the base model's autoencoder (encode-decode)", recon[:n], [""] * n),
+        *([("the same renders through the fine-tuned decoder (--vae)", recon_tuned[:n], [""] * n)]
+          if recon_tuned is not None else []),
         (f"base model (beneath: pixel {kind} / variant-judge {kind})", images["base"]["new"], tags("base")),
-        ("base + LoRA, same prompts and seeds", images["lora"]["new"], tags("lora")),
+        ("base + LoRA" + (" + fine-tuned decoder" if args.vae else "") + ", same prompts and seeds",
+         images["lora"]["new"], tags("lora")),
         ("base + LoRA, next prompts", images["lora"]["new"][n:], tags("lora")[n:]),
         ("old vocabulary, base model", images["base"]["old"], old_words),
         ("old vocabulary, base + LoRA (same prompts and seeds)", images["lora"]["old"], old_words),
@@ -463,6 +499,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True, help="the base pipeline folder")
     p.add_argument("--lora", required=True, help="train_ldm.py --lora_rank output folder or its .safetensors file")
     p.add_argument("--lora_scale", type=float, default=1.0)
+    p.add_argument("--vae", help="an autoencoder folder whose decoder was fine-tuned on the concept (same encoder): "
+                   "base + LoRA decodes with it")
     p.add_argument("--concept", default="cross",
                    help=f"the new concept: one of {', '.join((*EXTRA_COLOURS, *EXTRA_SHAPES))}")
     p.add_argument("--num_prompts", type=int, default=100, help="new-concept one-object prompts")
