@@ -190,10 +190,24 @@ def load_loras(pipe, specs: Iterable[tuple[str | Path, float]]) -> list[str]:
                     f"(first: {keys[0][:150]}); it was made for another model"
                 )
         pipe.set_adapters(names, [scale for _, scale in specs])
+        pipe.adapter_words = lora_words(path for path, _ in specs)
     except BaseException:
         unload_loras(pipe)
         raise
     return names
+
+
+def lora_words(paths: Iterable[Path]) -> frozenset[str]:
+    """The caption words of the LoRAs' training runs (train_ldm.py writes vocabulary.json beside the LoRA file):
+    words such as a new concept's name, which the base model's vocabulary lacks but the LoRA learned."""
+    from ldm_app.vocabulary import Vocabulary
+
+    known: set[str] = set()
+    for path in paths:
+        vocabulary = Vocabulary.read(Path(path).parent)
+        if vocabulary is not None:
+            known |= vocabulary.words
+    return frozenset(known)
 
 
 def unload_loras(pipe) -> None:
@@ -201,6 +215,7 @@ def unload_loras(pipe) -> None:
     if any(True for _ in _adapter_names(pipe)) or _has_peft_layers(pipe):
         with _quiet_libraries():
             pipe.unload_lora_weights()
+    pipe.adapter_words = frozenset()
 
 
 def _has_peft_layers(pipe) -> bool:

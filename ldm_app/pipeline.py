@@ -477,6 +477,7 @@ class LdmAppPipelineMixin:
             modeling.setLevel(level)
         new.sampling_defaults = dict(getattr(pipeline, "sampling_defaults", {}))
         new.vocabulary = getattr(pipeline, "vocabulary", None)
+        new.adapter_words = getattr(pipeline, "adapter_words", frozenset())  # the same modules, the same LoRAs
         return new
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs) -> None:
@@ -512,11 +513,12 @@ class LdmAppPipelineMixin:
     def unknown_words_note(self, prompts: str | list[str], negative_prompts: str | list[str] = ()) -> str | None:
         """The line naming the prompt words this model never saw in training ("words unknown to this model: corgi,
         sushi"), or None: all known, or no vocabulary.json with the model. Tokens added to the tokenizer (a loaded
-        textual-inversion embedding) count as known."""
+        textual-inversion embedding) and the caption words of loaded LoRAs (adapters.lora_words) count as known."""
         vocabulary = getattr(self, "vocabulary", None)
         if vocabulary is None:
             return None
-        added = self.tokenizer.get_added_vocab() if getattr(self, "tokenizer", None) is not None else {}
+        added = list(self.tokenizer.get_added_vocab()) if getattr(self, "tokenizer", None) is not None else []
+        added += getattr(self, "adapter_words", ())
         return unknown_words_note(vocabulary.with_words(added), prompts, negative_prompts)
 
     def set_sampler(self, name: str) -> None:

@@ -328,3 +328,25 @@ def test_bad_embedding_input_is_one_line(case, token_data, ldm_files, tiny_pipel
     elif case == "spaces":
         argv[i + 1] = "my style"
     assert_refused_in_one_line(argv, capsys, words, out)
+
+
+def test_the_lora_knows_its_caption_words(straight, tiny_pipeline_dir, tmp_path):
+    """A LoRA run writes its captions' words beside the LoRA file; loaded, they no longer count as "words unknown
+    to this model" (a new concept's name is what a LoRA teaches), and unloading forgets them again."""
+    from ldm_app.adapters import load_loras, unload_loras
+    from ldm_app.pipeline import LatentDiffusionPipeline
+    from ldm_app.vocabulary import Vocabulary
+
+    out, _ = straight
+    learned = Vocabulary.read(out)
+    assert learned is not None and {"red", "circle"} <= learned.words
+    base = tmp_path / "base"
+    shutil.copytree(tiny_pipeline_dir, base)
+    Vocabulary(frozenset({"a"}), 1).write(base)  # a base model that knows one word
+    pipe = LatentDiffusionPipeline.from_pretrained(base)
+    assert pipe.unknown_words_note("a red circle") == "words unknown to this model: red, circle"
+    load_loras(pipe, [(out / LORA_FILE, 1.0)])
+    assert pipe.unknown_words_note("a red circle") is None
+    assert pipe.unknown_words_note("a red corgi") == "words unknown to this model: corgi"
+    unload_loras(pipe)
+    assert pipe.unknown_words_note("a red circle") == "words unknown to this model: red, circle"

@@ -814,8 +814,14 @@ class LDMTrainer:
         return vocabulary
 
     def _save_lora_into(self, folder: Path) -> Path:
-        """`folder`/pytorch_lora_weights.safetensors, with the EMA weights when the EMA is on."""
+        """`folder`/pytorch_lora_weights.safetensors, with the EMA weights when the EMA is on, and beside it the
+        words of this run's captions (vocabulary.json): loading the LoRA makes them known to generate.py's
+        "words unknown to this model" note (ldm_app.adapters.load_loras)."""
+        from ..vocabulary import Vocabulary
+
         te = self.acc.unwrap_model(self.text_encoder) if self.m.train_text_encoder else None
+        if self.cfg.conditioning.uses_text:
+            Vocabulary.from_captions(self.dataset.captions).write(folder)
         with self.ema_weights():
             return save_lora(folder, self.acc.unwrap_model(self.unet), te)
 
