@@ -146,9 +146,11 @@ def _stated_labels(prompt: Prompt) -> dict[str, int]:
 
 
 def generate(
-    pipe, prompts: list[Prompt], steps: int, guidance_scale: float, batch_size: int, log: Callable[[str], None] = print
+    pipe, prompts: list[Prompt], steps: int, guidance_scale: float, batch_size: int, log: Callable[[str], None] = print,
+    output_type: str = "pt",
 ) -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1] on CPU, image k from a CPU generator seeded prompts[k].seed."""
+    """Images (N, 3, H, W) in [0, 1] on CPU, image k from a CPU generator seeded prompts[k].seed; with
+    output_type="latent" the scaled latents the pipeline would decode (ldm_app.first_stage.decode)."""
     images = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
@@ -158,8 +160,8 @@ def generate(
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             generator=generators,
-            output_type="pt",
-        ).images  # (b, 3, H, W) in [0, 1]
+            output_type=output_type,
+        ).images  # (b, 3, H, W) in [0, 1], or latents
         images.append(out.float().cpu())
         log(f"generated {start + len(batch)}/{len(prompts)} images")
     return torch.cat(images)

@@ -392,6 +392,15 @@ def load_concept_vae(folder: str, base_vae: Any) -> Any:
     return vae.to(base_vae.device, base_vae.dtype).eval()
 
 
+def decode_images(vae: Any, latents: torch.Tensor, batch_size: int = 50) -> torch.Tensor:
+    """Scaled latents -> images (N, 3, H, W) in [0, 1] on CPU, as the pipeline decodes them."""
+    from ldm_app.first_stage import decode
+
+    with torch.no_grad():
+        return torch.cat([((decode(vae, z.to(vae.device)).float().cpu() + 1) / 2).clamp(0, 1)
+                          for z in latents.split(batch_size)])
+
+
 def _old_summary(report: dict[str, Any]) -> dict[str, Any]:
     keep = ("one_object", "two_object", "kid", "settings", "seconds_per_image")
     return {k: report[k] for k in keep}
@@ -446,13 +455,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("base", "lora"):
         if name == "lora":
             load_loras(pipe, [(lora, args.lora_scale)])
-            if tuned_vae is not None:  # the LoRA's images through the base decoder first, then the tuned one
-                own = generate(pipe, prompts, steps, guidance, args.batch_size, log)
-                summary, records = score_new_concept(concept, prompts, own, standard, variant)
-                report["lora_base_decoder"] = {"new_concept": {**summary, "by_size": by_size(prompts, records)}}
-                pipe.vae = tuned_vae
         start = time.perf_counter()
-        new_images = generate(pipe, prompts, steps, guidance, args.batch_size, log)
+        if name == "lora" and tuned_vae is not None:  # one sampling run, its latents decoded by both decoders
+            latents = generate(pipe, prompts, steps, guidance, args.batch_size, log, output_type="latent")
+            own = decode_images(base_vae, latents)
+            summary, records = score_new_concept(concept, prompts, own, standard, variant)
+            report["lora_base_decoder"] = {"new_concept": {**summary, "by_size": by_size(prompts, records)}}
+            pipe.vae = tuned_vae  # also for the old vocabulary below
+            new_images = decode_images(tuned_vae, latents)
+        else:
+            new_images = generate(pipe, prompts, steps, guidance, args.batch_size, log)
         new_seconds = time.perf_counter() - start
         summary, records = score_new_concept(concept, prompts, new_images, standard, variant)
         old = run_adherence(pipe, args.old_prompts, args.two_object_prompts, args.seed, None, args.steps,
