@@ -14,12 +14,15 @@
 #   CONCEPT=pink bash recipes/lora_new_concept.sh        # the new colour
 #   NPROC=1 bash recipes/lora_new_concept.sh             # one process instead of two
 #   DECODER_STEPS=0 bash recipes/lora_new_concept.sh     # the LoRA alone, with the bundled decoder
+#   ADAPTER=embedding bash recipes/lora_new_concept.sh   # textual inversion instead of the LoRA (OUT/embedding,
+#                                                        # OUT/eval_embedding; data and decoder shared with the LoRA's)
 #
 # Stages are skipped when their output exists; training resumes from its latest checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CONCEPT=${CONCEPT:-cross}
+ADAPTER=${ADAPTER:-lora}
 OUT=${1:-runs/lora_$CONCEPT}
 NPROC=${NPROC:-2}
 SEED=${SEED:-0}
@@ -36,6 +39,7 @@ case "$CONCEPT" in
     cross) EXTRA=(--extra_shapes cross --extra_shape_fraction 0.4) ;;
     *) echo "CONCEPT must be cross or pink" >&2; exit 2 ;;
 esac
+case "$ADAPTER" in lora|embedding) ;; *) echo "ADAPTER must be lora or embedding" >&2; exit 2 ;; esac
 
 # Seed 1: none of these scenes is one the evaluation draws (its prompts come from other seed streams).
 stage data "$OUT/data/metadata.jsonl" \
@@ -65,15 +69,26 @@ if [ "$DECODER_STEPS" -gt 0 ]; then
     stage assemble "$OUT/model/model_index.json" assemble_model
 fi
 
-stage lora "$OUT/lora/pytorch_lora_weights.safetensors" \
-    launch train_ldm.py --pretrained_model "$BASE" --lora_rank 16 --train_data_dir "$OUT/data" \
-    --output_dir "$OUT/lora" --seed "$SEED" --max_train_steps "$STEPS" --train_batch_size 32 --learning_rate 1e-3 \
-    --cache_latents --checkpointing_steps 200 --checkpoints_total_limit 2 --validation_steps 100000 \
-    --set train.lr_scheduler=constant_with_warmup --set train.lr_warmup_steps=50 --set ldm.ema_decay=0.99 \
-    --resume_from_checkpoint latest
-
-stage eval "$OUT/eval/new_concept.json" \
-    python -m ldm_app.evaluation.new_concept --model "$BASE" --lora "$OUT/lora" "${VAE_ARGS[@]}" --concept "$CONCEPT" \
-    --guidance_scale "$GUIDANCE" --out "$OUT/eval"
+COMMON=(--pretrained_model "$BASE" --train_data_dir "$OUT/data" --seed "$SEED" --max_train_steps "$STEPS"
+    --train_batch_size 32 --cache_latents --checkpointing_steps 200 --checkpoints_total_limit 2
+    --validation_steps 100000 --set train.lr_scheduler=constant_with_warmup --set train.lr_warmup_steps=50
+    --set ldm.ema_decay=0.99 --resume_from_checkpoint latest)
+if [ "$ADAPTER" = lora ]; then
+    stage lora "$OUT/lora/pytorch_lora_weights.safetensors" \
+        launch train_ldm.py "${COMMON[@]}" --lora_rank 16 --learning_rate 1e-3 --output_dir "$OUT/lora"
+    stage eval "$OUT/eval/new_concept.json" \
+        python -m ldm_app.evaluation.new_concept --model "$BASE" --lora "$OUT/lora" "${VAE_ARGS[@]}" \
+        --concept "$CONCEPT" --guidance_scale "$GUIDANCE" --out "$OUT/eval"
+else
+    # The concept's own word is the token (neither word is one token of the bundled model's pruned tokenizer, so
+    # the prompts read as the LoRA's do); its vector starts from the nearest old word of its kind.
+    INIT=$([ "$CONCEPT" = cross ] && echo square || echo purple)
+    stage embedding "$OUT/embedding/learned_embeds.safetensors" \
+        launch train_ldm.py "${COMMON[@]}" --train_embedding "$CONCEPT" --initializer_token "$INIT" \
+        --learning_rate 5e-3 --output_dir "$OUT/embedding"
+    stage eval_embedding "$OUT/eval_embedding/new_concept.json" \
+        python -m ldm_app.evaluation.new_concept --model "$BASE" --embedding "$OUT/embedding" "${VAE_ARGS[@]}" \
+        --concept "$CONCEPT" --guidance_scale "$GUIDANCE" --out "$OUT/eval_embedding"
+fi
 
 cat "$TIMES"

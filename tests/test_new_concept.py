@@ -160,3 +160,53 @@ def test_concept_vae_must_share_the_base_latent_space(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a --vae autoencoder folder"):
         load_concept_vae(str(tmp_path / "empty"), base)
+
+
+def test_embedding_token_reads_diffusers_format_and_refuses_others(tmp_path):
+    """--embedding: the file's one key is its token; the concept's own word or a <placeholder> is accepted, a
+    token naming something else (an old word: the prompts would not ask for the concept) and other files refused."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ldm_app.evaluation.new_concept import embedding_token
+
+    def folder(name, tensors):
+        (tmp_path / name).mkdir()
+        save_file(tensors, str(tmp_path / name / "learned_embeds.safetensors"))
+        return tmp_path / name
+
+    vec = torch.zeros(1, 8)
+    path, token = embedding_token(folder("word", {"cross": vec}), "cross")
+    assert token == "cross" and path.name == "learned_embeds.safetensors"
+    assert embedding_token(path, "cross") == (path, "cross")  # the file itself
+    assert embedding_token(folder("placeholder", {"<plus>": vec}), "cross")[1] == "<plus>"
+    with pytest.raises(UserError, match="'square' is neither the concept's word 'cross'"):
+        embedding_token(folder("old", {"square": vec}), "cross")
+    with pytest.raises(UserError, match="found 2"):
+        embedding_token(folder("two", {"<a>": vec, "<b>": vec.clone()}), "cross")
+    with pytest.raises(UserError, match="no such file"):
+        embedding_token(tmp_path / "missing", "cross")
+
+
+def test_with_token_rewrites_only_the_concept_word():
+    from ldm_app.evaluation.new_concept import new_concept_prompts, with_token
+
+    prompts = new_concept_prompts("cross", 12, 0)
+    assert all(" cross " in p.text for p in prompts)
+    assert with_token(prompts, "cross", "cross") == prompts
+    rewritten = with_token(prompts, "cross", "<plus>")
+    for old, new in zip(prompts, rewritten):
+        assert new.text == old.text.replace(" cross ", " <plus> ") and "cross" not in new.text
+        assert (new.scene, new.seed) == (old.scene, old.seed)
+    # a whole word only: "crosses" or "across" stay
+    (p,) = with_token([prompts[0].__class__("a red cross across crosses", prompts[0].scene, 1)], "cross", "<x>")
+    assert p.text == "a red <x> across crosses"
+
+
+def test_cli_takes_exactly_one_adapter(tmp_path):
+    from ldm_app.evaluation.new_concept import main
+
+    with pytest.raises(UserError, match="one of the arguments --lora --embedding is required"):
+        main(["--model", str(tmp_path), "--out", str(tmp_path / "o")])
+    with pytest.raises(UserError, match="not allowed with argument"):
+        main(["--model", str(tmp_path), "--lora", "a", "--embedding", "b", "--out", str(tmp_path / "o")])

@@ -246,7 +246,7 @@ class Models:
     embedding_id: int | None = None  # textual inversion: the new token's row of the input embeddings
 
 
-def _load(what: str, path: str | Path, loader: Any) -> Any:
+def load_folder(what: str, path: str | Path, loader: Any) -> Any:
     """`loader(path)` with the library's errors on a folder that is not a model turned into one line."""
     if not Path(path).is_dir():
         raise UserError(f"{what} folder {str(path)!r} not found")
@@ -283,12 +283,12 @@ def build_models(cfg: LDMRunConfig) -> Models:
             logger.info("textual inversion: token %r (id %d) starts as %r", cfg.embedding.token,
                         models.embedding_id, cfg.embedding.initializer_token)
         return models
-    vae = _load("autoencoder", cfg.ldm.pretrained_vae, load_autoencoder)
+    vae = load_folder("autoencoder", cfg.ldm.pretrained_vae, load_autoencoder)
     check_compatible(vae, cfg.unet.in_channels, cfg)
     extra = concat_channels(cfg.conditioning.concat, latent_channels(vae))
     torch.manual_seed(cfg.train.seed)  # initial weights are a function of the seed
     te_cfg = cfg.text_encoder
-    text_encoder = (_load("text encoder", te_cfg.pretrained, load_text_encoder) if te_cfg.pretrained
+    text_encoder = (load_folder("text encoder", te_cfg.pretrained, load_text_encoder) if te_cfg.pretrained
                     else build_text_encoder(te_cfg))
     unet = build_unet(cfg.unet, cross_attention_dim=text_encoder.config.hidden_size,
                       num_classes=cfg.conditioning.num_classes, extra_in_channels=extra,
@@ -311,8 +311,9 @@ def _models_from_pipeline(folder: Path, vae_dir: str | None, concat: str = "none
     if not (folder / "model_index.json").is_file():
         raise UserError(f"--pretrained_model {str(folder)!r} is not a pipeline folder (no model_index.json)")
     logger.warning("--pretrained_model: the unet, text_encoder and noise config sections are taken from %s", folder)
-    vae = _load("autoencoder", vae_dir or folder / "vae", load_autoencoder)
-    unet = _load("U-Net", folder / "unet", lambda p: UNet2DConditionModel.from_pretrained(p, use_safetensors=True))
+    vae = load_folder("autoencoder", vae_dir or folder / "vae", load_autoencoder)
+    unet = load_folder("U-Net", folder / "unet",
+                       lambda p: UNet2DConditionModel.from_pretrained(p, use_safetensors=True))
     check_compatible(vae, unet.config.out_channels, None)
     channels = latent_channels(vae)
     want = channels + concat_channels(concat, channels)
@@ -334,9 +335,9 @@ def _models_from_pipeline(folder: Path, vae_dir: str | None, concat: str = "none
         diffusion = GaussianDiffusion(**{k: sched[k] for k in keys if k in sched})
     except ValueError as e:
         raise UserError(f"{folder}/scheduler: {e}") from None
-    text_encoder = _load("text encoder", folder / "text_encoder", load_text_encoder)
+    text_encoder = load_folder("text encoder", folder / "text_encoder", load_text_encoder)
     max_length = text_encoder.config.max_position_embeddings
-    tokenizer = _load("tokenizer", folder / "tokenizer", lambda p: load_tokenizer(p, model_max_length=max_length))
+    tokenizer = load_folder("tokenizer", folder / "tokenizer", lambda p: load_tokenizer(p, model_max_length=max_length))
     return Models(vae, text_encoder, tokenizer, unet, diffusion, train_text_encoder=False)
 
 
