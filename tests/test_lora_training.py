@@ -145,34 +145,51 @@ def test_resume_after_sigkill_ends_with_the_same_lora_weights(straight, ldm_file
     assert max_abs_diff(weights(straight[0] / LORA_FILE), weights(killed / LORA_FILE)) <= 1e-6
 
 
-def test_text_encoder_lora(ldm_files, tiny_pipeline_dir, tmp_path, capsys):
+def test_text_encoder_lora(ldm_files, tiny_pipeline_dir, tmp_path):
+    """--lora_text_encoder: adapters on the text encoder's attention too (added by peft itself: transformers'
+    add_adapter refuses this peft), frozen base weights, one file with both parts that diffusers' load_lora_weights
+    and our load_loras read, and a run stopped at step 1 and resumed that ends where a straight run does."""
     from diffusers import StableDiffusionPipeline
 
-    from ldm_app.errors import UserError
-    from ldm_app.training.lora import check_text_encoder_adapters
+    from ldm_app.adapters import load_loras
+    from ldm_app.pipeline import LatentDiffusionPipeline
+
+    def argv(out, *extra):
+        return lora_args(ldm_files, tiny_pipeline_dir, out, "--lora_text_encoder", "--max_train_steps", "2",
+                         "--checkpointing_steps", "1", *extra)
 
     out = tmp_path / "te"
-    argv = lora_args(ldm_files, tiny_pipeline_dir, out, "--lora_text_encoder", "--max_train_steps", "2",
-                     "--set", "ldm.use_ema=false")
-    try:
-        check_text_encoder_adapters()
-    except UserError:  # transformers' adapters need a newer peft than the installed one: refused up front
-        rc = run_cli(main, argv)
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert rc == 2 and len(lines) == 1 and "peft >=" in lines[0], lines
-        assert not out.exists()
-        pytest.skip("text-encoder LoRA needs a newer peft here (the refusal was checked)")
-    main(argv)
+    main(argv(out))
+    reset_accelerate()
     state = weights(out / "checkpoint-2" / "model_1.safetensors")  # the text encoder, with its adapters
     base = weights(tiny_pipeline_dir / "text_encoder" / "model.safetensors")
     frozen = {base_name(k): v for k, v in state.items() if "lora_" not in k}
     assert max_abs_diff({k: frozen[k] for k in base}, base) == 0
+    te_lora = {k: v for k, v in state.items() if "lora_B" in k}
+    assert te_lora and max(v.abs().max().item() for v in te_lora.values()) > 0  # B starts at 0: it trained
     lora = weights(out / LORA_FILE)
     assert any(k.startswith("text_encoder.") for k in lora) and any(k.startswith("unet.") for k in lora)
+
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)
-    pipe.load_lora_weights(out)
-    assert pipe.get_list_adapters().keys() == {"unet", "text_encoder"}
+    states = lambda p: p.encode_prompt("a red circle", "cpu", 1, False)[0]  # noqa: E731
+    with torch.no_grad():
+        before = states(pipe)
+        pipe.load_lora_weights(out)
+        assert pipe.get_list_adapters().keys() == {"unet", "text_encoder"}
+        diffusers_states = states(pipe)
+        assert (diffusers_states - before).abs().max() > 1e-4  # the text encoder's part does something
+        ours = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+        load_loras(ours, [(out / LORA_FILE, 1.0)])  # generate.py --lora
+        assert (states(ours) - diffusers_states).abs().max() < 1e-5
+
+    resumed = tmp_path / "resumed"
+    main(argv(resumed, "--max_train_steps", "1"))
+    reset_accelerate()
+    main(argv(resumed, "--resume_from_checkpoint", "latest"))
+    reset_accelerate()
+    assert max_abs_diff(weights(out / LORA_FILE), weights(resumed / LORA_FILE)) <= 1e-6
+    assert max_abs_diff(weights(out / "checkpoint-1" / LORA_FILE), weights(out / LORA_FILE)) > 1e-4  # it moved
 
 
 @pytest.mark.parametrize("case", ["rank_zero", "rank_negative", "no_pretrained_model", "inpaint_widening",

@@ -1,8 +1,11 @@
 """LoRA fine-tuning for train_ldm.py (`--lora_rank R --pretrained_model DIR`).
 
-The adapters are peft's, added through diffusers' / transformers' adapter integration (`model.add_adapter(
-LoraConfig(...))`), and the file is written by diffusers' `StableDiffusionPipeline.save_lora_weights`, exactly as
-diffusers' examples/text_to_image/train_text_to_image_lora.py does; so `pipe.load_lora_weights(folder)` and
+The adapters are peft's: the U-Net's added through diffusers' adapter integration (`unet.add_adapter(
+LoraConfig(...))`), the text encoder's (`lora.text_encoder`) by peft's own `inject_adapter_in_model`
+(transformers' `add_adapter` does the same but refuses to run with peft < 0.22, and the registry's newest is
+0.21.2; diffusers' `load_lora_weights` reads the result through transformers' `load_adapter`, which has no such
+check). The file is written by diffusers' `StableDiffusionPipeline.save_lora_weights`, exactly as diffusers'
+examples/text_to_image/train_text_to_image_lora.py does; so `pipe.load_lora_weights(folder)` and
 `generate.py --lora FILE:SCALE` read it. Its safetensors metadata carries each adapter's LoraConfig (rank, alpha,
 target modules), so an alpha other than the rank loads with the right scale.
 
@@ -45,26 +48,6 @@ def check_lora_run(cfg: Any) -> None:
     if not cfg.ldm.pretrained_model:
         raise UserError("LoRA (--lora_rank) adapts a pretrained model: give --pretrained_model PIPELINE_DIR (an "
                         "SD-1.x-layout folder such as ldm_app/assets/default_model)")
-    if cfg.lora.text_encoder:
-        check_text_encoder_adapters()
-
-
-def check_text_encoder_adapters() -> None:
-    """Text-encoder LoRA goes through transformers' adapter integration (`add_adapter` here, `load_adapter` in
-    diffusers' load_lora_weights), which needs a recent enough peft: refused up front rather than after the
-    models are loaded."""
-    from transformers.integrations.peft import MIN_PEFT_VERSION
-    from transformers.utils.peft_utils import check_peft_version
-
-    try:
-        check_peft_version(min_version=MIN_PEFT_VERSION)
-    except ValueError:
-        import importlib.metadata
-
-        raise UserError(f"lora.text_encoder (--lora_text_encoder) needs peft >= {MIN_PEFT_VERSION} with this "
-                        f"transformers (peft {importlib.metadata.version('peft')} is installed; diffusers could not "
-                        "load the file's text-encoder part either): pip install -U peft, or train the U-Net's LoRA "
-                        "only") from None
 
 
 def check_lora_base(cfg: Any) -> None:
@@ -102,7 +85,7 @@ def add_lora(unet: Any, text_encoder: Any | None, lora: LoRAConfig, seed: int) -
 
 
 def _add_lora(unet: Any, text_encoder: Any | None, lora: LoRAConfig) -> int:
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
 
     alpha = lora.alpha if lora.alpha is not None else lora.rank
     # init_lora_weights="gaussian": A ~ N(0, 1/r), B = 0 (diffusers' script): the run starts at the base model
@@ -110,9 +93,13 @@ def _add_lora(unet: Any, text_encoder: Any | None, lora: LoRAConfig) -> int:
     for module, key in modules:
         module.requires_grad_(False)
         targets = list(getattr(lora, key))
+        config = LoraConfig(r=lora.rank, lora_alpha=alpha, lora_dropout=lora.dropout, init_lora_weights="gaussian",
+                            target_modules=targets)
         try:
-            module.add_adapter(LoraConfig(r=lora.rank, lora_alpha=alpha, lora_dropout=lora.dropout,
-                                          init_lora_weights="gaussian", target_modules=targets))
+            if module is unet:
+                module.add_adapter(config)
+            else:  # peft directly: see the module docstring (same adapter, named "default", as add_adapter makes)
+                inject_adapter_in_model(config, module, adapter_name="default")
         except ValueError as e:  # peft: "Target modules {...} not found in the base model. ..."
             raise UserError(f"lora.{key} {targets}: {str(e).splitlines()[0][:200]}") from None
     return sum(p.numel() for m, _ in modules for p in m.parameters() if p.requires_grad)
