@@ -16,6 +16,7 @@
 #   DECODER_STEPS=0 bash recipes/lora_new_concept.sh     # the LoRA alone, with the bundled decoder
 #   ADAPTER=embedding bash recipes/lora_new_concept.sh   # textual inversion instead of the LoRA (OUT/embedding,
 #                                                        # OUT/eval_embedding; data and decoder shared with the LoRA's)
+#   ADAPTER=lora_te bash recipes/lora_new_concept.sh     # U-Net + text-encoder LoRA (OUT/lora_te, OUT/eval_lora_te)
 #
 # Stages are skipped when their output exists; training resumes from its latest checkpoint.
 set -euo pipefail
@@ -39,7 +40,7 @@ case "$CONCEPT" in
     cross) EXTRA=(--extra_shapes cross --extra_shape_fraction 0.4) ;;
     *) echo "CONCEPT must be cross or pink" >&2; exit 2 ;;
 esac
-case "$ADAPTER" in lora|embedding) ;; *) echo "ADAPTER must be lora or embedding" >&2; exit 2 ;; esac
+case "$ADAPTER" in lora|lora_te|embedding) ;; *) echo "ADAPTER must be lora, lora_te or embedding" >&2; exit 2 ;; esac
 
 # Seed 1: none of these scenes is one the evaluation draws (its prompts come from other seed streams).
 stage data "$OUT/data/metadata.jsonl" \
@@ -73,12 +74,14 @@ COMMON=(--pretrained_model "$BASE" --train_data_dir "$OUT/data" --seed "$SEED" -
     --train_batch_size 32 --cache_latents --checkpointing_steps 200 --checkpoints_total_limit 2
     --validation_steps 100000 --set train.lr_scheduler=constant_with_warmup --set train.lr_warmup_steps=50
     --set ldm.ema_decay=0.99 --resume_from_checkpoint latest)
-if [ "$ADAPTER" = lora ]; then
-    stage lora "$OUT/lora/pytorch_lora_weights.safetensors" \
-        launch train_ldm.py "${COMMON[@]}" --lora_rank 16 --learning_rate 1e-3 --output_dir "$OUT/lora"
-    stage eval "$OUT/eval/new_concept.json" \
-        python -m ldm_app.evaluation.new_concept --model "$BASE" --lora "$OUT/lora" "${VAE_ARGS[@]}" \
-        --concept "$CONCEPT" --guidance_scale "$GUIDANCE" --out "$OUT/eval"
+if [ "$ADAPTER" != embedding ]; then
+    EVAL=eval TE=()
+    if [ "$ADAPTER" = lora_te ]; then EVAL=eval_lora_te TE=(--lora_text_encoder); fi
+    stage "$ADAPTER" "$OUT/$ADAPTER/pytorch_lora_weights.safetensors" \
+        launch train_ldm.py "${COMMON[@]}" --lora_rank 16 "${TE[@]}" --learning_rate 1e-3 --output_dir "$OUT/$ADAPTER"
+    stage "$EVAL" "$OUT/$EVAL/new_concept.json" \
+        python -m ldm_app.evaluation.new_concept --model "$BASE" --lora "$OUT/$ADAPTER" "${VAE_ARGS[@]}" \
+        --concept "$CONCEPT" --guidance_scale "$GUIDANCE" --out "$OUT/$EVAL"
 else
     # The concept's own word is the token (neither word is one token of the bundled model's pruned tokenizer, so
     # the prompts read as the LoRA's do); its vector starts from the nearest old word of its kind.
