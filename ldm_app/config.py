@@ -286,12 +286,15 @@ class LoRAConfig:
 
 @dataclass
 class EmbeddingConfig:
-    """Textual inversion (Gal et al. 2022) of a pretrained model: one new token whose input embedding (one vector)
-    is the only weight that trains, as diffusers' examples/textual_inversion/textual_inversion.py. The captions
-    must contain `token`; its vector starts as `initializer_token`'s (one existing token; "*" is A1111's default)."""
+    """Textual inversion (Gal et al. 2022) of a pretrained model: one new token whose input embedding (one vector, or
+    `num_vectors`) is the only weight that trains, as diffusers' examples/textual_inversion/textual_inversion.py. The
+    captions must contain `token`; its vectors start as `initializer_token`'s (one existing token; "*" is A1111's
+    default). With num_vectors N > 1 the token stands for N tokens, `token token_1 ... token_{N-1}` (diffusers'
+    multi-vector layout: its load_textual_inversion and pipelines expand the token the same way)."""
 
     token: str | None = None  # null: no textual inversion
     initializer_token: str = "*"
+    num_vectors: int = 1
 
     def validate(self) -> None:
         if self.token is None:
@@ -299,6 +302,9 @@ class EmbeddingConfig:
         if not self.token.strip() or any(ch.isspace() for ch in self.token):
             raise UserError(f"the embedding token (--train_embedding) must be one word without spaces, got "
                             f"{self.token!r}")
+        if not 1 <= self.num_vectors <= 16:
+            raise UserError(f"embedding.num_vectors (--num_vectors) must be 1 to 16 vectors for the token, got "
+                            f"{self.num_vectors}")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -321,14 +321,60 @@ def test_textual_inversion_resumes_exactly(ti_straight, token_data, tiny_pipelin
         assert max_abs_diff(a, b) <= 1e-6, name
 
 
+def test_multi_vector_embedding(token_data, tiny_pipeline_dir, tmp_path):
+    """--num_vectors 3: the token stands for 3 new rows (diffusers' `<shape> <shape>_1 <shape>_2`), all three train
+    and nothing else does, the file is {token: (3, D)}, and diffusers' loader and ours read it to the same images,
+    which differ from the first vector alone (so the training saw all three)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from ldm_app.adapters import load_embeddings
+    from ldm_app.pipeline import LatentDiffusionPipeline
+
+    out = tmp_path / "multi"
+    result = main(ti_args(token_data, tiny_pipeline_dir, out, *STEPS, "--num_vectors", "3"))
+    reset_accelerate()
+    assert result.step == 6
+    base = weights(tiny_pipeline_dir / "text_encoder" / "model.safetensors")
+    key = next(k for k in base if k.endswith("token_embedding.weight"))
+    old, new = base[key], weights(out / "checkpoint-6" / "model.safetensors")[key]
+    assert new.shape[0] == old.shape[0] + 3 and torch.equal(new[:-3], old)
+    vectors = weights(out / "learned_embeds.safetensors")[TOKEN]
+    assert vectors.shape == (3, old.shape[1])  # the EMA's vectors, as the checkpoint's copy
+    assert torch.equal(vectors, weights(out / "checkpoint-6" / "learned_embeds.safetensors")[TOKEN])
+    star = old[CLIPTokenizer.from_pretrained(tiny_pipeline_dir / "tokenizer").convert_tokens_to_ids("*</w>")]
+    assert all((row - star).abs().max() > 1e-3 for row in new[-3:])  # every vector trained
+    assert min((vectors[i] - vectors[j]).abs().max() for i in range(3) for j in range(i)) > 1e-4  # each its own
+    assert json.loads((out / "run_config.json").read_text())["embedding"]["num_vectors"] == 3
+
+    kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="np", guidance_scale=7.5)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_textual_inversion(out)
+    assert pipe.maybe_convert_prompt(f"a red {TOKEN}", pipe.tokenizer) == f"a red {TOKEN} {TOKEN}_1 {TOKEN}_2"
+    theirs = pipe(f"a red {TOKEN}", generator=torch.Generator().manual_seed(0), **kwargs).images
+
+    ours = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    ours.set_progress_bar_config(disable=True)
+    load_embeddings(ours, [out / "learned_embeds.safetensors"], [TOKEN])
+    again = ours(f"a red {TOKEN}", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert abs(again - theirs).max() < 1e-4
+    one = LatentDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    one.set_progress_bar_config(disable=True)
+    one.load_textual_inversion({TOKEN: vectors[:1]}, token=TOKEN)
+    alone = one(f"a red {TOKEN}", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert abs(alone - theirs).max() > 1e-3
+
+
 @pytest.mark.parametrize("case", ["known_word", "not_in_captions", "with_lora", "no_pretrained_model",
-                                  "long_initializer", "spaces"])
+                                  "long_initializer", "spaces", "num_vectors"])
 def test_bad_embedding_input_is_one_line(case, token_data, ldm_files, tiny_pipeline_dir, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ti_args(token_data, tiny_pipeline_dir, out)
     words = {"known_word": ["circle", "already"], "not_in_captions": ["no caption", TOKEN],
              "with_lora": ["--lora_rank"], "no_pretrained_model": ["--pretrained_model"],
-             "long_initializer": ["initializer"], "spaces": ["one word"]}[case]
+             "long_initializer": ["initializer"], "spaces": ["one word"], "num_vectors": ["num_vectors", "1 to 16"]}[case]
     i = argv.index("--train_embedding")
     if case == "known_word":  # in the original captions, so only the tokenizer check refuses it
         argv[i + 1] = "circle"
@@ -344,6 +390,8 @@ def test_bad_embedding_input_is_one_line(case, token_data, ldm_files, tiny_pipel
         argv += ["--initializer_token", "red circle"]
     elif case == "spaces":
         argv[i + 1] = "my style"
+    elif case == "num_vectors":
+        argv += ["--num_vectors", "0"]
     assert_refused_in_one_line(argv, capsys, words, out)
 
 

@@ -49,7 +49,7 @@ from .common import (REPORT_TO, EmptyBatchGuard, Position, TrainProgress, batche
                      effective_lr, launched_processes, log_image, make_accelerator, make_lr_scheduler, make_optimizer,
                      no_transformers_bars, open_run_folder, release_freed_memory, setup_logging, step_generator)
 from .lora import (add_embedding, add_lora, check_embedding_captions, check_embedding_run, check_lora_base,
-                   check_lora_run, keep_other_rows, restore_other_rows, save_embedding, save_lora)
+                   check_lora_run, expand_token, keep_other_rows, restore_other_rows, save_embedding, save_lora)
 
 logger = logging.getLogger("train_ldm")
 
@@ -158,6 +158,7 @@ FLAG_KEYS = {
     "validation_prompts": "ldm.validation_prompts", "enable_xformers_memory_efficient_attention": "ldm.enable_xformers",
     "lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_text_encoder": "lora.text_encoder",
     "train_embedding": "embedding.token", "initializer_token": "embedding.initializer_token",
+    "num_vectors": "embedding.num_vectors",
     "train_text_encoder": "ldm.train_text_encoder",
 }
 
@@ -182,6 +183,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train_embedding", metavar="TOKEN", help="textual inversion of --pretrained_model: learn one "
                    "vector for this new token (write it into the captions); output learned_embeds.safetensors")
     p.add_argument("--initializer_token", help="the existing token the new vector starts from (default: *)")
+    p.add_argument("--num_vectors", type=int, help="with --train_embedding: vectors for the token (default 1; "
+                   "more give it more capacity, as diffusers' and A1111's multi-vector embeddings)")
     p.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest' (fresh start if none)")
     for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "seed", "train_batch_size",
                  "gradient_accumulation_steps", "validation_steps"):
@@ -243,7 +246,7 @@ class Models:
     unet: Any  # UNet2DConditionModel
     diffusion: Any  # GaussianDiffusion
     train_text_encoder: bool
-    embedding_id: int | None = None  # textual inversion: the new token's row of the input embeddings
+    embedding_rows: slice | None = None  # textual inversion: the new token's rows of the input embeddings
 
 
 def load_folder(what: str, path: str | Path, loader: Any) -> Any:
@@ -277,11 +280,12 @@ def build_models(cfg: LDMRunConfig) -> Models:
                         "the U-Net and the text encoder" if cfg.lora.text_encoder else "the U-Net", n)
         if cfg.embedding.token is not None:  # only the new token's row of the text encoder's embeddings trains
             models.unet.requires_grad_(False)
-            models.embedding_id = add_embedding(models.text_encoder, models.tokenizer, cfg.embedding.token,
-                                                cfg.embedding.initializer_token)
+            models.embedding_rows = add_embedding(models.text_encoder, models.tokenizer, cfg.embedding.token,
+                                                  cfg.embedding.initializer_token, cfg.embedding.num_vectors)
             models.train_text_encoder = True
-            logger.info("textual inversion: token %r (id %d) starts as %r", cfg.embedding.token,
-                        models.embedding_id, cfg.embedding.initializer_token)
+            logger.info("textual inversion: token %r (%d vector(s), ids %d-%d) starts as %r", cfg.embedding.token,
+                        cfg.embedding.num_vectors, models.embedding_rows.start, models.embedding_rows.stop - 1,
+                        cfg.embedding.initializer_token)
         return models
     vae = load_folder("autoencoder", cfg.ldm.pretrained_vae, load_autoencoder)
     check_compatible(vae, cfg.unet.in_channels, cfg)
@@ -483,10 +487,10 @@ class LDMTrainer:
         self.unet_input_dtype = deepspeed_input_dtype(acc)
         self.text_encoder = self.named_trainables.get("text_encoder", self.m.text_encoder)
         self.original_embeddings = None
-        if self.m.embedding_id is not None:
+        if self.m.embedding_rows is not None:
             weight = self.embedding_weight()
             self.original_embeddings = weight.detach().clone()  # the base rows (and the token's start)
-            keep_other_rows(weight, self.m.embedding_id)
+            keep_other_rows(weight, self.m.embedding_rows)
         self.ema = self._make_ema() if self.cfg.ldm.use_ema else {}
 
     def embedding_weight(self) -> torch.nn.Parameter:
@@ -532,6 +536,8 @@ class LDMTrainer:
         if self.cache is not None and self.cache.text_embeds is not None:
             return self.cache.text_states(captions, self.acc.device)
         with contextlib.nullcontext() if self.m.train_text_encoder else torch.no_grad():
+            if self.m.embedding_rows is not None:
+                captions = expand_token(captions, self.m.tokenizer)
             return encode_text(self.m.tokenizer, self.text_encoder, captions, self.acc.device)
 
     def inpaint_latents(self, batch: dict[str, Any], g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -659,8 +665,8 @@ class LDMTrainer:
         return bool(self.acc.gather(torch.tensor([n], device=self.acc.device)).min() == 0)
 
     def _after_optimizer_step(self) -> None:
-        if self.m.embedding_id is not None:
-            restore_other_rows(self.embedding_weight(), self.original_embeddings, self.m.embedding_id)
+        if self.m.embedding_rows is not None:
+            restore_other_rows(self.embedding_weight(), self.original_embeddings, self.m.embedding_rows)
         for name, ema in self.ema.items():
             ema.step(unwrap_params(self.acc, self.named_trainables[name]))
 
@@ -740,7 +746,7 @@ class LDMTrainer:
                 self._save_ema(folder / EMA_FILE)
             if self.cfg.lora.rank is not None:
                 self._save_lora_into(folder)
-            elif self.m.embedding_id is not None:
+            elif self.m.embedding_rows is not None:
                 self._save_embedding_into(folder)
             else:
                 self._save_pipeline_into(folder, full)
@@ -829,7 +835,7 @@ class LDMTrainer:
     def _save_embedding_into(self, folder: Path) -> Path:
         """`folder`/learned_embeds.safetensors, with the EMA vector when the EMA is on."""
         with self.ema_weights():
-            return save_embedding(folder, self.cfg.embedding.token, self.embedding_weight()[self.m.embedding_id])
+            return save_embedding(folder, self.cfg.embedding.token, self.embedding_weight()[self.m.embedding_rows])
 
     def export_final(self) -> None:
         """The output folder becomes a complete pipeline (EMA weights), loadable by generate.py and diffusers; a

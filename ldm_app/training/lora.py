@@ -160,55 +160,70 @@ def check_embedding_captions(cfg: Any, captions: list[str]) -> None:
                         "stands for (e.g. 'a photo of " + token + "')")
 
 
-def add_embedding(text_encoder: Any, tokenizer: Any, token: str, initializer: str) -> int:
-    """Add `token` to the tokenizer and a row to the text encoder's input embeddings, initialised as
-    `initializer`'s; freeze the text encoder except that embedding matrix. Returns the new token's id."""
+def add_embedding(text_encoder: Any, tokenizer: Any, token: str, initializer: str, num_vectors: int = 1) -> slice:
+    """Add `token` (and, for num_vectors N > 1, `token_1` ... `token_{N-1}`, diffusers' multi-vector names) to the
+    tokenizer and as many rows to the text encoder's input embeddings, each initialised as `initializer`'s; freeze
+    the text encoder except that embedding matrix. Returns the new rows (consecutive: added in one call)."""
     import torch
 
     ids = tokenizer.encode(initializer, add_special_tokens=False)
     if len(ids) != 1:
         raise UserError(f"the initializer token {initializer!r} (embedding.initializer_token) must be one token of "
                         f"the tokenizer; it is {len(ids)}")
+    names = [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+    vocab = tokenizer.get_vocab()
     # "circle" is not in CLIP's vocabulary ("circle</w>" is) and add_tokens would accept it, shadowing the word:
     # refuse any token the tokenizer already reads as one token
-    if len(tokenizer.encode(token, add_special_tokens=False)) == 1 or tokenizer.add_tokens(token) == 0:
+    if (len(tokenizer.encode(token, add_special_tokens=False)) == 1 or any(n in vocab for n in names)
+            or tokenizer.add_tokens(names) != num_vectors):
         raise UserError(f"the token {token!r} is already a word of this model's tokenizer: choose a new one, "
                         "e.g. '<my-style>'")
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    # mean_resizing=False: the new row is overwritten below (no random draw needed)
+    first = tokenizer.convert_tokens_to_ids(token)
+    rows = slice(first, first + num_vectors)
+    assert tokenizer.convert_tokens_to_ids(names) == list(range(rows.start, rows.stop))
+    # mean_resizing=False: the new rows are overwritten below (no random draw needed)
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     weight = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
-        weight[token_id] = weight[ids[0]]
+        weight[rows] = weight[ids[0]]
     text_encoder.requires_grad_(False)
     weight.requires_grad_(True)
-    return token_id
+    return rows
 
 
-def keep_other_rows(weight: Any, token_id: int) -> Any:
+def expand_token(captions: list[str], tokenizer: Any) -> list[str]:
+    """Each caption with a multi-vector token written out as its N tokens: diffusers' own rewriting
+    (TextualInversionLoaderMixin._maybe_convert_prompt, which its pipelines apply to every prompt), so training
+    reads a caption exactly as load_textual_inversion + a pipeline will. Single-vector tokens are left as they are."""
+    from diffusers.loaders import TextualInversionLoaderMixin
+
+    return [TextualInversionLoaderMixin._maybe_convert_prompt(None, c, tokenizer) for c in captions]
+
+
+def keep_other_rows(weight: Any, rows: slice) -> Any:
     """A gradient hook (diffusers' script restores the rows after each step instead; we do that too, see
-    restore_other_rows): only the token's row gets a gradient, so clipping and the optimiser see that row alone."""
+    restore_other_rows): only the token's rows get a gradient, so clipping and the optimiser see those rows alone."""
     import torch
 
     mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-    mask[token_id] = 1
+    mask[rows] = 1
     return weight.register_hook(lambda g: g * mask.to(g.device, g.dtype))
 
 
-def restore_other_rows(weight: Any, original: Any, token_id: int) -> None:
+def restore_other_rows(weight: Any, original: Any, rows: slice) -> None:
     """Put every row but the token's back (AdamW's weight decay moves them even without a gradient)."""
     import torch
 
     with torch.no_grad():
-        weight[:token_id].copy_(original[:token_id])
-        weight[token_id + 1:].copy_(original[token_id + 1:])
+        weight[:rows.start].copy_(original[:rows.start])
+        weight[rows.stop:].copy_(original[rows.stop:])
 
 
-def save_embedding(folder: Path, token: str, vector: Any) -> Path:
-    """diffusers' learned_embeds.safetensors ({token: (1, D)}), written beside its name and renamed into place."""
+def save_embedding(folder: Path, token: str, vectors: Any) -> Path:
+    """diffusers' learned_embeds.safetensors ({token: (N, D)}), written beside its name and renamed into place."""
     from safetensors.torch import save_file
 
     tmp = folder / f".{EMBEDDING_FILE}.tmp"
-    save_file({token: vector.detach().reshape(1, -1).float().contiguous().cpu()}, str(tmp), metadata={"format": "pt"})
+    save_file({token: vectors.detach().reshape(-1, vectors.shape[-1]).float().contiguous().cpu()}, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / EMBEDDING_FILE)
     return folder / EMBEDDING_FILE
