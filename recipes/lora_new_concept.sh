@@ -16,6 +16,8 @@
 #   DECODER_STEPS=0 bash recipes/lora_new_concept.sh     # the LoRA alone, with the bundled decoder
 #   ADAPTER=embedding bash recipes/lora_new_concept.sh   # textual inversion instead of the LoRA (OUT/embedding,
 #                                                        # OUT/eval_embedding; data and decoder shared with the LoRA's)
+#   ADAPTER=embedding NUM_VECTORS=8 EMBEDDING_LR=5e-2 ...  # its vectors per token (1) and learning rate (5e-3);
+#                                                        # other values write OUT/embedding_8v_5e-2, OUT/eval_embedding_8v_5e-2
 #   ADAPTER=lora_te bash recipes/lora_new_concept.sh     # U-Net + text-encoder LoRA (OUT/lora_te, OUT/eval_lora_te)
 #
 # Stages are skipped when their output exists; training resumes from its latest checkpoint.
@@ -86,12 +88,15 @@ else
     # The concept's own word is the token (neither word is one token of the bundled model's pruned tokenizer, so
     # the prompts read as the LoRA's do); its vector starts from the nearest old word of its kind.
     INIT=$([ "$CONCEPT" = cross ] && echo square || echo purple)
-    stage embedding "$OUT/embedding/learned_embeds.safetensors" \
+    NUM_VECTORS=${NUM_VECTORS:-1} EMBEDDING_LR=${EMBEDDING_LR:-5e-3}
+    EMB=embedding
+    if [ "$NUM_VECTORS" != 1 ] || [ "$EMBEDDING_LR" != 5e-3 ]; then EMB=embedding_${NUM_VECTORS}v_$EMBEDDING_LR; fi
+    stage "$EMB" "$OUT/$EMB/learned_embeds.safetensors" \
         launch train_ldm.py "${COMMON[@]}" --train_embedding "$CONCEPT" --initializer_token "$INIT" \
-        --learning_rate 5e-3 --output_dir "$OUT/embedding"
-    stage eval_embedding "$OUT/eval_embedding/new_concept.json" \
-        python -m ldm_app.evaluation.new_concept --model "$BASE" --embedding "$OUT/embedding" "${VAE_ARGS[@]}" \
-        --concept "$CONCEPT" --guidance_scale "$GUIDANCE" --out "$OUT/eval_embedding"
+        --num_vectors "$NUM_VECTORS" --learning_rate "$EMBEDDING_LR" --output_dir "$OUT/$EMB"
+    stage "eval_$EMB" "$OUT/eval_$EMB/new_concept.json" \
+        python -m ldm_app.evaluation.new_concept --model "$BASE" --embedding "$OUT/$EMB" "${VAE_ARGS[@]}" \
+        --concept "$CONCEPT" --guidance_scale "$GUIDANCE" --out "$OUT/eval_$EMB"
 fi
 
 cat "$TIMES"
