@@ -193,6 +193,43 @@ def test_an_already_distilled_teacher_is_refused(trained, teacher, tmp_path, cap
     _refused(capsys, argv, out, "already has a guidance embedding", "time_cond_proj_dim=16")
 
 
+def test_a_guidance_distilled_teacher_distils_only_without_more_guidance(teacher, tmp_path, capsys):
+    """A guidance-distilled teacher (the bundled model) never learned its unconditional output: LCM with guidance
+    w > 0 is refused in one line naming the way out; with w = 0 (guidance 1) it trains, and the teacher runs one
+    conditional pass a step (batch B, not the guided 2B)."""
+    gd = tmp_path / "guidance_distilled"
+    shutil.copytree(teacher, gd)
+    (gd / "run_config.json").write_text(json.dumps({"distill": {"method": "guidance", "guidance_scale": 1.5}}))
+    out = tmp_path / "out"
+    argv = args(gd, out)
+    argv[argv.index("--train_data_dir") + 1] = str(teacher.parent / "data")
+    _refused(capsys, argv, out, "already guidance-distilled", "distill.w_max=0")
+
+    without = [*argv, "--set", "distill.w_min=0", "--set", "distill.w_max=0", "--set",
+               "ldm.validation_guidance_scale=1", "--max_train_steps", "2", "--checkpointing_steps", "2"]
+    from diffusers import UNet2DConditionModel
+
+    batches: list[int] = []
+    forward = UNet2DConditionModel.forward
+
+    def counting(self, sample, *a, **k):
+        if self.config.time_cond_proj_dim is None:  # the teacher (the student has a guidance embedding)
+            batches.append(sample.shape[0])
+        return forward(self, sample, *a, **k)
+
+    UNet2DConditionModel.forward = counting
+    try:
+        result = run_in_process(main, without)
+    finally:
+        UNet2DConditionModel.forward = forward
+    assert result.step == 2 and all(x == x and x >= 0 for x in result.losses)
+    assert batches == [2, 2]  # train_batch_size 2: one conditional pass per step
+    stored = json.loads((out / "ldm_app.json").read_text())["sampling"]
+    assert stored["sampler"] == "lcm" and stored["guidance_scale"] == 1.0
+    student, base = weights(out / UNET), weights(teacher / UNET)
+    assert max_abs_diff({k: student[k] for k in base}, base) > 0  # trained (cond_proj is the student's own)
+
+
 @pytest.mark.parametrize("setting, words", [
     ("data.resolution=32", ("data.resolution (32)", "64")),
     ("ldm.validation_guidance_scale=7.5", ("outside the distilled range",)),

@@ -255,9 +255,12 @@ def build_distill_models(cfg: DistillRunConfig) -> tuple[Models, Any]:
     if unet.config.time_cond_proj_dim is not None:
         raise UserError(f"--teacher {str(teacher)!r}: its U-Net already has a guidance embedding (time_cond_proj_dim="
                         f"{unet.config.time_cond_proj_dim}), so it is already distilled; give the model it came from")
-    if _distilled_by_guidance(teacher):  # its unconditional output was never trained: nothing to guide with
+    # its unconditional output was never trained: nothing to guide with. Latent consistency distillation without
+    # further guidance (w_min = w_max = 0) needs only its conditional output, which is what it was trained to give.
+    if _distilled_by_guidance(teacher) and (cfg.distill.method == "guidance" or cfg.distill.w_max > 0):
         raise UserError(f"--teacher {str(teacher)!r} is already guidance-distilled (its run_config.json has "
-                        "distill.method=guidance); give the model it came from")
+                        "distill.method=guidance): give the model it came from, or distil it to fewer steps without "
+                        "more guidance (distill.w_min=0 distill.w_max=0, ldm.validation_guidance_scale=1)")
     if cfg.distill.method == "guidance":  # the student starts as an exact copy of the teacher
         LDMTrainer.check_class_embedding(cfg, unet)
         models.unet = copy.deepcopy(unet)
@@ -373,13 +376,18 @@ class DistillTrainer(LDMTrainer):
         x_s = self.alpha[s].view(-1, 1, 1, 1) * x0 + self.sigma[s].view(-1, 1, 1, 1) * noise
 
         with torch.no_grad():
-            with self.acc.autocast():  # the teacher: one guided DDIM step s -> t (cond and uncond in one batch)
-                out = self.teacher(torch.cat([x_s, x_s]), torch.cat([s, s]),
-                                   encoder_hidden_states=torch.cat([c_null, c]), return_dict=False)[0].float()
-            x0_u, eps_u = self.x0_eps(out[:B], s, x_s)
-            x0_c, eps_c = self.x0_eps(out[B:], s, x_s)
-            wv = w.view(-1, 1, 1, 1)
-            x0_g, eps_g = x0_c + wv * (x0_c - x0_u), eps_c + wv * (eps_c - eps_u)
+            if d.w_max == 0:  # no guidance (a guidance-distilled teacher): the conditional pass alone
+                with self.acc.autocast():
+                    out = self.teacher(x_s, s, encoder_hidden_states=c, return_dict=False)[0].float()
+                x0_g, eps_g = self.x0_eps(out, s, x_s)
+            else:
+                with self.acc.autocast():  # the teacher: one guided DDIM step s -> t (cond and uncond in one batch)
+                    out = self.teacher(torch.cat([x_s, x_s]), torch.cat([s, s]),
+                                       encoder_hidden_states=torch.cat([c_null, c]), return_dict=False)[0].float()
+                x0_u, eps_u = self.x0_eps(out[:B], s, x_s)
+                x0_c, eps_c = self.x0_eps(out[B:], s, x_s)
+                wv = w.view(-1, 1, 1, 1)
+                x0_g, eps_g = x0_c + wv * (x0_c - x0_u), eps_c + wv * (eps_c - eps_u)
             a_prev = self.abar_prev[n].view(-1, 1, 1, 1)
             x_t = a_prev.sqrt() * x0_g + (1 - a_prev).sqrt() * eps_g
             # the target network (EMA weights swapped into the student, restored before its own forward pass)
