@@ -64,7 +64,8 @@ from ldm_app.fileio import atomic_dir, atomic_write_text
 from ldm_app.first_stage import is_vq
 from ldm_app.limits import shown
 from ldm_app.pngmeta import check_unicode
-from ldm_app.samplers import check_sampler_name, make_scheduler, sampler_name, set_timesteps_checked
+from ldm_app.samplers import (check_sampler_name, make_scheduler, sampler_name, samplers_taking,
+                              set_timesteps_checked)
 from ldm_app.vocabulary import Vocabulary, unknown_words_note
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ SAMPLING_KEYS: dict[str, type | tuple[type, ...]] = {
     "guidance_scale": (int, float),
     "height": int,
     "width": int,
+    "timesteps": list,  # the stored sampler's own grid at the stored steps (a tuned few-step schedule)
 }
 # Used when neither the caller nor ldm_app.json gives a value (diffusers' StableDiffusionPipeline defaults).
 FALLBACK_STEPS = 50
@@ -138,6 +140,22 @@ def make_generators(seed: int, n: int, device: str | torch.device = "cpu") -> li
     return [torch.Generator(device).manual_seed(seed + k) for k in range(n)]
 
 
+def check_timestep_grid(grid: Any, steps: int | None, name: str, num_train_timesteps: int | None = None) -> list[int]:
+    """A timestep grid (diffusers' `timesteps=`): whole numbers, strictly decreasing, >= 0 (and below the model's
+    training timesteps when given), one per step when `steps` is given."""
+    if (not isinstance(grid, list) or not grid
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in grid)):
+        raise UserError(f"{name} must be a non-empty list of whole timesteps >= 0, got {shown(grid)}")
+    if any(a <= b for a, b in zip(grid, grid[1:])):
+        raise UserError(f"{name} must be strictly decreasing (the first step is the noisiest), got {shown(grid)}")
+    if num_train_timesteps is not None and grid[0] >= num_train_timesteps:
+        raise UserError(f"{name} starts at {grid[0]}, beyond this model's {num_train_timesteps} training timesteps "
+                        f"(0 to {num_train_timesteps - 1})")
+    if steps is not None and len(grid) != steps:
+        raise UserError(f"{name} has {len(grid)} timesteps but num_inference_steps is {steps}: give one per step")
+    return grid
+
+
 def check_sampling_defaults(sampling: Any, where: str) -> dict[str, Any]:
     """Validate the "sampling" object of ldm_app.json: known keys, right types, a known sampler name."""
     if not isinstance(sampling, dict):
@@ -159,6 +177,8 @@ def check_sampling_defaults(sampling: Any, where: str) -> dict[str, Any]:
         for key in ("num_inference_steps", "height", "width"):
             if key in sampling and sampling[key] < 1:
                 raise UserError(f"sampling.{key} must be >= 1, got {sampling[key]}")
+        if "timesteps" in sampling:
+            check_timestep_grid(sampling["timesteps"], sampling.get("num_inference_steps"), "sampling.timesteps")
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
     return dict(sampling)
@@ -580,6 +600,16 @@ class LdmAppPipelineMixin:
             guidance_scale if guidance_scale is not None else d.get("guidance_scale", FALLBACK_GUIDANCE),
         )
 
+    def stored_timesteps(self, base: Any, sampler: str | None, steps: int) -> list[int] | None:
+        """The model's stored timestep grid (ldm_app.json sampling.timesteps) when the call samples as stored: the
+        stored sampler (none asked for, and the pipeline's own not changed) at the stored number of steps. Any
+        other sampler or step count uses the sampler's own spacing."""
+        d = self.sampling_defaults
+        grid = d.get("timesteps")
+        if grid is None or steps != d.get("num_inference_steps") or (sampler or sampler_name(base)) != d.get("sampler"):
+            return None
+        return grid
+
     @staticmethod
     def check_prompts(prompt: Any, negative_prompt: Any) -> tuple[list[str], list[str]]:
         """Prompts and negative prompts as two lists of equal length (a single negative applies to every prompt),
@@ -688,8 +718,16 @@ class LdmAppPipelineMixin:
         scheduler = (make_scheduler(sampler, base.config) if sampler is not None
                      else type(base).from_config(base.config))  # fmt: skip
         custom = args.get("timesteps") if args.get("timesteps") is not None else args.get("sigmas")
-        if custom is not None:  # the caller's own grid: diffusers checks the scheduler can take it
+        stored = self.stored_timesteps(base, sampler, steps)
+        if custom is None and stored is not None and "image" not in args:  # text-to-image at the stored settings
+            custom = args["timesteps"] = check_timestep_grid(list(stored), steps, "sampling.timesteps",
+                                                             base.config.num_train_timesteps)
+        if custom is not None:  # the caller's own grid: diffusers checks the values, we that the sampler takes one
             limits.check_count("len(timesteps)", len(custom), limits.current().max_steps)
+            kind = "timesteps" if args.get("timesteps") is not None else "sigmas"
+            if kind not in inspect.signature(scheduler.set_timesteps).parameters:
+                raise UserError(f"the {label} sampler cannot take a {kind} grid ({kind}=): use one that can "
+                                f"({', '.join(samplers_taking(kind))}) or give num_inference_steps")
         else:
             steps = limits.check_steps(steps, base.config.num_train_timesteps, label)
             set_timesteps_checked(scheduler, steps, device=self._execution_device, label=label)

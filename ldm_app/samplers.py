@@ -59,6 +59,17 @@ def check_sampler_name(name: str) -> str:
     return name
 
 
+def samplers_taking(kind: str) -> list[str]:
+    """The samplers whose scheduler takes a custom grid: kind "timesteps" or "sigmas" (diffusers' set_timesteps
+    argument of that name, as its pipelines' retrieve_timesteps checks)."""
+    import inspect
+
+    import diffusers
+
+    return [name for name, (cls, _) in _REGISTRY.items()
+            if kind in inspect.signature(getattr(diffusers, cls).set_timesteps).parameters]
+
+
 def make_scheduler(name: str, config: Mapping[str, Any]) -> SchedulerMixin:
     """Build sampler `name` from a scheduler config (the model's noise schedule), e.g. `pipe.scheduler.config`."""
     import diffusers

@@ -15,7 +15,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
 from ldm_app.errors import UserError
-from ldm_app.pipeline import LatentDiffusionPipeline, make_generators, resolve_device_dtype
+from ldm_app.pipeline import LatentDiffusionPipeline, make_generators, resolve_device_dtype, write_sampling_defaults
 
 TOL = 2 / 255  # max per-pixel difference allowed between two runs that should give the same image
 STEPS = 3
@@ -210,12 +210,46 @@ def test_sampling_defaults_file_is_read_used_and_saved(tiny_pipeline_dir, tmp_pa
     assert type(load(tmp_path / "saved", sampler="ddpm").scheduler).__name__ == "DDPMScheduler"  # explicit wins
 
 
+def test_a_stored_timestep_grid_is_used_at_the_stored_settings_only(tiny_pipeline_dir, tmp_path):
+    """sampling.timesteps (a tuned few-step grid) is the U-Net's timesteps when a call samples as stored (stored
+    sampler, stored steps: also when the caller names them), and the same image as diffusers' `timesteps=`; another
+    step count or sampler uses the sampler's own spacing."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_pipeline_dir, folder)
+    grid = [999, 600, 300, 80]
+    write_sampling_defaults(folder, {"sampler": "dpm++", "num_inference_steps": 4, "guidance_scale": 1.0,
+                                     "timesteps": grid})
+    pipe = load(folder)
+    seen: list[int] = []
+    pipe.unet.register_forward_hook(lambda module, args, output: seen.append(int(args[1].flatten()[0])))
+
+    def run(**kwargs):
+        seen.clear()
+        image = pipe("a cat", generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
+        return list(seen), image
+
+    stored, image = run()
+    assert stored == grid
+    assert run(num_inference_steps=4, sampler="dpm++")[0] == grid  # named, but as stored
+    assert np.array_equal(run(timesteps=grid)[1], image)  # diffusers' own argument, same grid: same image
+    own = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    own.set_timesteps(5)
+    assert run(num_inference_steps=5)[0] == own.timesteps.tolist()  # the sampler's own spacing
+    assert run(num_inference_steps=4, sampler="euler")[0] != grid
+    assert run(timesteps=[999, 500])[0] == [999, 500]  # the caller's grid wins
+    with pytest.raises(UserError, match="the ddim sampler cannot take a timesteps grid.*dpm\\+\\+"):
+        run(timesteps=[999, 500], sampler="ddim")
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
         ({"sampling": {"steps": 3}}, "sampling.steps"),
         ({"sampling": {"guidance_scale": "high"}}, "sampling.guidance_scale"),
         ({"sampling": {"sampler": "heun"}}, "heun"),
+        ({"sampling": {"num_inference_steps": 2, "timesteps": [999, 999]}}, "strictly decreasing"),
+        ({"sampling": {"num_inference_steps": 3, "timesteps": [999, 500]}}, "one per step"),
+        ({"sampling": {"timesteps": [999.5]}}, "whole timesteps"),
         ({"other": {}}, "sampling"),
     ],
 )

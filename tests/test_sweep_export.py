@@ -85,7 +85,8 @@ def test_choose_best_candidate_first_on_ties():
         choose([rows[3]])
 
 
-@pytest.mark.parametrize("text", ["ddim:50", "ddim:x:7.5", "nope:50:7.5", "ddim:0:7.5", "ddim:50:-1"])
+@pytest.mark.parametrize("text", ["ddim:50", "ddim:x:7.5", "nope:50:7.5", "ddim:0:7.5", "ddim:50:-1",
+                                  "dpm++:999/999:1", "dpm++:500/999:1", "dpm++:999/x:1", "dpm++:999/-5:1"])
 def test_parse_setting_errors(text):
     with pytest.raises(UserError, match="--setting"):
         parse_setting(text)
@@ -94,6 +95,8 @@ def test_parse_setting_errors(text):
 def test_parse_setting_and_name():
     assert parse_setting("ddpm:1000:7.5") == Setting("ddpm", 1000, 7.5)
     assert Setting("dpm++", 20, 3.0).name == "dpm++-20-g3"
+    grid = parse_setting("dpm++:999/600/300/80:1")  # a timestep grid in place of the step count
+    assert grid == Setting("dpm++", 4, 1.0, (999, 600, 300, 80)) and grid.name == "dpm++-4-g1-t999.600.300.80"
 
 
 def test_sweep_cli_measures_every_setting_and_writes_chosen_defaults(tiny_pipeline_dir, tiny_judge_cache,
@@ -103,18 +106,20 @@ def test_sweep_cli_measures_every_setting_and_writes_chosen_defaults(tiny_pipeli
     out = tmp_path / "sweep"
     evaluate_main([
         "sweep", "--model", str(model), "--sampler", "ddim", "--steps", "2", "--guidance_scales", "1", "3",
-        "--setting", "euler:3:7.5", "--num_prompts", "3", "--two_object_prompts", "1", "--batch_size", "4",
+        "--setting", "euler:3:7.5", "--setting", "euler:900/400/50:1", "--num_prompts", "3", "--two_object_prompts", "1", "--batch_size", "4",
         "--judge_cache", str(tiny_judge_cache), "--judge_threshold", "0", "--device", "cpu", "--out", str(out),
         "--write_defaults",
     ])
     result = json.loads((out / SWEEP_FILE).read_text())
     rows = result["rows"]
-    assert [r["setting"] for r in rows] == ["ddim-2-g1", "ddim-2-g3", "euler-3-g7.5"]
-    assert [r["candidate"] for r in rows] == [True, True, False]
+    assert [r["setting"] for r in rows] == ["ddim-2-g1", "ddim-2-g3", "euler-3-g7.5", "euler-3-g1-t900.400.50"]
+    assert [r["candidate"] for r in rows] == [True, True, False, False]
     for r in rows:
         report = json.loads((out / r["setting"] / "adherence.json").read_text())
         assert report["settings"]["sampler"] == r["sampler"] and report["settings"]["steps"] == r["steps"]
+        assert report["settings"]["timesteps"] == r["timesteps"]
         assert r["score"] == pytest.approx(adherence_score(report))
+    assert rows[-1]["timesteps"] == [900, 400, 50] and rows[0]["timesteps"] is None
     chosen = choose(rows)
     assert result["chosen"] == chosen["setting"]
     defaults = read_sampling_defaults(model)
@@ -122,7 +127,7 @@ def test_sweep_cli_measures_every_setting_and_writes_chosen_defaults(tiny_pipeli
     assert defaults == {"sampler": "ddim", "num_inference_steps": 2, "guidance_scale": chosen["guidance_scale"],
                         "height": size, "width": size}
     printed = capsys.readouterr().out
-    assert "| sampler | steps |" in printed and "(default)" in printed
+    assert "| sampler | steps |" in printed and "(default)" in printed and "| 3 (900/400/50) |" in printed
     # the pipeline now uses them when the caller gives none
     pipe = LatentDiffusionPipeline.from_pretrained(model)
     assert pipe.resolve_defaults(None, None, None, None)[2:] == (2, chosen["guidance_scale"])

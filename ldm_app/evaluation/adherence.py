@@ -147,10 +147,12 @@ def _stated_labels(prompt: Prompt) -> dict[str, int]:
 
 def generate(
     pipe, prompts: list[Prompt], steps: int, guidance_scale: float, batch_size: int, log: Callable[[str], None] = print,
-    output_type: str = "pt",
+    output_type: str = "pt", timesteps: list[int] | None = None,
 ) -> torch.Tensor:
     """Images (N, 3, H, W) in [0, 1] on CPU, image k from a CPU generator seeded prompts[k].seed; with
-    output_type="latent" the scaled latents the pipeline would decode (ldm_app.first_stage.decode)."""
+    output_type="latent" the scaled latents the pipeline would decode (ldm_app.first_stage.decode). `timesteps`:
+    a timestep grid instead of the sampler's spacing (none: the model's stored grid where it applies)."""
+    grid = {} if timesteps is None else {"timesteps": list(timesteps)}
     images = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
@@ -161,6 +163,7 @@ def generate(
             guidance_scale=guidance_scale,
             generator=generators,
             output_type=output_type,
+            **grid,
         ).images  # (b, 3, H, W) in [0, 1], or latents
         images.append(out.float().cpu())
         log(f"generated {start + len(batch)}/{len(prompts)} images")
@@ -295,6 +298,7 @@ def run_adherence(
     judge_threshold: float = DEFAULT_THRESHOLD,
     log: Callable[[str], None] = print,
     prompt_style: str = "canonical",
+    timesteps: list[int] | None = None,
 ) -> AdherenceResult:
     """Generate for sampled prompts and score them. `sampler`/`steps`/`guidance_scale` default to the model's
     stored sampling defaults; a given sampler is used for this call only (the pipeline's own is restored). The
@@ -314,8 +318,12 @@ def run_adherence(
         if sampler is not None:
             pipe.set_sampler(sampler)
         used_sampler = _sampler_name(pipe)
+        # the grid the call samples on: the given one, else the model's stored one where it applies, else the
+        # sampler's own spacing (None)
+        stored = getattr(pipe, "stored_timesteps", None)  # ours; a plain diffusers pipeline stores none
+        used_grid = list(timesteps) if timesteps is not None else stored and stored(pipe.scheduler, None, steps)
         start = time.perf_counter()
-        images = generate(pipe, prompts, steps, guidance_scale, batch_size, log)
+        images = generate(pipe, prompts, steps, guidance_scale, batch_size, log, timesteps=timesteps)
         seconds = time.perf_counter() - start
     finally:
         pipe.scheduler = original_scheduler
@@ -333,6 +341,7 @@ def run_adherence(
         "prompt_style": prompt_style,
         "sampler": used_sampler,
         "steps": steps,
+        "timesteps": used_grid,
         "guidance_scale": guidance_scale,
         "batch_size": batch_size,
         "height": height,

@@ -49,30 +49,38 @@ class Setting:
     sampler: str
     steps: int
     guidance_scale: float
+    timesteps: tuple[int, ...] | None = None  # a timestep grid (diffusers' timesteps=), one per step
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.guidance_scale < 0:
             raise UserError(f"steps must be >= 1 and guidance >= 0, got {self.steps} steps and guidance "
                             f"{self.guidance_scale:g}")
+        if self.timesteps is not None:
+            from ldm_app.pipeline import check_timestep_grid
+
+            check_timestep_grid(list(self.timesteps), self.steps, "the timestep grid")
 
     @property
     def name(self) -> str:
-        return f"{self.sampler}-{self.steps}-g{self.guidance_scale:g}"
+        grid = "" if self.timesteps is None else "-t" + ".".join(map(str, self.timesteps))
+        return f"{self.sampler}-{self.steps}-g{self.guidance_scale:g}{grid}"
 
 
 def parse_setting(text: str) -> Setting:
-    """"SAMPLER:STEPS:GUIDANCE", e.g. "ddim:50:7.5"."""
+    """"SAMPLER:STEPS:GUIDANCE", e.g. "ddim:50:7.5"; STEPS may be a timestep grid, "dpm++:999/600/300/80:1"."""
     from ldm_app.samplers import check_sampler_name
 
     parts = text.split(":")
     try:
         if len(parts) != 3:
             raise ValueError
-        steps, guidance = int(parts[1]), float(parts[2])
+        grid = tuple(int(t) for t in parts[1].split("/")) if "/" in parts[1] else None
+        steps, guidance = (len(grid) if grid else int(parts[1])), float(parts[2])
     except ValueError:
-        raise UserError(f"--setting {text!r}: expected SAMPLER:STEPS:GUIDANCE, e.g. ddim:50:7.5") from None
+        raise UserError(f"--setting {text!r}: expected SAMPLER:STEPS:GUIDANCE, e.g. ddim:50:7.5 (STEPS may be a "
+                        "timestep grid, e.g. dpm++:999/600/300/80:1)") from None
     try:
-        return Setting(check_sampler_name(parts[0]), steps, guidance)
+        return Setting(check_sampler_name(parts[0]), steps, guidance, grid)
     except UserError as e:
         raise UserError(f"--setting {text!r}: {e}") from None
 
@@ -105,6 +113,7 @@ def sweep_row(setting: Setting, report: dict[str, Any], candidate: bool) -> dict
         "sampler": setting.sampler,
         "steps": setting.steps,
         "guidance_scale": setting.guidance_scale,
+        "timesteps": report.get("settings", {}).get("timesteps"),
         "candidate": candidate,
         **{a: accuracy.get(a) for a in (*SCORED_ATTRIBUTES, "background", "all_attributes")},
         "relation": report["two_object"]["relation_accuracy"],
@@ -143,7 +152,8 @@ def markdown_table(rows: list[dict[str, Any]], chosen: dict[str, Any] | None = N
     for r in rows:
         mark = " **(default)**" if chosen is not None and r["setting"] == chosen["setting"] else ""
         cells = " | ".join(both(r, a) for a in (*SCORED_ATTRIBUTES, "relation"))
-        lines.append(f"| {r['sampler']}{mark} | {r['steps']} | {r['guidance_scale']:g} | {cells} | {r['score']:.3f} "
+        steps = r["steps"] if not r.get("timesteps") else f"{r['steps']} ({'/'.join(map(str, r['timesteps']))})"
+        lines.append(f"| {r['sampler']}{mark} | {steps} | {r['guidance_scale']:g} | {cells} | {r['score']:.3f} "
                      f"| {r['kid']:.3f} | {r['seconds_per_image']:.3f} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -168,7 +178,8 @@ def run_sweep(
         log(f"== {setting.name}")
         result = run_adherence(pipe, num_prompts, two_object_prompts, seed, setting.sampler, setting.steps,
                                setting.guidance_scale, batch_size, judge, judge_threshold=judge_threshold,
-                               log=lambda _: None, prompt_style=prompt_style)
+                               log=lambda _: None, prompt_style=prompt_style,
+                               timesteps=list(setting.timesteps) if setting.timesteps else None)
         write_outputs(result, out / setting.name)
         rows.append(sweep_row(setting, result.report, candidate))
         log(f"   score {rows[-1]['score']:.3f}, {rows[-1]['seconds_per_image']:.3f} s/image")
