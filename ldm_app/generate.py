@@ -417,8 +417,10 @@ def effective_params(pipe: LatentDiffusionPipeline, req: Request) -> ImageParams
 
 
 def describe(p: ImageParams, pipe: LatentDiffusionPipeline) -> str:
+    grid = pipe.stored_timesteps(pipe.scheduler, None, p.steps) if p.init_image is None else None
+    steps = f"{p.steps} (timesteps {'/'.join(map(str, grid))})" if grid else p.steps
     return (
-        f"model: {p.model} | sampler: {p.sampler or type(pipe.scheduler).__name__} | steps: {p.steps} | "
+        f"model: {p.model} | sampler: {p.sampler or type(pipe.scheduler).__name__} | steps: {steps} | "
         f"guidance: {p.guidance_scale} | size: {p.width}x{p.height} | device: {pipe.device} | dtype: {pipe.dtype} | "
         f"seed: {p.seed}"
     )

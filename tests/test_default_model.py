@@ -33,7 +33,7 @@ def test_bundled_model_loads_offline_with_its_sampling_defaults():
     pipe = LatentDiffusionPipeline.from_pretrained(DEFAULT_MODEL)
     assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}  # fp16 on disk
     defaults = read_sampling_defaults(FOLDER)
-    assert set(defaults) == {"sampler", "num_inference_steps", "guidance_scale", "height", "width"}
+    assert set(defaults) == {"sampler", "num_inference_steps", "guidance_scale", "height", "width", "timesteps"}
     assert pipe.sampling_defaults == defaults
 
 
