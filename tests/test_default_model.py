@@ -95,6 +95,8 @@ def test_plain_diffusers_loads_the_bundled_model_as_a_user_types_it():
     for pipe in (theirs, ours):
         pipe.set_progress_bar_config(disable=True)
     kwargs = dict(num_inference_steps=4, guidance_scale=3.0, height=64, width=64, output_type="np")
-    a = theirs("a small blue square", generator=torch.Generator().manual_seed(0), **kwargs).images
+    # at the stored sampler and steps ours samples on the stored grid: diffusers takes it as its own timesteps=
+    grid = read_sampling_defaults(FOLDER)["timesteps"]
+    a = theirs("a small blue square", generator=torch.Generator().manual_seed(0), timesteps=grid, **kwargs).images
     b = ours("a small blue square", generator=torch.Generator().manual_seed(0), sampler=None, **kwargs).images
     assert np.abs(a - b).max() < 2 / 255
