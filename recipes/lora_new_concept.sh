@@ -35,6 +35,9 @@ DECODER_STEPS=${DECODER_STEPS:-$((1500 / NPROC))}  # 12,000 images seen (batch 8
 # objective and caption dropout undoes part of that distillation, so base + LoRA is sampled and measured at guidance
 # 2 (measured for cross: 1 -> concept 73% / old vocabulary 89%, 2 -> 90% / 96%, 3 -> 91% / 92%)
 GUIDANCE=${GUIDANCE:-2}
+# ... and in 8 DPM-Solver++ steps on the sampler's own spacing: the bundled model's former default, which every figure
+# in docs/lora_concept was measured at (its 4-step grid was chosen at guidance 1, without adapters)
+SAMPLE_STEPS=${SAMPLE_STEPS:-8}
 BASE=ldm_app/assets/default_model
 source recipes/common.sh
 case "$CONCEPT" in
@@ -54,10 +57,12 @@ stage data "$OUT/data/metadata.jsonl" \
 assemble_model() {  # OUT/model: the bundled model with the fine-tuned decoder, sampling at $GUIDANCE
     rm -rf "$OUT/model.tmp" && cp -r "$BASE" "$OUT/model.tmp" && rm -rf "$OUT/model.tmp/vae"
     cp -r "$OUT/decoder/vae" "$OUT/model.tmp/vae"
-    python - "$OUT/model.tmp" "$GUIDANCE" <<'PY'
+    python - "$OUT/model.tmp" "$GUIDANCE" "$SAMPLE_STEPS" <<'PY'
 import sys
 from ldm_app.pipeline import read_sampling_defaults, write_sampling_defaults
-write_sampling_defaults(sys.argv[1], {**read_sampling_defaults(sys.argv[1]), "guidance_scale": float(sys.argv[2])})
+defaults = {k: v for k, v in read_sampling_defaults(sys.argv[1]).items() if k != "timesteps"}
+write_sampling_defaults(sys.argv[1], {**defaults, "guidance_scale": float(sys.argv[2]),
+                                      "num_inference_steps": int(sys.argv[3])})
 PY
     mv "$OUT/model.tmp" "$OUT/model"
 }
@@ -83,7 +88,7 @@ if [ "$ADAPTER" != embedding ]; then
         launch train_ldm.py "${COMMON[@]}" --lora_rank 16 "${TE[@]}" --learning_rate 1e-3 --output_dir "$OUT/$ADAPTER"
     stage "$EVAL" "$OUT/$EVAL/new_concept.json" \
         python -m ldm_app.evaluation.new_concept --model "$BASE" --lora "$OUT/$ADAPTER" "${VAE_ARGS[@]}" \
-        --concept "$CONCEPT" --guidance_scale "$GUIDANCE" --out "$OUT/$EVAL"
+        --concept "$CONCEPT" --guidance_scale "$GUIDANCE" --steps "$SAMPLE_STEPS" --out "$OUT/$EVAL"
 else
     # The concept's own word is the token (neither word is one token of the bundled model's pruned tokenizer, so
     # the prompts read as the LoRA's do); its vector starts from the nearest old word of its kind.
@@ -96,7 +101,7 @@ else
         --num_vectors "$NUM_VECTORS" --learning_rate "$EMBEDDING_LR" --output_dir "$OUT/$EMB"
     stage "eval_$EMB" "$OUT/eval_$EMB/new_concept.json" \
         python -m ldm_app.evaluation.new_concept --model "$BASE" --embedding "$OUT/$EMB" "${VAE_ARGS[@]}" \
-        --concept "$CONCEPT" --guidance_scale "$GUIDANCE" --out "$OUT/eval_$EMB"
+        --concept "$CONCEPT" --guidance_scale "$GUIDANCE" --steps "$SAMPLE_STEPS" --out "$OUT/eval_$EMB"
 fi
 
 cat "$TIMES"
