@@ -76,6 +76,11 @@ class Request:
     classifier: str | None = None  # classifier guidance (Dhariwal & Nichol 2021): a train_classifier.py folder
     classifier_scale: float = 0.0
     scalar: float | None = None  # for a scalar-conditioned model (e.g. the object size as a fraction of the side)
+    # text-to-image's timestep grid (diffusers' timesteps=, one per step): None = the model's stored grid where it
+    # applies (its ldm_app.json sampling.timesteps at the stored sampler and steps), else the sampler's own spacing;
+    # own_spacing: the sampler's own spacing even there (the remake of an image made without a grid)
+    timesteps: tuple[int, ...] | None = None
+    own_spacing: bool = False
 
 
 EDIT_FIELDS = ("init_image", "strength", "mask", "inpaint", "mask_blur", "paste_back", "jump_length", "jump_n_sample",
@@ -104,6 +109,7 @@ def generate(
     device: str = "auto",
     dtype: str = "auto",
     overwrite: bool = False,
+    timesteps: Sequence[int] | None = None,
     **edit: Any,
 ) -> list[Path]:
     """Generate `num_images` images per prompt and write them as PNGs with their parameters.
@@ -113,7 +119,8 @@ def generate(
     ...), unless `overwrite`. Returns the paths written, then the grid's if `grid`. Raises UserError for bad input,
     before anything is generated. `edit`: the Request's image-to-image, inpainting and adapter fields
     (init_image, strength, mask, inpaint, mask_blur, paste_back, jump_length, jump_n_sample, loras, embeddings,
-    weighting).
+    weighting). `timesteps`: text-to-image's timestep grid, one per step (default: the model's stored grid where
+    it applies, else the sampler's own spacing).
     """
     unknown = sorted(set(edit) - set(EDIT_FIELDS))
     if unknown:
@@ -131,6 +138,7 @@ def generate(
         prompts=prompts, model=os.fspath(model), seed=seed, negative_prompt=negative_prompt, steps=steps,
         guidance_scale=guidance_scale, sampler=sampler, height=height, width=width, num_images=num_images,
         batch_size=batch_size, output=os.fspath(output), grid=grid, device=device, dtype=dtype, overwrite=overwrite,
+        timesteps=None if timesteps is None else tuple(timesteps) if isinstance(timesteps, (list, tuple)) else timesteps,
         **edit,
     )  # fmt: skip
     return run(request, prepare(request))
@@ -180,6 +188,8 @@ def run(req: Request, sink: OutputSink | None, hooks: RunHooks | None = None) ->
     random_seed = req.seed is None
     if random_seed:
         req = replace(req, seed=secrets.randbelow(2**32))
+    if req.timesteps is not None and req.steps is None:
+        req = replace(req, steps=len(req.timesteps))
     inputs = edit_inputs.load(req)  # (again: cheap) the init image and mask, sized
     pipe = hooks.pipe if hooks.pipe is not None else load_pipeline(req)
     classifier = load_classifier_for(pipe, req)
@@ -194,6 +204,8 @@ def run(req: Request, sink: OutputSink | None, hooks: RunHooks | None = None) ->
     if classifier is not None:  # guided DDIM (ldm_app.classifier): the sampler is DDIM whatever the model's
         base = replace(base, sampler="ddim", classifier=str(Path(req.classifier).resolve()),
                        classifier_scale=float(req.classifier_scale))
+    elif inputs.image is None:
+        base = replace(base, timesteps=sampling_grid(pipe, req, base.steps))
     jobs = [replace(base, prompt=p, seed=req.seed + k) for p in req.prompts for k in range(req.num_images)]
     runner = edit_inputs.pipeline_for(pipe, inputs)
     check_with_model(runner, req, jobs, inputs)  # the model's own limits (steps per sampler), before the first image
@@ -288,7 +300,9 @@ def check_request(req: Request) -> None:
             raise UserError(f"--seed must be an integer between 0 and {maximum}, got {shown(req.seed, 40)}")
     if req.sampler is not None:
         check_sampler_name(req.sampler)
-    for name in ("grid", "overwrite"):
+    if req.timesteps is not None:
+        check_grid_request(req)
+    for name in ("grid", "overwrite", "own_spacing"):
         if not isinstance(getattr(req, name), bool):
             raise UserError(f"{name} must be True or False, got {shown(getattr(req, name), 40)}")
     for name in ("model", "output", "device", "dtype"):
@@ -329,6 +343,44 @@ def check_sizes(batch: int, grid_images: int, height: int, width: int) -> None:
                         f"of {maximum:,}; leave out --grid or make fewer or smaller images")  # fmt: skip
 
 
+def check_grid_request(req: Request) -> None:
+    """--timesteps: whole, strictly decreasing timesteps, one per step, and text-to-image only (an edit starts part
+    way down the sampler's own spacing)."""
+    from ldm_app.pipeline import check_timestep_grid
+
+    if not isinstance(req.timesteps, tuple):
+        raise UserError(f"--timesteps must be a list of whole timesteps, got {shown(req.timesteps, 60)}")
+    check_timestep_grid(list(req.timesteps), req.steps, "--timesteps")
+    if req.init_image is not None or req.classifier is not None:
+        raise UserError("--timesteps is for text-to-image; image-to-image, inpainting and classifier guidance use "
+                        "the sampler's own spacing (give --steps)")  # fmt: skip
+
+
+def parse_timesteps(text: str) -> tuple[int, ...]:
+    """--timesteps 999/700/400/100 (also comma-separated)."""
+    try:
+        return tuple(int(t) for t in text.replace(",", "/").split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole timesteps separated by '/', e.g. 999/700/400/100, got "
+                                         f"{text!r}") from None
+
+
+def sampling_grid(pipe: LatentDiffusionPipeline, req: Request, steps: int) -> tuple[int, ...] | None:
+    """The timestep grid text-to-image will sample on, to pass as timesteps= and record in each PNG: the request's,
+    else the model's stored grid where it applies (None where it does not: the sampler's own spacing). With
+    own_spacing, that own spacing written out, which the grid-taking samplers run exactly as their default (checked
+    for dpm++, euler, ddpm and lcm in tests/test_png_grid.py)."""
+    if req.timesteps is not None:
+        return tuple(req.timesteps)
+    if pipe.stored_timesteps(pipe.scheduler, None, steps) is None:
+        return None
+    if not req.own_spacing:
+        return tuple(pipe.stored_timesteps(pipe.scheduler, None, steps))
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(steps)
+    return tuple(int(t) for t in scheduler.timesteps)
+
+
 def check_with_model(pipe: LatentDiffusionPipeline, req: Request, jobs: list[ImageParams],
                      inputs: edit_inputs.EditInputs | None = None) -> None:  # fmt: skip
     """The checks that need the model: its stored defaults against the limits, the steps its sampler can take on
@@ -344,7 +396,7 @@ def check_with_model(pipe: LatentDiffusionPipeline, req: Request, jobs: list[Ima
     pipe.check_call(
         [job.prompt for job in batch], [job.negative_prompt for job in batch], num_inference_steps=first.steps,
         guidance_scale=first.guidance_scale, class_labels=None if first.classifier else first.class_label,
-        scalars=first.scalar, **images,
+        scalars=first.scalar, timesteps=list(first.timesteps) if first.timesteps else None, **images,
     )  # fmt: skip
 
 
@@ -417,8 +469,7 @@ def effective_params(pipe: LatentDiffusionPipeline, req: Request) -> ImageParams
 
 
 def describe(p: ImageParams, pipe: LatentDiffusionPipeline) -> str:
-    grid = pipe.stored_timesteps(pipe.scheduler, None, p.steps) if p.init_image is None else None
-    steps = f"{p.steps} (timesteps {'/'.join(map(str, grid))})" if grid else p.steps
+    steps = f"{p.steps} (timesteps {'/'.join(map(str, p.timesteps))})" if p.timesteps else p.steps
     return (
         f"model: {p.model} | sampler: {p.sampler or type(pipe.scheduler).__name__} | steps: {steps} | "
         f"guidance: {p.guidance_scale} | size: {p.width}x{p.height} | device: {pipe.device} | dtype: {pipe.dtype} | "
@@ -459,6 +510,8 @@ def sample(pipe: LatentDiffusionPipeline, batch: list[ImageParams], inputs: edit
         extra["scalars"] = p.scalar
     if callback is not None:
         extra["callback_on_step_end"] = callback
+    if p.timesteps:
+        extra["timesteps"] = list(p.timesteps)
     return pipe(**text, num_inference_steps=p.steps, guidance_scale=p.guidance_scale, generator=generators,
                 **extra).images  # fmt: skip
 
@@ -614,6 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_at_least(0), help="random seed (default: random, printed and stored); "
                    "image k of a prompt uses seed+k")  # fmt: skip
     p.add_argument("--steps", type=_int_at_least(1), help="number of sampling steps")
+    p.add_argument("--timesteps", type=parse_timesteps, metavar="T1/T2/...", help="text-to-image on this timestep "
+                   "grid, one per step, e.g. 999/700/400/100 (samplers dpm++, euler, ddpm, lcm; default: the model's "
+                   "stored grid at its stored sampler and steps, else the sampler's own spacing)")  # fmt: skip
     p.add_argument("--guidance_scale", type=_float, help="classifier-free guidance scale (<= 1 turns it off)")
     p.add_argument("--negative_prompt", help="what the image should not show")
     p.add_argument("--scheduler", "--sampler", dest="scheduler",
@@ -703,12 +759,18 @@ def request_from_args(args: argparse.Namespace) -> Request:
     def pick(flag, stored_name):  # the flag if given, else the PNG's value (None lets the model decide)
         return flag if flag is not None or stored is None else getattr(stored, stored_name)
 
+    timesteps, own_spacing = args.timesteps, False
+    if timesteps is None and stored is not None and stored.init_image is None and stored.classifier is None and \
+            args.steps in (None, stored.steps) and args.scheduler in (None, stored.sampler):  # fmt: skip
+        # the PNG's grid, or its sampler's own spacing even where the model has since stored a grid
+        timesteps, own_spacing = stored.timesteps, stored.timesteps is None
+
     return Request(
         prompts=[stored.prompt] if stored else prompts,
         model=pick(args.model, "model") or DEFAULT_MODEL,
         seed=pick(args.seed, "seed"),
         negative_prompt=pick(args.negative_prompt, "negative_prompt") or "",
-        steps=pick(args.steps, "steps"),
+        steps=len(timesteps) if timesteps is not None and args.steps is None else pick(args.steps, "steps"),
         guidance_scale=pick(args.guidance_scale, "guidance_scale"),
         sampler=pick(args.scheduler, "sampler"),
         height=pick(args.height, "height"),
@@ -738,6 +800,8 @@ def request_from_args(args: argparse.Namespace) -> Request:
         classifier=pick(args.classifier, "classifier"),
         classifier_scale=args.classifier_scale if args.classifier_scale or stored is None or
         stored.classifier_scale is None else stored.classifier_scale,
+        timesteps=timesteps,
+        own_spacing=own_spacing,
     )
 
 

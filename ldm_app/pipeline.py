@@ -728,6 +728,8 @@ class LdmAppPipelineMixin:
             if kind not in inspect.signature(scheduler.set_timesteps).parameters:
                 raise UserError(f"the {label} sampler cannot take a {kind} grid ({kind}=): use one that can "
                                 f"({', '.join(samplers_taking(kind))}) or give num_inference_steps")
+            if kind == "timesteps":  # beyond the training timesteps, DPM-Solver's sigma lookup clamps silently
+                check_timestep_grid(list(custom), None, "timesteps", base.config.num_train_timesteps)
         else:
             steps = limits.check_steps(steps, base.config.num_train_timesteps, label)
             set_timesteps_checked(scheduler, steps, device=self._execution_device, label=label)

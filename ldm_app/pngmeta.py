@@ -90,6 +90,9 @@ class ImageParams:
     classifier: str | None = None  # classifier guidance: the classifier folder (absolute) and its scale
     classifier_scale: float | None = None
     scalar: float | None = None  # a scalar-conditioned model's value
+    # the timestep grid text-to-image sampled on (diffusers' timesteps=): the model's stored grid, the caller's, or
+    # the sampler's own spacing written out; None: the sampler's own spacing at `steps`
+    timesteps: tuple[int, ...] | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -143,6 +146,10 @@ def _check_values(data: dict[str, Any]) -> None:
         raise UserError(f"class_label must be >= 0, got {data['class_label']}")
     if data.get("harmonize") is not None and not 0 <= limits.check_number("harmonize", data["harmonize"]) < 1:
         raise UserError(f"harmonize must be in [0, 1), got {data['harmonize']}")
+    if data.get("timesteps") is not None:
+        from ldm_app.pipeline import check_timestep_grid
+
+        check_timestep_grid(data["timesteps"], data["steps"], "timesteps")
     for name in ("jump_length", "jump_n_sample"):
         if data.get(name) is not None:
             limits.check_count(name, data[name], limits.current().max_steps)
@@ -156,6 +163,8 @@ def _has_type(value: Any, annotation: str) -> bool:
         return isinstance(value, bool)
     if annotation == "tuple[str, ...]":
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if annotation == "tuple[int, ...] | None":
+        return value is None or isinstance(value, list) and all(type(v) is int for v in value)
     # bool is an int subclass: refuse it for numbers; an int guidance scale (7) is fine
     if isinstance(value, bool):
         return False
@@ -177,6 +186,7 @@ def format_parameters(p: ImageParams) -> str:
         lines.append(f"Negative prompt: {p.negative_prompt}")
     settings = {
         "Steps": p.steps,
+        **({"Timesteps": "/".join(map(str, p.timesteps))} if p.timesteps else {}),
         "Sampler": p.sampler or "model default",
         "CFG scale": p.guidance_scale,
         "Seed": p.seed,
