@@ -85,6 +85,19 @@ def test_choose_best_candidate_first_on_ties():
         choose([rows[3]])
 
 
+def test_choose_with_a_tolerance_takes_the_fewest_unet_passes_close_to_the_best():
+    def row(name, steps, guidance, score):
+        return {"setting": name, "candidate": True, "steps": steps, "guidance_scale": guidance, "score": score}
+
+    rows = [row("8 steps", 8, 1.0, 0.956), row("4-step grid", 4, 1.0, 0.954), row("3 steps", 3, 1.0, 0.930),
+            row("2 steps at guidance 2", 2, 2.0, 0.955)]  # 4 passes too, but the higher score
+    assert choose(rows)["setting"] == "8 steps"
+    assert choose(rows, 0.01)["setting"] == "2 steps at guidance 2"
+    assert choose(rows[:3], 0.01)["setting"] == "4-step grid"
+    assert choose(rows[:3], 0.001)["setting"] == "8 steps"
+    assert choose(rows[:3], 0.05)["setting"] == "3 steps"
+
+
 @pytest.mark.parametrize("text", ["ddim:50", "ddim:x:7.5", "nope:50:7.5", "ddim:0:7.5", "ddim:50:-1",
                                   "dpm++:999/999:1", "dpm++:500/999:1", "dpm++:999/x:1", "dpm++:999/-5:1"])
 def test_parse_setting_errors(text):
@@ -133,11 +146,34 @@ def test_sweep_cli_measures_every_setting_and_writes_chosen_defaults(tiny_pipeli
     assert pipe.resolve_defaults(None, None, None, None)[2:] == (2, chosen["guidance_scale"])
 
 
+def test_sweep_writes_a_chosen_timestep_grid_as_the_models_defaults(tiny_pipeline_dir, tiny_judge_cache, tmp_path):
+    """A grid candidate chosen by --tolerance (fewer passes, score within the tolerance) lands in ldm_app.json with its
+    grid, and the model then samples on it; the tolerance is recorded."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline_dir, model)
+    out = tmp_path / "sweep"
+    evaluate_main([
+        "sweep", "--model", str(model), "--sampler", "dpm++", "--steps", "6", "--guidance_scales", "1",
+        "--candidate", "dpm++:900/400/50:1", "--tolerance", "0.99", "--num_prompts", "3", "--two_object_prompts",
+        "1", "--batch_size", "4", "--judge_cache", str(tiny_judge_cache), "--judge_threshold", "0", "--device",
+        "cpu", "--out", str(out), "--write_defaults",
+    ])  # fmt: skip
+    result = json.loads((out / SWEEP_FILE).read_text())
+    assert [r["candidate"] for r in result["rows"]] == [True, True]
+    assert result["chosen"] == "dpm++-3-g1-t900.400.50" and result["tolerance"] == 0.99
+    defaults = read_sampling_defaults(model)
+    assert defaults["num_inference_steps"] == 3 and defaults["timesteps"] == [900, 400, 50]
+    pipe = LatentDiffusionPipeline.from_pretrained(model)
+    assert pipe.stored_timesteps(pipe.scheduler, None, 3) == [900, 400, 50]
+
+
 def test_sweep_refuses_bad_input_before_work(tmp_path):
     with pytest.raises(UserError, match="not found"):
         evaluate_main(["sweep", "--model", str(tmp_path / "missing")])
     with pytest.raises(UserError, match="--setting"):
         evaluate_main(["sweep", "--model", str(tmp_path), "--setting", "ddim:fifty:7.5"])
+    with pytest.raises(UserError, match="--tolerance must be in"):
+        evaluate_main(["sweep", "--model", str(tmp_path), "--tolerance", "nan"])
     with pytest.raises(UserError, match="guidance >= 0, got 20 steps and guidance -1"):
         evaluate_main(["sweep", "--model", str(tmp_path), "--guidance_scales", "3", "-1"])
 
