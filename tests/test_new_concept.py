@@ -137,7 +137,7 @@ def test_palette_with_restores_the_judge_vocabulary():
     assert judge_mod.HEADS == before and judge_mod.sample_scene is shapes.sample_scene
 
 
-def test_concept_vae_must_share_the_base_latent_space(tmp_path):
+def test_concept_vae_must_share_the_base_latent_space(tmp_path, capfd):
     """--vae of the evaluation: a decoder fine-tuned from the base autoencoder loads onto the base's device and
     dtype; an autoencoder with another latent scale (not fine-tuned from it) or a folder that is no autoencoder
     is refused in one line."""
@@ -152,8 +152,10 @@ def test_concept_vae_must_share_the_base_latent_space(tmp_path):
 
     base = tiny(0.2).to(torch.float16)
     tiny(0.2).save_pretrained(tmp_path / "same")
+    capfd.readouterr()
     vae = load_concept_vae(str(tmp_path / "same"), base)
     assert vae.dtype == torch.float16 and not vae.training
+    assert "Casting directly" not in capfd.readouterr().err  # loaded in fp16, not cast after (diffusers' warning)
     tiny(0.5).save_pretrained(tmp_path / "other")
     with pytest.raises(UserError, match="scaling_factor is 0.5, the base model's 0.2"):
         load_concept_vae(str(tmp_path / "other"), base)
@@ -210,3 +212,15 @@ def test_cli_takes_exactly_one_adapter(tmp_path):
         main(["--model", str(tmp_path), "--out", str(tmp_path / "o")])
     with pytest.raises(UserError, match="not allowed with argument"):
         main(["--model", str(tmp_path), "--lora", "a", "--embedding", "b", "--out", str(tmp_path / "o")])
+
+
+def test_the_evaluation_names_no_unknown_words_per_batch(monkeypatch):
+    """The base model does not know the concept's word by design: the evaluation runs with the pipeline's per-call
+    "words unknown to this model" line off."""
+    from ldm_app import pipeline
+    from ldm_app.evaluation import new_concept
+
+    seen = []
+    monkeypatch.setattr(new_concept, "_run", lambda args: seen.append(pipeline._NOTE_UNKNOWN_WORDS.get()) or {})
+    assert new_concept.run(None) == {} and seen == [False]
+    assert pipeline._NOTE_UNKNOWN_WORDS.get() is True  # and back on after it

@@ -420,12 +420,14 @@ def load_concept_vae(folder: str, base_vae: Any) -> Any:
 
     from ldm_app.training.ldm import load_folder
 
-    vae = load_folder("--vae autoencoder", folder, AutoencoderKL.from_pretrained)
+    # loaded in the base's dtype (a later .to(dtype) makes diffusers warn about modules kept in float32)
+    vae = load_folder("--vae autoencoder", folder,
+                      lambda path: AutoencoderKL.from_pretrained(path, torch_dtype=base_vae.dtype))
     for key in ("latent_channels", "scaling_factor"):
         if vae.config[key] != base_vae.config[key]:
             raise UserError(f"--vae {folder}: its {key} is {vae.config[key]}, the base model's "
                             f"{base_vae.config[key]}: not a decoder fine-tuned from the base autoencoder")
-    return vae.to(base_vae.device, base_vae.dtype).eval()
+    return vae.to(base_vae.device).eval()
 
 
 def decode_images(vae: Any, latents: torch.Tensor, batch_size: int = 50) -> torch.Tensor:
@@ -443,6 +445,14 @@ def _old_summary(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from ldm_app.pipeline import unknown_words_noted_by_caller
+
+    # no "words unknown to this model: cross" line per batch: the base model not knowing the concept is the point
+    with unknown_words_noted_by_caller():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     from ldm_app.adapters import load_embeddings, load_loras
     from ldm_app.pipeline import LatentDiffusionPipeline
 
