@@ -415,3 +415,19 @@ def test_the_lora_knows_its_caption_words(straight, tiny_pipeline_dir, tmp_path)
     assert pipe.unknown_words_note("a red corgi") == "words unknown to this model: corgi"
     unload_loras(pipe)
     assert pipe.unknown_words_note("a red circle") == "words unknown to this model: red, circle"
+
+
+def test_the_caption_words_are_counted_once_a_run(ldm_files, tiny_pipeline_dir, tmp_path, monkeypatch):
+    """Two checkpoints and the final LoRA each write vocabulary.json; the captions are read for it once."""
+    from ldm_app.vocabulary import Vocabulary
+
+    counted = []
+    original = Vocabulary.from_captions.__func__
+    monkeypatch.setattr(Vocabulary, "from_captions",
+                        classmethod(lambda cls, captions: counted.append(1) or original(cls, captions)))
+    out = tmp_path / "run"
+    main(lora_args(ldm_files, tiny_pipeline_dir, out, *STEPS))
+    reset_accelerate()
+    written = [out / "checkpoint-3", out / "checkpoint-6", out]
+    assert all(Vocabulary.read(folder) == Vocabulary.read(out) for folder in written)
+    assert Vocabulary.read(out) is not None and len(counted) == 1

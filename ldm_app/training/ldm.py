@@ -814,21 +814,28 @@ class LDMTrainer:
 
         if not self.cfg.conditioning.uses_text:
             return None
-        vocabulary = Vocabulary.from_captions(self.dataset.captions)
+        vocabulary = self.caption_vocabulary()
         if self.cfg.ldm.pretrained_model:
             base = Vocabulary.read(self.cfg.ldm.pretrained_model)
             return None if base is None else base.merged(vocabulary)
         return vocabulary
 
+    def caption_vocabulary(self) -> Any:
+        """The words of the dataset's captions, counted once per run (every checkpoint and export writes them; the
+        captions do not change during a run, and a large dataset has millions)."""
+        from ..vocabulary import Vocabulary
+
+        if getattr(self, "_caption_vocabulary", None) is None:
+            self._caption_vocabulary = Vocabulary.from_captions(self.dataset.captions)
+        return self._caption_vocabulary
+
     def _save_lora_into(self, folder: Path) -> Path:
         """`folder`/pytorch_lora_weights.safetensors, with the EMA weights when the EMA is on, and beside it the
         words of this run's captions (vocabulary.json): loading the LoRA makes them known to generate.py's
         "words unknown to this model" note (ldm_app.adapters.load_loras)."""
-        from ..vocabulary import Vocabulary
-
         te = self.acc.unwrap_model(self.text_encoder) if self.m.train_text_encoder else None
         if self.cfg.conditioning.uses_text:
-            Vocabulary.from_captions(self.dataset.captions).write(folder)
+            self.caption_vocabulary().write(folder)
         with self.ema_weights():
             return save_lora(folder, self.acc.unwrap_model(self.unet), te)
 
