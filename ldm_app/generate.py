@@ -346,7 +346,7 @@ def check_sizes(batch: int, grid_images: int, height: int, width: int) -> None:
 def check_grid_request(req: Request) -> None:
     """--timesteps: whole, strictly decreasing timesteps, one per step, and text-to-image only (an edit starts part
     way down the sampler's own spacing)."""
-    from ldm_app.pipeline import check_timestep_grid
+    from ldm_app.limits import check_timestep_grid
 
     if not isinstance(req.timesteps, tuple):
         raise UserError(f"--timesteps must be a list of whole timesteps, got {shown(req.timesteps, 60)}")

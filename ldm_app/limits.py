@@ -164,3 +164,19 @@ def check_batch(images: int, height: int, width: int, name: str = "images per ca
             f"{images} images of {width}x{height} is {pixels:,} pixels in one call, above the limit of "
             f"{lim.max_pixels_per_call:,}; lower the batch size or the image size"
         )
+
+
+def check_timestep_grid(grid: Any, steps: int | None, name: str, num_train_timesteps: int | None = None) -> list[int]:
+    """A timestep grid (diffusers' `timesteps=`): whole numbers, strictly decreasing, >= 0 (and below the model's
+    training timesteps when given), one per step when `steps` is given."""
+    if (not isinstance(grid, list) or not grid
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in grid)):
+        raise UserError(f"{name} must be a non-empty list of whole timesteps >= 0, got {shown(grid)}")
+    if any(a <= b for a, b in zip(grid, grid[1:])):
+        raise UserError(f"{name} must be strictly decreasing (the first step is the noisiest), got {shown(grid)}")
+    if num_train_timesteps is not None and grid[0] >= num_train_timesteps:
+        raise UserError(f"{name} starts at {grid[0]}, beyond this model's {num_train_timesteps} training timesteps "
+                        f"(0 to {num_train_timesteps - 1})")
+    if steps is not None and len(grid) != steps:
+        raise UserError(f"{name} has {len(grid)} timesteps but num_inference_steps is {steps}: give one per step")
+    return grid

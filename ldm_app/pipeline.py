@@ -62,7 +62,7 @@ from ldm_app import limits
 from ldm_app.errors import UserError
 from ldm_app.fileio import atomic_dir, atomic_write_text
 from ldm_app.first_stage import is_vq
-from ldm_app.limits import shown
+from ldm_app.limits import check_timestep_grid, shown
 from ldm_app.pngmeta import check_unicode
 from ldm_app.samplers import (check_sampler_name, make_scheduler, sampler_name, samplers_taking,
                               set_timesteps_checked)
@@ -138,22 +138,6 @@ def make_generators(seed: int, n: int, device: str | torch.device = "cpu") -> li
     """One generator per image, seeded seed, seed+1, ...: image k of a batch then equals a run of its prompt alone
     with seed+k. CPU generators (the default) give the same noise whatever device the model runs on."""
     return [torch.Generator(device).manual_seed(seed + k) for k in range(n)]
-
-
-def check_timestep_grid(grid: Any, steps: int | None, name: str, num_train_timesteps: int | None = None) -> list[int]:
-    """A timestep grid (diffusers' `timesteps=`): whole numbers, strictly decreasing, >= 0 (and below the model's
-    training timesteps when given), one per step when `steps` is given."""
-    if (not isinstance(grid, list) or not grid
-            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in grid)):
-        raise UserError(f"{name} must be a non-empty list of whole timesteps >= 0, got {shown(grid)}")
-    if any(a <= b for a, b in zip(grid, grid[1:])):
-        raise UserError(f"{name} must be strictly decreasing (the first step is the noisiest), got {shown(grid)}")
-    if num_train_timesteps is not None and grid[0] >= num_train_timesteps:
-        raise UserError(f"{name} starts at {grid[0]}, beyond this model's {num_train_timesteps} training timesteps "
-                        f"(0 to {num_train_timesteps - 1})")
-    if steps is not None and len(grid) != steps:
-        raise UserError(f"{name} has {len(grid)} timesteps but num_inference_steps is {steps}: give one per step")
-    return grid
 
 
 def check_sampling_defaults(sampling: Any, where: str) -> dict[str, Any]:

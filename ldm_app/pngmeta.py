@@ -147,9 +147,7 @@ def _check_values(data: dict[str, Any]) -> None:
     if data.get("harmonize") is not None and not 0 <= limits.check_number("harmonize", data["harmonize"]) < 1:
         raise UserError(f"harmonize must be in [0, 1), got {data['harmonize']}")
     if data.get("timesteps") is not None:
-        from ldm_app.pipeline import check_timestep_grid
-
-        check_timestep_grid(data["timesteps"], data["steps"], "timesteps")
+        limits.check_timestep_grid(data["timesteps"], data["steps"], "timesteps")
     for name in ("jump_length", "jump_n_sample"):
         if data.get(name) is not None:
             limits.check_count(name, data[name], limits.current().max_steps)

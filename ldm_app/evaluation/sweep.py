@@ -58,7 +58,7 @@ class Setting:
             raise UserError(f"steps must be >= 1 and guidance >= 0, got {self.steps} steps and guidance "
                             f"{self.guidance_scale:g}")
         if self.timesteps is not None:
-            from ldm_app.pipeline import check_timestep_grid
+            from ldm_app.limits import check_timestep_grid
 
             check_timestep_grid(list(self.timesteps), self.steps, "the timestep grid")
 
