@@ -25,7 +25,7 @@ from ldm_app import DEFAULT_MODEL, __version__, edit_inputs, limits
 from ldm_app.errors import ArgumentParser, UserError
 from ldm_app.fileio import write_errors
 from ldm_app.limits import shown
-from ldm_app.pngmeta import MAX_SEED, ImageParams, check_unicode, read_params, save_png
+from ldm_app.pngmeta import MAX_SEED, ImageParams, check_unicode, read_params, records_grid, save_png
 from ldm_app.samplers import SAMPLERS, check_sampler_name
 
 if TYPE_CHECKING:
@@ -761,7 +761,8 @@ def request_from_args(args: argparse.Namespace) -> Request:
 
     timesteps, own_spacing = args.timesteps, False
     if timesteps is None and stored is not None and stored.init_image is None and stored.classifier is None and \
-            args.steps in (None, stored.steps) and args.scheduler in (None, stored.sampler):  # fmt: skip
+            args.steps in (None, stored.steps) and args.scheduler in (None, stored.sampler) and \
+            records_grid(args.from_png):  # fmt: skip
         # the PNG's grid, or its sampler's own spacing even where the model has since stored a grid
         timesteps, own_spacing = stored.timesteps, stored.timesteps is None
 

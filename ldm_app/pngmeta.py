@@ -323,6 +323,17 @@ def read_text_chunks(path: str | os.PathLike) -> dict[str, str]:
 
 def read_params(path: str | os.PathLike) -> ImageParams:
     """The parameters stored by `save_png` in `path`."""
+    return ImageParams.from_dict(_read_chunk(path), str(path))
+
+
+def records_grid(path: str | os.PathLike) -> bool:
+    """Whether the PNG says which timestep grid it was sampled on (its `timesteps`, null for the sampler's own
+    spacing). Images made before 2026-12-05 do not: they were sampled on the model's stored grid where one applied,
+    so their remake leaves the choice to the model as it did then."""
+    return "timesteps" in _read_chunk(path)
+
+
+def _read_chunk(path: str | os.PathLike) -> Any:
     chunks = read_text_chunks(path)
     if KEY not in chunks:
         raise UserError(
@@ -333,4 +344,4 @@ def read_params(path: str | os.PathLike) -> ImageParams:
         data = json.loads(chunks[KEY])
     except ValueError as e:  # JSONDecodeError, or an integer of more than 4300 digits
         raise UserError(f"{path}: the '{KEY}' chunk is not valid JSON ({e})") from None
-    return ImageParams.from_dict(data, str(path))
+    return data

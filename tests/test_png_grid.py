@@ -81,6 +81,23 @@ def test_an_image_made_on_the_samplers_own_spacing_is_remade_so_after_the_model_
     assert read_params(again).timesteps == tuple(own.timesteps.tolist())  # the own spacing, now written out
 
 
+def test_an_image_made_before_pngs_recorded_grids_is_remade_on_the_models_stored_grid(model, tmp_path):
+    """A PNG from before 2026-12-05 has no `timesteps` key: it was sampled on the model's stored grid where one
+    applied, so its remake leaves that choice to the model, as then (not the sampler's own spacing)."""
+    store(model, GRID)
+    first = make("a red circle", "--model", model, "--seed", 3, "--output", tmp_path / "a.png")
+    chunk = json.loads(read_text_chunks(first)["ldm_app"])
+    del chunk["timesteps"]
+    info = PngImagePlugin.PngInfo()
+    info.add_text("ldm_app", json.dumps(chunk))
+    with Image.open(first) as im:
+        im.save(tmp_path / "old.png", pnginfo=info)
+    assert read_params(tmp_path / "old.png").timesteps is None
+    again = make("--from_png", tmp_path / "old.png", "--output", tmp_path / "b.png")
+    assert read_params(again).timesteps == tuple(GRID)
+    assert np.array_equal(pixels(again), pixels(first))
+
+
 def test_another_step_count_or_sampler_on_a_remake_drops_the_pngs_grid(model, tmp_path):
     store(model, GRID)
     first = make("a red circle", "--model", model, "--seed", 3, "--output", tmp_path / "a.png")
