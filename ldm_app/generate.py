@@ -25,7 +25,7 @@ from ldm_app import DEFAULT_MODEL, __version__, edit_inputs, limits
 from ldm_app.errors import ArgumentParser, UserError
 from ldm_app.fileio import write_errors
 from ldm_app.limits import shown
-from ldm_app.pngmeta import MAX_SEED, ImageParams, check_unicode, read_params, records_grid, save_png
+from ldm_app.pngmeta import MAX_SEED, ImageParams, check_unicode, read_chunk, save_png
 from ldm_app.samplers import SAMPLERS, check_sampler_name
 
 if TYPE_CHECKING:
@@ -346,11 +346,9 @@ def check_sizes(batch: int, grid_images: int, height: int, width: int) -> None:
 def check_grid_request(req: Request) -> None:
     """--timesteps: whole, strictly decreasing timesteps, one per step, and text-to-image only (an edit starts part
     way down the sampler's own spacing)."""
-    from ldm_app.limits import check_timestep_grid
-
     if not isinstance(req.timesteps, tuple):
         raise UserError(f"--timesteps must be a list of whole timesteps, got {shown(req.timesteps, 60)}")
-    check_timestep_grid(list(req.timesteps), req.steps, "--timesteps")
+    limits.check_timestep_grid(list(req.timesteps), req.steps, "--timesteps")
     if req.init_image is not None or req.classifier is not None:
         raise UserError("--timesteps is for text-to-image; image-to-image, inpainting and classifier guidance use "
                         "the sampler's own spacing (give --steps)")  # fmt: skip
@@ -372,10 +370,9 @@ def sampling_grid(pipe: LatentDiffusionPipeline, req: Request, steps: int) -> tu
     for dpm++, euler, ddpm and lcm in tests/test_png_grid.py)."""
     if req.timesteps is not None:
         return tuple(req.timesteps)
-    if pipe.stored_timesteps(pipe.scheduler, None, steps) is None:
-        return None
-    if not req.own_spacing:
-        return tuple(pipe.stored_timesteps(pipe.scheduler, None, steps))
+    stored = pipe.stored_timesteps(pipe.scheduler, None, steps)
+    if stored is None or not req.own_spacing:
+        return None if stored is None else tuple(stored)
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(steps)
     return tuple(int(t) for t in scheduler.timesteps)
@@ -744,7 +741,8 @@ def request_from_args(args: argparse.Namespace) -> Request:
                                         ("--from_png", args.from_png)) if given]  # fmt: skip
     if len(sources) > 1:
         raise UserError(f"got {' and '.join(sources)}; expected only one of a prompt, --from_file or --from_png")
-    stored = read_params(args.from_png) if args.from_png else None
+    chunk = read_chunk(args.from_png) if args.from_png else None
+    stored = ImageParams.from_dict(chunk, args.from_png) if chunk is not None else None
     if stored is not None and stored.version != __version__:
         logger.warning("%s was made by ldm_app %s, this is %s: pixels may differ", args.from_png, stored.version,
                        __version__)  # fmt: skip
@@ -762,8 +760,10 @@ def request_from_args(args: argparse.Namespace) -> Request:
     timesteps, own_spacing = args.timesteps, False
     if timesteps is None and stored is not None and stored.init_image is None and stored.classifier is None and \
             args.steps in (None, stored.steps) and args.scheduler in (None, stored.sampler) and \
-            records_grid(args.from_png):  # fmt: skip
-        # the PNG's grid, or its sampler's own spacing even where the model has since stored a grid
+            "timesteps" in chunk:  # fmt: skip
+        # the PNG's grid, or its sampler's own spacing even where the model has since stored a grid. A PNG made
+        # before 2026-12-05 has no "timesteps": it was sampled on the model's stored grid where one applied, so its
+        # remake leaves the choice to the model, as then.
         timesteps, own_spacing = stored.timesteps, stored.timesteps is None
 
     return Request(

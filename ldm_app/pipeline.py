@@ -703,9 +703,10 @@ class LdmAppPipelineMixin:
                      else type(base).from_config(base.config))  # fmt: skip
         custom = args.get("timesteps") if args.get("timesteps") is not None else args.get("sigmas")
         stored = self.stored_timesteps(base, sampler, steps)
+        grid_name = "timesteps"
         if custom is None and stored is not None and "image" not in args:  # text-to-image at the stored settings
-            custom = args["timesteps"] = check_timestep_grid(list(stored), steps, "sampling.timesteps",
-                                                             base.config.num_train_timesteps)
+            custom = args["timesteps"] = list(stored)  # one per stored step: checked when the folder loaded
+            grid_name = "sampling.timesteps"
         if custom is not None:  # the caller's own grid: diffusers checks the values, we that the sampler takes one
             limits.check_count("len(timesteps)", len(custom), limits.current().max_steps)
             kind = "timesteps" if args.get("timesteps") is not None else "sigmas"
@@ -713,7 +714,7 @@ class LdmAppPipelineMixin:
                 raise UserError(f"the {label} sampler cannot take a {kind} grid ({kind}=): use one that can "
                                 f"({', '.join(samplers_taking(kind))}) or give num_inference_steps")
             if kind == "timesteps":  # beyond the training timesteps, DPM-Solver's sigma lookup clamps silently
-                check_timestep_grid(list(custom), None, "timesteps", base.config.num_train_timesteps)
+                check_timestep_grid(list(custom), None, grid_name, base.config.num_train_timesteps)
         else:
             steps = limits.check_steps(steps, base.config.num_train_timesteps, label)
             set_timesteps_checked(scheduler, steps, device=self._execution_device, label=label)

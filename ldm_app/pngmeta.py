@@ -323,17 +323,12 @@ def read_text_chunks(path: str | os.PathLike) -> dict[str, str]:
 
 def read_params(path: str | os.PathLike) -> ImageParams:
     """The parameters stored by `save_png` in `path`."""
-    return ImageParams.from_dict(_read_chunk(path), str(path))
+    return ImageParams.from_dict(read_chunk(path), str(path))
 
 
-def records_grid(path: str | os.PathLike) -> bool:
-    """Whether the PNG says which timestep grid it was sampled on (its `timesteps`, null for the sampler's own
-    spacing). Images made before 2026-12-05 do not: they were sampled on the model's stored grid where one applied,
-    so their remake leaves the choice to the model as it did then."""
-    return "timesteps" in _read_chunk(path)
-
-
-def _read_chunk(path: str | os.PathLike) -> Any:
+def read_chunk(path: str | os.PathLike) -> Any:
+    """The `ldm_app` chunk of `path` as parsed JSON, not yet checked (ImageParams.from_dict checks it); for a caller
+    that needs to know which keys an older image lacks."""
     chunks = read_text_chunks(path)
     if KEY not in chunks:
         raise UserError(

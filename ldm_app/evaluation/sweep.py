@@ -41,6 +41,7 @@ from ldm_app.evaluation.adherence import (
     write_outputs,
 )
 from ldm_app.fileio import atomic_write_text
+from ldm_app.limits import check_timestep_grid
 
 SWEEP_FILE = "sweep.json"
 SCORED_ATTRIBUTES = ("colour", "shape", "size", "position")  # one-object attributes with targets; plus relation
@@ -58,8 +59,6 @@ class Setting:
             raise UserError(f"steps must be >= 1 and guidance >= 0, got {self.steps} steps and guidance "
                             f"{self.guidance_scale:g}")
         if self.timesteps is not None:
-            from ldm_app.limits import check_timestep_grid
-
             check_timestep_grid(list(self.timesteps), self.steps, "the timestep grid")
 
     @property

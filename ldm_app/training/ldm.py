@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -814,20 +815,19 @@ class LDMTrainer:
 
         if not self.cfg.conditioning.uses_text:
             return None
-        vocabulary = self.caption_vocabulary()
+        vocabulary = self.caption_vocabulary
         if self.cfg.ldm.pretrained_model:
             base = Vocabulary.read(self.cfg.ldm.pretrained_model)
             return None if base is None else base.merged(vocabulary)
         return vocabulary
 
+    @functools.cached_property
     def caption_vocabulary(self) -> Any:
         """The words of the dataset's captions, counted once per run (every checkpoint and export writes them; the
         captions do not change during a run, and a large dataset has millions)."""
         from ..vocabulary import Vocabulary
 
-        if getattr(self, "_caption_vocabulary", None) is None:
-            self._caption_vocabulary = Vocabulary.from_captions(self.dataset.captions)
-        return self._caption_vocabulary
+        return Vocabulary.from_captions(self.dataset.captions)
 
     def _save_lora_into(self, folder: Path) -> Path:
         """`folder`/pytorch_lora_weights.safetensors, with the EMA weights when the EMA is on, and beside it the
@@ -835,7 +835,7 @@ class LDMTrainer:
         "words unknown to this model" note (ldm_app.adapters.load_loras)."""
         te = self.acc.unwrap_model(self.text_encoder) if self.m.train_text_encoder else None
         if self.cfg.conditioning.uses_text:
-            self.caption_vocabulary().write(folder)
+            self.caption_vocabulary.write(folder)
         with self.ema_weights():
             return save_lora(folder, self.acc.unwrap_model(self.unet), te)
 
