@@ -456,6 +456,9 @@ class LdmAppPipelineMixin:
             if any(p.is_meta for p in getattr(pipe, name).parameters()):
                 raise ModelLoadError(f"{folder / name}: the weights do not match its config.json (some tensors "
                                      "are missing); are these another component's weights?")  # fmt: skip
+        if "timesteps" in defaults:  # against this model's training timesteps, known now that its scheduler is
+            check_timestep_grid(defaults["timesteps"], None, f"{folder / DEFAULTS_FILE}: sampling.timesteps",
+                                pipe.scheduler.config.num_train_timesteps)
         pipe.sampling_defaults = defaults
         pipe.vocabulary = Vocabulary.read(folder)
         if sampler is not None:

@@ -250,6 +250,8 @@ def test_a_stored_timestep_grid_is_used_at_the_stored_settings_only(tiny_pipelin
         ({"sampling": {"num_inference_steps": 2, "timesteps": [999, 999]}}, "strictly decreasing"),
         ({"sampling": {"num_inference_steps": 3, "timesteps": [999, 500]}}, "one per step"),
         ({"sampling": {"timesteps": [999.5]}}, "whole timesteps"),
+        ({"sampling": {"num_inference_steps": 2, "timesteps": [1200, 500]}},
+         "ldm_app.json: sampling.timesteps starts at 1200, beyond this model's 1000 training timesteps"),
         ({"other": {}}, "sampling"),
     ],
 )
