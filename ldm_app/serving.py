@@ -234,6 +234,17 @@ def _with_inputs(request: Any, spec: Any, folder: Path) -> Any:
                    mask=_store_input(spec.mask, folder) if spec.mask is not None else None)  # fmt: skip
 
 
+def _defaults_stamp(model: Path) -> tuple[int, int] | None:
+    """(mtime_ns, size) of a model folder's ldm_app.json; None for a single file or a folder without one."""
+    from ldm_app.pipeline import DEFAULTS_FILE
+
+    try:
+        stat = (model / DEFAULTS_FILE).stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
 # ---- jobs --------------------------------------------------------------------------------------------------------
 
 
@@ -262,6 +273,10 @@ class JobSpec:
     loras: tuple[tuple[str, float], ...] = ()
     model: str | None = None
     save: bool = True
+    # text-to-image's timestep grid, one per step (None: the model's stored grid where it applies, else the
+    # sampler's own spacing); own_spacing: the sampler's own spacing even where the model stores a grid
+    timesteps: tuple[int, ...] | None = None
+    own_spacing: bool = False
 
 
 @dataclass
@@ -331,6 +346,7 @@ class GenerationService:
         self._pipe: Any = None
         self._pipe_path: Path | None = None
         self._pipe_scheduler: Any = None
+        self._pipe_stamp: tuple[int, int] | None = None  # _defaults_stamp of the loaded model
         self._closed = False
         self._worker = threading.Thread(target=self._work, name="ldm_app-generation", daemon=True)
         self._worker.start()
@@ -367,7 +383,7 @@ class GenerationService:
             width=spec.width, num_images=batch * n_iter, batch_size=batch,
             output=str(self.outputs_dir / datetime.date.today().isoformat()), device=self.config.device,
             dtype=self.config.dtype, strength=spec.strength, inpaint=spec.inpaint, mask_blur=spec.mask_blur,
-            paste_back=spec.paste_back, loras=loras,
+            paste_back=spec.paste_back, loras=loras, timesteps=spec.timesteps, own_spacing=spec.own_spacing,
         )  # fmt: skip
         try:
             # the checks on everything but the input files first, so a bad request writes nothing
@@ -484,11 +500,16 @@ class GenerationService:
         from ldm_app import generate
 
         path = Path(job.request.model)
-        if self._pipe is None or self._pipe_path != path:
+        # a model folder whose ldm_app.json changed since it was loaded (`evaluate sweep --write_defaults` into a
+        # served folder) is loaded again: its stored sampler, steps and grid are read at load, and a job must sample
+        # as generate.py would now, as the page's preselected defaults (read from the disk) say
+        stamp = _defaults_stamp(path)
+        if self._pipe is None or self._pipe_path != path or self._pipe_stamp != stamp:
             self._pipe = None  # the old model's memory is freed before the new one loads
             pipe = generate.load_pipeline(replace(job.request, sampler=None))
             pipe.set_progress_bar_config(disable=True)
             self._pipe, self._pipe_path, self._pipe_scheduler = pipe, path, pipe.scheduler
+            self._pipe_stamp = stamp
         pipe = self._pipe
         if job.request.sampler is not None:
             pipe.set_sampler(job.request.sampler)

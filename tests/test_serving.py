@@ -215,3 +215,29 @@ def test_model_side_errors_name_fields_not_flags(service, monkeypatch):
     with pytest.raises(ModelSideError) as info:
         job.future.result(timeout=30)
     assert str(info.value) == "steps 900 for sampler ddim is above the model's 100 training timesteps (see help)"
+
+
+def test_a_served_model_samples_as_its_ldm_app_json_says_now(tiny_pipeline_dir, tmp_path):
+    """A loaded model whose stored defaults change on disk (e.g. `evaluate sweep --write_defaults` into a served
+    folder) samples with the new ones from the next job on, as generate.py would; and a job's own grid, or the
+    sampler's own spacing, wins over the stored grid."""
+    from ldm_app.pipeline import write_sampling_defaults
+
+    shutil.copytree(tiny_pipeline_dir, tmp_path / "models" / "m")
+    svc = GenerationService(ServerConfig(models_dir=str(tmp_path / "models"), model="m",
+                                         outputs_dir=str(tmp_path / "out")))  # fmt: skip
+    try:
+        before = svc.run(JobSpec(PROMPT, seed=1, save=False), timeout=120).params[0]
+        assert before.timesteps is None
+        write_sampling_defaults(tmp_path / "models" / "m", {"num_inference_steps": 3, "sampler": "euler",
+                                                             "timesteps": [900, 500, 100]})  # fmt: skip
+        after = svc.run(JobSpec(PROMPT, seed=1, save=False), timeout=120).params[0]
+        assert (after.steps, after.sampler, after.timesteps) == (3, "euler", (900, 500, 100))
+        own = svc.run(JobSpec(PROMPT, seed=1, own_spacing=True, save=False), timeout=120).params[0]
+        assert own.steps == 3 and own.timesteps is not None and own.timesteps != (900, 500, 100)
+        asked = svc.run(JobSpec(PROMPT, seed=1, steps=3, timesteps=(800, 400, 50), save=False), timeout=120)
+        assert asked.params[0].timesteps == (800, 400, 50)
+        with pytest.raises(UserError, match="^timesteps must be strictly decreasing"):
+            svc.submit(JobSpec(PROMPT, steps=2, timesteps=(100, 500)))
+    finally:
+        svc.close()
