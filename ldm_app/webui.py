@@ -6,8 +6,9 @@ HTTP API (ldm_app.a1111) from one server, over one `serving.GenerationService`.
 Tabs: Text to image, Image to image, Inpaint (the mask is painted in the page with a brush: painted = repaint), PNG
 info (drop a PNG, read its parameters, send them to the Text to image tab). Each generating tab has the prompt,
 negative prompt, sampler, steps, guidance, seed (🎲 = random, the seed used is shown afterwards), size, batch
-count and size, LoRAs with a scale; the model dropdown above the tabs switches the served model and preselects the
-model's stored sampling defaults (its ldm_app.json).
+count and size, LoRAs with a scale; Text to image also has the timestep grid (blank: the model's). The model
+dropdown above the tabs switches the served model and preselects the model's stored sampling defaults (its
+ldm_app.json).
 
 Choices:
 - The queue is the service's, not gradio's: the UI and the HTTP API must share one queue, one order and one limit
@@ -26,6 +27,11 @@ Choices:
   size limits of ldm_app.limits): a bad size is a message in the page, not a clamp or a crash. Every `UserError`
   is shown in the tab's status line, under the Generate and Cancel buttons (not as a toast, which would cover
   them); the server keeps serving.
+- An image remakes itself from the PNG info tab, as with `generate.py --from_png`: "Send to Text to image" also
+  selects the PNG's model when it is served here (without resetting the sent fields to that model's defaults: the
+  dropdown's defaults follow a user's pick, gradio's `input` event, not `change`) and fills Timesteps with the grid
+  the image was sampled on (its `ldm_app` chunk, else the `Timesteps:` of its text), or `own` for an image made on
+  the sampler's own spacing, so a model whose stored grid changed since still gives the same pixels.
 - Nothing is fetched from the internet: gradio's analytics are off (GRADIO_ANALYTICS_ENABLED=False, set before
   gradio is imported), no share link, and the theme's fonts are gradio's bundled ones.
 """
@@ -65,6 +71,7 @@ PLACEHOLDER = "a small red circle above a small blue square on a white backgroun
 # A1111 samplers we have no exact twin for, read from a PNG as our nearest one (the API refuses them: a client's
 # request must be exact; a PNG's settings are a starting point). The rest: ldm_app.a1111.resolve_sampler.
 NEAREST_SAMPLERS = {"dpm++ 2m karras": "dpm++"}
+OWN_SPACING = "own"  # the Timesteps box's word for the sampler's own spacing (even where the model stores a grid)
 
 
 # ---- model defaults ------------------------------------------------------------------------------------------------
@@ -152,7 +159,52 @@ def parse_parameters(text: str) -> dict[str, Any]:
                 out["sampler"] = resolve_sampler(sampler)
     if "Model" in settings:
         out["model"] = settings["Model"]
+    if re.fullmatch(r"\d+(/\d+)*", settings.get("Timesteps", "")):
+        out["timesteps"] = settings["Timesteps"]
     return out
+
+
+def png_grid(chunks: dict[str, str]) -> str | None:
+    """What a PNG's `ldm_app` chunk says of the grid a text-to-image was sampled on, as the Timesteps box takes
+    it: "T1/T2/...", OWN_SPACING (the sampler's own spacing), or None where it does not say (no chunk, an edit, or an
+    image made before grids were recorded on 2026-12-05: the model's stored grid decides, as when it was made)."""
+    from ldm_app.pngmeta import KEY
+
+    try:
+        data = json.loads(chunks.get(KEY, ""))
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or "timesteps" not in data or data.get("init_image") is not None:
+        return None
+    grid = data["timesteps"]
+    if grid is None:
+        return OWN_SPACING
+    if isinstance(grid, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in grid):
+        return "/".join(map(str, grid))
+    return None
+
+
+def parse_grid(text: Any, steps: int) -> tuple[tuple[int, ...] | None, bool]:
+    """The Timesteps box as (timesteps, own_spacing): blank (None, False): the model's stored grid where it has one;
+    OWN_SPACING: the sampler's own spacing; "T1/T2/...": that grid, one timestep per step (the rest of its checks,
+    order and range, are generate.py's)."""
+    import argparse
+
+    from ldm_app.generate import parse_timesteps
+
+    text = str(text or "").strip()
+    if not text:
+        return None, False
+    if text.lower() == OWN_SPACING:
+        return None, True
+    try:
+        grid = parse_timesteps(text)
+    except argparse.ArgumentTypeError as e:
+        raise UserError(f"Timesteps: {e} (or blank for the model's grid, or '{OWN_SPACING}')") from None
+    if len(grid) != steps:
+        raise UserError(f"Timesteps has {len(grid)} values but Steps is {steps}: give one timestep per step, or "
+                        "clear Timesteps")  # fmt: skip
+    return grid, False
 
 
 # ---- the page ------------------------------------------------------------------------------------------------------
@@ -186,6 +238,7 @@ class _Tab:
     strength: Any = None
     inpaint_method: Any = None
     mask_blur: Any = None
+    timesteps: Any = None  # txt2img: the grid's Textbox
 
 
 def _status(text: str, fraction: float | None = None, error: bool = False) -> str:
@@ -277,6 +330,12 @@ class WebUI:
                                       elem_id=f"{name}_steps")  # fmt: skip
                 guidance = gr.Slider(0.0, MAX_SLIDER_GUIDANCE, value=defaults["guidance"], step=0.5,
                                      label="Guidance (CFG scale)", elem_id=f"{name}_guidance")  # fmt: skip
+                timesteps = None
+                if not edit:  # an edit starts part way down the sampler's own spacing
+                    timesteps = gr.Textbox(label="Timesteps", elem_id="txt2img_timesteps", max_lines=1,
+                                           placeholder="the model's grid",
+                                           info=f"blank: the model's stored grid, if any; '{OWN_SPACING}': the "
+                                           "sampler's own spacing; or one per step, e.g. 999/700/400/100")  # fmt: skip
                 # an edit keeps its image's size unless told (0); a blank number box reads as 0 in gradio too
                 size_info = "0: the image's size; else a multiple of 8" if edit else "a multiple of 8"
                 with gr.Row():
@@ -311,7 +370,7 @@ class WebUI:
                          inputs=[seed_used, seed], outputs=seed, api_visibility="private")  # fmt: skip
         return _Tab(name, prompt, negative, sampler, steps, guidance, width, height, batch_count, batch_size, seed,
                     loras, lora_scale, generate, cancel, gallery, status, seed_used, info, infos, image, strength,
-                    inpaint_method, mask_blur)  # fmt: skip
+                    inpaint_method, mask_blur, timesteps)  # fmt: skip
 
     def _png_info_tab(self) -> None:
         with gr.Row():
@@ -324,13 +383,15 @@ class WebUI:
                 self.png_text = gr.Textbox(label="Parameters", lines=8, interactive=False, elem_id="pnginfo_parameters")
                 self.png_send = gr.Button(SEND_TO_TXT2IMG, variant="primary", elem_id="pnginfo_send")
                 self.png_status = gr.HTML(_status("Drop a PNG made by ldm_app or A1111."), elem_id="pnginfo_status")
+                self.png_grid = gr.State(None)  # png_grid() of the PNG read
 
     def _wire(self, demo: Any) -> None:
         tabs = (self.txt2img, self.img2img, self.inpaint)
         for tab in tabs:
             inputs = {self.model, tab.prompt, tab.negative, tab.sampler, tab.steps, tab.guidance, tab.width,
                       tab.height, tab.batch_count, tab.batch_size, tab.seed, tab.loras, tab.lora_scale}  # fmt: skip
-            inputs |= {c for c in (tab.image, tab.strength, tab.inpaint_method, tab.mask_blur) if c is not None}
+            inputs |= {c for c in (tab.image, tab.strength, tab.inpaint_method, tab.mask_blur, tab.timesteps)
+                       if c is not None}  # fmt: skip
             outputs = [tab.gallery, tab.status, tab.seed_used, tab.info, tab.infos]
 
             # gradio passes the request (whose session_hash keys the Cancel button's job) to a parameter annotated
@@ -348,15 +409,18 @@ class WebUI:
             tab.gallery.select(self._select_image, inputs=[tab.infos], outputs=[tab.info, tab.seed_used],
                                api_visibility="private")  # fmt: skip
         default_outputs = [c for tab in tabs for c in (tab.sampler, tab.steps, tab.guidance)]
-        default_outputs += [self.txt2img.width, self.txt2img.height]
-        self.model.change(self._switch_model, inputs=[self.model], outputs=default_outputs, api_visibility="private")
+        default_outputs += [self.txt2img.width, self.txt2img.height, self.txt2img.timesteps]
+        # `input`, not `change`: a user's pick, not the model that "Send to Text to image" selects with its fields
+        self.model.input(self._switch_model, inputs=[self.model], outputs=default_outputs, api_visibility="private")
         self.refresh.click(self._refresh, outputs=[self.model, *(tab.loras for tab in tabs)], api_visibility="private")
         self.png_file.change(self._read_png, inputs=[self.png_file], outputs=[self.png_text, self.png_preview,
-                             self.png_status], api_visibility="private")  # fmt: skip
+                             self.png_status, self.png_grid], api_visibility="private")  # fmt: skip
         t = self.txt2img
-        self.png_send.click(self._send_to_txt2img, inputs=[self.png_text, self.model],
+        edit_defaults = [c for tab in (self.img2img, self.inpaint) for c in (tab.sampler, tab.steps, tab.guidance)]
+        self.png_send.click(self._send_to_txt2img, inputs=[self.png_text, self.png_grid, self.model],
                             outputs=[t.prompt, t.negative, t.steps, t.guidance, t.seed, t.width, t.height, t.sampler,
-                                     self.png_status, self.tabs], api_visibility="private")  # fmt: skip
+                                     t.timesteps, self.model, *edit_defaults, self.png_status, self.tabs],
+                            api_visibility="private")  # fmt: skip
 
     # ---- events --------------------------------------------------------------------------------------------------
 
@@ -380,6 +444,8 @@ class WebUI:
         if seed == -1:
             seed = None
         sampler = data[tab.sampler]
+        steps = count(tab.steps, "steps")
+        timesteps, own_spacing = parse_grid(data[tab.timesteps], steps) if tab.timesteps is not None else (None, False)
         names = data[tab.loras] or []
         scale = real(tab.lora_scale, "LoRA scale")
         init_image = mask = None
@@ -391,7 +457,7 @@ class WebUI:
             init_image, mask = _image_and_mask(data[tab.image])
         return JobSpec(
             prompt=data[tab.prompt] or "", negative_prompt=data[tab.negative] or "", seed=seed,
-            steps=count(tab.steps, "steps"), guidance_scale=real(tab.guidance, "guidance"),
+            steps=steps, guidance_scale=real(tab.guidance, "guidance"),
             sampler=None if sampler in (None, MODEL_DEFAULT_SAMPLER) else sampler,
             width=_size(data[tab.width], tab.name != "txt2img"), height=_size(data[tab.height], tab.name != "txt2img"),
             batch_size=count(tab.batch_size, "batch size"), n_iter=count(tab.batch_count, "batch count"),
@@ -400,7 +466,8 @@ class WebUI:
             inpaint=data[tab.inpaint_method] if tab.inpaint_method is not None and data[tab.inpaint_method] != "auto"
             else None,  # None: generate.py's default for the model
             mask_blur=real(tab.mask_blur, "mask blur") if tab.mask_blur is not None else 0.0,
-            loras=tuple((name, scale) for name in names), model=data[self.model],
+            loras=tuple((name, scale) for name in names), model=data[self.model], timesteps=timesteps,
+            own_spacing=own_spacing,
         )  # fmt: skip
 
     def _generate(self, tab: _Tab, data: dict, request: gr.Request) -> Iterator[dict]:
@@ -493,46 +560,68 @@ class WebUI:
         except UserError as e:
             raise gr.Error(html.escape(str(e))) from None
         values = [defaults["sampler"], defaults["steps"], defaults["guidance"]] * 3
-        return [*values, defaults["width"], defaults["height"]]
+        return [*values, defaults["width"], defaults["height"], ""]  # "": the new model's own grid
 
     def _refresh(self) -> list[Any]:
         names = self.service.catalog.names()
         loras = list(self.service.loras.entries())
         return [gr.Dropdown(choices=names), *(gr.Dropdown(choices=loras) for _ in range(3))]
 
-    def _read_png(self, data: bytes | None) -> tuple[str, Any, str]:
+    def _read_png(self, data: bytes | None) -> tuple[str, Any, str, str | None]:
         from ldm_app.pngmeta import TEXT_KEY
         from ldm_app.serving import decode_image, read_png_text
 
         if not data:
-            return "", None, _status("Drop a PNG made by ldm_app or A1111.")
+            return "", None, _status("Drop a PNG made by ldm_app or A1111."), None
         try:
             chunks = read_png_text(data)
         except UserError as e:
-            return "", None, _status(f"Error: {e}", error=True)
+            return "", None, _status(f"Error: {e}", error=True), None
         try:
             preview = decode_image(data, "the PNG")
         except UserError:
             preview = None  # e.g. smaller than 8x8: the parameters are still worth reading
         text = chunks.get(TEXT_KEY)
         if text is None:
-            return "", preview, _status("This PNG has no generation parameters (no 'parameters' text chunk).")
-        return text, preview, _status("Parameters read.")
+            return "", preview, _status("This PNG has no generation parameters (no 'parameters' text chunk)."), None
+        return text, preview, _status("Parameters read."), png_grid(chunks)
 
-    def _send_to_txt2img(self, text: str, model: str) -> list[Any]:
+    def _send_to_txt2img(self, text: str, grid: str | None, model: str) -> list[Any]:
+        """The PNG's parameters into the Text to image tab; its model selected when served here (the edit tabs get
+        that model's defaults, as a pick in the dropdown gives them); its grid (see the module doc)."""
         keep = gr.skip()
         if not text or not text.strip():
-            return [keep] * 8 + [_status("No parameters to send: drop a PNG first.", error=True), keep]
+            return [keep] * 16 + [_status("No parameters to send: drop a PNG first.", error=True), keep]
         p = parse_parameters(text)
         notes = []
         if "sampler_text" in p and "sampler" not in p:
             notes.append(f"its sampler {p['sampler_text']!r} is not offered here, kept the current one")
-        if p.get("model") and p["model"] != model and Path(model).name != p["model"]:
-            notes.append(f"it was made with model {p['model']!r}; pick it above if you want the same pixels")
+        switch: list[Any] = [keep] * 7  # the model dropdown, then the edit tabs' sampler, steps, guidance
+        made_with = p.get("model")
+        if made_with and made_with != model and Path(model).name != made_with:
+            # a PNG names its model by file or folder name; the catalog by the path under --models_dir
+            served = [name for name, path in self.service.catalog.entries().items() if made_with in (name, path.name)]
+            if len(served) == 1:
+                try:
+                    self.service.set_model(served[0])
+                    defaults = model_defaults(self.service.catalog.path(served[0]))
+                    switch = [served[0], *[defaults["sampler"], defaults["steps"], defaults["guidance"]] * 2]
+                    notes.append(f"selected its model {served[0]!r}")
+                except UserError as e:
+                    notes.append(f"its model {made_with!r} cannot be selected ({e})")
+            elif served:
+                notes.append(f"it was made with model {made_with!r}: several served models have that name "
+                             f"({', '.join(served)}); pick it above, then send again")  # fmt: skip
+            else:
+                notes.append(f"it was made with model {made_with!r}, which is not served here; the pixels will "
+                             "differ")  # fmt: skip
+        # the grid: the PNG's chunk says (blank for an image made before grids were recorded: the model decides),
+        # else its text; a PNG saying nothing clears the box, so no earlier grid stays behind
+        timesteps = grid if grid is not None else p.get("timesteps", "")
         message = "Sent to Text to image" + (f" ({'; '.join(notes)})." if notes else ".")
         return [p.get("prompt", keep), p.get("negative_prompt", keep), p.get("steps", keep), p.get("guidance", keep),
-                p.get("seed", keep), p.get("width", keep), p.get("height", keep), p.get("sampler", keep),
-                _status(message), gr.Tabs(selected="txt2img")]  # fmt: skip
+                p.get("seed", keep), p.get("width", keep), p.get("height", keep), p.get("sampler", keep), timesteps,
+                *switch, _status(message), gr.Tabs(selected="txt2img")]  # fmt: skip
 
 
 def _size(value: Any, zero_is_default: bool) -> int | None:

@@ -334,6 +334,69 @@ def test_png_info_shows_parameters_and_sends_them_to_txt2img(page, tmp_path):
     expect(page.locator("#pnginfo_status")).to_contain_text("made with model 'v1-5-pruned'")
 
 
+def test_png_info_remakes_an_image_exactly_model_and_grid_included(page, app_env, tmp_path):
+    """An image made on another served model than the page's, then remade from the PNG info tab after that model
+    stored a timestep grid (and later changed it): the send selects the model without resetting the sent fields to
+    its defaults, and fills Timesteps so the remake samples as the image was sampled: the same pixels."""
+    expect = _expect()
+    from ldm_app.pipeline import write_sampling_defaults
+    from ldm_app.serving import JobSpec
+
+    service, tiny_b = app_env["service"], app_env["root"] / "models" / "tiny_b"
+    stored = {"num_inference_steps": 5, "sampler": "euler", "guidance_scale": 6.5, "height": 32, "width": 40}
+
+    def made_on_tiny_b() -> Path:  # guidance and size unlike tiny_b's stored defaults
+        result = service.run(JobSpec("a blue square", seed=11, guidance_scale=3.0, width=48, height=32,
+                                     model="tiny_b"), timeout=60)  # fmt: skip
+        return result.paths[0]
+
+    def remake(png: Path, expected_grid: str) -> bytes:
+        page.get_by_role("tab", name="PNG info").click()
+        clear = page.locator("#pnginfo_file button[aria-label='Clear']")
+        if clear.count():  # a PNG already dropped: take it out first, as a person would
+            clear.click()
+        page.locator("#pnginfo_file input[type=file]").set_input_files(str(png))
+        expect(page.locator("#pnginfo_status")).to_contain_text("Parameters read.")
+        page.click("#pnginfo_send")
+        expect(page.locator("#pnginfo_status")).to_contain_text("Sent to Text to image")
+        expect(page.locator("#model input")).to_have_value("tiny_b")
+        expect(page.locator("#txt2img_timesteps input")).to_have_value(expected_grid)
+        expect(page.locator("#txt2img_guidance input[type=number]")).to_have_value("3")
+        expect(page.locator("#txt2img_width input")).to_have_value("48")
+        shown = page.locator("#txt2img_gallery img").first
+        before = shown.get_attribute("src") if shown.count() else None
+        page.click("#txt2img_generate")
+        expect(page.locator("#txt2img_status")).to_contain_text("Done: 1 image with tiny_b")
+        if before is not None:  # the status reads "Done" from the last remake too: wait for the new image
+            expect(shown).not_to_have_attribute("src", before)
+        return png_bytes_of(app_env["url"], shown.get_attribute("src"))
+
+    def pixels(data: bytes) -> bytes:
+        return Image.open(io.BytesIO(data)).convert("RGB").tobytes()
+
+    try:
+        # made on the sampler's own spacing; then the model stores a grid at these very settings
+        own = made_on_tiny_b()
+        write_sampling_defaults(tiny_b, {**stored, "timesteps": [999, 800, 500, 300, 100]})
+        assert pixels(remake(own, "own")) == pixels(own.read_bytes())
+        assert "Timesteps:" not in text_chunks(own.read_bytes())["parameters"]
+        # made on that grid; then the model's grid changes
+        gridded = made_on_tiny_b()
+        assert "Timesteps: 999/800/500/300/100" in text_chunks(gridded.read_bytes())["parameters"]
+        write_sampling_defaults(tiny_b, {**stored, "timesteps": [950, 700, 450, 200, 20]})
+        again = remake(gridded, "999/800/500/300/100")
+        assert pixels(again) == pixels(gridded.read_bytes())
+        assert pixels(again) != pixels(own.read_bytes())  # the grid made a difference to begin with
+        # a grid that does not fit the steps is a message in the page, and nothing is made
+        page.fill("#txt2img_steps input[type=number]", "3")
+        page.click("#txt2img_generate")
+        expect(page.locator("#txt2img_status")).to_contain_text(
+            "Error: Timesteps has 5 values but Steps is 3: give one timestep per step, or clear Timesteps")
+    finally:
+        write_sampling_defaults(tiny_b, stored)
+        service.set_model("tiny")
+
+
 def test_model_switch_preselects_its_defaults(page, app_env):
     expect = _expect()
     service = app_env["service"]
@@ -428,6 +491,31 @@ def test_parse_parameters_reads_ours_and_a1111s():
         ("cat", "dog", "dpm++", 512, 768, "sd15")  # fmt: skip
     p = parse_parameters("just a prompt, Steps: many")
     assert p == {"prompt": "just a prompt, Steps: many", "negative_prompt": ""}
+    assert parse_parameters("x\nSteps: 4, Timesteps: 999/700/400/100, Seed: 1")["timesteps"] == "999/700/400/100"
+    assert "timesteps" not in parse_parameters("x\nSteps: 4, Timesteps: 999/-700, Seed: 1")
+
+
+def test_the_timesteps_box_and_what_a_png_says_of_its_grid():
+    from ldm_app.errors import UserError
+    from ldm_app.webui import OWN_SPACING, parse_grid, png_grid
+
+    def chunk(**data: Any) -> dict[str, str]:
+        return {"ldm_app": json.dumps({"prompt": "x", **data})}
+
+    assert png_grid(chunk(timesteps=[999, 500, 1])) == "999/500/1"
+    assert png_grid(chunk(timesteps=None)) == OWN_SPACING
+    assert png_grid(chunk()) is None  # made before grids were recorded: the model decides
+    assert png_grid(chunk(timesteps=None, init_image="in.png")) is None  # an edit: no text-to-image grid
+    assert png_grid({"ldm_app": "{not json"}) is None and png_grid({}) is None
+    assert png_grid(chunk(timesteps=["999"])) is None
+    assert parse_grid("", 4) == (None, False) and parse_grid("  ", 4) == (None, False)
+    assert parse_grid(" Own ", 4) == (None, True)
+    assert parse_grid("999/700/400/100", 4) == ((999, 700, 400, 100), False)
+    assert parse_grid("999, 500", 2) == ((999, 500), False)
+    with pytest.raises(UserError, match=r"^Timesteps: expected whole timesteps separated by '/'.*'999/x'"):
+        parse_grid("999/x", 2)
+    with pytest.raises(UserError, match="Timesteps has 2 values but Steps is 4"):
+        parse_grid("999/500", 4)
 
 
 def test_cli_refuses_bad_flags_in_one_line(capsys, tmp_path):
