@@ -50,6 +50,16 @@ Choices where we differ from A1111 or map onto ldm_app:
   (A1111's overlay); `inpainting_mask_invert` and `mask_blur` map directly (`mask_blur_x`/`_y` when `mask_blur` is
   null; different x and y use the larger); an RGBA mask with transparency uses its alpha, as A1111 does.
   `inpaint_full_res` ("only masked") is ignored with a note.
+- `infotext` (A1111's request field: an image's `parameters` text): the fields the request does not set are read
+  from it, as A1111's `apply_infotext` does (a field the request sets wins): prompt, negative prompt, steps,
+  sampler, CFG scale, seed, size, schedule type, and for img2img denoising strength and mask blur. Its `Timesteps:` (ours: the
+  grid text-to-image sampled on) applies where the steps and sampler are the infotext's, so a txt2img request
+  with an ldm_app image's infotext remakes it on its grid even after the model's stored grid changed. Its
+  `Model:` does not switch the model (A1111's default, "do not change selected model when reading generation
+  parameters"): a job on another model than the infotext's gets a note in `ignored_fields` ("infotext.Model").
+  An image made on the sampler's own spacing says nothing of its grid in its text, so where the model has since
+  stored a grid at those settings, its remake samples on that grid (the PNG's `ldm_app` chunk, which
+  `generate.py --from_png` and the web UI read, does say).
 - Fields we do not support are accepted and ignored, and listed in `info["ignored_fields"]` with the reason, but
   only when their value would have changed the result (webuiapi sends `restore_faces: false`, `eta: 1.0` with
   "Euler a", ... on every call): hires fix, refiner, scripts and alwayson_scripts, restore_faces, tiling, styles,
@@ -86,7 +96,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
@@ -335,6 +345,9 @@ class Img2ImgRequest(_Generation):
     latent_mask: Any = None
 
 
+RequestT = TypeVar("RequestT", bound=_Generation)
+
+
 class PngInfoRequest(BaseModel):
     image: str = ""
 
@@ -370,7 +383,6 @@ _NOT_APPLIED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "comments": (_unset, "comments are not stored"),
     "script_name": (_unset, "scripts are not supported"),
     "script_args": (_unset, "scripts are not supported"),
-    "infotext": (_unset, "reading settings from an infotext is not supported; send the fields"),
     "resize_mode": (_unset, "resized as resize_mode 0 (just resize)"),
     "initial_noise_multiplier": (lambda v: _unset(v) or v == 1, "not supported"),
     "latent_mask": (_unset, "not supported"),
@@ -497,7 +509,8 @@ class _Prepared:
     defaults_used: list[str]
 
 
-def _common_spec(req: _Generation, service: GenerationService) -> tuple[dict[str, Any], dict[str, str]]:
+def _common_spec(req: _Generation, service: GenerationService,
+                 infotext: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:  # fmt: skip
     """JobSpec fields shared by txt2img and img2img, and the notes about them."""
     notes: dict[str, str] = {}
     networks = parse_extra_networks(req.prompt or "", service, apply=not req.disable_extra_networks)
@@ -511,6 +524,10 @@ def _common_spec(req: _Generation, service: GenerationService) -> tuple[dict[str
     model = service.model_name
     if req.override_settings and "sd_model_checkpoint" in req.override_settings:
         model = resolve_model(service, req.override_settings["sd_model_checkpoint"])
+    made_with = infotext.get("Model")
+    if made_with and made_with not in (model, service.catalog.path(model).name):
+        notes["infotext.Model"] = (f"the infotext's image was made with model {limits.shown(made_with, 60)}; this job "
+                                   f"used {model!r} (override_settings.sd_model_checkpoint picks the model)")  # fmt: skip
     fields = dict(
         prompt=networks.prompt, negative_prompt=req.negative_prompt or "",
         seed=None if req.seed in (None, -1) else req.seed, steps=req.steps,
@@ -528,9 +545,71 @@ def _defaults_used(req: _Generation) -> list[str]:
     return used
 
 
-def prepare_txt2img(req: Txt2ImgRequest, service: GenerationService) -> _Prepared:
-    fields, notes = _common_spec(req, service)
-    return _Prepared(JobSpec(**fields), notes, _defaults_used(req))
+def prepare_txt2img(req: Txt2ImgRequest, service: GenerationService, infotext: dict[str, Any] | None = None
+                    ) -> _Prepared:  # fmt: skip
+    """`infotext`: apply_infotext's parsed infotext of `req` (already applied to it)."""
+    fields, notes = _common_spec(req, service, infotext or {})
+    timesteps = _infotext_grid(req, infotext or {}, notes)
+    return _Prepared(JobSpec(**fields, timesteps=timesteps), notes, _defaults_used(req))
+
+
+# A1111's paste fields that an API request's `infotext` fills (modules/infotext_utils.py): infotext key -> field
+INFOTEXT_FIELDS = {"Prompt": "prompt", "Negative prompt": "negative_prompt", "Steps": "steps",
+                   "Sampler": "sampler_name", "CFG scale": "cfg_scale", "Seed": "seed", "Size-1": "width",
+                   "Size-2": "height", "Schedule type": "scheduler"}  # fmt: skip
+INFOTEXT_IMG2IMG_FIELDS = {"Denoising strength": "denoising_strength", "Mask blur": "mask_blur"}
+
+
+def apply_infotext(req: RequestT) -> tuple[RequestT, dict[str, Any]]:
+    """A1111's apply_infotext: a copy of `req` whose fields the request did not set are read from its `infotext`
+    (see the module doc), and the parsed infotext; `(req, {})` when it has none. UserError for a value of the
+    wrong kind."""
+    if _unset(req.infotext):
+        return req, {}
+    if not isinstance(req.infotext, str):
+        raise UserError(f"infotext must be an image's parameters text, got {limits.shown(req.infotext, 60)}")
+    params = parse_infotext(req.infotext)
+    fields = {**INFOTEXT_FIELDS, **(INFOTEXT_IMG2IMG_FIELDS if isinstance(req, Img2ImgRequest) else {})}
+    updates: dict[str, Any] = {}
+    for key, name in fields.items():
+        value = params.get(key)
+        if name in req.model_fields_set or value in (None, ""):
+            continue
+        if name == "sampler_name" and str(value).lower() == "model default":  # ours: the model's own sampler
+            continue
+        kind = {"steps": int, "seed": int, "width": int, "height": int, "cfg_scale": float,
+                "denoising_strength": float, "mask_blur": float}.get(name, str)  # fmt: skip
+        try:
+            updates[name] = kind(value)
+        except ValueError:
+            expected = "a whole number" if kind is int else "a number"
+            raise UserError(f"infotext: {key} {limits.shown(value, 40)} is not {expected}") from None
+    if "sampler_index" in req.model_fields_set and "sampler_name" in updates:
+        del updates["sampler_name"]  # the request's sampler, by its older field
+    return req.model_copy(update=updates), params
+
+
+def _sampler_of(value: Any) -> str | None:
+    """Our name of a request's or an infotext's sampler (None: the model's own); "?" for one we do not have."""
+    if value in (None, "") or str(value).lower() == "model default":
+        return None
+    try:
+        return resolve_sampler(value)
+    except ApiError:
+        return "?"
+
+
+def _infotext_grid(req: Txt2ImgRequest, infotext: dict[str, Any], notes: dict[str, str]) -> tuple[int, ...] | None:
+    """The infotext's `Timesteps:` grid, where the job samples at the infotext's steps with its sampler."""
+    text = str(infotext.get("Timesteps", ""))
+    if not re.fullmatch(r"\d+(/\d+)*", text):
+        return None
+    grid = tuple(int(t) for t in text.split("/"))
+    sampler = req.sampler_name if req.sampler_name not in (None, "") else req.sampler_index
+    if req.steps != len(grid) or _sampler_of(sampler) != _sampler_of(infotext.get("Sampler")):
+        notes["infotext.Timesteps"] = "not applied: the request's steps or sampler differ from the infotext's"
+        return None
+    return grid
 
 
 def _decode_mask(data: bytes) -> Image.Image:
@@ -549,10 +628,11 @@ def _decode_mask(data: bytes) -> Image.Image:
     return mask
 
 
-def prepare_img2img(req: Img2ImgRequest, service: GenerationService) -> _Prepared:
+def prepare_img2img(req: Img2ImgRequest, service: GenerationService, infotext: dict[str, Any] | None = None
+                    ) -> _Prepared:  # fmt: skip
     from PIL import ImageOps
 
-    fields, notes = _common_spec(req, service)
+    fields, notes = _common_spec(req, service, infotext or {})
     if not req.init_images:
         raise UserError("init_images is empty; expected a list with one base64-encoded image")
     if len(req.init_images) > 1:
@@ -741,11 +821,13 @@ def api_router(service: GenerationService, auth: tuple[str, str] | None = None) 
 
     @router.post("/txt2img", response_model=ImageResponse)
     def txt2img(req: Txt2ImgRequest) -> dict[str, Any]:
-        return run_job(service, prepare_txt2img(req, service), req, _echo(req))
+        req, infotext = apply_infotext(req)
+        return run_job(service, prepare_txt2img(req, service, infotext), req, _echo(req))
 
     @router.post("/img2img", response_model=ImageResponse)
     def img2img(req: Img2ImgRequest) -> dict[str, Any]:
-        prepared = prepare_img2img(req, service)
+        req, infotext = apply_infotext(req)
+        prepared = prepare_img2img(req, service, infotext)
         drop = () if req.include_init_images else ("init_images", "mask")
         return run_job(service, prepared, req, _echo(req, drop))
 

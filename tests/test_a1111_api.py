@@ -366,6 +366,53 @@ def test_png_info(api):
     assert api.png_info(gradient_image()).info == ""  # an image without parameters
 
 
+def test_infotext_fills_what_the_request_leaves_out_and_remakes_on_its_grid(server, root):
+    """A1111's `infotext` field: the fields a request omits come from an image's parameters text (the request's own
+    win), and an ldm_app image's `Timesteps:` grid is sampled on again after the model's stored grid changed."""
+    tiny = root / "models" / "tiny"
+
+    def txt2img(payload: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        response = server.post("txt2img", payload)
+        assert response.status_code == 200, response.text
+        image = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0])))
+        return pixels(image), json.loads(response.json()["info"])
+
+    try:
+        write_sampling_defaults(tiny, {**TINY_DEFAULTS, "timesteps": [900, 500, 100]})
+        made, info = txt2img({"prompt": PROMPT, "negative_prompt": "blurry", "seed": 42})
+        text = info["infotexts"][0]
+        assert "Timesteps: 900/500/100" in text
+        write_sampling_defaults(tiny, {**TINY_DEFAULTS, "timesteps": [999, 600, 50]})
+        on_new_grid, _ = txt2img({"prompt": PROMPT, "negative_prompt": "blurry", "seed": 42})
+        assert not np.array_equal(on_new_grid, made)  # the stored grid changed what the same request makes
+
+        remade, info = txt2img({"infotext": text})
+        assert np.array_equal(remade, made)
+        assert (info["prompt"], info["negative_prompt"], info["seed"], info["steps"], info["sampler"]) == \
+            (PROMPT, "blurry", 42, 3, "euler")  # fmt: skip
+        assert (info["width"], info["height"], info["cfg_scale"]) == (32, 48, 2.5)
+        assert info["ignored_fields"] == {} and "Timesteps: 900/500/100" in info["infotexts"][0]
+
+        # what the request sets wins; a grid that no longer fits its steps or sampler is left out, with a note
+        _, info = txt2img({"infotext": text, "seed": 7, "steps": 2})
+        assert (info["seed"], info["steps"], info["prompt"]) == (7, 2, PROMPT)
+        assert "infotext.Timesteps" in info["ignored_fields"] and "Timesteps:" not in info["infotexts"][0]
+        _, info = txt2img({"infotext": text, "sampler_name": "DDIM"})
+        assert info["sampler"] == "ddim" and "infotext.Timesteps" in info["ignored_fields"]
+        _, info = txt2img({"infotext": text, "sampler_name": "Euler"})  # the same sampler by its A1111 name
+        assert "infotext.Timesteps" not in info["ignored_fields"] and "Timesteps: 900/500/100" in info["infotexts"][0]
+        # another model than the infotext's is used as selected, with a note (A1111 does not switch on it either)
+        other = text.replace("Model: tiny", "Model: tiny2")
+        assert other != text
+        _, info = txt2img({"infotext": other})
+        assert info["sd_model_name"] == "tiny" and "tiny2" in info["ignored_fields"]["infotext.Model"]
+        response = server.post("txt2img", {"infotext": "a cat\nSteps: many, Sampler: Euler, Seed: 1"})
+        assert response.status_code == 400 and response.json()["detail"] == \
+            "infotext: Steps 'many' is not a whole number"  # fmt: skip
+    finally:
+        write_sampling_defaults(tiny, TINY_DEFAULTS)
+
+
 def test_lora_tags_in_the_prompt(server, api):
     assert [lora["name"] for lora in api.get_loras()] == ["style"]
     plain = api.txt2img(prompt=PROMPT, seed=12, **SMALL)
