@@ -5,6 +5,7 @@
                                                       --prompt_style free: free-form prompts, scored on what they state)
     python -m ldm_app.evaluate sweep --model M ...   (settings sweep, defaults by measurement: .../sweep.py)
     python -m ldm_app.evaluate edit --model M ...    (recolouring and inpainting: .../edit.py)
+    python -m ldm_app.evaluate ceiling --model VAE   (what an autoencoder lets through: .../ceiling.py)
 
 `vae`: reconstruct the held-out images of the training run (the indices train_vae.py recorded in
 OUT/vae/holdout.json, never trained on) and report PSNR, SSIM (Wang et al. 2004) and, for a VQ model, codebook
@@ -41,6 +42,8 @@ SUBCOMMANDS = (
      "image-to-image recolouring and inpainting, judged by the judge and by pixels"),
     ("classes", "ldm_app.evaluation.classes", "add_classes_arguments", "run_classes_cli",
      "class-conditional sampling: class accuracy per guidance scale"),
+    ("ceiling", "ldm_app.evaluation.ceiling", "add_ceiling_arguments", "run_ceiling_cli",
+     "what an autoencoder lets through of the adherence prompts (renders encoded and decoded, both judges)"),
 )  # fmt: skip
 
 
