@@ -24,17 +24,35 @@ stage data "$OUT/data/metadata.jsonl" \
     python -m ldm_app.data.shapes --out "$OUT/data" --num_images 30000 --resolution 64 --seed "$SEED" \
     --two_object_fraction 0.5
 
-stage vae "$OUT/vae/vae/config.json" \
-    launch train_vae.py --config configs/vae/shapes64.yaml --train_data_dir "$OUT/data" --output_dir "$OUT/vae" \
-    --seed "$SEED" --resume_from_checkpoint latest
-
-stage vae_eval "$OUT/vae/eval.json" \
-    python -m ldm_app.evaluate vae --model "$OUT/vae" --data "$OUT/data" --grid "$OUT/vae/recon_grid.png" \
-    --json "$OUT/vae/eval.json"
+# The autoencoder, checked before an hour and a half goes into the stages built on it: the adherence prompts'
+# renders encoded and decoded must keep every attribute of >= 95% of the one-object scenes by the harsher judge
+# (`evaluate ceiling`; the bundled autoencoder: 0.98). Below that it is trained again with the next seed, up to
+# three times. On an Intel Xeon (2026-12-05; the bundled one came from another machine) the seed-0 autoencoder
+# came out at 0.82 (red drawn towards orange, purple towards blue; PSNR 31.1 dB) and the 105-minute recipe built
+# on it gave a model of colour 0.85; seed 1 there: 1.00 / 0.98, PSNR 34.0 dB (README, "The default model").
+VAE=""
+for TRY in 0 1 2; do
+    VAE_OUT="$OUT/vae"; [ "$TRY" -gt 0 ] && VAE_OUT="$OUT/vae_seed$((SEED + TRY))"
+    stage "vae (seed $((SEED + TRY)))" "$VAE_OUT/vae/config.json" \
+        launch train_vae.py --config configs/vae/shapes64.yaml --train_data_dir "$OUT/data" --output_dir "$VAE_OUT" \
+        --seed "$((SEED + TRY))" --resume_from_checkpoint latest
+    stage "vae_eval (seed $((SEED + TRY)))" "$VAE_OUT/eval.json" \
+        python -m ldm_app.evaluate vae --model "$VAE_OUT" --data "$OUT/data" --grid "$VAE_OUT/recon_grid.png" \
+        --json "$VAE_OUT/eval.json"
+    if python -m ldm_app.evaluate ceiling --model "$VAE_OUT" --min_accuracy 0.95 --json "$VAE_OUT/ceiling.json"; then
+        VAE="$VAE_OUT"; break
+    fi
+    echo "== the autoencoder of seed $((SEED + TRY)) loses colours or shapes (above); training another"
+done
+if [ -z "$VAE" ]; then
+    echo "error: three autoencoders (seeds $SEED-$((SEED + 2))) lose attributes of the one-object scenes (see" \
+         "$OUT/vae*/ceiling.json); nothing built on them" >&2
+    exit 1
+fi
 
 stage ldm "$OUT/ldm/model_index.json" \
     launch train_ldm.py --config configs/ldm/shapes64_cpu.yaml --train_data_dir "$OUT/data" \
-    --pretrained_vae "$OUT/vae/vae" --output_dir "$OUT/ldm" --seed "$SEED" --resume_from_checkpoint latest
+    --pretrained_vae "$VAE/vae" --output_dir "$OUT/ldm" --seed "$SEED" --resume_from_checkpoint latest
 
 # A sharper decoder for the same latents: only the decoder is trained further, with the PatchGAN on from the start
 # (the encoder and the latent scale stay bit-identical, so the LDM above still fits; how SD's ft-EMA/MSE decoders
@@ -42,7 +60,7 @@ stage ldm "$OUT/ldm/model_index.json" \
 # guidance 3 0.87 -> 0.90, KID 0.059 -> 0.044 (README, "The default model").
 stage decoder "$OUT/decoder/vae/config.json" \
     launch train_vae.py --config configs/vae/shapes64.yaml --train_data_dir "$OUT/data" --output_dir "$OUT/decoder" \
-    --pretrained_vae "$OUT/vae/vae" --set train_decoder_only=true --set train.learning_rate=5e-4 \
+    --pretrained_vae "$VAE/vae" --set train_decoder_only=true --set train.learning_rate=5e-4 \
     --set train.max_train_steps=2000 --set loss.disc_start=0 --seed "$SEED" --resume_from_checkpoint latest
 
 stage assemble "$OUT/model/model_index.json" \

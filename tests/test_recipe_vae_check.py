@@ -1,0 +1,79 @@
+"""recipes/shapes.sh's autoencoder check, run as bash runs it, with `python` on PATH replaced by a recorder (the
+stages themselves take hours): an autoencoder below the ceiling gate is trained again with the next seed, the
+stages after it are built on the one that passed, and three failures stop the recipe before the LDM."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Records each call; makes the file a stage waits for; `evaluate ceiling` fails for the autoencoders listed in
+# $FAIL_VAES; train_ldm.py stops the recipe (exit 3) so the test ends there.
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+arg() { local want=$1; shift; while [ $# -gt 0 ]; do [ "$1" = "$want" ] && { echo "$2"; return; }; shift; done; }
+case "$*" in
+  *ldm_app.data.shapes*) mkdir -p "$(arg --out "$@")" && touch "$(arg --out "$@")/metadata.jsonl" ;;
+  *train_vae.py*) mkdir -p "$(arg --output_dir "$@")/vae" && touch "$(arg --output_dir "$@")/vae/config.json" ;;
+  *"evaluate vae"*) touch "$(arg --json "$@")" ;;
+  *"evaluate ceiling"*) for v in $FAIL_VAES; do [ "$(arg --model "$@")" = "$v" ] && exit 2; done; exit 0 ;;
+  *train_ldm.py*) exit 3 ;;
+  *) exit 4 ;;
+esac
+"""
+
+
+def _run(tmp_path: Path, fail: list[str]) -> tuple[subprocess.CompletedProcess, list[str], Path]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls.txt"),
+           "NPROC": "1", "FAIL_VAES": " ".join(str(out / name) for name in fail)}
+    proc = subprocess.run(["bash", "recipes/shapes.sh", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    return proc, (tmp_path / "calls.txt").read_text().splitlines(), out
+
+
+def _seeds_trained(calls: list[str]) -> list[str]:
+    return [c.split("--seed ")[1].split()[0] for c in calls if "train_vae.py" in c]
+
+
+def test_a_failing_autoencoder_is_trained_again_and_the_ldm_uses_the_one_that_passed(tmp_path):
+    proc, calls, out = _run(tmp_path, ["vae"])
+    assert proc.returncode == 3, proc.stdout + proc.stderr  # stopped by the recorder at train_ldm.py
+    assert _seeds_trained(calls) == ["0", "1"]
+    ldm = [c for c in calls if "train_ldm.py" in c]
+    assert len(ldm) == 1 and f"--pretrained_vae {out}/vae_seed1/vae " in ldm[0]
+    assert "the autoencoder of seed 0 loses colours or shapes" in proc.stdout
+
+
+def test_a_passing_autoencoder_is_used_at_once(tmp_path):
+    proc, calls, out = _run(tmp_path, [])
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert _seeds_trained(calls) == ["0"]
+    assert f"--pretrained_vae {out}/vae/vae " in [c for c in calls if "train_ldm.py" in c][0]
+
+
+@pytest.mark.parametrize("rerun", [False, True])
+def test_three_failures_stop_before_the_ldm(tmp_path, rerun):
+    fail = ["vae", "vae_seed1", "vae_seed2"]
+    proc, calls, _ = _run(tmp_path, fail)
+    if rerun:  # a second run trains nothing again: each autoencoder is kept, only the checks run again
+        (tmp_path / "bin").rename(tmp_path / "bin.first")
+        (tmp_path / "calls.txt").unlink()
+        proc, calls, _ = _run(tmp_path, fail)
+        assert _seeds_trained(calls) == []
+    else:
+        assert _seeds_trained(calls) == ["0", "1", "2"]
+    assert proc.returncode == 1
+    assert not any("train_ldm.py" in c for c in calls)
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: three autoencoders (seeds 0-2)")
