@@ -64,6 +64,7 @@ def test_cli_gate_fails_on_an_untrained_autoencoder_and_keeps_the_report(tmp_pat
 @pytest.mark.parametrize("args, message", [
     (["--model", "nowhere"], "not an autoencoder folder"),
     (["--model", ".", "--min_accuracy", "2"], "--min_accuracy must be between 0 and 1"),
+    (["--model", ".", "--num_prompts", "0", "--two_object_prompts", "8"], "--num_prompts must be >= 1"),
 ])
 def test_cli_errors_are_one_line(args, message):
     proc = _cli(*args)

@@ -23,8 +23,6 @@ import torch
 
 from ldm_app.errors import UserError
 
-CEILING_FILE = "ceiling.json"
-
 
 def reconstruction_ceiling(
     reconstruct_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -55,11 +53,11 @@ def reconstruction_ceiling(
 
 def autoencoder_ceiling(folder: str | Path, judge: Any, **kwargs: Any) -> dict[str, Any]:
     """`reconstruction_ceiling` of the autoencoder folder (a train_vae.py output, its vae/ or a model folder)."""
+    from ldm_app.evaluate import resolve_model_dir
     from ldm_app.first_stage import reconstruct
     from ldm_app.models import load_autoencoder
 
-    folder = Path(folder)
-    vae = load_autoencoder(folder / "vae" if (folder / "vae" / "config.json").is_file() else folder).eval().float()
+    vae = load_autoencoder(resolve_model_dir(folder)).eval().float()
     report = reconstruction_ceiling(lambda x: (reconstruct(vae, x * 2 - 1)[0] + 1) / 2, judge, **kwargs)
     report["model"] = str(folder)
     return report
@@ -85,24 +83,27 @@ def add_ceiling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--two_object_prompts", type=int, default=100, help="two-object (relation) prompts")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts")
     parser.add_argument("--min_accuracy", type=float, default=None,
-                        help="fail (exit 1) when the one-object all-attributes accuracy by the harsher judge is "
+                        help="fail (exit 2) when the one-object all-attributes accuracy by the harsher judge is "
                         "below this")
     parser.add_argument("--json", default=None, help="write the report here (also when --min_accuracy fails)")
     add_judge_arguments(parser)
 
 
 def run_ceiling_cli(args: argparse.Namespace) -> dict[str, Any]:
+    from ldm_app.evaluate import resolve_model_dir
     from ldm_app.fileio import atomic_write_text, check_output_file
 
     from .adherence import check_counts, judge_from_args
 
+    if args.num_prompts < 1:  # the report and the gate read the one-object scenes
+        raise UserError(f"--num_prompts must be >= 1 (one-object prompts), got {args.num_prompts}")
     check_counts(args.num_prompts, args.two_object_prompts, 1)
     if args.min_accuracy is not None and not 0 <= args.min_accuracy <= 1:
         raise UserError(f"--min_accuracy must be between 0 and 1, got {args.min_accuracy}")
     if args.json:
         check_output_file("--json", args.json)
     folder = Path(args.model)
-    if not ((folder / "config.json").is_file() or (folder / "vae" / "config.json").is_file()):
+    if not (resolve_model_dir(folder) / "config.json").is_file():
         raise UserError(f"{str(folder)!r} is not an autoencoder folder (no config.json in it or in its vae/): pass "
                         "a train_vae.py output folder, its vae/ folder or a model folder")
     report = autoencoder_ceiling(folder, judge_from_args(args), num_prompts=args.num_prompts,
