@@ -49,6 +49,19 @@ if [ -z "$VAE" ]; then
          "$OUT/vae*/ceiling.json); nothing built on them" >&2
     exit 1
 fi
+# Stages trained on another autoencoder (a folder from before this check, or a check that came out otherwise) would
+# be put together with this one into a model whose LDM and decoder disagree, with no word: stop instead.
+check_trained_on() {  # check_trained_on DIR KEY: DIR's run_config.json, if any, names $VAE/vae under KEY
+    [ -e "$1/run_config.json" ] || return 0
+    local p; p=$(sed -n -E "s/.*\"$2\": \"([^\"]*)\".*/\1/p" "$1/run_config.json" | head -n 1)
+    if [ "$(realpath -m -- "${p:-?}")" != "$(realpath -m -- "$VAE/vae")" ]; then
+        echo "error: $1 was trained on another autoencoder (${p:-none named}) than $VAE/vae, the one that passed" \
+             "the check; delete $1 and the stages after it in recipes/shapes.sh" >&2
+        exit 1
+    fi
+}
+check_trained_on "$OUT/ldm" pretrained_vae
+check_trained_on "$OUT/decoder" init_from
 
 stage ldm "$OUT/ldm/model_index.json" \
     launch train_ldm.py --config configs/ldm/shapes64_cpu.yaml --train_data_dir "$OUT/data" \

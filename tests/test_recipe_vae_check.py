@@ -1,6 +1,7 @@
 """recipes/shapes.sh's autoencoder check, run as bash runs it, with `python` on PATH replaced by a recorder (the
 stages themselves take hours): an autoencoder below the ceiling gate is trained again with the next seed, the
-stages after it are built on the one that passed, and three failures stop the recipe before the LDM."""
+stages after it are built on the one that passed, three failures stop the recipe before the LDM, and stages that
+an earlier run trained on another autoencoder stop it too (they would be mixed with the new one)."""
 
 from __future__ import annotations
 
@@ -77,3 +78,30 @@ def test_three_failures_stop_before_the_ldm(tmp_path, rerun):
     assert proc.returncode == 1
     assert not any("train_ldm.py" in c for c in calls)
     assert proc.stderr.strip().splitlines()[-1].startswith("error: three autoencoders (seeds 0-2)")
+
+
+def _trained_on(folder: Path, key: str, vae: str) -> None:
+    folder.mkdir(parents=True)
+    (folder / "run_config.json").write_text(f'{{\n  "seed": 0,\n  "{key}": "{vae}",\n  "other": 1\n}}\n')
+
+
+@pytest.mark.parametrize("stage, key", [("ldm", "pretrained_vae"), ("decoder", "init_from")])
+def test_a_stage_trained_on_another_autoencoder_stops_the_recipe(tmp_path, stage, key):
+    # a folder from before the check: its LDM (or decoder) was trained on the seed-0 autoencoder, which now fails
+    out = tmp_path / "out"
+    _trained_on(out / stage, key, f"{out}/vae/vae")
+    proc, calls, _ = _run(tmp_path, ["vae"])
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert not any("train_ldm.py" in c for c in calls)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {out}/{stage} was trained on another autoencoder ({out}/vae/vae) than "
+                           f"{out}/vae_seed1/vae"), last
+
+
+def test_a_stage_trained_on_the_chosen_autoencoder_goes_on_however_its_path_was_written(tmp_path):
+    out = tmp_path / "out"
+    # the same folder written another way (as a relative path from elsewhere, with a ./ in it)
+    _trained_on(out / "ldm", "pretrained_vae", os.path.relpath(out / "vae_seed1" / "./vae", ROOT))
+    proc, calls, _ = _run(tmp_path, ["vae"])
+    assert proc.returncode == 3, proc.stdout + proc.stderr  # on to train_ldm.py (the recorder stops there)
+    assert any("train_ldm.py" in c for c in calls)
