@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 PREFIX = "checkpoint-"
 STATE_FILE = "training_state.json"
 RUN_CONFIG_FILE = "run_config.json"
+# run_config.json's record of the weights a run took from disk ({name: sha256}; training.common.weights_sha256)
+LOADED_WEIGHTS = "loaded_weights_sha256"
 LOCK_FILE = ".lock"
 
 
@@ -216,12 +218,25 @@ def check_run_folder(output_dir: str | Path, run_config: Mapping[str, Any], resu
         except (OSError, ValueError) as e:
             raise UserError(f"{saved_file} is unreadable ({e.__class__.__name__}): cannot tell which run the "
                             "folder holds; use a new --output_dir") from None
-        changed = [k for k in diff_configs(saved, with_legacy_values(run_config)) if not k.startswith(may_differ)]
+        saved_weights, weights = saved.pop(LOADED_WEIGHTS, None), run_config.get(LOADED_WEIGHTS)
+        current = with_legacy_values({k: v for k, v in run_config.items() if k != LOADED_WEIGHTS})
+        changed = [k for k in diff_configs(saved, current) if not k.startswith(may_differ)]
         if changed:
             raise UserError(
                 f"output dir {str(output_dir)!r} holds a different run (config differs at {', '.join(changed[:3])}); "
                 "use a new --output_dir"
             )
+        # The same paths, other files behind them (a model folder overwritten, a hub name now at a new revision): a
+        # resume would go on training on other latents or other frozen weights with no word. Runs saved before this
+        # record existed have none and resume as before.
+        if isinstance(saved_weights, dict) and isinstance(weights, Mapping):
+            other = [name for name, digest in weights.items() if saved_weights.get(name, digest) != digest]
+            if other:
+                raise UserError(
+                    f"output dir {str(output_dir)!r} holds a run that started from other {' and '.join(other)} weights "
+                    f"than the ones given now (sha256 {str(saved_weights[other[0]])[:12]} then, {weights[other[0]][:12]} "
+                    "now): resume with the files it started from, or use a new --output_dir"
+                )
 
 
 def write_run_config(output_dir: str | Path, run_config: Mapping[str, Any]) -> None:

@@ -38,6 +38,22 @@ def setup_logging() -> None:
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one INFO line per file of every checkpoint
 
 
+def weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 of a module's weights (names, dtypes, values) and, for an autoencoder, its latent scale and shift:
+    what a run took from disk, so a resumed run can tell that the files behind the same path were replaced. The
+    library versions in the module's config are left out: upgrading transformers between two sessions must not
+    stop a resume."""
+    import hashlib
+
+    h = hashlib.sha256()
+    config = getattr(module, "config", None)
+    h.update(repr([getattr(config, k, None) for k in ("scaling_factor", "shift_factor")]).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def open_run_folder(output_dir: str, run_config: dict[str, Any], resume: str | None,
                     may_differ: tuple[str, ...]) -> tuple[Path, Path | None]:
     """Check the output folder before any work: (folder, checkpoint to resume from or None)."""

@@ -461,7 +461,7 @@ class DistillTrainer(LDMTrainer):
 
 def main(argv: list[str] | None = None) -> Any:
     """Parse, check every input (one-line errors, nothing written), then distil. Returns the run's step and losses."""
-    from ..checkpointing import lock_run_folder, write_run_config
+    from ..checkpointing import LOADED_WEIGHTS, lock_run_folder, write_run_config
 
     args = parse_args(argv)
     cfg = load_run_config(args)
@@ -477,8 +477,8 @@ def main(argv: list[str] | None = None) -> Any:
         check_cacheable(dataset)
     check_enough_images(len(dataset), cfg.train.train_batch_size, launched_processes())
     with lock_run_folder(args.output_dir):
-        out, checkpoint = open_run_folder(args.output_dir, to_dict(cfg), args.resume_from_checkpoint,
-                                          MAY_DIFFER_ON_RESUME)
+        record = {**to_dict(cfg), LOADED_WEIGHTS: models.loaded_weights}  # the teacher's, as loaded
+        out, checkpoint = open_run_folder(args.output_dir, record, args.resume_from_checkpoint, MAY_DIFFER_ON_RESUME)
         accelerator = make_accelerator(cfg.train, out, cpu=args.cpu, report_to=args.report_to)
         check_strategy(accelerator, cfg, train_text_encoder=False)
         accelerator.init_trackers("train_distill")
@@ -488,5 +488,5 @@ def main(argv: list[str] | None = None) -> Any:
         if checkpoint is not None:
             trainer.resume(checkpoint)
         if accelerator.is_main_process:
-            write_run_config(out, to_dict(cfg))
+            write_run_config(out, record)
         return trainer.run()

@@ -37,7 +37,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..checkpointing import load_checkpoint, lock_run_folder, save_checkpoint, write_run_config
+from ..checkpointing import LOADED_WEIGHTS, load_checkpoint, lock_run_folder, save_checkpoint, write_run_config
 from ..config import (ConditioningConfig, DataConfig, EmbeddingConfig, LoRAConfig, NoiseScheduleConfig,
                       TextEncoderConfig, TrainConfig, UNetConfig, flag_overrides, load_config, merge, parse_overrides, to_dict)
 from ..conditioning import (NULL_CAPTION, concat_channels, drop_captions, drop_labels, drop_scalars, encode_text,
@@ -48,7 +48,8 @@ from ..first_stage import downsampling_factor, is_vq, latent_channels, latent_st
 from .common import (REPORT_TO, EmptyBatchGuard, Position, TrainProgress, batches, batches_per_epoch,
                      bucket_batches_per_epoch, check_report_to,
                      effective_lr, launched_processes, log_image, make_accelerator, make_lr_scheduler, make_optimizer,
-                     no_transformers_bars, open_run_folder, release_freed_memory, setup_logging, step_generator)
+                     no_transformers_bars, open_run_folder, release_freed_memory, setup_logging, step_generator,
+                     weights_sha256)
 from .lora import (add_embedding, add_lora, check_embedding_captions, check_embedding_run, check_lora_base,
                    check_lora_run, expand_token, keep_other_rows, restore_other_rows, save_embedding, save_lora)
 
@@ -248,6 +249,9 @@ class Models:
     diffusion: Any  # GaussianDiffusion
     train_text_encoder: bool
     embedding_rows: slice | None = None  # textual inversion: the new token's rows of the input embeddings
+    # sha256 of the weights taken from disk, as loaded (before adapters or widening): run_config.json records them
+    # so that a resume from other files behind the same paths is refused (checkpointing.check_run_folder)
+    loaded_weights: dict[str, str] = field(default_factory=dict)
 
 
 def load_folder(what: str, path: str | Path, loader: Any) -> Any:
@@ -300,7 +304,11 @@ def build_models(cfg: LDMRunConfig) -> Models:
                       scalar=cfg.conditioning.uses_scalar)
     tokenizer = load_tokenizer(model_max_length=text_encoder.config.max_position_embeddings)
     diffusion = GaussianDiffusion.from_scheduler_config(cfg.noise)
-    return Models(vae, text_encoder, tokenizer, unet, diffusion, train_text_encoder=not te_cfg.pretrained)
+    loaded = {"autoencoder": weights_sha256(vae)}
+    if te_cfg.pretrained:
+        loaded["text encoder"] = weights_sha256(text_encoder)
+    return Models(vae, text_encoder, tokenizer, unet, diffusion, train_text_encoder=not te_cfg.pretrained,
+                  loaded_weights=loaded)
 
 
 def _models_from_pipeline(folder: Path, vae_dir: str | None, concat: str = "none", scalar: bool = False,
@@ -320,6 +328,7 @@ def _models_from_pipeline(folder: Path, vae_dir: str | None, concat: str = "none
     unet = load_folder("U-Net", folder / "unet",
                        lambda p: UNet2DConditionModel.from_pretrained(p, use_safetensors=True))
     check_compatible(vae, unet.config.out_channels, None)
+    loaded = {"autoencoder": weights_sha256(vae), "U-Net": weights_sha256(unet)}  # before widening
     channels = latent_channels(vae)
     want = channels + concat_channels(concat, channels)
     have = unet.config.in_channels
@@ -343,7 +352,8 @@ def _models_from_pipeline(folder: Path, vae_dir: str | None, concat: str = "none
     text_encoder = load_folder("text encoder", folder / "text_encoder", load_text_encoder)
     max_length = text_encoder.config.max_position_embeddings
     tokenizer = load_folder("tokenizer", folder / "tokenizer", lambda p: load_tokenizer(p, model_max_length=max_length))
-    return Models(vae, text_encoder, tokenizer, unet, diffusion, train_text_encoder=False)
+    loaded["text encoder"] = weights_sha256(text_encoder)
+    return Models(vae, text_encoder, tokenizer, unet, diffusion, train_text_encoder=False, loaded_weights=loaded)
 
 
 def check_compatible(vae: Any, unet_in_channels: int, cfg: LDMRunConfig | None) -> None:
@@ -1068,8 +1078,8 @@ def main(argv: list[str] | None = None) -> TrainResult:
         read_scalars(dataset, cond.scalar_column)
     LDMTrainer.check_class_embedding(cfg, models.unet)
     with lock_run_folder(args.output_dir):
-        out, checkpoint = open_run_folder(args.output_dir, to_dict(cfg), args.resume_from_checkpoint,
-                                          MAY_DIFFER_ON_RESUME)
+        record = {**to_dict(cfg), LOADED_WEIGHTS: models.loaded_weights}
+        out, checkpoint = open_run_folder(args.output_dir, record, args.resume_from_checkpoint, MAY_DIFFER_ON_RESUME)
         accelerator = make_accelerator(cfg.train, out, cpu=args.cpu, report_to=args.report_to)
         check_strategy(accelerator, cfg, models.train_text_encoder)
         accelerator.init_trackers("train_ldm")
@@ -1079,5 +1089,5 @@ def main(argv: list[str] | None = None) -> TrainResult:
         if checkpoint is not None:
             trainer.resume(checkpoint)
         if accelerator.is_main_process:
-            write_run_config(out, to_dict(cfg))
+            write_run_config(out, record)
         return trainer.run()

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..checkpointing import load_checkpoint, lock_run_folder, save_checkpoint, write_run_config
+from ..checkpointing import LOADED_WEIGHTS, load_checkpoint, lock_run_folder, save_checkpoint, write_run_config
 from ..config import (AutoencoderConfig, DataConfig, TrainConfig, flag_overrides, load_config, merge, parse_overrides,
                       save_config, to_dict)
 from ..errors import ArgumentParser, UserError
@@ -39,7 +39,7 @@ from ..losses import (NLayerDiscriminator, autoencoder_nll, disc_factor, generat
                       load_lpips, reconstruction_loss)
 from .common import (REPORT_TO, EmptyBatchGuard, Position, TrainProgress, batches, check_report_to, effective_lr,
                      launched_processes, make_accelerator, make_lr_scheduler, make_optimizer, open_run_folder, psnr,
-                     release_freed_memory, setup_logging, step_generator)
+                     release_freed_memory, setup_logging, step_generator, weights_sha256)
 
 logger = logging.getLogger("train_vae")
 
@@ -528,18 +528,22 @@ def main(argv: list[str] | None = None) -> TrainResult:
     cfg = load_run_config(args)
     setup_logging()
     check_report_to(args.report_to)
+    loaded = {}  # run_config.json records the starting weights: a resume from other files is refused
     if cfg.init_from:  # checked before the output folder is touched, like the config and the data
         from ..models import build_autoencoder
 
-        load_initial_weights(build_autoencoder(cfg.autoencoder), cfg.init_from)
+        initial = build_autoencoder(cfg.autoencoder)
+        scaling_factor = load_initial_weights(initial, cfg.init_from)
+        initial.register_to_config(scaling_factor=scaling_factor)  # the file's scale, as the trainer keeps it
+        loaded["autoencoder"] = weights_sha256(initial)
     train_set, holdout = build_datasets(cfg)
     source = cfg.data.train_data_dir or cfg.data.dataset_name
     train_set = train_set.readable(f"the training split of {source} ({len(holdout['indices'])} held out)"
                                    if holdout["indices"] else str(source))
     check_enough_images(len(train_set), cfg.train.train_batch_size, launched_processes())
     with lock_run_folder(args.output_dir):
-        out, checkpoint = open_run_folder(args.output_dir, to_dict(cfg), args.resume_from_checkpoint,
-                                          MAY_DIFFER_ON_RESUME)
+        record = {**to_dict(cfg), LOADED_WEIGHTS: loaded}
+        out, checkpoint = open_run_folder(args.output_dir, record, args.resume_from_checkpoint, MAY_DIFFER_ON_RESUME)
         accelerator = make_accelerator(cfg.train, out, cpu=args.cpu, report_to=args.report_to)
         check_enough_images(len(train_set), cfg.train.train_batch_size, accelerator.num_processes)
         accelerator.init_trackers("train_vae")
@@ -549,7 +553,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
         if checkpoint is not None:
             trainer.resume(checkpoint)
         if accelerator.is_main_process:
-            write_run_config(out, to_dict(cfg))
+            write_run_config(out, record)
         trainer.run()
         model_dir = trainer.export()
         metrics = trainer.evaluate_holdout(model_dir)
