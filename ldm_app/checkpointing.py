@@ -32,6 +32,8 @@ STATE_FILE = "training_state.json"
 RUN_CONFIG_FILE = "run_config.json"
 # run_config.json's record of the weights a run took from disk ({name: sha256}; training.common.weights_sha256)
 LOADED_WEIGHTS = "loaded_weights_sha256"
+# ... and of its training rows (captions, files with their sizes and times; training.common.rows_sha256)
+TRAINING_ROWS = "training_rows_sha256"
 LOCK_FILE = ".lock"
 
 
@@ -219,7 +221,8 @@ def check_run_folder(output_dir: str | Path, run_config: Mapping[str, Any], resu
             raise UserError(f"{saved_file} is unreadable ({e.__class__.__name__}): cannot tell which run the "
                             "folder holds; use a new --output_dir") from None
         saved_weights, weights = saved.pop(LOADED_WEIGHTS, None), run_config.get(LOADED_WEIGHTS)
-        current = with_legacy_values({k: v for k, v in run_config.items() if k != LOADED_WEIGHTS})
+        saved_rows, rows = saved.pop(TRAINING_ROWS, None), run_config.get(TRAINING_ROWS)
+        current = with_legacy_values({k: v for k, v in run_config.items() if k not in (LOADED_WEIGHTS, TRAINING_ROWS)})
         changed = [k for k in diff_configs(saved, current) if not k.startswith(may_differ)]
         if changed:
             raise UserError(
@@ -237,6 +240,11 @@ def check_run_folder(output_dir: str | Path, run_config: Mapping[str, Any], resu
                     f"than the ones given now (sha256 {str(saved_weights[other[0]])[:12]} then, {weights[other[0]][:12]} "
                     "now): resume with the files it started from, or use a new --output_dir"
                 )
+        # Added, removed or replaced images: training can go on (people add data to a run), but the data order is
+        # drawn over the rows, so the run is no longer the one an uninterrupted run would have been: say so.
+        if resuming and saved_rows and rows and saved_rows != rows and int(os.environ.get("RANK", "0")) == 0:
+            logger.warning("the training data changed since this run started (images or captions added, removed or "
+                           "replaced): the resumed run goes on, but it is no longer exactly an uninterrupted run")
 
 
 def write_run_config(output_dir: str | Path, run_config: Mapping[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """A resumed run must start from the same files it began with, not merely the same paths: run_config.json records a
 sha256 of the weights each trainer took from disk (the autoencoder, a pretrained U-Net or text encoder, a teacher),
-and a resume from other files behind those paths is one `error:` line, with nothing in the folder touched."""
+and a resume from other files behind those paths is one `error:` line, with nothing in the folder touched. Changed
+training data is allowed but said: the resumed run is no longer exactly an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -159,3 +160,30 @@ def test_a_lora_run_refuses_to_resume_on_another_base_u_net(ldm_files, tiny_pipe
     lines = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and "other U-Net weights" in lines[0], lines
     assert _folder_state(out) == before
+
+
+def test_a_resume_on_changed_training_data_goes_on_and_says_it_is_no_longer_exact(ldm_files, tmp_path, caplog):
+    data = shutil.copytree(ldm_files.data, tmp_path / "data")
+    from ldm_helpers import LDMFiles
+
+    files = LDMFiles(data, ldm_files.vae, tmp_path)
+    out = tmp_path / "out"
+    torch.set_num_threads(1)
+
+    def resume(steps: str) -> list[str]:
+        caplog.clear()
+        argv = run_args(files, out, "--max_train_steps", steps, "--checkpointing_steps", "2", "--validation_steps", "0",
+                        "--resume_from_checkpoint", "latest")
+        with caplog.at_level("WARNING", logger="ldm_app.checkpointing"):
+            assert run_cli(train_ldm, argv) == 0
+        _reset_accelerate()
+        return [r.getMessage() for r in caplog.records if "training data changed" in r.getMessage()]
+
+    assert resume("2") == []  # a fresh start
+    assert resume("4") == []  # the same rows: nothing to say
+    lines = (data / "metadata.jsonl").read_text().splitlines()
+    (data / "metadata.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # one image fewer
+    warned = resume("6")
+    assert len(warned) == 1 and "no longer exactly an uninterrupted run" in warned[0]
+    assert [c.name for c in list_checkpoints(out)][-1] == "checkpoint-6"  # it went on
+    assert resume("8") == []  # the record now holds the rows it went on with

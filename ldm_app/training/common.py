@@ -54,6 +54,18 @@ def weights_sha256(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def rows_sha256(dataset: Any) -> str:
+    """sha256 of a training split's rows: captions, and each image's bytes or its path, size and modification time
+    (as the latent cache keys them): a resume can tell that images were added, removed or replaced."""
+    import hashlib
+
+    from .latent_cache import hash_rows
+
+    h = hashlib.sha256()
+    hash_rows(h, dataset)
+    return h.hexdigest()
+
+
 def open_run_folder(output_dir: str, run_config: dict[str, Any], resume: str | None,
                     may_differ: tuple[str, ...]) -> tuple[Path, Path | None]:
     """Check the output folder before any work: (folder, checkpoint to resume from or None)."""

@@ -63,7 +63,8 @@ import torch
 from ..config import flag_overrides, from_dict, merge, parse_overrides, read_yaml, to_dict, validate
 from ..errors import ArgumentParser, UserError
 from ..first_stage import downsampling_factor
-from .common import REPORT_TO, check_report_to, launched_processes, make_accelerator, open_run_folder, setup_logging
+from .common import (REPORT_TO, check_report_to, launched_processes, make_accelerator, open_run_folder, rows_sha256,
+                     setup_logging)
 from .ldm import MAY_DIFFER_ON_RESUME as LDM_MAY_DIFFER
 from .ldm import (LDMRunConfig, LDMTrainer, Models, build_models, build_train_dataset, check_concat,
                   check_enough_images, check_strategy)
@@ -461,7 +462,7 @@ class DistillTrainer(LDMTrainer):
 
 def main(argv: list[str] | None = None) -> Any:
     """Parse, check every input (one-line errors, nothing written), then distil. Returns the run's step and losses."""
-    from ..checkpointing import LOADED_WEIGHTS, lock_run_folder, write_run_config
+    from ..checkpointing import LOADED_WEIGHTS, TRAINING_ROWS, lock_run_folder, write_run_config
 
     args = parse_args(argv)
     cfg = load_run_config(args)
@@ -477,7 +478,8 @@ def main(argv: list[str] | None = None) -> Any:
         check_cacheable(dataset)
     check_enough_images(len(dataset), cfg.train.train_batch_size, launched_processes())
     with lock_run_folder(args.output_dir):
-        record = {**to_dict(cfg), LOADED_WEIGHTS: models.loaded_weights}  # the teacher's, as loaded
+        record = {**to_dict(cfg), LOADED_WEIGHTS: models.loaded_weights,  # the teacher's, as loaded
+                  TRAINING_ROWS: rows_sha256(dataset)}
         out, checkpoint = open_run_folder(args.output_dir, record, args.resume_from_checkpoint, MAY_DIFFER_ON_RESUME)
         accelerator = make_accelerator(cfg.train, out, cpu=args.cpu, report_to=args.report_to)
         check_strategy(accelerator, cfg, train_text_encoder=False)

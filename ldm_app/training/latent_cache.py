@@ -99,7 +99,7 @@ def _hash_module(h: "hashlib._Hash", module: torch.nn.Module) -> None:
         h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
 
 
-def _hash_rows(h: "hashlib._Hash", dataset: Any) -> None:
+def hash_rows(h: "hashlib._Hash", dataset: Any) -> None:
     """The rows (captions) and the files behind them: a changed, added or re-ordered image changes the hash."""
     h.update(json.dumps(dataset.captions).encode())
     h.update(str(getattr(dataset.hf_dataset, "_fingerprint", "")).encode())
@@ -118,7 +118,7 @@ def cache_identity(dataset: Any, vae: Any, text_encoder: Any | None, max_length:
     """sha256 of what the cache content depends on. `text_encoder` is the frozen encoder to cache, or None."""
     h = hashlib.sha256(f"ldm_app latent cache v{FORMAT_VERSION}".encode())
     h.update(json.dumps([dataset.resolution, dataset.center_crop, dataset.random_flip, max_length]).encode())
-    _hash_rows(h, dataset)
+    hash_rows(h, dataset)
     _hash_module(h, vae)
     if text_encoder is not None:
         _hash_module(h, text_encoder)

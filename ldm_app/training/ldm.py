@@ -37,7 +37,8 @@ from typing import Any, Iterator
 
 import torch
 
-from ..checkpointing import LOADED_WEIGHTS, load_checkpoint, lock_run_folder, save_checkpoint, write_run_config
+from ..checkpointing import (LOADED_WEIGHTS, TRAINING_ROWS, load_checkpoint, lock_run_folder, save_checkpoint,
+                             write_run_config)
 from ..config import (ConditioningConfig, DataConfig, EmbeddingConfig, LoRAConfig, NoiseScheduleConfig,
                       TextEncoderConfig, TrainConfig, UNetConfig, flag_overrides, load_config, merge, parse_overrides, to_dict)
 from ..conditioning import (NULL_CAPTION, concat_channels, drop_captions, drop_labels, drop_scalars, encode_text,
@@ -49,7 +50,7 @@ from .common import (REPORT_TO, EmptyBatchGuard, Position, TrainProgress, batche
                      bucket_batches_per_epoch, check_report_to,
                      effective_lr, launched_processes, log_image, make_accelerator, make_lr_scheduler, make_optimizer,
                      no_transformers_bars, open_run_folder, release_freed_memory, setup_logging, step_generator,
-                     weights_sha256)
+                     rows_sha256, weights_sha256)
 from .lora import (add_embedding, add_lora, check_embedding_captions, check_embedding_run, check_lora_base,
                    check_lora_run, expand_token, keep_other_rows, restore_other_rows, save_embedding, save_lora)
 
@@ -1078,7 +1079,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
         read_scalars(dataset, cond.scalar_column)
     LDMTrainer.check_class_embedding(cfg, models.unet)
     with lock_run_folder(args.output_dir):
-        record = {**to_dict(cfg), LOADED_WEIGHTS: models.loaded_weights}
+        record = {**to_dict(cfg), LOADED_WEIGHTS: models.loaded_weights, TRAINING_ROWS: rows_sha256(dataset)}
         out, checkpoint = open_run_folder(args.output_dir, record, args.resume_from_checkpoint, MAY_DIFFER_ON_RESUME)
         accelerator = make_accelerator(cfg.train, out, cpu=args.cpu, report_to=args.report_to)
         check_strategy(accelerator, cfg, models.train_text_encoder)

@@ -30,7 +30,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..checkpointing import LOADED_WEIGHTS, load_checkpoint, lock_run_folder, save_checkpoint, write_run_config
+from ..checkpointing import (LOADED_WEIGHTS, TRAINING_ROWS, load_checkpoint, lock_run_folder, save_checkpoint,
+                             write_run_config)
 from ..config import (AutoencoderConfig, DataConfig, TrainConfig, flag_overrides, load_config, merge, parse_overrides,
                       save_config, to_dict)
 from ..errors import ArgumentParser, UserError
@@ -39,7 +40,7 @@ from ..losses import (NLayerDiscriminator, autoencoder_nll, disc_factor, generat
                       load_lpips, reconstruction_loss)
 from .common import (REPORT_TO, EmptyBatchGuard, Position, TrainProgress, batches, check_report_to, effective_lr,
                      launched_processes, make_accelerator, make_lr_scheduler, make_optimizer, open_run_folder, psnr,
-                     release_freed_memory, setup_logging, step_generator, weights_sha256)
+                     release_freed_memory, rows_sha256, setup_logging, step_generator, weights_sha256)
 
 logger = logging.getLogger("train_vae")
 
@@ -542,7 +543,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
                                    if holdout["indices"] else str(source))
     check_enough_images(len(train_set), cfg.train.train_batch_size, launched_processes())
     with lock_run_folder(args.output_dir):
-        record = {**to_dict(cfg), LOADED_WEIGHTS: loaded}
+        record = {**to_dict(cfg), LOADED_WEIGHTS: loaded, TRAINING_ROWS: rows_sha256(train_set)}
         out, checkpoint = open_run_folder(args.output_dir, record, args.resume_from_checkpoint, MAY_DIFFER_ON_RESUME)
         accelerator = make_accelerator(cfg.train, out, cpu=args.cpu, report_to=args.report_to)
         check_enough_images(len(train_set), cfg.train.train_batch_size, accelerator.num_processes)
