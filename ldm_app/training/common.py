@@ -62,7 +62,7 @@ def rows_sha256(dataset: Any) -> str:
     from .latent_cache import hash_rows
 
     h = hashlib.sha256()
-    hash_rows(h, dataset)
+    hash_rows(h, dataset, fingerprint=False)  # a `datasets` upgrade between two sessions is not a data change
     return h.hexdigest()
 
 

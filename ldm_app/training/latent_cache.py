@@ -99,11 +99,15 @@ def _hash_module(h: "hashlib._Hash", module: torch.nn.Module) -> None:
         h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
 
 
-def hash_rows(h: "hashlib._Hash", dataset: Any) -> None:
-    """The rows (captions) and the files behind them: a changed, added or re-ordered image changes the hash."""
+def hash_rows(h: "hashlib._Hash", dataset: Any, fingerprint: bool = True) -> None:
+    """The rows (captions) and the files behind them: a changed, added or re-ordered image changes the hash. With
+    `fingerprint`, also the `datasets` fingerprint of the table (which may change with a `datasets` upgrade)."""
     h.update(json.dumps(dataset.captions).encode())
-    h.update(str(getattr(dataset.hf_dataset, "_fingerprint", "")).encode())
-    for source in dataset.hf_dataset[dataset.image_column]:
+    if fingerprint:
+        h.update(str(getattr(dataset.hf_dataset, "_fingerprint", "")).encode())
+    rows = dataset.hf_dataset
+    # slices of 256 rows: an older `datasets` materialises a whole column (a hub dataset's embedded image bytes)
+    for source in (s for i in range(0, len(rows), 256) for s in rows[i:i + 256][dataset.image_column]):
         path = source.get("path")
         if source.get("bytes") is not None:
             h.update(hashlib.sha256(source["bytes"]).digest())
