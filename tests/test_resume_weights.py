@@ -43,6 +43,17 @@ def _folder_state(out) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
+def _assert_resume_refused(main, argv: list[str], out, capsys, words: str) -> None:
+    """main(argv) exits 2 with one `error:` line holding `words`, and the run folder is byte for byte as it was."""
+    before = _folder_state(out)
+    capsys.readouterr()
+    rc = run_cli(main, argv)
+    _reset_accelerate()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
+    assert _folder_state(out) == before  # nothing written, nothing removed
+
+
 def test_the_digest_sees_values_and_scale_but_not_library_versions():
     torch.manual_seed(0)
     vae = build_autoencoder(TINY_VAE)
@@ -77,15 +88,9 @@ def test_train_ldm_refuses_to_resume_on_another_autoencoder_behind_the_same_path
     assert set(saved[LOADED_WEIGHTS]) == {"autoencoder"}  # the from-scratch U-Net and text encoder are seeded
 
     _replace_vae(files_vae, seed=1)
-    before = _folder_state(out)
-    capsys.readouterr()
-    rc = run_cli(train_ldm, run_args(files, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
-                                     "--validation_steps", "0", "--resume_from_checkpoint", "latest"))
-    _reset_accelerate()
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(lines) == 1, lines
-    assert lines[0].startswith("error: ") and "other autoencoder weights" in lines[0], lines[0]
-    assert _folder_state(out) == before  # nothing written, nothing removed
+    _assert_resume_refused(train_ldm, run_args(files, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                                               "--validation_steps", "0", "--resume_from_checkpoint", "latest"),
+                           out, capsys, "other autoencoder weights")
 
     # the files it started from: it resumes
     _replace_vae(files_vae, seed=0)
@@ -127,13 +132,8 @@ def test_train_vae_refuses_to_resume_from_another_starting_autoencoder(tmp_path,
     _reset_accelerate()
     assert set(json.loads((out / "run_config.json").read_text())[LOADED_WEIGHTS]) == {"autoencoder"}
     _replace_vae(start, seed=1)
-    before = _folder_state(out)
-    capsys.readouterr()
-    rc = run_cli(train_vae, [*argv, "--set", "train.max_train_steps=4", "--resume_from_checkpoint", "latest"])
-    _reset_accelerate()
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and "other autoencoder weights" in lines[0], lines
-    assert _folder_state(out) == before
+    _assert_resume_refused(train_vae, [*argv, "--set", "train.max_train_steps=4", "--resume_from_checkpoint", "latest"],
+                           out, capsys, "other autoencoder weights")
 
 
 def test_a_lora_run_refuses_to_resume_on_another_base_u_net(ldm_files, tiny_pipeline_dir, tmp_path, capsys):
@@ -153,13 +153,8 @@ def test_a_lora_run_refuses_to_resume_on_another_base_u_net(ldm_files, tiny_pipe
     with torch.no_grad():
         unet.conv_out.bias += 0.01
     unet.save_pretrained(base / "unet")
-    before = _folder_state(out)
-    capsys.readouterr()
-    rc = run_cli(train_ldm, [*argv, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
-    _reset_accelerate()
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and "other U-Net weights" in lines[0], lines
-    assert _folder_state(out) == before
+    _assert_resume_refused(train_ldm, [*argv, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"], out,
+                           capsys, "other U-Net weights")
 
 
 def test_a_resume_on_changed_training_data_goes_on_and_says_it_is_no_longer_exact(ldm_files, tmp_path, caplog):
