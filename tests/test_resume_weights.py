@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from ldm_helpers import run_args
+from ldm_helpers import CONFIG, ROOT, run_args
 
 from ldm_app.checkpointing import LOADED_WEIGHTS, list_checkpoints
 from ldm_app.config import AutoencoderConfig
@@ -124,7 +124,8 @@ def test_train_vae_refuses_to_resume_from_another_starting_autoencoder(tmp_path,
     torch.manual_seed(0)
     build_autoencoder(TINY_VAE).save_pretrained(start)
     out = tmp_path / "out"
-    argv = ["--config", "configs/vae/tiny.yaml", "--train_data_dir", str(tmp_path / "data"), "--output_dir", str(out),
+    argv = ["--config", str(ROOT / "configs" / "vae" / "tiny.yaml"), "--train_data_dir", str(tmp_path / "data"),
+            "--output_dir", str(out),
             "--pretrained_vae", str(start),
             "--set", "train.train_batch_size=2", "--set", "train.checkpointing_steps=2"]
     torch.set_num_threads(1)
@@ -141,7 +142,7 @@ def test_a_lora_run_refuses_to_resume_on_another_base_u_net(ldm_files, tiny_pipe
 
     base = shutil.copytree(tiny_pipeline_dir, tmp_path / "base")
     out = tmp_path / "out"
-    argv = ["--config", "configs/ldm/tiny.yaml", "--train_data_dir", str(ldm_files.data), "--pretrained_model",
+    argv = ["--config", str(CONFIG), "--train_data_dir", str(ldm_files.data), "--pretrained_model",
             str(base), "--output_dir", str(out), "--lora_rank", "4", "--validation_steps", "0",
             "--checkpointing_steps", "2"]
     torch.set_num_threads(1)
