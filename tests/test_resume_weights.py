@@ -125,8 +125,7 @@ def test_train_vae_refuses_to_resume_from_another_starting_autoencoder(tmp_path,
     build_autoencoder(TINY_VAE).save_pretrained(start)
     out = tmp_path / "out"
     argv = ["--config", str(ROOT / "configs" / "vae" / "tiny.yaml"), "--train_data_dir", str(tmp_path / "data"),
-            "--output_dir", str(out),
-            "--pretrained_vae", str(start),
+            "--output_dir", str(out), "--pretrained_vae", str(start),
             "--set", "train.train_batch_size=2", "--set", "train.checkpointing_steps=2"]
     torch.set_num_threads(1)
     assert run_cli(train_vae, [*argv, "--set", "train.max_train_steps=2"]) == 0
