@@ -5,15 +5,17 @@ training data is allowed but said: the resumed run is no longer exactly an unint
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
 import pytest
 import torch
-from ldm_helpers import CONFIG, ROOT, run_args
+from ldm_helpers import CONFIG, ROOT, LDMFiles, run_args, run_in_process
 
 from ldm_app.checkpointing import LOADED_WEIGHTS, list_checkpoints
 from ldm_app.config import AutoencoderConfig
+from ldm_app.data.shapes import make_dataset
 from ldm_app.errors import run_cli
 from ldm_app.models import build_autoencoder
 from ldm_app.training.common import weights_sha256
@@ -25,11 +27,9 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 TINY_VAE = AutoencoderConfig(block_out_channels=(8, 8, 8), norm_num_groups=8, latent_channels=4, sample_size=32)
 
 
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+def _cli(main, argv: list[str]) -> int:
+    """A trainer's CLI in this process (exit status as `run_cli` gives it), accelerate's singletons reset after."""
+    return run_in_process(functools.partial(run_cli, main), argv)
 
 
 def _replace_vae(folder, seed: int) -> None:
@@ -47,8 +47,7 @@ def _assert_resume_refused(main, argv: list[str], out, capsys, words: str) -> No
     """main(argv) exits 2 with one `error:` line holding `words`, and the run folder is byte for byte as it was."""
     before = _folder_state(out)
     capsys.readouterr()
-    rc = run_cli(main, argv)
-    _reset_accelerate()
+    rc = _cli(main, argv)
     lines = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
     assert _folder_state(out) == before  # nothing written, nothing removed
@@ -73,17 +72,11 @@ def test_train_ldm_refuses_to_resume_on_another_autoencoder_behind_the_same_path
     files_vae = tmp_path / "vae"
     torch.manual_seed(0)
     build_autoencoder(TINY_VAE).save_pretrained(files_vae)
-    from ldm_app.data.shapes import make_dataset
-
     make_dataset(tmp_path / "data", num_images=8, resolution=32, seed=0)
-    from ldm_helpers import LDMFiles
-
     files = LDMFiles(tmp_path / "data", files_vae, tmp_path)
     out = tmp_path / "out"
-    torch.set_num_threads(1)
-    assert run_cli(train_ldm, run_args(files, out, "--max_train_steps", "2", "--checkpointing_steps", "2",
-                                       "--validation_steps", "0")) == 0
-    _reset_accelerate()
+    assert _cli(train_ldm, run_args(files, out, "--max_train_steps", "2", "--checkpointing_steps", "2",
+                                    "--validation_steps", "0")) == 0
     saved = json.loads((out / "run_config.json").read_text())
     assert set(saved[LOADED_WEIGHTS]) == {"autoencoder"}  # the from-scratch U-Net and text encoder are seeded
 
@@ -94,31 +87,25 @@ def test_train_ldm_refuses_to_resume_on_another_autoencoder_behind_the_same_path
 
     # the files it started from: it resumes
     _replace_vae(files_vae, seed=0)
-    assert run_cli(train_ldm, run_args(files, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
-                                       "--validation_steps", "0", "--resume_from_checkpoint", "latest")) == 0
-    _reset_accelerate()
+    assert _cli(train_ldm, run_args(files, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                                    "--validation_steps", "0", "--resume_from_checkpoint", "latest")) == 0
     assert [c.name for c in list_checkpoints(out)][-1] == "checkpoint-4"
 
 
 def test_a_run_saved_before_the_record_resumes_as_before(ldm_files, tmp_path):
     out = tmp_path / "out"
-    torch.set_num_threads(1)
     argv = run_args(ldm_files, out, "--max_train_steps", "2", "--checkpointing_steps", "2", "--validation_steps", "0")
-    assert run_cli(train_ldm, argv) == 0
-    _reset_accelerate()
+    assert _cli(train_ldm, argv) == 0
     config = json.loads((out / "run_config.json").read_text())
     del config[LOADED_WEIGHTS]
     (out / "run_config.json").write_text(json.dumps(config))
     argv = run_args(ldm_files, out, "--max_train_steps", "3", "--checkpointing_steps", "3", "--validation_steps", "0",
                     "--resume_from_checkpoint", "latest")
-    assert run_cli(train_ldm, argv) == 0
-    _reset_accelerate()
+    assert _cli(train_ldm, argv) == 0
     assert LOADED_WEIGHTS in json.loads((out / "run_config.json").read_text())  # and it has the record from now on
 
 
 def test_train_vae_refuses_to_resume_from_another_starting_autoencoder(tmp_path, capsys):
-    from ldm_app.data.shapes import make_dataset
-
     make_dataset(tmp_path / "data", num_images=8, resolution=32, seed=0)
     start = tmp_path / "start"
     torch.manual_seed(0)
@@ -127,9 +114,7 @@ def test_train_vae_refuses_to_resume_from_another_starting_autoencoder(tmp_path,
     argv = ["--config", str(ROOT / "configs" / "vae" / "tiny.yaml"), "--train_data_dir", str(tmp_path / "data"),
             "--output_dir", str(out), "--pretrained_vae", str(start),
             "--set", "train.train_batch_size=2", "--set", "train.checkpointing_steps=2"]
-    torch.set_num_threads(1)
-    assert run_cli(train_vae, [*argv, "--set", "train.max_train_steps=2"]) == 0
-    _reset_accelerate()
+    assert _cli(train_vae, [*argv, "--set", "train.max_train_steps=2"]) == 0
     assert set(json.loads((out / "run_config.json").read_text())[LOADED_WEIGHTS]) == {"autoencoder"}
     _replace_vae(start, seed=1)
     _assert_resume_refused(train_vae, [*argv, "--set", "train.max_train_steps=4", "--resume_from_checkpoint", "latest"],
@@ -144,9 +129,7 @@ def test_a_lora_run_refuses_to_resume_on_another_base_u_net(ldm_files, tiny_pipe
     argv = ["--config", str(CONFIG), "--train_data_dir", str(ldm_files.data), "--pretrained_model",
             str(base), "--output_dir", str(out), "--lora_rank", "4", "--validation_steps", "0",
             "--checkpointing_steps", "2"]
-    torch.set_num_threads(1)
-    assert run_cli(train_ldm, [*argv, "--max_train_steps", "2"]) == 0
-    _reset_accelerate()
+    assert _cli(train_ldm, [*argv, "--max_train_steps", "2"]) == 0
     assert set(json.loads((out / "run_config.json").read_text())[LOADED_WEIGHTS]) == {"autoencoder", "U-Net",
                                                                                        "text encoder"}
     unet = UNet2DConditionModel.from_pretrained(base / "unet")  # the base fine-tuned elsewhere, saved in place
@@ -159,19 +142,15 @@ def test_a_lora_run_refuses_to_resume_on_another_base_u_net(ldm_files, tiny_pipe
 
 def test_a_resume_on_changed_training_data_goes_on_and_says_it_is_no_longer_exact(ldm_files, tmp_path, caplog):
     data = shutil.copytree(ldm_files.data, tmp_path / "data")
-    from ldm_helpers import LDMFiles
-
     files = LDMFiles(data, ldm_files.vae, tmp_path)
     out = tmp_path / "out"
-    torch.set_num_threads(1)
 
     def resume(steps: str) -> list[str]:
         caplog.clear()
         argv = run_args(files, out, "--max_train_steps", steps, "--checkpointing_steps", "2", "--validation_steps", "0",
                         "--resume_from_checkpoint", "latest")
         with caplog.at_level("WARNING", logger="ldm_app.checkpointing"):
-            assert run_cli(train_ldm, argv) == 0
-        _reset_accelerate()
+            assert _cli(train_ldm, argv) == 0
         return [r.getMessage() for r in caplog.records if "training data changed" in r.getMessage()]
 
     assert resume("2") == []  # a fresh start
