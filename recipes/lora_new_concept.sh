@@ -20,7 +20,11 @@
 #                                                        # other values write OUT/embedding_8v_5e-2, OUT/eval_embedding_8v_5e-2
 #   ADAPTER=lora_te bash recipes/lora_new_concept.sh     # U-Net + text-encoder LoRA (OUT/lora_te, OUT/eval_lora_te)
 #
-# Stages are skipped when their output exists; training resumes from its latest checkpoint.
+#   BASE=path/to/model bash recipes/lora_new_concept.sh  # another ldm_app model folder instead of the bundled one
+#
+# Stages are skipped when their output exists; training resumes from its latest checkpoint. OUT records the base
+# model's files (OUT/base_model.sha256): a later run on another base (a new bundled model, say) stops with one line
+# instead of putting the old decoder, LoRA or embedding together with the new model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,8 +42,25 @@ GUIDANCE=${GUIDANCE:-2}
 # ... and in 8 DPM-Solver++ steps on the sampler's own spacing: the bundled model's former default, which every figure
 # in docs/lora_concept was measured at (its 4-step grid was chosen at guidance 1, without adapters)
 SAMPLE_STEPS=${SAMPLE_STEPS:-8}
-BASE=ldm_app/assets/default_model
+BASE=${BASE:-ldm_app/assets/default_model}
+[ -e "$BASE/model_index.json" ] || { echo "error: BASE=$BASE is not a model folder (no model_index.json)" >&2; exit 2; }
 source recipes/common.sh
+# The base's identity: every file of the folder, by content (not by path or mtime, so a copy is the same base).
+BASE_SHA=$(cd "$BASE" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-64)
+if [ -e "$OUT/base_model.sha256" ]; then
+    if [ "$(cat "$OUT/base_model.sha256")" != "$BASE_SHA" ]; then
+        echo "error: $OUT was built on another base model than $BASE (its files changed since, e.g. a new bundled" \
+             "model); use another OUT, or delete $OUT to start again" >&2
+        exit 1
+    fi
+elif compgen -G "$OUT/decoder" >/dev/null || compgen -G "$OUT/model" >/dev/null || compgen -G "$OUT/lora*" >/dev/null \
+        || compgen -G "$OUT/embedding*" >/dev/null || compgen -G "$OUT/eval*" >/dev/null; then
+    echo "error: $OUT holds stages from before base models were recorded, so which model they were built on is" \
+         "unknown; use another OUT, or delete all but $OUT/data to start again" >&2
+    exit 1
+else
+    echo "$BASE_SHA" > "$OUT/base_model.sha256"
+fi
 case "$CONCEPT" in
     pink) EXTRA=(--extra_colours pink --extra_colour_fraction 0.4) ;;
     cross) EXTRA=(--extra_shapes cross --extra_shape_fraction 0.4) ;;

@@ -6,20 +6,15 @@ an earlier run trained on another autoencoder stop it too (they would be mixed w
 from __future__ import annotations
 
 import os
-import stat
-import subprocess
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from recipe_helpers import ROOT, run_recipe
 
-# Records each call; makes the file a stage waits for; `evaluate ceiling` fails for the autoencoders listed in
-# $FAIL_VAES; train_ldm.py stops the recipe (exit 3) so the test ends there.
-FAKE_PYTHON = r"""#!/usr/bin/env bash
-echo "$*" >> "$CALLS"
-arg() { local want=$1; shift; while [ $# -gt 0 ]; do [ "$1" = "$want" ] && { echo "$2"; return; }; shift; done; }
-case "$*" in
+# Makes the file a stage waits for; `evaluate ceiling` fails for the autoencoders listed in $FAIL_VAES;
+# train_ldm.py stops the recipe (exit 3) so the test ends there.
+RECORDER = r"""case "$*" in
   *ldm_app.data.shapes*) mkdir -p "$(arg --out "$@")" && touch "$(arg --out "$@")/metadata.jsonl" ;;
   *train_vae.py*) mkdir -p "$(arg --output_dir "$@")/vae" && touch "$(arg --output_dir "$@")/vae/config.json" ;;
   *"evaluate vae"*) touch "$(arg --json "$@")" ;;
@@ -30,18 +25,11 @@ esac
 """
 
 
-def _run(tmp_path: Path, fail: list[str]) -> tuple[subprocess.CompletedProcess, list[str], Path]:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake = bin_dir / "python"
-    fake.write_text(FAKE_PYTHON)
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+def _run(tmp_path: Path, fail: list[str]):
     out = tmp_path / "out"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls.txt"),
-           "NPROC": "1", "FAIL_VAES": " ".join(str(out / name) for name in fail)}
-    proc = subprocess.run(["bash", "recipes/shapes.sh", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60)
-    return proc, (tmp_path / "calls.txt").read_text().splitlines(), out
+    proc, calls = run_recipe(tmp_path, "shapes.sh", RECORDER, out,
+                             FAIL_VAES=" ".join(str(out / name) for name in fail))
+    return proc, calls, out
 
 
 def _seeds_trained(calls: list[str]) -> list[str]:
@@ -69,8 +57,6 @@ def test_three_failures_stop_before_the_ldm(tmp_path, rerun):
     fail = ["vae", "vae_seed1", "vae_seed2"]
     proc, calls, _ = _run(tmp_path, fail)
     if rerun:  # a second run trains nothing again: each autoencoder is kept, only the checks run again
-        (tmp_path / "bin").rename(tmp_path / "bin.first")
-        (tmp_path / "calls.txt").unlink()
         proc, calls, _ = _run(tmp_path, fail)
         assert _seeds_trained(calls) == []
     else:

@@ -1,0 +1,88 @@
+"""recipes/lora_new_concept.sh records the base model it builds on (by the content of its files) and stops when a
+later run finds another base: its finished decoder, LoRA or embedding would otherwise be skipped as done and put
+together with the new model, with no word. Run as bash runs it, with a recorder as `python`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from recipe_helpers import run_recipe
+
+# Each stage leaves the file the recipe waits for; the assembly's inline script reads its stdin; train_ldm.py stops
+# the recipe (exit 3) so a test ends at the adapter's training.
+RECORDER = r"""case "$*" in
+  *ldm_app.data.shapes*) mkdir -p "$(arg --out "$@")" && touch "$(arg --out "$@")/metadata.jsonl" ;;
+  *train_vae.py*) mkdir -p "$(arg --output_dir "$@")/vae" && touch "$(arg --output_dir "$@")/vae/config.json" ;;
+  "- "*) cat > /dev/null ;;
+  *train_ldm.py*) exit 3 ;;
+  *) exit 4 ;;
+esac
+"""
+
+
+def _base(path: Path, weights: bytes = b"unet weights") -> Path:
+    (path / "unet").mkdir(parents=True)
+    (path / "vae").mkdir()
+    (path / "model_index.json").write_text("{}")
+    (path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(weights)
+    (path / "vae" / "config.json").write_text("{}")
+    return path
+
+
+def _run(tmp_path: Path, base: Path, out: Path):
+    return run_recipe(tmp_path, "lora_new_concept.sh", RECORDER, out, BASE=str(base))
+
+
+def _trained(calls: list[str]) -> list[str]:
+    return [script for c in calls for script in ("train_vae.py", "train_ldm.py") if script in c]
+
+
+def test_the_same_base_goes_on_and_a_copy_of_it_is_the_same_base(tmp_path):
+    base, out = _base(tmp_path / "base"), tmp_path / "out"
+    proc, calls = _run(tmp_path, base, out)
+    assert proc.returncode == 3, proc.stdout + proc.stderr  # decoder trained, then stopped at the LoRA
+    assert _trained(calls) == ["train_vae.py", "train_ldm.py"]
+    assert (out / "model" / "model_index.json").exists() and len((out / "base_model.sha256").read_text()) == 65
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(base, copy)
+    proc, calls = _run(tmp_path, copy, out)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert _trained(calls) == ["train_ldm.py"]  # the decoder was kept
+
+
+def test_another_base_stops_the_recipe_before_any_stage(tmp_path):
+    out = tmp_path / "out"
+    _run(tmp_path, _base(tmp_path / "old"), out)
+    record = (out / "base_model.sha256").read_text()
+    proc, calls = _run(tmp_path, _base(tmp_path / "new", b"other unet weights"), out)
+    assert proc.returncode == 1
+    assert calls == []
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {out} was built on another base model than {tmp_path}/new (its files changed since, e.g. a new "
+        f"bundled model); use another OUT, or delete {out} to start again"]
+    assert (out / "base_model.sha256").read_text() == record
+
+
+def test_stages_from_before_the_record_stop_the_recipe(tmp_path):
+    out = tmp_path / "out"
+    (out / "lora").mkdir(parents=True)  # an adapter trained by the recipe before it recorded its base
+    proc, calls = _run(tmp_path, _base(tmp_path / "base"), out)
+    assert proc.returncode == 1 and calls == []
+    assert "holds stages from before base models were recorded" in proc.stderr
+    assert not (out / "base_model.sha256").exists()
+
+
+def test_data_alone_does_not_tie_the_folder_to_a_base(tmp_path):
+    out = tmp_path / "out"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "metadata.jsonl").touch()
+    proc, calls = _run(tmp_path, _base(tmp_path / "base"), out)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert not any("ldm_app.data.shapes" in c for c in calls)
+
+
+def test_a_base_that_is_not_a_model_folder_is_refused(tmp_path):
+    proc, calls = _run(tmp_path, tmp_path / "nothing", tmp_path / "out")
+    assert proc.returncode == 2 and calls == []
+    assert proc.stderr.strip() == f"error: BASE={tmp_path}/nothing is not a model folder (no model_index.json)"
