@@ -53,13 +53,13 @@ if [ -e "$OUT/base_model.sha256" ]; then
              "model); use another OUT, or delete $OUT to start again" >&2
         exit 1
     fi
-elif compgen -G "$OUT/decoder" >/dev/null || compgen -G "$OUT/model" >/dev/null || compgen -G "$OUT/lora*" >/dev/null \
-        || compgen -G "$OUT/embedding*" >/dev/null || compgen -G "$OUT/eval*" >/dev/null; then
+# (the loop's status is 0 when a stage folder exists: its break; 1 when none: its last compgen)
+elif for p in decoder model 'lora*' 'embedding*' 'eval*'; do compgen -G "$OUT/$p" >/dev/null && break; done; then
     echo "error: $OUT holds stages from before base models were recorded, so which model they were built on is" \
          "unknown; use another OUT, or delete all but $OUT/data to start again" >&2
     exit 1
 else
-    echo "$BASE_SHA" > "$OUT/base_model.sha256"
+    echo "$BASE_SHA" > "$OUT/base_model.sha256.tmp" && mv "$OUT/base_model.sha256.tmp" "$OUT/base_model.sha256"
 fi
 case "$CONCEPT" in
     pink) EXTRA=(--extra_colours pink --extra_colour_fraction 0.4) ;;
