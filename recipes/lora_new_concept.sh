@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A concept the bundled model has never seen, learned by a LoRA and measured (docs/lora_concept/README.md):
 #   CONCEPT=cross (default): a new shape, an upright plus sign (ldm_app/data/shapes.py EXTRA_SHAPES);
-#   CONCEPT=pink: a new colour (EXTRA_COLOURS).
+#   CONCEPT=pink: a new colour (EXTRA_COLOURS);
+#   CONCEPT=vermilion: a new colour half-way between red and orange, one the bundled autoencoder can draw
+#   (best with DECODER_STEPS=0: no decoder fine-tune, so the old vocabulary is untouched by an embedding).
 # The bundled autoencoder's decoder cannot draw either well (its encode-decode turns every pink into an old colour
 # and most small crosses into circles), but its latents tell them apart: so the recipe fine-tunes the decoder alone
 # on the same data (encoder frozen, so the latents, and the LoRA, are unchanged), and assembles OUT/model: the
@@ -38,9 +40,13 @@ DECODER_STEPS=${DECODER_STEPS:-$((1500 / NPROC))}  # 12,000 images seen (batch 8
 # The bundled model samples at guidance 1 (guidance 1.5 is distilled into it); a LoRA trained with the plain
 # objective and caption dropout undoes part of that distillation, so base + LoRA is sampled and measured at guidance
 # 2 (measured for cross: 1 -> concept 73% / old vocabulary 89%, 2 -> 90% / 96%, 3 -> 91% / 92%)
+# ... and in 8 DPM-Solver++ steps on the sampler's own spacing: the bundled model's former default, which every LoRA
+# figure in docs/lora_concept was measured at (its 4-step grid was chosen at guidance 1, without adapters).
+# An embedding leaves the U-Net as it is, so it is measured at the base model's own settings (guidance 1, 4 steps
+# on its grid: vermilion 88% / 86% there against 81% / 82% at guidance 2 and 8 steps); GUIDANCE=2 SAMPLE_STEPS=8
+# gives the settings of the 2026-12-05/06 cross and pink embedding figures.
+if [ "$ADAPTER" = embedding ]; then GUIDANCE=${GUIDANCE:-1} SAMPLE_STEPS=${SAMPLE_STEPS:-4}; fi
 GUIDANCE=${GUIDANCE:-2}
-# ... and in 8 DPM-Solver++ steps on the sampler's own spacing: the bundled model's former default, which every figure
-# in docs/lora_concept was measured at (its 4-step grid was chosen at guidance 1, without adapters)
 SAMPLE_STEPS=${SAMPLE_STEPS:-8}
 BASE=${BASE:-ldm_app/assets/default_model}
 [ -e "$BASE/model_index.json" ] || { echo "error: BASE=$BASE is not a model folder (no model_index.json)" >&2; exit 2; }
@@ -63,8 +69,9 @@ else
 fi
 case "$CONCEPT" in
     pink) EXTRA=(--extra_colours pink --extra_colour_fraction 0.4) ;;
+    vermilion) EXTRA=(--extra_colours vermilion --extra_colour_fraction 0.4) ;;
     cross) EXTRA=(--extra_shapes cross --extra_shape_fraction 0.4) ;;
-    *) echo "CONCEPT must be cross or pink" >&2; exit 2 ;;
+    *) echo "CONCEPT must be cross, pink or vermilion" >&2; exit 2 ;;
 esac
 case "$ADAPTER" in lora|lora_te|embedding) ;; *) echo "ADAPTER must be lora, lora_te or embedding" >&2; exit 2 ;; esac
 
@@ -75,13 +82,15 @@ stage data "$OUT/data/metadata.jsonl" \
 
 # The decoder alone (the bundled autoencoder's PatchGAN settings, as recipes/shapes.sh sharpened it): 12,000
 # images (750 steps x 8 x 2 processes), about 4 minutes.
-assemble_model() {  # OUT/model: the bundled model with the fine-tuned decoder, sampling at $GUIDANCE
+assemble_model() {  # OUT/model: the bundled model with the fine-tuned decoder, sampling at $GUIDANCE, $SAMPLE_STEPS
     rm -rf "$OUT/model.tmp" && cp -r "$BASE" "$OUT/model.tmp" && rm -rf "$OUT/model.tmp/vae"
     cp -r "$OUT/decoder/vae" "$OUT/model.tmp/vae"
     python - "$OUT/model.tmp" "$GUIDANCE" "$SAMPLE_STEPS" <<'PY'
 import sys
 from ldm_app.pipeline import read_sampling_defaults, write_sampling_defaults
-defaults = {k: v for k, v in read_sampling_defaults(sys.argv[1]).items() if k != "timesteps"}
+defaults = read_sampling_defaults(sys.argv[1])
+if defaults.get("num_inference_steps") != int(sys.argv[3]):  # the stored grid holds for the stored steps only
+    defaults.pop("timesteps", None)
 write_sampling_defaults(sys.argv[1], {**defaults, "guidance_scale": float(sys.argv[2]),
                                       "num_inference_steps": int(sys.argv[3])})
 PY
@@ -113,7 +122,7 @@ if [ "$ADAPTER" != embedding ]; then
 else
     # The concept's own word is the token (neither word is one token of the bundled model's pruned tokenizer, so
     # the prompts read as the LoRA's do); its vector starts from the nearest old word of its kind.
-    INIT=$([ "$CONCEPT" = cross ] && echo square || echo purple)
+    case "$CONCEPT" in cross) INIT=square ;; pink) INIT=purple ;; vermilion) INIT=orange ;; esac
     NUM_VECTORS=${NUM_VECTORS:-1} EMBEDDING_LR=${EMBEDDING_LR:-5e-3}
     EMB=embedding
     if [ "$NUM_VECTORS" != 1 ] || [ "$EMBEDDING_LR" != 5e-3 ]; then EMB=embedding_${NUM_VECTORS}v_$EMBEDDING_LR; fi

@@ -3,6 +3,8 @@ measures of ldm_app/evaluation/new_concept.py."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 
 import numpy as np
@@ -11,19 +13,39 @@ import pytest
 from ldm_app.data import shapes
 from ldm_app.errors import UserError
 from ldm_app.evaluation import judge as judge_mod
-from ldm_app.evaluation.new_concept import NONE, palette_with, pixel_colour, pixel_shape
+from ldm_app.evaluation.new_concept import (
+    NONE,
+    concept_palette,
+    nearest_palette_colour,
+    palette_with,
+    pixel_colour,
+    pixel_shape,
+)
 
 
 def _scene(i: int, **kw) -> shapes.Scene:
     return shapes.sample_scene(np.random.default_rng([5, i]), 64, **kw)
 
 
-def test_new_colour_is_outside_the_vocabulary_and_far_from_it():
+def test_new_colours_are_outside_the_vocabulary_and_apart_under_jitter():
     assert not set(shapes.EXTRA_COLOURS) & set(shapes.COLOURS)
     assert shapes.PALETTE == {**shapes.COLOURS, **shapes.EXTRA_COLOURS}
+    assert shapes.EXTRA_COLOURS["pink"] and shapes.EXTRA_COLOURS["vermilion"]
+    jitters = np.array(list(itertools.product((-shapes.COLOUR_JITTER, 0, shapes.COLOUR_JITTER), repeat=3)))
     for name, rgb in shapes.EXTRA_COLOURS.items():
         others = [*shapes.COLOURS.values(), *shapes.BACKGROUNDS.values()]
-        assert min(np.linalg.norm(np.subtract(rgb, o)) for o in others) > 100, name
+        assert min(np.linalg.norm(np.subtract(rgb, o)) for o in others) > 40, name
+        # Every jittered draw of every colour a run about `name` can name (the cube's corners and faces are the
+        # extremes) is still nearest to its own palette entry: the concept and its neighbours never swap names.
+        palette = concept_palette(name)
+        assert set(palette) == {*shapes.COLOURS, name}
+        for colour, centre in palette.items():
+            for j in jitters:
+                assert nearest_palette_colour(np.add(centre, j), palette) == colour, (name, colour, j)
+    # An off-red between red and vermilion is vermilion in a vermilion run, red in a pink run.
+    off_red = (228, 72, 36)
+    assert nearest_palette_colour(off_red, concept_palette("vermilion")) == "vermilion"
+    assert nearest_palette_colour(off_red, concept_palette("pink")) == "red"
 
 
 # From the generator before --extra_colours existed (python -m ldm_app.data.shapes --num_images 3 --seed 0).
@@ -108,7 +130,7 @@ def test_pixel_measures_on_crisp_renders():
     # backgrounds: the new colour and shape are named right, and an old one is never called a new one (nor
     # anything else).
     for i in range(300):
-        scene = _scene(1000 + i, two_object_fraction=0.0, extra_colours=("pink",), extra_colour_fraction=0.3,
+        scene = _scene(1000 + i, two_object_fraction=0.0, extra_colours=("pink", "vermilion"), extra_colour_fraction=0.4,
                        extra_shapes=("cross",), extra_shape_fraction=0.3)
         pixels = np.asarray(shapes.render_scene(scene, 64))
         seen, mean = pixel_colour(pixels)
@@ -135,6 +157,23 @@ def test_palette_with_restores_the_judge_vocabulary():
     with palette_with("cross"):
         assert judge_mod.HEADS["first_shape"][-1] == "cross" and judge_mod.HEADS["colour"] == tuple(shapes.COLOURS)
     assert judge_mod.HEADS == before and judge_mod.sample_scene is shapes.sample_scene
+
+
+def test_variant_judge_trains_again_with_the_next_budget_and_keeps_the_check(tmp_path, monkeypatch):
+    # Two budgets far too small to pass the 99% check: the first fails, the second is trained (and cached under its
+    # own key), and its failure is the error; the standard vocabulary is restored afterwards.
+    from ldm_app.evaluation import new_concept
+
+    tiny = judge_mod.JudgeConfig(num_train=24, num_heldout=24, epochs=1, batch_size=8, width=4, feature_dim=8)
+    budgets = (tiny, dataclasses.replace(tiny, num_train=32))
+    monkeypatch.setattr(new_concept, "VARIANT_BUDGETS", budgets)
+    lines: list[str] = []
+    with pytest.raises(judge_mod.JudgeAccuracyError, match="below 99"):
+        new_concept.load_or_train_variant_judge("vermilion", tmp_path, log=lines.append)
+    assert any("training it again with 32 renders x 1 epochs" in line for line in lines)
+    folders = sorted(p.name for p in (tmp_path / "judge-variant-vermilion").iterdir())
+    assert folders == sorted(f"judge-{b.key()}" for b in budgets)
+    assert "vermilion" not in judge_mod.HEADS["colour"]
 
 
 def test_concept_vae_must_share_the_base_latent_space(tmp_path, capfd):

@@ -62,9 +62,13 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 # Opt-in colours OUTSIDE the fixed vocabulary (`--extra_colours`), for fine-tuning and measuring a concept the
 # bundled model has never seen. They are not in COLOURS, so the judge, the class labels and every default render
 # are unchanged; a scene draws from them only when asked. "pink" is a single CLIP token, and its palette entry is
-# >= 113 RGB units from every COLOURS entry (nearest: purple) and every background.
+# >= 113 RGB units from every COLOURS entry (nearest: purple) and every background. "vermilion" lies half-way
+# between red and orange (46 units from each): a colour the bundled model never drew, but one its autoencoder lets
+# through (0.86 of renders come back nearer to it than to any old colour; pink: none) and one the jitter keeps apart
+# (no jittered red or orange is nearer to it, nor the reverse: tests/test_new_concept.py).
 EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {
     "pink": (240, 110, 200),
+    "vermilion": (230, 85, 35),
 }
 PALETTE: dict[str, tuple[int, int, int]] = {**COLOURS, **EXTRA_COLOURS}  # every drawable colour
 # Likewise opt-in shapes (`--extra_shapes`): "cross" is an upright plus sign whose arms are a third of its box wide.
