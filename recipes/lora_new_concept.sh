@@ -42,12 +42,18 @@ DECODER_STEPS=${DECODER_STEPS:-$((1500 / NPROC))}  # 12,000 images seen (batch 8
 # 2 (measured for cross: 1 -> concept 73% / old vocabulary 89%, 2 -> 90% / 96%, 3 -> 91% / 92%)
 # ... and in 8 DPM-Solver++ steps on the sampler's own spacing: the bundled model's former default, which every LoRA
 # figure in docs/lora_concept was measured at (its 4-step grid was chosen at guidance 1, without adapters).
-# An embedding leaves the U-Net as it is, so it is measured at the base model's own settings (guidance 1, 4 steps
-# on its grid: vermilion 88% / 86% there against 81% / 82% at guidance 2 and 8 steps); GUIDANCE=2 SAMPLE_STEPS=8
-# gives the settings of the 2026-12-05/06 cross and pink embedding figures.
-if [ "$ADAPTER" = embedding ]; then GUIDANCE=${GUIDANCE:-1} SAMPLE_STEPS=${SAMPLE_STEPS:-4}; fi
-GUIDANCE=${GUIDANCE:-2}
-SAMPLE_STEPS=${SAMPLE_STEPS:-8}
+# An embedding leaves the U-Net as it is, so unless GUIDANCE / SAMPLE_STEPS are given it is measured (and OUT/model
+# samples) at the base model's stored settings: for the bundled model guidance 1, 4 steps on its grid (vermilion
+# 88% / 86% there against 81% / 82% at guidance 2 and 8 steps). GUIDANCE=2 SAMPLE_STEPS=8 gives the settings of the
+# 2026-12-05/06 cross and pink embedding figures.
+if [ "$ADAPTER" = embedding ]; then
+    GUIDANCE=${GUIDANCE:-} SAMPLE_STEPS=${SAMPLE_STEPS:-}
+else
+    GUIDANCE=${GUIDANCE:-2} SAMPLE_STEPS=${SAMPLE_STEPS:-8}
+fi
+SAMPLING=()  # empty: the base model's stored settings
+if [ -n "$GUIDANCE" ]; then SAMPLING+=(--guidance_scale "$GUIDANCE"); fi
+if [ -n "$SAMPLE_STEPS" ]; then SAMPLING+=(--steps "$SAMPLE_STEPS"); fi
 BASE=${BASE:-ldm_app/assets/default_model}
 [ -e "$BASE/model_index.json" ] || { echo "error: BASE=$BASE is not a model folder (no model_index.json)" >&2; exit 2; }
 source recipes/common.sh
@@ -82,17 +88,19 @@ stage data "$OUT/data/metadata.jsonl" \
 
 # The decoder alone (the bundled autoencoder's PatchGAN settings, as recipes/shapes.sh sharpened it): 12,000
 # images (750 steps x 8 x 2 processes), about 4 minutes.
-assemble_model() {  # OUT/model: the bundled model with the fine-tuned decoder, sampling at $GUIDANCE, $SAMPLE_STEPS
+assemble_model() {  # OUT/model: the bundled model with the fine-tuned decoder, sampling as measured (SAMPLING)
     rm -rf "$OUT/model.tmp" && cp -r "$BASE" "$OUT/model.tmp" && rm -rf "$OUT/model.tmp/vae"
     cp -r "$OUT/decoder/vae" "$OUT/model.tmp/vae"
     python - "$OUT/model.tmp" "$GUIDANCE" "$SAMPLE_STEPS" <<'PY'
 import sys
 from ldm_app.pipeline import read_sampling_defaults, write_sampling_defaults
-defaults = read_sampling_defaults(sys.argv[1])
-if defaults.get("num_inference_steps") != int(sys.argv[3]):  # the stored grid holds for the stored steps only
-    defaults.pop("timesteps", None)
-write_sampling_defaults(sys.argv[1], {**defaults, "guidance_scale": float(sys.argv[2]),
-                                      "num_inference_steps": int(sys.argv[3])})
+folder, guidance, steps = sys.argv[1:4]  # empty: keep the base's
+defaults = read_sampling_defaults(folder)
+if guidance:
+    defaults["guidance_scale"] = float(guidance)
+if steps and int(steps) != defaults.get("num_inference_steps"):  # the stored grid holds for the stored steps only
+    defaults = {k: v for k, v in defaults.items() if k != "timesteps"} | {"num_inference_steps": int(steps)}
+write_sampling_defaults(folder, defaults)
 PY
     mv "$OUT/model.tmp" "$OUT/model"
 }
@@ -118,7 +126,7 @@ if [ "$ADAPTER" != embedding ]; then
         launch train_ldm.py "${COMMON[@]}" --lora_rank 16 "${TE[@]}" --learning_rate 1e-3 --output_dir "$OUT/$ADAPTER"
     stage "$EVAL" "$OUT/$EVAL/new_concept.json" \
         python -m ldm_app.evaluation.new_concept --model "$BASE" --lora "$OUT/$ADAPTER" "${VAE_ARGS[@]}" \
-        --concept "$CONCEPT" --guidance_scale "$GUIDANCE" --steps "$SAMPLE_STEPS" --out "$OUT/$EVAL"
+        --concept "$CONCEPT" "${SAMPLING[@]}" --out "$OUT/$EVAL"
 else
     # The concept's own word is the token (neither word is one token of the bundled model's pruned tokenizer, so
     # the prompts read as the LoRA's do); its vector starts from the nearest old word of its kind.
@@ -131,7 +139,7 @@ else
         --num_vectors "$NUM_VECTORS" --learning_rate "$EMBEDDING_LR" --output_dir "$OUT/$EMB"
     stage "eval_$EMB" "$OUT/eval_$EMB/new_concept.json" \
         python -m ldm_app.evaluation.new_concept --model "$BASE" --embedding "$OUT/$EMB" "${VAE_ARGS[@]}" \
-        --concept "$CONCEPT" --guidance_scale "$GUIDANCE" --steps "$SAMPLE_STEPS" --out "$OUT/eval_$EMB"
+        --concept "$CONCEPT" "${SAMPLING[@]}" --out "$OUT/eval_$EMB"
 fi
 
 cat "$TIMES"

@@ -86,3 +86,42 @@ def test_a_base_that_is_not_a_model_folder_is_refused(tmp_path):
     proc, calls = _run(tmp_path, tmp_path / "nothing", tmp_path / "out")
     assert proc.returncode == 2 and calls == []
     assert proc.stderr.strip() == f"error: BASE={tmp_path}/nothing is not a model folder (no model_index.json)"
+
+
+# Every stage finishes: training leaves the adapter's file, the evaluation its report.
+FINISHING = r"""case "$*" in
+  *ldm_app.data.shapes*) mkdir -p "$(arg --out "$@")" && touch "$(arg --out "$@")/metadata.jsonl" ;;
+  *train_vae.py*) mkdir -p "$(arg --output_dir "$@")/vae" && touch "$(arg --output_dir "$@")/vae/config.json" ;;
+  "- "*) cat > /dev/null ;;
+  *train_ldm.py*) d=$(arg --output_dir "$@"); mkdir -p "$d"
+                  touch "$d/pytorch_lora_weights.safetensors" "$d/learned_embeds.safetensors" ;;
+  *new_concept*) mkdir -p "$(arg --out "$@")" && touch "$(arg --out "$@")/new_concept.json" ;;
+  *) exit 4 ;;
+esac
+"""
+
+
+def _sampling(tmp_path: Path, **env: str) -> tuple[list[str], list[str]]:
+    """The assembly's arguments (model, guidance, steps) and the evaluation's sampling flags of one full run."""
+    base, out = _base(tmp_path / "base"), tmp_path / "out"
+    proc, calls = run_recipe(tmp_path, "lora_new_concept.sh", FINISHING, out, BASE=str(base), **env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (assemble,) = [c for c in calls if c.startswith("- ")]
+    (evaluation,) = [c.split() for c in calls if "ldm_app.evaluation.new_concept" in c]
+    flags = [f"{a} {b}" for a, b in zip(evaluation, evaluation[1:]) if a in ("--guidance_scale", "--steps")]
+    return assemble.split(" ")[2:], flags
+
+
+def test_a_lora_is_measured_and_assembled_at_guidance_2_and_8_steps(tmp_path):
+    assert _sampling(tmp_path) == (["2", "8"], ["--guidance_scale 2", "--steps 8"])
+
+
+def test_an_embedding_is_measured_and_assembled_at_the_base_models_stored_settings(tmp_path):
+    # No flags: the evaluation and the assembled model keep the base's stored sampling (for the bundled model its
+    # 4-step grid at guidance 1), since an embedding leaves the U-Net as it is.
+    assert _sampling(tmp_path, ADAPTER="embedding") == (["", ""], [])
+
+
+def test_an_embeddings_sampling_can_be_set(tmp_path):
+    assert _sampling(tmp_path, ADAPTER="embedding", GUIDANCE="2", SAMPLE_STEPS="8") == (
+        ["2", "8"], ["--guidance_scale 2", "--steps 8"])

@@ -64,7 +64,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 # are unchanged; a scene draws from them only when asked. "pink" is a single CLIP token, and its palette entry is
 # >= 113 RGB units from every COLOURS entry (nearest: purple) and every background. "vermilion" lies half-way
 # between red and orange (46 units from each): a colour the bundled model never drew, but one its autoencoder lets
-# through (0.86 of renders come back nearer to it than to any old colour; pink: none) and one the jitter keeps apart
+# through (0.85-0.89 of renders come back nearer to it than to any old colour; pink: none) and one the jitter keeps apart
 # (no jittered red or orange is nearer to it, nor the reverse: tests/test_new_concept.py).
 EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {
     "pink": (240, 110, 200),
