@@ -19,15 +19,15 @@ import torch
 
 from ldm_app.data import shapes
 from ldm_app.evaluation.adherence import Prompt, _seed, generate, render
-from ldm_app.evaluation.new_concept import nearest_palette_colour, object_core, to_uint8
+from ldm_app.evaluation.new_concept import nearest_palette_colour, pixel_colour
 from ldm_app.pipeline import LatentDiffusionPipeline
 
 MODEL = "ldm_app/assets/default_model"
 
 
-def mean_colour(image) -> np.ndarray | None:
-    core, _ = object_core(image)
-    return to_uint8(image)[core].astype(np.float64).mean(axis=0) if core.sum() >= 6 else None
+def mean_colour(image) -> list[float] | None:
+    """The object core's mean RGB, as the pixel measure reads it (None: no object)."""
+    return pixel_colour(image)[1]
 
 
 def midpoints_through_the_autoencoder(vae) -> None:
