@@ -20,6 +20,8 @@
 #                                                        # OUT/eval_embedding; data and decoder shared with the LoRA's)
 #   ADAPTER=embedding NUM_VECTORS=8 EMBEDDING_LR=5e-2 ...  # its vectors per token (1) and learning rate (5e-3);
 #                                                        # other values write OUT/embedding_8v_5e-2, OUT/eval_embedding_8v_5e-2
+#   ADAPTER=embedding INIT_TOKEN=red ...                 # the old word its vector starts from (default: the concept's
+#                                                        # nearest; writes OUT/embedding_from_red, OUT/eval_embedding_from_red)
 #   ADAPTER=lora_te bash recipes/lora_new_concept.sh     # U-Net + text-encoder LoRA (OUT/lora_te, OUT/eval_lora_te)
 #
 #   BASE=path/to/model bash recipes/lora_new_concept.sh  # another ldm_app model folder instead of the bundled one
@@ -134,6 +136,7 @@ else
     NUM_VECTORS=${NUM_VECTORS:-1} EMBEDDING_LR=${EMBEDDING_LR:-5e-3}
     EMB=embedding
     if [ "$NUM_VECTORS" != 1 ] || [ "$EMBEDDING_LR" != 5e-3 ]; then EMB=embedding_${NUM_VECTORS}v_$EMBEDDING_LR; fi
+    if [ -n "${INIT_TOKEN:-}" ]; then INIT=$INIT_TOKEN EMB=${EMB}_from_$INIT_TOKEN; fi
     stage "$EMB" "$OUT/$EMB/learned_embeds.safetensors" \
         launch train_ldm.py "${COMMON[@]}" --train_embedding "$CONCEPT" --initializer_token "$INIT" \
         --num_vectors "$NUM_VECTORS" --learning_rate "$EMBEDDING_LR" --output_dir "$OUT/$EMB"

@@ -125,3 +125,18 @@ def test_an_embedding_is_measured_and_assembled_at_the_base_models_stored_settin
 def test_an_embeddings_sampling_can_be_set(tmp_path):
     assert _sampling(tmp_path, ADAPTER="embedding", GUIDANCE="2", SAMPLE_STEPS="8") == (
         ["2", "8"], ["--guidance_scale 2", "--steps 8"])
+
+
+def test_an_embeddings_initial_word_names_its_folders(tmp_path):
+    base, out = _base(tmp_path / "base"), tmp_path / "out"
+    runs = {}
+    for init in ("", "red"):
+        env = {"ADAPTER": "embedding", "CONCEPT": "vermilion", "DECODER_STEPS": "0"}
+        env |= {"INIT_TOKEN": init} if init else {}
+        proc, calls = run_recipe(tmp_path, "lora_new_concept.sh", FINISHING, out, BASE=str(base), **env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        (train,) = [c.split() for c in calls if "train_ldm.py" in c]
+        runs[init] = train[train.index("--initializer_token") + 1], train[train.index("--output_dir") + 1]
+    assert runs[""] == ("orange", f"{out}/embedding")  # vermilion starts from its nearest old word
+    assert runs["red"] == ("red", f"{out}/embedding_from_red")  # another start: another folder, the first kept
+    assert (out / "eval_embedding_from_red" / "new_concept.json").exists()
