@@ -75,10 +75,12 @@ elif for p in decoder model 'lora*' 'embedding*' 'eval*'; do compgen -G "$OUT/$p
 else
     echo "$BASE_SHA" > "$OUT/base_model.sha256.tmp" && mv "$OUT/base_model.sha256.tmp" "$OUT/base_model.sha256"
 fi
+# The concept's data, and the old word of its kind nearest to it (where an embedding's vector starts; INIT_TOKEN=
+# picks another).
 case "$CONCEPT" in
-    pink) EXTRA=(--extra_colours pink --extra_colour_fraction 0.4) ;;
-    vermilion) EXTRA=(--extra_colours vermilion --extra_colour_fraction 0.4) ;;
-    cross) EXTRA=(--extra_shapes cross --extra_shape_fraction 0.4) ;;
+    pink) EXTRA=(--extra_colours pink --extra_colour_fraction 0.4) INIT=purple ;;
+    vermilion) EXTRA=(--extra_colours vermilion --extra_colour_fraction 0.4) INIT=orange ;;
+    cross) EXTRA=(--extra_shapes cross --extra_shape_fraction 0.4) INIT=square ;;
     *) echo "CONCEPT must be cross, pink or vermilion" >&2; exit 2 ;;
 esac
 case "$ADAPTER" in lora|lora_te|embedding) ;; *) echo "ADAPTER must be lora, lora_te or embedding" >&2; exit 2 ;; esac
@@ -131,8 +133,7 @@ if [ "$ADAPTER" != embedding ]; then
         --concept "$CONCEPT" "${SAMPLING[@]}" --out "$OUT/$EVAL"
 else
     # The concept's own word is the token (neither word is one token of the bundled model's pruned tokenizer, so
-    # the prompts read as the LoRA's do); its vector starts from the nearest old word of its kind.
-    case "$CONCEPT" in cross) INIT=square ;; pink) INIT=purple ;; vermilion) INIT=orange ;; esac
+    # the prompts read as the LoRA's do); its vector starts from INIT (above).
     NUM_VECTORS=${NUM_VECTORS:-1} EMBEDDING_LR=${EMBEDDING_LR:-5e-3}
     EMB=embedding
     if [ "$NUM_VECTORS" != 1 ] || [ "$EMBEDDING_LR" != 5e-3 ]; then EMB=embedding_${NUM_VECTORS}v_$EMBEDDING_LR; fi

@@ -9,12 +9,13 @@ from pathlib import Path
 
 from recipe_helpers import run_recipe
 
-# Each stage leaves the file the recipe waits for; the assembly's inline script reads its stdin; train_ldm.py stops
-# the recipe (exit 3) so a test ends at the adapter's training.
-RECORDER = r"""case "$*" in
+# Each stage leaves the file the recipe waits for; the assembly's inline script reads its stdin.
+DATA_AND_DECODER = r"""
   *ldm_app.data.shapes*) mkdir -p "$(arg --out "$@")" && touch "$(arg --out "$@")/metadata.jsonl" ;;
   *train_vae.py*) mkdir -p "$(arg --output_dir "$@")/vae" && touch "$(arg --output_dir "$@")/vae/config.json" ;;
-  "- "*) cat > /dev/null ;;
+  "- "*) cat > /dev/null ;;"""
+# train_ldm.py stops the recipe (exit 3) so a test ends at the adapter's training.
+RECORDER = r"""case "$*" in""" + DATA_AND_DECODER + r"""
   *train_ldm.py*) exit 3 ;;
   *) exit 4 ;;
 esac
@@ -30,8 +31,8 @@ def _base(path: Path, weights: bytes = b"unet weights") -> Path:
     return path
 
 
-def _run(tmp_path: Path, base: Path, out: Path):
-    return run_recipe(tmp_path, "lora_new_concept.sh", RECORDER, out, BASE=str(base))
+def _run(tmp_path: Path, base: Path, out: Path, recorder: str = RECORDER, **env: str):
+    return run_recipe(tmp_path, "lora_new_concept.sh", recorder, out, BASE=str(base), **env)
 
 
 def _trained(calls: list[str]) -> list[str]:
@@ -89,10 +90,7 @@ def test_a_base_that_is_not_a_model_folder_is_refused(tmp_path):
 
 
 # Every stage finishes: training leaves the adapter's file, the evaluation its report.
-FINISHING = r"""case "$*" in
-  *ldm_app.data.shapes*) mkdir -p "$(arg --out "$@")" && touch "$(arg --out "$@")/metadata.jsonl" ;;
-  *train_vae.py*) mkdir -p "$(arg --output_dir "$@")/vae" && touch "$(arg --output_dir "$@")/vae/config.json" ;;
-  "- "*) cat > /dev/null ;;
+FINISHING = r"""case "$*" in""" + DATA_AND_DECODER + r"""
   *train_ldm.py*) d=$(arg --output_dir "$@"); mkdir -p "$d"
                   touch "$d/pytorch_lora_weights.safetensors" "$d/learned_embeds.safetensors" ;;
   *new_concept*) mkdir -p "$(arg --out "$@")" && touch "$(arg --out "$@")/new_concept.json" ;;
@@ -104,7 +102,7 @@ esac
 def _sampling(tmp_path: Path, **env: str) -> tuple[list[str], list[str]]:
     """The assembly's arguments (model, guidance, steps) and the evaluation's sampling flags of one full run."""
     base, out = _base(tmp_path / "base"), tmp_path / "out"
-    proc, calls = run_recipe(tmp_path, "lora_new_concept.sh", FINISHING, out, BASE=str(base), **env)
+    proc, calls = _run(tmp_path, base, out, FINISHING, **env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (assemble,) = [c for c in calls if c.startswith("- ")]
     (evaluation,) = [c.split() for c in calls if "ldm_app.evaluation.new_concept" in c]
@@ -133,7 +131,7 @@ def test_an_embeddings_initial_word_names_its_folders(tmp_path):
     for init in ("", "red"):
         env = {"ADAPTER": "embedding", "CONCEPT": "vermilion", "DECODER_STEPS": "0"}
         env |= {"INIT_TOKEN": init} if init else {}
-        proc, calls = run_recipe(tmp_path, "lora_new_concept.sh", FINISHING, out, BASE=str(base), **env)
+        proc, calls = _run(tmp_path, base, out, FINISHING, **env)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         (train,) = [c.split() for c in calls if "train_ldm.py" in c]
         runs[init] = train[train.index("--initializer_token") + 1], train[train.index("--output_dir") + 1]

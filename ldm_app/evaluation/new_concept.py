@@ -3,7 +3,8 @@ the model a new shape (or colour) while the old vocabulary keeps its accuracy?
 
     python -m ldm_app.evaluation.new_concept --model BASE (--lora LORA_DIR_OR_FILE | --embedding TI_DIR_OR_FILE)
         [--vae DECODER_DIR]
-        [--concept cross|pink|vermilion] [--num_prompts 100] [--old_prompts 100] [--two_object_prompts 50] [--seed 0] [--out DIR]
+        [--concept cross|pink|vermilion] [--num_prompts 100] [--old_prompts 100] [--two_object_prompts 50]
+        [--seed 0] [--out DIR]
 
 The concept is one of `ldm_app.data.shapes.EXTRA_SHAPES` / `EXTRA_COLOURS` (outside the fixed vocabulary;
 recipes/lora_new_concept.sh trains the LoRA or, with ADAPTER=embedding, the embedding). Held-out prompts:
