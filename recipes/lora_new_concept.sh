@@ -3,7 +3,8 @@
 #   CONCEPT=cross (default): a new shape, an upright plus sign (ldm_app/data/shapes.py EXTRA_SHAPES);
 #   CONCEPT=pink: a new colour (EXTRA_COLOURS);
 #   CONCEPT=vermilion: a new colour half-way between red and orange, one the bundled autoencoder can draw
-#   (best with DECODER_STEPS=0: no decoder fine-tune, so the old vocabulary is untouched by an embedding).
+#   (best with DECODER_STEPS=0: no decoder fine-tune, so the old vocabulary is untouched by an embedding);
+#   CONCEPT=medium: a new size between small and large (EXTRA_SIZES), also DECODER_STEPS=0.
 # The bundled autoencoder's decoder cannot draw either well (its encode-decode turns every pink into an old colour
 # and most small crosses into circles), but its latents tell them apart: so the recipe fine-tunes the decoder alone
 # on the same data (encoder frozen, so the latents, and the LoRA, are unchanged), and assembles OUT/model: the
@@ -81,7 +82,8 @@ case "$CONCEPT" in
     pink) EXTRA=(--extra_colours pink --extra_colour_fraction 0.4) INIT=purple ;;
     vermilion) EXTRA=(--extra_colours vermilion --extra_colour_fraction 0.4) INIT=orange ;;
     cross) EXTRA=(--extra_shapes cross --extra_shape_fraction 0.4) INIT=square ;;
-    *) echo "CONCEPT must be cross, pink or vermilion" >&2; exit 2 ;;
+    medium) EXTRA=(--extra_sizes medium --extra_size_fraction 0.4) INIT=small ;;
+    *) echo "CONCEPT must be cross, pink, vermilion or medium" >&2; exit 2 ;;
 esac
 case "$ADAPTER" in lora|lora_te|embedding) ;; *) echo "ADAPTER must be lora, lora_te or embedding" >&2; exit 2 ;; esac
 

@@ -1,5 +1,5 @@
-"""The opt-in new colour and shape of the shapes generator (--extra_colours, --extra_shapes) and the pixel
-measures of ldm_app/evaluation/new_concept.py."""
+"""The opt-in new colours, shape and size of the shapes generator (--extra_colours, --extra_shapes, --extra_sizes)
+and the pixel measures of ldm_app/evaluation/new_concept.py."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from ldm_app.evaluation.new_concept import (
     palette_with,
     pixel_colour,
     pixel_shape,
+    pixel_size,
 )
 
 
@@ -69,7 +70,7 @@ def test_default_draws_unchanged(tmp_path):
     assert manifest["files"]["000000.png"]["sha256"] == PINNED_SHA256
     # The explicit empty palette extension is the default, draw for draw.
     for i in range(50):
-        assert _scene(i) == _scene(i, extra_colours=()) == _scene(i, extra_shapes=())
+        assert _scene(i) == _scene(i, extra_colours=()) == _scene(i, extra_shapes=()) == _scene(i, extra_sizes=())
 
 
 
@@ -112,6 +113,30 @@ def test_extra_shape_appears_in_captions_and_pixels(tmp_path):
         assert np.abs(pixels[corner].astype(int) - bg).max() < 10
 
 
+def test_extra_size_appears_in_captions_and_pixels(tmp_path):
+    # "medium" sits in the gap between small and large, apart from both, and only in one-object scenes.
+    (lo, hi), small, large = shapes.EXTRA_SIZES["medium"], shapes.SIZES["small"], shapes.SIZES["large"]
+    assert small[1] < lo < hi < large[0]
+    out = shapes.make_dataset(tmp_path / "m", 60, 64, 6, two_object_fraction=0.25, extra_sizes=["medium"],
+                              extra_size_fraction=0.5)
+    rows = [json.loads(line) for line in (out / shapes.METADATA_FILE).read_text().splitlines()]
+    scenes = [shapes.sample_scene(np.random.default_rng([6, i]), 64, 0.25, extra_sizes=("medium",),
+                                  extra_size_fraction=0.5) for i in range(60)]
+    assert [shapes.caption(s) for s in scenes] == [r["text"] for r in rows]
+    assert json.loads((out / shapes.MANIFEST_FILE).read_text())["arguments"]["extra_sizes"] == ["medium"]
+    medium = [s for s in scenes if any(o.size == "medium" for o in s.objects)]
+    assert 12 <= len(medium) <= 35 and all(s.relation is None for s in medium)
+    assert all(r["text"].startswith("a medium ") for r, s in zip(rows, scenes) if s in medium)
+    for scene in medium:
+        (obj,) = scene.objects
+        assert lo <= obj.width <= hi
+        assert pixel_size(np.asarray(shapes.render_scene(scene, 64)), "medium")[0] == "medium"
+    with pytest.raises(UserError, match="unknown size"):
+        shapes.make_dataset(tmp_path / "a", 2, 64, 0, extra_sizes=["huge"])
+    with pytest.raises(UserError, match="needs --extra_sizes"):
+        shapes.make_dataset(tmp_path / "b", 2, 64, 0, extra_size_fraction=0.5)
+
+
 def test_extra_colour_refusals(tmp_path):
     with pytest.raises(UserError, match="unknown colour"):
         shapes.make_dataset(tmp_path / "a", 2, 64, 0, extra_colours=["teal"])
@@ -136,6 +161,13 @@ def test_pixel_measures_on_crisp_renders():
         seen, mean = pixel_colour(pixels)
         assert seen == scene.objects[0].colour, (scene, seen, mean)
         assert pixel_shape(pixels) == scene.objects[0].shape, scene
+        # sizes: without a size concept, small / large (split at 0.375); in a run about medium, the three
+        assert pixel_size(pixels)[0] == pixel_size(pixels, "medium")[0] == scene.objects[0].size, scene
+    for i in range(300):
+        scene = _scene(2000 + i, two_object_fraction=0.0, extra_sizes=("medium",), extra_size_fraction=0.4)
+        pixels = np.asarray(shapes.render_scene(scene, 64))
+        assert pixel_size(pixels, "medium")[0] == scene.objects[0].size, (scene, pixel_size(pixels, "medium"))
+        assert pixel_shape(pixels) == scene.objects[0].shape, scene
     # float (3, H, W) input, as the pipeline returns, reads the same
     scene = _scene(7, two_object_fraction=0.0, extra_colours=("pink",), extra_colour_fraction=1.0)
     pixels = np.asarray(shapes.render_scene(scene, 64)).transpose(2, 0, 1) / 255.0
@@ -146,6 +178,7 @@ def test_pixel_measure_empty_image_is_none():
     for bg in shapes.BACKGROUNDS.values():
         assert pixel_colour(np.full((64, 64, 3), bg, np.uint8))[0] == NONE
         assert pixel_shape(np.full((64, 64, 3), bg, np.uint8)) == NONE
+        assert pixel_size(np.full((64, 64, 3), bg, np.uint8), "medium") == (NONE, None)
 
 
 def test_palette_with_restores_the_judge_vocabulary():
@@ -156,6 +189,10 @@ def test_palette_with_restores_the_judge_vocabulary():
         assert scene.objects[0].colour in shapes.PALETTE
     with palette_with("cross"):
         assert judge_mod.HEADS["first_shape"][-1] == "cross" and judge_mod.HEADS["colour"] == tuple(shapes.COLOURS)
+    with palette_with("medium"):  # one head: both objects of a two-object scene are small
+        assert judge_mod.HEADS["size"] == (*shapes.SIZES, "medium") and "first_size" not in judge_mod.HEADS
+        sizes = {judge_mod.sample_scene(np.random.default_rng([0, i]), 64, 0.0).objects[0].size for i in range(30)}
+        assert "medium" in sizes
     assert judge_mod.HEADS == before and judge_mod.sample_scene is shapes.sample_scene
 
 

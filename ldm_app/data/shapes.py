@@ -76,6 +76,10 @@ EXTRA_SHAPES: tuple[str, ...] = ("cross",)
 COLOUR_JITTER = 15  # each channel of an object's colour is its palette entry +- at most this
 # Object width (= height of its bounding box) as a fraction of the image side.
 SIZES: dict[str, tuple[float, float]] = {"small": (0.20, 0.30), "large": (0.45, 0.60)}
+# Likewise an opt-in size (`--extra_sizes`): "medium" lies in the gap between small and large, 0.05 of the side
+# (3 px at 64) from each; its range is centred on the 0.375 split of the geometric judge (evaluation/geometry.py).
+EXTRA_SIZES: dict[str, tuple[float, float]] = {"medium": (0.35, 0.40)}
+ALL_SIZES: dict[str, tuple[float, float]] = {**SIZES, **EXTRA_SIZES}  # every drawable size
 # Where the object's bounding-box centre lies: a third of the image (the other coordinate at the middle), or the
 # centre. Values are the words used in captions.
 POSITIONS: dict[str, str] = {
@@ -144,7 +148,7 @@ class ShapeObject:
     shape: str  # one of SHAPES (or of EXTRA_SHAPES when asked for)
     colour: str  # one of COLOURS (or of EXTRA_COLOURS when asked for)
     rgb: tuple[int, int, int]  # the jittered colour actually drawn
-    size: str  # one of SIZES
+    size: str  # one of SIZES (or of EXTRA_SIZES when asked for)
     width: float  # bounding-box side / image side
     center: tuple[float, float]  # bounding-box centre (x, y) / image side; y grows downwards
     position: str  # one of POSITIONS
@@ -323,7 +327,7 @@ def _sample_object(
     rng: np.random.Generator, size: str, position: str, colour: str, inset: float,
     shapes: tuple[str, ...] = SHAPES, shape_weights: np.ndarray | None = None,
 ) -> ShapeObject:
-    lo, hi = SIZES[size]
+    lo, hi = ALL_SIZES[size]
     if position != "center":
         # A large object must fit between the image edge and the end of its third.
         hi = min(hi, 2 * (1 / 3 - _THIRD_MARGIN - inset))
@@ -353,12 +357,14 @@ def sample_scene(
     rng: np.random.Generator, resolution: int, two_object_fraction: float = 0.25,
     extra_colours: tuple[str, ...] = (), extra_colour_fraction: float | None = None,
     extra_shapes: tuple[str, ...] = (), extra_shape_fraction: float | None = None,
+    extra_sizes: tuple[str, ...] = (), extra_size_fraction: float | None = None,
 ) -> Scene:
     """Draw a random scene. `resolution` sets the inset (at least one pixel) that keeps objects inside the image.
 
     `extra_colours` (names from EXTRA_COLOURS) widen the palette, uniformly or with `extra_colour_fraction` the
-    probability of an extra colour per draw; `extra_shapes` / `extra_shape_fraction` likewise the shapes. Without
-    them the draws (and so every scene) are exactly the default's."""
+    probability of an extra colour per draw; `extra_shapes` / `extra_shape_fraction` likewise the shapes, and
+    `extra_sizes` / `extra_size_fraction` the one-object sizes (both objects of a two-object scene stay small).
+    Without them the draws (and so every scene) are exactly the default's."""
     inset = max(0.01, 1.0 / resolution)
     palette = list(COLOURS) + [c for c in extra_colours if c not in COLOURS]
     weights = _extra_weights(len(COLOURS), len(palette) - len(COLOURS), extra_colour_fraction)
@@ -378,7 +384,10 @@ def sample_scene(
             for pos, col in zip(RELATION_POSITIONS[relation], colours)
         )
         return Scene(background=background, objects=objects, relation=relation)
-    size, position = str(rng.choice(list(SIZES))), str(rng.choice(list(POSITIONS)))
+    sizes = list(SIZES) + [z for z in extra_sizes if z not in SIZES]
+    size_weights = _extra_weights(len(SIZES), len(sizes) - len(SIZES), extra_size_fraction)
+    size = str(rng.choice(sizes) if size_weights is None else rng.choice(sizes, p=size_weights))
+    position = str(rng.choice(list(POSITIONS)))
     colour = str(rng.choice(palette) if weights is None else rng.choice(palette, p=weights))
     obj = _sample_object(rng, size, position, colour, inset, **kw)
     return Scene(background=background, objects=(obj,))
@@ -448,7 +457,8 @@ def object_size(scene: Scene) -> float:
 
 def _checked_extras(kind: str, names: tuple[str, ...] | list[str], known: dict | tuple,
                     fraction: float | None) -> tuple[str, ...]:
-    """--extra_colours / --extra_shapes (each name known, in order, once each) and their --extra_*_fraction."""
+    """--extra_colours / --extra_shapes / --extra_sizes (each name known, in order, once each) and their
+    --extra_*_fraction."""
     names = tuple(dict.fromkeys(names))
     for name in names:
         if name not in known:
@@ -464,14 +474,15 @@ def make_dataset(
     out: str | Path, num_images: int, resolution: int, seed: int, two_object_fraction: float = 0.25,
     labels: bool = False, sizes: bool = False, extra_colours: tuple[str, ...] | list[str] = (),
     extra_colour_fraction: float | None = None, extra_shapes: tuple[str, ...] | list[str] = (),
-    extra_shape_fraction: float | None = None, free_caption_fraction: float = 0.0,
+    extra_shape_fraction: float | None = None, extra_sizes: tuple[str, ...] | list[str] = (),
+    extra_size_fraction: float | None = None, free_caption_fraction: float = 0.0,
 ) -> Path:
     """Write `num_images` rendered scenes and their captions to `out` (imagefolder layout), atomically; with
     `labels` (one-object scenes only), also each scene's `class_label` as the `label` of its metadata line; with
     `sizes` (one-object scenes only), its `object_size` as `size`.
 
     Image i is drawn from its own generator seeded with (seed, i), so it does not depend on `num_images`.
-    `extra_colours` / `extra_colour_fraction` / `extra_shapes` / `extra_shape_fraction`: see `sample_scene`
+    `extra_colours`, `extra_shapes`, `extra_sizes` and their `extra_*_fraction`: see `sample_scene`
     (opt-in; without them the output is unchanged). `free_caption_fraction`: the share of images whose caption is
     a `free_caption` instead of the canonical one (whether image i gets one, and its wording, are drawn from the
     separate stream [seed, FREE_CAPTION_STREAM, i], so the images, and every caption at 0, are the default's).
@@ -482,6 +493,7 @@ def make_dataset(
         raise UserError("sizes are the width of one object: use --two_object_fraction 0 with --sizes")
     extra_colours = _checked_extras("colour", extra_colours, EXTRA_COLOURS, extra_colour_fraction)
     extra_shapes = _checked_extras("shape", extra_shapes, EXTRA_SHAPES, extra_shape_fraction)
+    extra_sizes = _checked_extras("size", extra_sizes, EXTRA_SIZES, extra_size_fraction)
     if (extra_colours or extra_shapes) and labels:
         raise UserError("class labels cover the fixed colours and shapes only: --labels cannot be used with "
                         "--extra_colours / --extra_shapes")
@@ -499,13 +511,17 @@ def make_dataset(
     if extra_shapes:
         arguments["extra_shapes"] = list(extra_shapes)
         arguments["extra_shape_fraction"] = extra_shape_fraction
+    if extra_sizes:
+        arguments["extra_sizes"] = list(extra_sizes)
+        arguments["extra_size_fraction"] = extra_size_fraction
     if free_caption_fraction:
         arguments["free_caption_fraction"] = float(free_caption_fraction)
     with OUTPUT.writing(out, arguments) as writer:
         lines = []
         for i in tqdm(range(num_images), desc="rendering shapes", unit="img"):
             scene = sample_scene(np.random.default_rng([seed, i]), resolution, two_object_fraction,
-                                 extra_colours, extra_colour_fraction, extra_shapes, extra_shape_fraction)
+                                 extra_colours, extra_colour_fraction, extra_shapes, extra_shape_fraction,
+                                 extra_sizes, extra_size_fraction)
             file_name = f"{i:06d}.png"
             png = io.BytesIO()
             render_scene(scene, resolution).save(png, format="PNG")
@@ -548,6 +564,11 @@ def main(argv: list[str] | None = None) -> None:
                         "without it the output is unchanged")
     parser.add_argument("--extra_shape_fraction", type=float, default=None,
                         help="probability that a drawn shape is one of --extra_shapes (default: uniform)")
+    parser.add_argument("--extra_sizes", nargs="+", default=[], metavar="SIZE",
+                        help="also draw these one-object sizes outside the fixed vocabulary "
+                        f"({', '.join(EXTRA_SIZES)}); without it the output is unchanged")
+    parser.add_argument("--extra_size_fraction", type=float, default=None,
+                        help="probability that a one-object scene's size is one of --extra_sizes (default: uniform)")
     parser.add_argument("--free_caption_fraction", type=float, default=0.0,
                         help="share of images captioned free-form (attributes left out, phrases in any order, "
                         "synonyms; the images are the same), e.g. 0.5; default 0: every caption canonical")
@@ -555,8 +576,8 @@ def main(argv: list[str] | None = None) -> None:
     path = make_dataset(args.out, args.num_images, args.resolution, args.seed, args.two_object_fraction,
                         labels=args.labels, sizes=args.sizes, extra_colours=args.extra_colours,
                         extra_colour_fraction=args.extra_colour_fraction, extra_shapes=args.extra_shapes,
-                        extra_shape_fraction=args.extra_shape_fraction,
-                        free_caption_fraction=args.free_caption_fraction)
+                        extra_shape_fraction=args.extra_shape_fraction, extra_sizes=args.extra_sizes,
+                        extra_size_fraction=args.extra_size_fraction, free_caption_fraction=args.free_caption_fraction)
     print(f"wrote {args.num_images} images to {path}")
 
 
