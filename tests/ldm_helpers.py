@@ -71,6 +71,21 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+def make_text_matter(unet: Any, factor: float = 30.0) -> None:
+    """Scale a random U-Net's cross-attention outputs, which otherwise barely read the text (so that a caption, or
+    guidance, changes its output), in place."""
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("attn2.to_out.0"):
+                module.weight *= factor
+
+
+def distill_argv(teacher: Path, out: Path, config: Path, *extra: str) -> list[str]:
+    """python -m ldm_app.train_distill's arguments: `teacher` with its renders beside it (teacher.parent / "data")."""
+    return ["--teacher", str(teacher), "--train_data_dir", str(teacher.parent / "data"), "--output_dir", str(out),
+            "--config", str(config), *extra]
+
+
 def run_in_process(main: Any, argv: list[str]) -> Any:
     """A trainer's main(argv) in this process on one torch thread (see subprocess_env), accelerate's process-wide
     singletons reset afterwards (for module-scoped fixtures, which cannot use the `fresh_accelerate` fixture)."""

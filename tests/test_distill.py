@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ldm_helpers import (ROOT, assert_refused_in_one_line, kill_after_first_checkpoint, max_abs_diff,
+from ldm_helpers import (ROOT, assert_refused_in_one_line, distill_argv, kill_after_first_checkpoint, max_abs_diff,
                          run_in_process, subprocess_env, weights)
 
 from ldm_app.checkpointing import list_checkpoints
@@ -52,8 +52,7 @@ def teacher(tiny_pipeline_dir, tmp_path_factory) -> Path:
 
 
 def args(teacher: Path, out: Path, *extra: str) -> list[str]:
-    return ["--teacher", str(teacher), "--train_data_dir", str(teacher.parent / "data"), "--output_dir", str(out),
-            "--config", str(CONFIG), *extra]
+    return distill_argv(teacher, out, CONFIG, *extra)
 
 
 @pytest.fixture(scope="module")

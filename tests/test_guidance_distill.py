@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from ldm_helpers import (ROOT, assert_refused_in_one_line, kill_after_first_checkpoint, max_abs_diff,
-                         run_in_process, subprocess_env, weights)
+from ldm_helpers import (ROOT, assert_refused_in_one_line, distill_argv, kill_after_first_checkpoint,
+                         make_text_matter, max_abs_diff, run_in_process, subprocess_env, weights)
 
 from ldm_app.training.distill import main
 
@@ -45,9 +45,7 @@ def teacher(tiny_pipeline_dir, tmp_path_factory) -> Path:
     with torch.no_grad():
         unet.conv_in.weight[:, 4:] = torch.randn(unet.conv_in.weight[:, 4:].shape,
                                                  generator=torch.Generator().manual_seed(1)) * 0.2
-        for name, module in unet.named_modules():  # a random U-Net barely reads its text: make guidance matter
-            if name.endswith("attn2.to_out.0"):
-                module.weight *= 30
+    make_text_matter(unet)  # so that guidance matters
     unet.save_pretrained(folder / "unet")
     index = json.loads((folder / "model_index.json").read_text())
     index["_class_name"] = "StableDiffusionInpaintPipeline"
@@ -57,8 +55,7 @@ def teacher(tiny_pipeline_dir, tmp_path_factory) -> Path:
 
 
 def args(teacher: Path, out: Path, *extra: str) -> list[str]:
-    return ["--teacher", str(teacher), "--train_data_dir", str(teacher.parent / "data"), "--output_dir", str(out),
-            "--config", str(CONFIG), *TINY, *extra]
+    return distill_argv(teacher, out, CONFIG, *TINY, *extra)
 
 
 @pytest.fixture(scope="module")

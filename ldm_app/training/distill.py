@@ -45,6 +45,19 @@ the teacher's U-Net, learns to give in ONE pass what the teacher gives in two un
 sampler and steps and stores guidance 1 (no classifier-free guidance, half the U-Net calls), and it works for an
 inpainting teacher too (`conditioning.concat: inpaint`: both see the same random mask and masked-image latents),
 whose output stays a diffusers StableDiffusionInpaintPipeline folder. configs/distill/inpaint_guidance.yaml.
+
+`distill.method: trajectory` distils a model that samples without guidance (a guidance-distilled one) into fewer
+solver steps on a fixed grid: knowledge distillation of the sampler's output (Luhman & Luhman 2021, "Knowledge
+Distillation in Iterative Generative Models for Improved Sampling Speed"), with the solver in the loop. From the
+same x_T ~ N(0, I) and caption c, the student's `len(student_timesteps)` steps of the sampler
+(`ldm.validation_sampler`, e.g. DPM-Solver++) on the grid `student_timesteps` must land where the teacher's
+`teacher_steps` steps (its own spacing) land:
+
+    loss = || Solve_student(x_T, c; student_timesteps) - Solve_teacher(x_T, c; teacher_steps) ||^2
+
+backpropagated through every student step (the sampler's update is linear in the U-Net outputs). No image is
+needed (only the captions); the student starts as an exact copy of the teacher, and the grid is stored with the
+output (ldm_app.json `sampling.timesteps`), so it samples as it was trained. configs/distill/shapes64_trajectory.yaml.
 """
 
 from __future__ import annotations
@@ -63,6 +76,7 @@ import torch
 from ..config import flag_overrides, from_dict, merge, parse_overrides, read_yaml, to_dict, validate
 from ..errors import ArgumentParser, UserError
 from ..first_stage import downsampling_factor
+from ..limits import check_timestep_grid
 from .common import (REPORT_TO, check_report_to, launched_processes, make_accelerator, open_run_folder, rows_sha256,
                      setup_logging)
 from .ldm import MAY_DIFFER_ON_RESUME as LDM_MAY_DIFFER
@@ -81,12 +95,15 @@ TEACHER_FILES = {"vocabulary.json": "vocabulary.json", "run_config.json": "teach
 
 @dataclass
 class DistillSection:
-    """What is specific to distillation: `method`, then guidance distillation's scale, then latent consistency
-    distillation's settings. The stored sampling defaults are the `ldm.validation_*` settings (lcd: sampler lcm,
-    steps, guidance; guidance: the teacher's sampler and steps, guidance 1), which also make the validation grids."""
+    """What is specific to distillation: `method`, then guidance distillation's scale, trajectory distillation's
+    steps and grid, then latent consistency distillation's settings. The stored sampling defaults are the
+    `ldm.validation_*` settings (lcd: sampler lcm, steps, guidance; guidance: the teacher's sampler and steps,
+    guidance 1; trajectory: its sampler, steps and grid, guidance 1), which also make the validation grids."""
 
-    method: Literal["lcd", "guidance"] = "lcd"  # latent consistency distillation, or guidance distillation (above)
+    method: Literal["lcd", "guidance", "trajectory"] = "lcd"  # latent consistency, guidance or trajectory (above)
     guidance_scale: float = 3.0  # method guidance: the teacher's classifier-free guidance folded into the student
+    teacher_steps: int = 8  # method trajectory: the teacher's steps (its sampler's own spacing) ...
+    student_timesteps: list[int] = field(default_factory=lambda: [999, 700, 400, 100])  # ... and the student's grid
     num_ddim_timesteps: int = 50  # N: the teacher's DDIM solver grid (LCMScheduler's original_inference_steps)
     w_min: float = 1.0  # guidance w ~ U[w_min, w_max] per image, as diffusers' guidance_scale - 1 (the reference's
     w_max: float = 3.0  # 5..15 is for SD 1.5; this toolkit's shapes models are best near guidance_scale 3)
@@ -107,6 +124,9 @@ class DistillSection:
             raise UserError(f"time_cond_proj_dim must be an even number >= 2, got {self.time_cond_proj_dim}")
         if self.timestep_scaling <= 0 or self.huber_c <= 0:
             raise UserError("timestep_scaling and huber_c must be > 0")
+        if self.teacher_steps < 1:
+            raise UserError(f"distill.teacher_steps must be >= 1, got {self.teacher_steps}")
+        check_timestep_grid(self.student_timesteps, None, "distill.student_timesteps")
 
 
 @dataclass
@@ -127,6 +147,9 @@ class DistillRunConfig(LDMRunConfig):
         if self.distill.method == "guidance":
             self._validate_guidance()
             return
+        if self.distill.method == "trajectory":
+            self._validate_trajectory()
+            return
         if self.conditioning.kind != "text" or self.conditioning.concat != "none":
             raise UserError("only text-to-image teachers can be distilled by lcd (conditioning.kind=text, "
                             "concat=none); an inpainting teacher by distill.method=guidance")
@@ -143,6 +166,22 @@ class DistillRunConfig(LDMRunConfig):
         if not 1 + d.w_min <= g <= 1 + d.w_max:
             raise UserError(f"ldm.validation_guidance_scale {g:g} is outside the distilled range 1 + [w_min, w_max] "
                             f"= [{1 + d.w_min:g}, {1 + d.w_max:g}]")
+
+    def _validate_trajectory(self) -> None:
+        d, ldm = self.distill, self.ldm
+        if self.conditioning.kind != "text" or self.conditioning.concat != "none":
+            raise UserError("distill.method=trajectory needs a text-to-image teacher (conditioning.kind=text, "
+                            "concat=none)")
+        if ldm.validation_sampler not in ("dpm++", "euler", "ddim"):  # deterministic, and they take a grid
+            raise UserError(f"distill.method=trajectory solves with ldm.validation_sampler, which must be a "
+                            f"deterministic one that takes a timestep grid (dpm++, euler, ddim), got "
+                            f"{ldm.validation_sampler!r}")
+        if ldm.validation_num_inference_steps != len(d.student_timesteps):
+            raise UserError(f"ldm.validation_num_inference_steps ({ldm.validation_num_inference_steps}) must be the "
+                            f"number of distill.student_timesteps ({len(d.student_timesteps)})")
+        if ldm.validation_guidance_scale != 1 or ldm.caption_dropout:
+            raise UserError("distill.method=trajectory follows a teacher that samples without guidance (one pass a "
+                            "step): set ldm.validation_guidance_scale=1 and ldm.caption_dropout=0")
 
     def _validate_guidance(self) -> None:
         if self.conditioning.kind != "text":
@@ -183,7 +222,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m ldm_app.train_distill",
                        description="Distil a model into a few-step latent consistency model (LCM), or (--set "
                        "distill.method=guidance, configs/distill/inpaint_guidance.yaml) into one that samples without "
-                       "classifier-free guidance at half the U-Net calls; text-to-image or inpainting teachers.")
+                       "classifier-free guidance at half the U-Net calls (text-to-image or inpainting teachers), or "
+                       "(distill.method=trajectory, configs/distill/shapes64_trajectory.yaml) into fewer solver steps "
+                       "on a fixed grid.")
     p.add_argument("--teacher", help="the model to distil: a pipeline folder (train_ldm.py's output, the bundled "
                    "ldm_app/assets/default_model; an inpainting model for method guidance)")
     p.add_argument("--train_data_dir", help="images with a metadata.jsonl (the teacher's training data, or like it)")
@@ -258,12 +299,16 @@ def build_distill_models(cfg: DistillRunConfig) -> tuple[Models, Any]:
                         f"{unet.config.time_cond_proj_dim}), so it is already distilled; give the model it came from")
     # its unconditional output was never trained: nothing to guide with. Latent consistency distillation without
     # further guidance (w_min = w_max = 0) needs only its conditional output, which is what it was trained to give.
-    if _distilled_by_guidance(teacher) and (cfg.distill.method == "guidance" or cfg.distill.w_max > 0):
+    more_guidance = cfg.distill.method == "guidance" or (cfg.distill.method == "lcd" and cfg.distill.w_max > 0)
+    if _distilled_by_guidance(teacher) and more_guidance:
         raise UserError(f"--teacher {str(teacher)!r} is already guidance-distilled (its run_config.json has "
                         "distill.method=guidance): give the model it came from, or distil it to fewer steps without "
                         "more guidance (distill.w_min=0 distill.w_max=0, ldm.validation_guidance_scale=1)")
-    if cfg.distill.method == "guidance":  # the student starts as an exact copy of the teacher
+    if cfg.distill.method in ("guidance", "trajectory"):  # the student starts as an exact copy of the teacher
         LDMTrainer.check_class_embedding(cfg, unet)
+        T = models.diffusion.scheduler.config.num_train_timesteps
+        if cfg.distill.method == "trajectory":
+            check_timestep_grid(cfg.distill.student_timesteps, None, "distill.student_timesteps", T)
         models.unet = copy.deepcopy(unet)
         return models, unet.requires_grad_(False).eval()
     LDMTrainer.check_class_embedding(cfg, unet)  # a class- or scalar-conditioned U-Net is refused here
@@ -329,6 +374,12 @@ class DistillTrainer(LDMTrainer):
         self.teacher = teacher.to(device)
         if d.method == "guidance":  # train_ldm's noise schedule (self.m.diffusion) is all it needs
             return
+        if d.method == "trajectory":  # the teacher's own scheduler config: its sampler settings, not only the schedule
+            from diffusers import DDPMScheduler
+
+            # any scheduler class reads the file; make_scheduler then builds the sampler from it as a pipeline would
+            self.solver_config = DDPMScheduler.load_config(str(Path(cfg.ldm.pretrained_model) / "scheduler"))
+            return
         self.scheduler = lcm_scheduler(Path(cfg.ldm.pretrained_model), d)
         abar = self.scheduler.alphas_cumprod.to(device, torch.float32)  # the sampler's own schedule
         self.alpha, self.sigma = abar.sqrt(), (1 - abar).sqrt()
@@ -363,6 +414,8 @@ class DistillTrainer(LDMTrainer):
 
         if self.cfg.distill.method == "guidance":
             return self.guidance_loss(batch, g)
+        if self.cfg.distill.method == "trajectory":
+            return self.trajectory_loss(batch, g)
         d, device = self.cfg.distill, self.acc.device
         x0 = self.latents(batch, g)  # (B, C, h, w)
         B = len(x0)
@@ -427,6 +480,33 @@ class DistillTrainer(LDMTrainer):
         loss, _ = self.m.diffusion.training_losses(student, x0, generator=g, target_fn=guided_teacher)
         return loss
 
+    def solve(self, unet: Any, x: torch.Tensor, c: torch.Tensor, steps: int | None = None,
+              timesteps: list[int] | None = None) -> torch.Tensor:
+        """The sampler (ldm.validation_sampler, built from the teacher's scheduler config as its pipeline builds it)
+        from x_T to x_0 in `steps` steps of its own spacing or on the grid `timesteps`; differentiable in `unet`."""
+        from ..samplers import make_scheduler
+
+        scheduler = make_scheduler(self.cfg.ldm.validation_sampler, self.solver_config)
+        scheduler.set_timesteps(num_inference_steps=steps, timesteps=timesteps, device=x.device)
+        x = x * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            out = unet(scheduler.scale_model_input(x, t), t, encoder_hidden_states=c, return_dict=False)[0]
+            x = scheduler.step(out.float(), t, x).prev_sample
+        return x
+
+    def trajectory_loss(self, batch: dict[str, Any], g: torch.Generator) -> torch.Tensor:
+        """Trajectory distillation on one batch (module doc); draws x_T only."""
+        d = self.cfg.distill
+        c = self.text_states(list(batch["captions"]))
+        config = self.teacher.config
+        x_T = torch.randn((len(c), config.in_channels, config.sample_size, config.sample_size),
+                          generator=g).to(self.acc.device)
+        with torch.no_grad(), self.acc.autocast():
+            target = self.solve(self.teacher, x_T, c, steps=d.teacher_steps)
+        with self.acc.autocast():
+            pred = self.solve(self.unet, x_T, c, timesteps=list(d.student_timesteps))
+        return torch.nn.functional.mse_loss(pred.float(), target.float())
+
     # ---- pipelines -----------------------------------------------------------------------------------------
 
     def pipeline(self, full: dict[str, dict] | None = None) -> Any:
@@ -436,6 +516,12 @@ class DistillTrainer(LDMTrainer):
 
         pipe = super().pipeline(full)
         if self.cfg.distill.method == "guidance":  # the teacher's sampler (ldm.validation_sampler), guidance 1
+            return pipe
+        if self.cfg.distill.method == "trajectory":  # the teacher's size, the grid the student was trained on
+            teacher = read_sampling_defaults(self.cfg.ldm.pretrained_model)
+            pipe.sampling_defaults = {**pipe.sampling_defaults, **{k: teacher[k] for k in ("height", "width")
+                                                                   if k in teacher},
+                                      "timesteps": list(self.cfg.distill.student_timesteps)}
             return pipe
         pipe.scheduler = lcm_scheduler(Path(self.cfg.ldm.pretrained_model), self.cfg.distill)
         teacher = read_sampling_defaults(self.cfg.ldm.pretrained_model)
