@@ -57,6 +57,19 @@ fi
 SAMPLING=()  # empty: the base model's stored settings
 if [ -n "$GUIDANCE" ]; then SAMPLING+=(--guidance_scale "$GUIDANCE"); fi
 if [ -n "$SAMPLE_STEPS" ]; then SAMPLING+=(--steps "$SAMPLE_STEPS"); fi
+# The concept's data, and the old word of its kind nearest to it (where an embedding's vector starts; INIT_TOKEN=
+# picks another). Checked before OUT is made, so a misspelt CONCEPT or ADAPTER leaves nothing behind.
+case "$CONCEPT" in
+    pink) EXTRA=(--extra_colours pink --extra_colour_fraction 0.4) INIT=purple ;;
+    vermilion) EXTRA=(--extra_colours vermilion --extra_colour_fraction 0.4) INIT=orange ;;
+    cross) EXTRA=(--extra_shapes cross --extra_shape_fraction 0.4) INIT=square ;;
+    medium) EXTRA=(--extra_sizes medium --extra_size_fraction 0.4) INIT=small ;;
+    *) echo "error: CONCEPT must be cross, pink, vermilion or medium, got '$CONCEPT'" >&2; exit 2 ;;
+esac
+case "$ADAPTER" in
+    lora|lora_te|embedding) ;;
+    *) echo "error: ADAPTER must be lora, lora_te or embedding, got '$ADAPTER'" >&2; exit 2 ;;
+esac
 BASE=${BASE:-ldm_app/assets/default_model}
 [ -e "$BASE/model_index.json" ] || { echo "error: BASE=$BASE is not a model folder (no model_index.json)" >&2; exit 2; }
 source recipes/common.sh
@@ -76,16 +89,6 @@ elif for p in decoder model 'lora*' 'embedding*' 'eval*'; do compgen -G "$OUT/$p
 else
     echo "$BASE_SHA" > "$OUT/base_model.sha256.tmp" && mv "$OUT/base_model.sha256.tmp" "$OUT/base_model.sha256"
 fi
-# The concept's data, and the old word of its kind nearest to it (where an embedding's vector starts; INIT_TOKEN=
-# picks another).
-case "$CONCEPT" in
-    pink) EXTRA=(--extra_colours pink --extra_colour_fraction 0.4) INIT=purple ;;
-    vermilion) EXTRA=(--extra_colours vermilion --extra_colour_fraction 0.4) INIT=orange ;;
-    cross) EXTRA=(--extra_shapes cross --extra_shape_fraction 0.4) INIT=square ;;
-    medium) EXTRA=(--extra_sizes medium --extra_size_fraction 0.4) INIT=small ;;
-    *) echo "CONCEPT must be cross, pink, vermilion or medium" >&2; exit 2 ;;
-esac
-case "$ADAPTER" in lora|lora_te|embedding) ;; *) echo "ADAPTER must be lora, lora_te or embedding" >&2; exit 2 ;; esac
 
 # Seed 1: none of these scenes is one the evaluation draws (its prompts come from other seed streams).
 stage data "$OUT/data/metadata.jsonl" \

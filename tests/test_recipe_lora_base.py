@@ -138,3 +138,31 @@ def test_an_embeddings_initial_word_names_its_folders(tmp_path):
     assert runs[""] == ("orange", f"{out}/embedding")  # vermilion starts from its nearest old word
     assert runs["red"] == ("red", f"{out}/embedding_from_red")  # another start: another folder, the first kept
     assert (out / "eval_embedding_from_red" / "new_concept.json").exists()
+
+
+def test_each_concept_draws_its_own_data_and_starts_from_its_nearest_word(tmp_path):
+    base = _base(tmp_path / "base")
+    seen = {}
+    for concept in ("cross", "pink", "vermilion", "medium"):
+        out = tmp_path / concept
+        env = {"ADAPTER": "embedding", "CONCEPT": concept, "DECODER_STEPS": "0"}
+        proc, calls = _run(tmp_path, base, out, FINISHING, **env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        (data,) = [c.split() for c in calls if "ldm_app.data.shapes" in c]
+        (train,) = [c.split() for c in calls if "train_ldm.py" in c]
+        (evaluation,) = [c.split() for c in calls if "ldm_app.evaluation.new_concept" in c]
+        extra = [a for a in data if a.startswith("--extra_")]
+        seen[concept] = (extra, data[data.index(extra[0]) + 1], train[train.index("--initializer_token") + 1],
+                         train[train.index("--train_embedding") + 1], evaluation[evaluation.index("--concept") + 1])
+    assert seen == {
+        "cross": (["--extra_shapes", "--extra_shape_fraction"], "cross", "square", "cross", "cross"),
+        "pink": (["--extra_colours", "--extra_colour_fraction"], "pink", "purple", "pink", "pink"),
+        "vermilion": (["--extra_colours", "--extra_colour_fraction"], "vermilion", "orange", "vermilion", "vermilion"),
+        "medium": (["--extra_sizes", "--extra_size_fraction"], "medium", "small", "medium", "medium"),
+    }
+    for env, message in (({"CONCEPT": "huge"}, "CONCEPT must be cross, pink, vermilion or medium, got 'huge'"),
+                         ({"ADAPTER": "lora2"}, "ADAPTER must be lora, lora_te or embedding, got 'lora2'")):
+        proc, calls = _run(tmp_path, base, tmp_path / "typo", FINISHING, **env)
+        assert proc.returncode == 2 and calls == []
+        assert proc.stderr.strip() == f"error: {message}"
+        assert not (tmp_path / "typo").exists()  # refused before the run folder is made
