@@ -128,7 +128,8 @@ def test_two_process_cpu_run(teacher, tmp_path):
 
 @pytest.mark.parametrize("setting, words", [
     ("ldm.validation_num_inference_steps=8", ("must be the number of distill.student_timesteps",)),
-    ("ldm.validation_sampler=lcm", ("deterministic one that takes a timestep grid",)),
+    ("ldm.validation_sampler=lcm", ("deterministic one that takes a timestep grid (dpm++, euler)",)),
+    ("ldm.validation_sampler=ddim", ("deterministic one that takes a timestep grid",)),  # takes no grid
     ("ldm.validation_guidance_scale=3", ("validation_guidance_scale=1",)),
     ("distill.student_timesteps=[100,400]", ("strictly decreasing",)),
     ("distill.student_timesteps=[1200,700,400,100]", ("beyond this model's 1000 training timesteps",)),

@@ -172,9 +172,12 @@ class DistillRunConfig(LDMRunConfig):
         if self.conditioning.kind != "text" or self.conditioning.concat != "none":
             raise UserError("distill.method=trajectory needs a text-to-image teacher (conditioning.kind=text, "
                             "concat=none)")
-        if ldm.validation_sampler not in ("dpm++", "euler", "ddim"):  # deterministic, and they take a grid
+        from ..samplers import ANCESTRAL_SAMPLERS, samplers_taking
+
+        solvers = [name for name in samplers_taking("timesteps") if name not in ANCESTRAL_SAMPLERS]
+        if ldm.validation_sampler not in solvers:  # the same x_T must give the same x_0
             raise UserError(f"distill.method=trajectory solves with ldm.validation_sampler, which must be a "
-                            f"deterministic one that takes a timestep grid (dpm++, euler, ddim), got "
+                            f"deterministic one that takes a timestep grid ({', '.join(solvers)}), got "
                             f"{ldm.validation_sampler!r}")
         if ldm.validation_num_inference_steps != len(d.student_timesteps):
             raise UserError(f"ldm.validation_num_inference_steps ({ldm.validation_num_inference_steps}) must be the "
