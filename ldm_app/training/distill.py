@@ -309,9 +309,9 @@ def build_distill_models(cfg: DistillRunConfig) -> tuple[Models, Any]:
                         "more guidance (distill.w_min=0 distill.w_max=0, ldm.validation_guidance_scale=1)")
     if cfg.distill.method in ("guidance", "trajectory"):  # the student starts as an exact copy of the teacher
         LDMTrainer.check_class_embedding(cfg, unet)
-        T = models.diffusion.scheduler.config.num_train_timesteps
-        if cfg.distill.method == "trajectory":
-            check_timestep_grid(cfg.distill.student_timesteps, None, "distill.student_timesteps", T)
+        if cfg.distill.method == "trajectory":  # now that the teacher's training timesteps are known
+            check_timestep_grid(cfg.distill.student_timesteps, None, "distill.student_timesteps",
+                                models.diffusion.scheduler.config.num_train_timesteps)
         models.unet = copy.deepcopy(unet)
         return models, unet.requires_grad_(False).eval()
     LDMTrainer.check_class_embedding(cfg, unet)  # a class- or scalar-conditioned U-Net is refused here
