@@ -335,7 +335,7 @@ def _sample_object(
     jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
     rgb = tuple(int(v) for v in np.clip(np.array(PALETTE[colour]) + jitter, 0, 255))
     return ShapeObject(
-        shape=str(rng.choice(shapes) if shape_weights is None else rng.choice(shapes, p=shape_weights)),
+        shape=str(rng.choice(shapes, p=shape_weights)),
         colour=colour,
         rgb=rgb,
         size=size,
@@ -345,12 +345,15 @@ def _sample_object(
     )
 
 
-def _extra_weights(n_old: int, n_new: int, fraction: float | None) -> np.ndarray | None:
-    """Probabilities over n_old fixed + n_new extra names: None (uniform) unless `fraction` is given, in which
-    case the extra names share that probability equally and the fixed ones share the rest."""
+def _widened(old, extras: tuple[str, ...], fraction: float | None) -> tuple[list[str], np.ndarray | None]:
+    """The fixed names `old` and the `extras` not among them, and the probabilities to draw them with (`p=` of
+    rng.choice): None (uniform, the same draws as without `p`) unless `fraction` is given, in which case the extra
+    names share that probability equally and the fixed ones share the rest."""
+    names = list(old) + [n for n in extras if n not in old]
+    n_old, n_new = len(old), len(names) - len(old)
     if fraction is None or not n_new:
-        return None
-    return np.array([(1 - fraction) / n_old] * n_old + [fraction / n_new] * n_new)
+        return names, None
+    return names, np.array([(1 - fraction) / n_old] * n_old + [fraction / n_new] * n_new)
 
 
 def sample_scene(
@@ -366,29 +369,23 @@ def sample_scene(
     `extra_sizes` / `extra_size_fraction` the one-object sizes (both objects of a two-object scene stay small).
     Without them the draws (and so every scene) are exactly the default's."""
     inset = max(0.01, 1.0 / resolution)
-    palette = list(COLOURS) + [c for c in extra_colours if c not in COLOURS]
-    weights = _extra_weights(len(COLOURS), len(palette) - len(COLOURS), extra_colour_fraction)
-    shapes = SHAPES + tuple(s for s in extra_shapes if s not in SHAPES)
-    shape_weights = _extra_weights(len(SHAPES), len(shapes) - len(SHAPES), extra_shape_fraction)
-    kw = {"shapes": shapes, "shape_weights": shape_weights}
+    palette, weights = _widened(COLOURS, extra_colours, extra_colour_fraction)
+    shapes, shape_weights = _widened(SHAPES, extra_shapes, extra_shape_fraction)
+    kw = {"shapes": tuple(shapes), "shape_weights": shape_weights}
     background = str(rng.choice(list(BACKGROUNDS)))
     if rng.random() < two_object_fraction:
         relation = str(rng.choice(RELATIONS))
-        if weights is None:
-            colours = rng.choice(palette, size=2, replace=False)
-        else:
-            colours = rng.choice(palette, size=2, replace=False, p=weights)
+        colours = rng.choice(palette, size=2, replace=False, p=weights)
         # Opposite thirds on one axis, both centred on the other: with widths <= 0.30 they are >= 0.03 apart.
         objects = tuple(
             _sample_object(rng, "small", pos, str(col), inset, **kw)
             for pos, col in zip(RELATION_POSITIONS[relation], colours)
         )
         return Scene(background=background, objects=objects, relation=relation)
-    sizes = list(SIZES) + [z for z in extra_sizes if z not in SIZES]
-    size_weights = _extra_weights(len(SIZES), len(sizes) - len(SIZES), extra_size_fraction)
-    size = str(rng.choice(sizes) if size_weights is None else rng.choice(sizes, p=size_weights))
+    sizes, size_weights = _widened(SIZES, extra_sizes, extra_size_fraction)
+    size = str(rng.choice(sizes, p=size_weights))
     position = str(rng.choice(list(POSITIONS)))
-    colour = str(rng.choice(palette) if weights is None else rng.choice(palette, p=weights))
+    colour = str(rng.choice(palette, p=weights))
     obj = _sample_object(rng, size, position, colour, inset, **kw)
     return Scene(background=background, objects=(obj,))
 
