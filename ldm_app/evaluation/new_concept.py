@@ -58,7 +58,6 @@ import torch
 from PIL import Image, ImageDraw
 
 from ldm_app.data.shapes import (
-    ALL_SIZES,
     COLOURS,
     EXTRA_COLOURS,
     EXTRA_SHAPES,
@@ -116,12 +115,18 @@ def object_core(image: Any) -> tuple[np.ndarray, np.ndarray]:
     return core, background
 
 
-def concept_palette(concept: str | None) -> dict[str, tuple[int, int, int]]:
-    """The colours a run about `concept` can name: the old ones and, for a colour concept, that one (not the other
-    extra colours: an off red is not to be called vermilion in a run about pink). None: the whole palette."""
+def _with_concept(old: dict, extra: dict, concept: str | None) -> dict:
+    """The names a run about `concept` can read for one attribute: the `old` ones and, if the concept is one of
+    `extra`, that one (not the other extras: an off red is not to be called vermilion in a run about pink). None:
+    old and every extra."""
     if concept is None:
-        return PALETTE
-    return {**COLOURS, concept: PALETTE[concept]} if concept in EXTRA_COLOURS else dict(COLOURS)
+        return {**old, **extra}
+    return {**old, concept: extra[concept]} if concept in extra else dict(old)
+
+
+def concept_palette(concept: str | None) -> dict[str, tuple[int, int, int]]:
+    """The colours a run about `concept` can name (`_with_concept`; None: the whole PALETTE)."""
+    return _with_concept(COLOURS, EXTRA_COLOURS, concept)
 
 
 def nearest_palette_colour(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]] = PALETTE) -> str:
@@ -171,7 +176,10 @@ def object_box(image: Any) -> np.ndarray | None:
 def pixel_shape(image: Any) -> str:
     """The object's shape by pixels: its `object_box` resized to the templates' side, named by the template (every
     shape incl. EXTRA_SHAPES, drawn filling its box) of highest IoU; NONE with too little foreground."""
-    box = object_box(image)
+    return _shape_of(object_box(image))
+
+
+def _shape_of(box: np.ndarray | None) -> str:
     if box is None:
         return NONE
     crop = box.astype(np.uint8) * 255
@@ -181,23 +189,29 @@ def pixel_shape(image: Any) -> str:
     return max(ious, key=ious.get)
 
 
-def concept_sizes(concept: str | None) -> dict[str, tuple[float, float]]:
-    """The sizes a run about `concept` can name (as `concept_palette`): the old ones and, for a size concept, it."""
-    if concept is None:
-        return ALL_SIZES
-    return {**SIZES, concept: EXTRA_SIZES[concept]} if concept in EXTRA_SIZES else dict(SIZES)
-
-
 def pixel_size(image: Any, concept: str | None = None) -> tuple[str, float | None]:
-    """The object's size name by pixels (the range of `concept_sizes(concept)` nearest to its `object_box`'s longer
-    side / the image side; the old sizes alone split at 0.375, as the geometric judge does) and that fraction."""
-    box = object_box(image)
+    """The object's size name by pixels (the range of `_with_concept(SIZES, EXTRA_SIZES, concept)` nearest to its
+    `object_box`'s longer side / the image side; the old sizes alone split at 0.375, as the geometric judge does)
+    and that fraction."""
+    return _size_of(object_box(image), to_uint8(image).shape[1], concept)
+
+
+def _size_of(box: np.ndarray | None, side: int, concept: str | None) -> tuple[str, float | None]:
     if box is None:
         return NONE, None
-    width = max(box.shape) / to_uint8(image).shape[1]
-    ranges = concept_sizes(concept)
+    width = max(box.shape) / side
+    ranges = _with_concept(SIZES, EXTRA_SIZES, concept)
     name = min(ranges, key=lambda n: max(ranges[n][0] - width, width - ranges[n][1], 0.0))
     return name, round(float(width), 4)
+
+
+def pixel_reading(image: Any, concept: str | None = None) -> dict[str, Any]:
+    """Colour (and the core's mean RGB), shape and size by pixels, as `pixel_colour`, `pixel_shape` and `pixel_size`
+    read them, with the object's box found once."""
+    colour, mean = pixel_colour(image, concept)
+    box = object_box(image)
+    size, width = _size_of(box, to_uint8(image).shape[1], concept)
+    return {"colour": colour, "mean_rgb": mean, "shape": _shape_of(box), "size": size, "width": width}
 
 
 # ---- the judge variant that knows the new concept -----------------------------------------------------------------
@@ -316,11 +330,8 @@ def score_new_concept(
     records = []
     for k, p in enumerate(prompts):
         truth = _truth(p.scene)
-        colour, mean = pixel_colour(images[k], concept)
-        shape = pixel_shape(images[k])
-        size, width = pixel_size(images[k], concept)
-        rec = {"prompt": p.text, "seed": p.seed, "pixel_colour": colour, "pixel_mean_rgb": mean, "pixel_shape": shape,
-               "pixel_size": size, "pixel_width": width,
+        read = pixel_reading(images[k], concept)
+        rec = {"prompt": p.text, "seed": p.seed, **{f"pixel_{key}": value for key, value in read.items()},
                "variant_judge": {h: var[h][k] for h in var}, "standard_judge": {h: std[h][k] for h in std}}
         rec["pixels_concept_right"] = rec[f"pixel_{kind}"] == concept
         for attribute in OLD_NAMES:
@@ -370,9 +381,7 @@ def score_new_concept(
 def old_pixel_measures(prompts: list[Prompt], images: torch.Tensor, concept: str) -> dict[str, Any]:
     """Pixel colour, shape and size of the one-object old-vocabulary images: right, and drawn as the new concept."""
     kind = concept_kind(concept)
-    seen = [(_truth(p.scene), {"colour": pixel_colour(images[k], concept)[0], "shape": pixel_shape(images[k]),
-                                "size": pixel_size(images[k], concept)[0]})
-            for k, p in enumerate(prompts) if p.kind == ONE]
+    seen = [(_truth(p.scene), pixel_reading(images[k], concept)) for k, p in enumerate(prompts) if p.kind == ONE]
     return {
         "num_images": len(seen),
         **{f"{a}_right": float(np.mean([t[a] == read[a] for t, read in seen])) for a in OLD_NAMES},
