@@ -146,6 +146,11 @@ def test_extra_colour_refusals(tmp_path):
         shapes.make_dataset(tmp_path / "d", 2, 64, 0, extra_shapes=["star"])
     with pytest.raises(UserError, match="needs --extra_shapes"):
         shapes.make_dataset(tmp_path / "e", 2, 64, 0, extra_shape_fraction=0.5)
+    with pytest.raises(UserError, match="a two-object scene needs two different colours"):  # was numpy's traceback
+        shapes.make_dataset(tmp_path / "f", 2, 64, 0, extra_colours=["pink"], extra_colour_fraction=1.0)
+    out = shapes.make_dataset(tmp_path / "g", 4, 64, 0, two_object_fraction=0, extra_colours=["pink"],
+                              extra_colour_fraction=1.0)  # one-object scenes only: every one pink
+    assert all(" pink " in line for line in (out / shapes.METADATA_FILE).read_text().splitlines())
     with pytest.raises(UserError, match="--labels"):
         shapes.make_dataset(tmp_path / "c", 2, 64, 0, two_object_fraction=0, labels=True, extra_colours=["pink"])
 

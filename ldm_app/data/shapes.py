@@ -491,6 +491,9 @@ def make_dataset(
     extra_colours = _checked_extras("colour", extra_colours, EXTRA_COLOURS, extra_colour_fraction)
     extra_shapes = _checked_extras("shape", extra_shapes, EXTRA_SHAPES, extra_shape_fraction)
     extra_sizes = _checked_extras("size", extra_sizes, EXTRA_SIZES, extra_size_fraction)
+    if extra_colour_fraction == 1.0 and len(extra_colours) < 2 and two_object_fraction > 0:
+        raise UserError("--extra_colour_fraction 1 draws only the extra colour, but a two-object scene needs two "
+                        "different colours: give two --extra_colours, a fraction below 1, or --two_object_fraction 0")
     if (extra_colours or extra_shapes) and labels:
         raise UserError("class labels cover the fixed colours and shapes only: --labels cannot be used with "
                         "--extra_colours / --extra_shapes")
