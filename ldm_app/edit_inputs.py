@@ -37,8 +37,9 @@ def read_image(path: str, flag: str, mode: str) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            limits.check_image_side(f"{flag} width", image.width)
-            limits.check_image_side(f"{flag} height", image.height)
+            # the limit on a side only: a side that is not a multiple of 8 is cut down by `load` (module doc)
+            limits.check_image_side(f"{flag} width", image.width, multiple=1)
+            limits.check_image_side(f"{flag} height", image.height, multiple=1)
             rgb = to_rgb(image)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"{flag} {path}: not a readable image ({e})") from None

@@ -268,6 +268,16 @@ def test_img2img_keeps_the_init_size_when_width_and_height_are_omitted(server):
     assert response.json()["parameters"]["init_images"] is None  # A1111 echoes them only with include_init_images
 
 
+def test_img2img_resizes_an_init_image_whose_sides_are_not_multiples_of_8(server):
+    init = gradient_image(65, 47)  # any photo's size; A1111's resize_mode 0 resizes it to width x height
+    for size, expected in (({"width": 64, "height": 48}, (64, 48)), ({}, (64, 40))):
+        response = server.post("img2img", {"prompt": PROMPT, "init_images": [b64_png(init)], "steps": 4, "seed": 2,
+                                           "denoising_strength": 0.5, **size})  # fmt: skip
+        assert response.status_code == 200, response.text
+        out = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0])))
+        assert out.size == expected, size
+
+
 def test_img2img_mask_keeps_unmasked_pixels(api):
     init, mask = gradient_image(), square_mask()
     result = api.img2img(images=[init], mask_image=mask, inpainting_fill=1, denoising_strength=0.9, mask_blur=0,

@@ -48,6 +48,21 @@ def test_img2img_is_recorded_and_remade_exactly(tmp_path, tiny_pipeline_dir, inp
         cli("--from_png", first, "--output", tmp_path / "c.png")
 
 
+@pytest.mark.parametrize("size", [None, (64, 48)])
+def test_an_init_image_of_any_size_is_resized_to_multiples_of_8_or_to_the_size_asked(tmp_path, tiny_pipeline_dir,
+                                                                                      size, caplog):  # fmt: skip
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (47, 65, 3), dtype=np.uint8)).save(tmp_path / "photo.png")  # 65x47
+    flags = [] if size is None else ["--width", size[0], "--height", size[1]]
+    with caplog.at_level("WARNING"):
+        out = cli("a red circle", "--model", tiny_pipeline_dir, "--init_image", tmp_path / "photo.png", *flags,
+                  "--output", tmp_path / "o.png", *FAST)[0]  # fmt: skip
+    width, height = size or (64, 40)
+    assert Image.open(out).size == (width, height)
+    assert (read_params(out).width, read_params(out).height) == (width, height)
+    assert "resizing the init image from 65x47" in caplog.text
+
+
 @pytest.mark.parametrize("method", ["blend", "repaint"])
 def test_inpainting_with_paste_back_keeps_the_unmasked_pixels_and_is_remade(tmp_path, tiny_pipeline_dir, inputs,
                                                                              method):  # fmt: skip
