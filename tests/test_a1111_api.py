@@ -516,6 +516,28 @@ def test_oversize_body_is_refused_before_it_is_read(server):
         connection.close()
 
 
+def test_a_chunked_body_is_cut_off_at_the_limit(server, monkeypatch):
+    import ldm_app.a1111
+
+    monkeypatch.setattr(ldm_app.a1111, "MAX_BODY_BYTES", 100_000)  # the server runs in this process
+
+    def post_chunked(body: bytes) -> tuple[int, dict]:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        try:  # no Content-Length: Transfer-Encoding chunked, 10 KB a chunk
+            connection.request("POST", "/sdapi/v1/txt2img", body=(body[i:i + 10_000] for i in range(0, len(body), 10_000)),
+                               headers={"Content-Type": "application/json"}, encode_chunked=True)  # fmt: skip
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    small = json.dumps({"prompt": PROMPT, **SMALL}).encode()
+    status, body = post_chunked(small + b" " * 50_000)
+    assert status == 200, body
+    status, body = post_chunked(small + b" " * 300_000)
+    assert status == 413 and "100,000 bytes" in body["detail"] and body["error"] == "HTTPException", body
+
+
 def test_files_are_written_only_under_outputs(server, api):
     before = files_under(server.root)
     saved = api.txt2img(prompt=PROMPT, seed=13, save_images=True, batch_size=2, **SMALL)
