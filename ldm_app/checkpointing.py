@@ -41,12 +41,16 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name[len(PREFIX):])
 
 
+def _is_checkpoint_name(path: Path) -> bool:
+    return path.name.startswith(PREFIX) and path.name[len(PREFIX):].isdigit()
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Finished checkpoints (renamed into place), oldest first."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    found = [p for p in output_dir.iterdir() if p.is_dir() and _is_checkpoint_name(p)]
     return sorted(found, key=checkpoint_step)
 
 
@@ -94,6 +98,12 @@ def resolve_resume(output_dir: str | Path, spec: str | None) -> Path | None:
         problem = check_checkpoint(path)
         if problem:
             raise UserError(f"checkpoint {spec!r} cannot be resumed: {problem}")
+        newer = [c.name for c in list_checkpoints(output_dir) if _is_checkpoint_name(path)
+                 and checkpoint_step(c) > checkpoint_step(path)]  # fmt: skip
+        if newer:  # their steps would be written again on another timeline, and `latest` would go back to them
+            raise UserError(f"--resume_from_checkpoint {spec!r} is older than {', '.join(newer[:3])} in "
+                            f"{str(output_dir)!r}: resuming from it would fork the run; move the newer checkpoints "
+                            "out of the folder first, or resume into a new --output_dir")  # fmt: skip
         return path
     checkpoints = list_checkpoints(output_dir)
     for path in reversed(checkpoints):
@@ -144,7 +154,7 @@ def save_checkpoint(
     _checkpoint_phase(accelerator, tmp, final, lambda: accelerator.save_state(str(tmp), safe_serialization=True))
     _checkpoint_phase(accelerator, tmp, final, finish if accelerator.is_main_process else None)
     if accelerator.is_main_process:
-        prune_checkpoints(output_dir, total_limit)
+        prune_checkpoints(output_dir, total_limit, upto=step)
     accelerator.wait_for_everyone()
     return final
 
@@ -194,18 +204,37 @@ def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
     return json.loads((path / STATE_FILE).read_text())
 
 
-def prune_checkpoints(output_dir: Path, total_limit: int | None) -> None:
+def prune_checkpoints(output_dir: Path, total_limit: int | None, upto: int | None = None) -> None:
+    """Keep the newest `total_limit` checkpoints of steps <= `upto` (the one just saved). A newer one is a corrupt
+    checkpoint that `latest` fell back from: counting it would prune the good ones below it; its step's next save
+    replaces it."""
     if total_limit is None:
         return
-    for old in list_checkpoints(output_dir)[:-total_limit]:
+    done = [c for c in list_checkpoints(output_dir) if upto is None or checkpoint_step(c) <= upto]
+    for old in done[:-total_limit]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _read_run_config(saved_file: Path, what: str) -> dict[str, Any]:
+    try:
+        return with_legacy_values(json.loads(saved_file.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{saved_file} is unreadable ({e.__class__.__name__}): cannot tell which run {what}; "
+                        "use a new --output_dir") from None
+
+
+def _changed_keys(saved: Mapping[str, Any], run_config: Mapping[str, Any], may_differ: tuple[str, ...]) -> list[str]:
+    current = with_legacy_values({k: v for k, v in run_config.items() if k not in (LOADED_WEIGHTS, TRAINING_ROWS)})
+    saved = {k: v for k, v in saved.items() if k not in (LOADED_WEIGHTS, TRAINING_ROWS)}
+    return [k for k in diff_configs(saved, current) if not k.startswith(may_differ)]
+
+
 def check_run_folder(output_dir: str | Path, run_config: Mapping[str, Any], resuming: bool,
-                     may_differ: tuple[str, ...] = ()) -> None:
+                     may_differ: tuple[str, ...] = (), checkpoint: Path | None = None) -> None:
     """Refuse to mix runs in one folder: an output dir with checkpoints must be resumed (not silently restarted
     and overwritten), and only with the config it was made with (keys in `may_differ`, such as the step budget,
-    can change on resume)."""
+    can change on resume). A `checkpoint` of another folder must come from a run of the same config (its folder's
+    run_config.json): another run's state would fail to load in a traceback, or load and go on silently."""
     output_dir = Path(output_dir)
     saved_file = output_dir / RUN_CONFIG_FILE
     has_work = bool(list_checkpoints(output_dir))
@@ -214,16 +243,20 @@ def check_run_folder(output_dir: str | Path, run_config: Mapping[str, Any], resu
             f"output dir {str(output_dir)!r} already holds checkpoints of a run; pass --resume_from_checkpoint latest "
             "to continue it, or choose a new --output_dir"
         )
+    if checkpoint is not None and checkpoint.parent.resolve() != output_dir.resolve():
+        source = checkpoint.parent / RUN_CONFIG_FILE
+        if not source.is_file():
+            raise UserError(f"--resume_from_checkpoint {str(checkpoint)!r}: its folder has no {RUN_CONFIG_FILE}, so "
+                            "which run it belongs to is unknown; give a checkpoint of a run folder")  # fmt: skip
+        changed = _changed_keys(_read_run_config(source, "the checkpoint belongs to"), run_config, may_differ)
+        if changed:
+            raise UserError(f"--resume_from_checkpoint {str(checkpoint)!r} is of a different run (config differs at "
+                            f"{', '.join(changed[:3])}); resume it with its own config")  # fmt: skip
     if saved_file.is_file():
-        try:
-            saved = with_legacy_values(json.loads(saved_file.read_text(encoding="utf-8")))
-        except (OSError, ValueError) as e:
-            raise UserError(f"{saved_file} is unreadable ({e.__class__.__name__}): cannot tell which run the "
-                            "folder holds; use a new --output_dir") from None
+        saved = _read_run_config(saved_file, "the folder holds")
         saved_weights, weights = saved.pop(LOADED_WEIGHTS, None), run_config.get(LOADED_WEIGHTS)
         saved_rows, rows = saved.pop(TRAINING_ROWS, None), run_config.get(TRAINING_ROWS)
-        current = with_legacy_values({k: v for k, v in run_config.items() if k not in (LOADED_WEIGHTS, TRAINING_ROWS)})
-        changed = [k for k in diff_configs(saved, current) if not k.startswith(may_differ)]
+        changed = _changed_keys(saved, run_config, may_differ)
         if changed:
             raise UserError(
                 f"output dir {str(output_dir)!r} holds a different run (config differs at {', '.join(changed[:3])}); "

@@ -219,6 +219,9 @@ class DataConfig:
             raise UserError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
 
 
+MAX_TRAIN_SEED = 2**32 - 1  # 32-bit, as A1111's and most trainers' seeds; the step seeds derived from it stay < 2**63
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings shared by train_vae.py and train_ldm.py."""
@@ -250,6 +253,9 @@ class TrainConfig:
                   "checkpointing_steps", "log_every")
         if self.lr_warmup_steps < 0:
             raise UserError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        if not 0 <= self.seed <= MAX_TRAIN_SEED:  # numpy's generators take no negative seed; torch's, none >= 2**63
+            raise UserError(f"the seed (--seed, train.seed) must be an integer from 0 to {MAX_TRAIN_SEED}, got "
+                            f"{self.seed}")  # fmt: skip
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise UserError(f"checkpoints_total_limit must be >= 1 or null, got {self.checkpoints_total_limit}")
 

@@ -25,7 +25,7 @@ from ldm_helpers import (
     weights,
 )
 
-from ldm_app.checkpointing import list_checkpoints, write_run_config
+from ldm_app.checkpointing import list_checkpoints, resolve_resume, write_run_config
 from ldm_app.config import to_dict
 from ldm_app.errors import run_cli
 from ldm_app.training.ldm import LDMRunConfig, main
@@ -153,7 +153,8 @@ def test_bad_input_from_the_command_line_is_one_line_without_traceback(ldm_files
 
 
 @pytest.mark.parametrize("case", ["missing_data", "empty_data", "not_a_vae", "missing_vae", "unknown_key",
-                                  "channel_mismatch", "size_mismatch"])
+                                  "channel_mismatch", "size_mismatch", "negative_seed", "huge_seed",
+                                  "cache_dir_is_a_file"])
 def test_bad_input_is_a_one_line_error(case, ldm_files, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "junk").mkdir()
@@ -173,6 +174,11 @@ def test_bad_input_is_a_one_line_error(case, ldm_files, tmp_path, capsys):
         extra, words = ["--set", "unet.in_channels=3"], ["in_channels", "latent channels (4)"]
     elif case == "size_mismatch":
         extra, words = ["--set", "unet.sample_size=16"], ["sample_size"]
+    elif case in ("negative_seed", "huge_seed"):  # numpy / torch tracebacks before
+        seed = "-1" if case == "negative_seed" else str(10**20)
+        extra, words = ["--seed", seed], ["seed", seed, "4294967295"]
+    elif case == "cache_dir_is_a_file":  # a FileExistsError traceback before, after encoding the whole cache
+        extra, words = ["--cache_latents", "--cache_dir", str(tmp_path / "junk" / "notes.txt")], ["is a file"]
     rc, lines = cli(run_args(files, tmp_path / "out", *extra), capsys)
     assert_one_error_line(rc, lines, *words)
     assert not (tmp_path / "out").exists()
@@ -219,6 +225,25 @@ def test_fine_tune_from_a_pipeline_folder(trained, tmp_path):
     assert 0 < max_abs_diff(before, after) < 0.05  # started from the pipeline's weights, then trained 2 steps
     text = "text_encoder/model.safetensors"
     assert max_abs_diff(weights(src / text), weights(tmp_path / "ft" / text)) == 0  # frozen when fine-tuning
+
+
+def test_a_fine_tune_keeps_the_base_models_stored_sampling_unless_the_config_sets_it(trained, tmp_path):
+    from ldm_app.pipeline import read_sampling_defaults, write_sampling_defaults
+
+    base = tmp_path / "base"
+    shutil.copytree(trained[0], base)
+    stored = {"sampler": "dpm++", "num_inference_steps": 3, "guidance_scale": 1.0, "timesteps": [999, 500, 100]}
+    write_sampling_defaults(base, stored)  # a guidance-distilled model's, sampled at guidance 1 on a grid
+    config = tmp_path / "no_validation_keys.yaml"  # configs/ldm/tiny.yaml less its validation sampling keys
+    config.write_text("".join(line for line in CONFIG.read_text().splitlines(keepends=True)
+                              if not line.strip().startswith(("validation_sampler", "validation_num", "validation_guid"))))
+    common = ["--train_data_dir", str(trained_files(trained).data), "--pretrained_model", str(base),
+              "--max_train_steps", "1", "--set", "ldm.use_ema=false"]
+    main(["--config", str(config), *common, "--output_dir", str(tmp_path / "kept")])
+    assert read_sampling_defaults(tmp_path / "kept") == stored
+    main(["--config", str(CONFIG), *common, "--output_dir", str(tmp_path / "set")])  # the config's own keys win
+    assert read_sampling_defaults(tmp_path / "set") == {"sampler": "ddim", "num_inference_steps": 4,
+                                                         "guidance_scale": 3.0}
 
 
 # ---- --train_text_encoder: full fine-tuning of the text encoder too -------------------------------------------
@@ -268,3 +293,66 @@ def test_train_text_encoder_refusals(case, trained, ldm_files, tmp_path, capsys)
     rc, lines = cli(argv, capsys)
     assert_one_error_line(rc, lines, *words)
     assert not out.exists()
+
+
+# ---- the output folder never overwrites what the run starts from, or a model no run made -------------------------
+
+
+def folder_digest(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_output_dir_that_is_or_holds_a_source_or_a_foreign_model_is_refused_untouched(ldm_files, tmp_path, capsys):
+    vae_copy = tmp_path / "mine" / "vae"
+    shutil.copytree(ldm_files.vae, vae_copy)
+    (tmp_path / "mine" / "notes.txt").write_text("my model")
+    before = folder_digest(tmp_path / "mine")
+    args = ["--config", str(CONFIG), "--train_data_dir", str(ldm_files.data), "--pretrained_vae", str(vae_copy)]
+    for out, words in ((vae_copy, ("is --pretrained_vae",)), (tmp_path / "mine", ("holds --pretrained_vae",))):
+        rc, lines = cli([*args, "--output_dir", str(out)], capsys)
+        assert_one_error_line(rc, lines, str(out), *words, "write over the weights it starts from")
+    # a model folder that no run made (save_pretrained's: no run_config.json), given as the output of another run
+    foreign = tmp_path / "foreign"
+    shutil.copytree(ldm_files.vae, foreign / "vae")
+    rc, lines = cli(run_args(ldm_files, foreign), capsys)
+    assert_one_error_line(rc, lines, "holds a model (vae/config.json) that no training run made")
+    assert folder_digest(tmp_path / "mine") == before and not (foreign / ".lock").exists()
+
+
+def test_an_older_checkpoint_is_not_resumed_under_newer_ones_and_pruning_keeps_the_good(ldm_files, tmp_path, capsys,
+                                                                                        caplog):  # fmt: skip
+    out = tmp_path / "out"
+    main(run_args(ldm_files, out, "--max_train_steps", "4", "--checkpointing_steps", "2"))
+    assert main(run_args(ldm_files, out, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")).step == 4
+    assert "at step 4 already, at or past max_train_steps 3: nothing to train" in caplog.text
+    capsys.readouterr()  # the runs' progress bars
+    rc, lines = cli(run_args(ldm_files, out, "--max_train_steps", "6", "--resume_from_checkpoint",
+                             str(out / "checkpoint-2")), capsys)  # fmt: skip
+    assert_one_error_line(rc, lines, "older than checkpoint-4", "fork the run")
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    # a corrupt newest checkpoint: `latest` falls back to the one below it, and saving on from there must not
+    # count the corrupt one (it would prune the good ones and keep itself)
+    (out / "checkpoint-4" / "training_state.json").write_text("{")
+    main(run_args(ldm_files, out, "--max_train_steps", "3", "--checkpointing_steps", "1", "--resume_from_checkpoint",
+                  "latest", "--set", "train.checkpoints_total_limit=1"))  # fmt: skip
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
+    assert resolve_resume(out, "latest") == out / "checkpoint-3"
+    main(run_args(ldm_files, out, "--max_train_steps", "5", "--checkpointing_steps", "1", "--resume_from_checkpoint",
+                  "latest", "--set", "train.checkpoints_total_limit=1"))  # fmt: skip
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-5"]  # step 4's save replaced the corrupt one
+
+
+def test_a_checkpoint_of_another_run_is_refused(ldm_files, tmp_path, capsys):
+    first = tmp_path / "first"
+    main(run_args(ldm_files, first, "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    capsys.readouterr()  # the run's progress bar
+    rc, lines = cli(run_args(ldm_files, tmp_path / "other", "--max_train_steps", "4", "--set", "train.seed=5",
+                             "--resume_from_checkpoint", str(first / "checkpoint-2")), capsys)  # fmt: skip
+    assert_one_error_line(rc, lines, "is of a different run", "train.seed")
+    lone = tmp_path / "lone" / "checkpoint-2"
+    shutil.copytree(first / "checkpoint-2", lone)  # no run_config.json beside it
+    rc, lines = cli(run_args(ldm_files, tmp_path / "other", "--resume_from_checkpoint", str(lone)), capsys)
+    assert_one_error_line(rc, lines, "which run it belongs to is unknown")
+    result = main(run_args(ldm_files, tmp_path / "branch", "--max_train_steps", "4", "--resume_from_checkpoint",
+                           str(first / "checkpoint-2")))  # the same run's config: a branch of it, allowed
+    assert result.step == 4

@@ -66,6 +66,35 @@ def rows_sha256(dataset: Any) -> str:
     return h.hexdigest()
 
 
+# What marks a folder as holding a model: a pipeline, a component, or a single-file checkpoint
+MODEL_MARKERS = ("model_index.json", "*.safetensors", "*.ckpt", "*.bin", "*/config.json")
+
+
+def check_output_dir(output_dir: str, sources: Mapping[str, str | None]) -> None:
+    """Before the run folder is locked or written: `--output_dir` is none of the folders the run loads weights from
+    (`sources`, flag -> path) nor holds one, and holds no model that a run of ours did not make (no
+    run_config.json beside it: a folder from `save_pretrained`, a download). The run's final export writes unet/,
+    vae/, model_index.json... into it, over whatever is there."""
+    from ..checkpointing import RUN_CONFIG_FILE
+    from ..errors import UserError
+
+    out = Path(output_dir)
+    if not out.is_dir():
+        return
+    for flag, source in sources.items():
+        if source and Path(source).exists():
+            src, dest = Path(source).resolve(), out.resolve()
+            if src == dest or dest in src.parents:
+                where = "is" if src == dest else "holds"
+                raise UserError(f"--output_dir {output_dir!r} {where} {flag} {source!r}: the run would write over the "
+                                "weights it starts from; choose another --output_dir")  # fmt: skip
+    if not (out / RUN_CONFIG_FILE).exists():
+        found = next((f.relative_to(out) for pattern in MODEL_MARKERS for f in sorted(out.glob(pattern))), None)
+        if found is not None:
+            raise UserError(f"--output_dir {output_dir!r} holds a model ({found}) that no training run made (no "
+                            f"{RUN_CONFIG_FILE}): the run would write over it; choose another --output_dir")  # fmt: skip
+
+
 def open_run_folder(output_dir: str, run_config: dict[str, Any], resume: str | None,
                     may_differ: tuple[str, ...]) -> tuple[Path, Path | None]:
     """Check the output folder before any work: (folder, checkpoint to resume from or None)."""
@@ -76,7 +105,7 @@ def open_run_folder(output_dir: str, run_config: dict[str, Any], resume: str | N
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {str(out)!r} is a file, not a folder")
     checkpoint = resolve_resume(out, resume)
-    check_run_folder(out, run_config, resuming=checkpoint is not None, may_differ=may_differ)
+    check_run_folder(out, run_config, resuming=checkpoint is not None, may_differ=may_differ, checkpoint=checkpoint)
     return out, checkpoint
 
 

@@ -77,8 +77,8 @@ from ..config import flag_overrides, from_dict, merge, parse_overrides, read_yam
 from ..errors import ArgumentParser, UserError
 from ..first_stage import downsampling_factor
 from ..limits import check_timestep_grid
-from .common import (REPORT_TO, check_report_to, launched_processes, make_accelerator, open_run_folder, rows_sha256,
-                     setup_logging)
+from .common import (REPORT_TO, check_output_dir, check_report_to, launched_processes, make_accelerator, open_run_folder,
+                     rows_sha256, setup_logging)
 from .ldm import MAY_DIFFER_ON_RESUME as LDM_MAY_DIFFER
 from .ldm import (LDMRunConfig, LDMTrainer, Models, build_models, build_train_dataset, check_concat,
                   check_enough_images, check_strategy)
@@ -564,8 +564,9 @@ def main(argv: list[str] | None = None) -> Any:
     if cfg.ldm.cache_latents:
         from .latent_cache import check_cacheable
 
-        check_cacheable(dataset)
+        check_cacheable(dataset, cfg.ldm.cache_dir)
     check_enough_images(len(dataset), cfg.train.train_batch_size, launched_processes())
+    check_output_dir(args.output_dir, {"--teacher": cfg.ldm.pretrained_model})
     with lock_run_folder(args.output_dir):
         record = {**to_dict(cfg), LOADED_WEIGHTS: models.loaded_weights,  # the teacher's, as loaded
                   TRAINING_ROWS: rows_sha256(dataset)}

@@ -132,11 +132,14 @@ def cache_identity(dataset: Any, vae: Any, text_encoder: Any | None, max_length:
 # ---- building, writing and reading ---------------------------------------------------------------------------
 
 
-def check_cacheable(dataset: Any) -> None:
-    """Cached latents freeze the image transforms, so they must be deterministic."""
+def check_cacheable(dataset: Any, cache_dir: str | None = None) -> None:
+    """Cached latents freeze the image transforms, so they must be deterministic; and `cache_dir` (None: the run
+    folder's) must be a folder or not yet exist (found before the cache is encoded, not after)."""
     if dataset.random_flip or not dataset.center_crop:
         raise UserError("--cache_latents needs deterministic image transforms: set data.random_flip=false and "
                         "data.center_crop=true (or train without --cache_latents)")
+    if cache_dir and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise UserError(f"--cache_dir {cache_dir!r} is a file, not a folder")
 
 
 def _encode_shard(accelerator: Any, dataset: Any, vae: Any, collate_fn: Any, batch_size: int,

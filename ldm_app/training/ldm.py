@@ -31,7 +31,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,13 +40,14 @@ import torch
 from ..checkpointing import (LOADED_WEIGHTS, TRAINING_ROWS, load_checkpoint, lock_run_folder, save_checkpoint,
                              write_run_config)
 from ..config import (ConditioningConfig, DataConfig, EmbeddingConfig, LoRAConfig, NoiseScheduleConfig,
-                      TextEncoderConfig, TrainConfig, UNetConfig, flag_overrides, load_config, merge, parse_overrides, to_dict)
+                      TextEncoderConfig, TrainConfig, UNetConfig, flag_overrides, load_config, merge, parse_overrides,
+                      read_yaml, to_dict, validate)
 from ..conditioning import (NULL_CAPTION, concat_channels, drop_captions, drop_labels, drop_scalars, encode_text,
                             inpaint_condition, is_scalar_unet, masked_image, read_labels, read_scalars,
                             scalar_condition, unet_input)
 from ..errors import ArgumentParser, UserError
 from ..first_stage import downsampling_factor, is_vq, latent_channels, latent_stats, sample_x0
-from .common import (REPORT_TO, EmptyBatchGuard, Position, TrainProgress, batches, batches_per_epoch,
+from .common import (REPORT_TO, EmptyBatchGuard, Position, TrainProgress, batches, batches_per_epoch, check_output_dir,
                      bucket_batches_per_epoch, check_report_to,
                      effective_lr, launched_processes, log_image, make_accelerator, make_lr_scheduler, make_optimizer,
                      no_transformers_bars, open_run_folder, release_freed_memory, setup_logging, step_generator,
@@ -232,9 +233,34 @@ def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return flag_overrides(args, FLAG_KEYS)
 
 
+VALIDATION_SAMPLING = {"validation_sampler": "sampler", "validation_num_inference_steps": "num_inference_steps",
+                       "validation_guidance_scale": "guidance_scale"}  # ldm.* -> the model folder's ldm_app.json
+
+
 def load_run_config(args: argparse.Namespace) -> LDMRunConfig:
+    """The config file, then --set, then the flags. A full fine-tune whose config sets none of the validation
+    sampling keys takes them from the base model's stored defaults (ldm_app.json): they are also the output's
+    stored defaults, and the class defaults (DDIM 25, guidance 5) would have a guidance-distilled base sampled at
+    guidance 5 with no word."""
     overrides = merge(parse_overrides(args.set), cli_overrides(args))
-    return load_config(LDMRunConfig, args.config, overrides)
+    cfg = load_config(LDMRunConfig, args.config, overrides)
+    given = merge(read_yaml(args.config) if args.config else {}, overrides).get("ldm") or {}
+    if cfg.ldm.pretrained_model and cfg.lora.rank is None and not any(k in given for k in VALIDATION_SAMPLING):
+        base = base_sampling_defaults(cfg)
+        inherited = {k: base[v] for k, v in VALIDATION_SAMPLING.items() if v in base}
+        if inherited:
+            cfg = replace(cfg, ldm=replace(cfg.ldm, **inherited))
+            validate(cfg)
+            logger.info("sampling as the base model stores it: %s", ", ".join(f"{k}={v}" for k, v in inherited.items()))
+    return cfg
+
+
+def base_sampling_defaults(cfg: LDMRunConfig) -> dict[str, Any]:
+    """The stored sampling defaults of the pretrained model folder ({} for none, a single file or a hub name)."""
+    from ..pipeline import read_sampling_defaults
+
+    folder = Path(cfg.ldm.pretrained_model)
+    return read_sampling_defaults(folder) if folder.is_dir() else {}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -684,6 +710,10 @@ class LDMTrainer:
 
     def _log_start(self) -> None:
         cfg, p = self.cfg.train, self.acc.num_processes
+        if self.state.step >= cfg.max_train_steps:
+            logger.warning("the run is at step %d already, at or past max_train_steps %d: nothing to train; the "
+                           "output is step %d's weights again (raise --max_train_steps to go on)", self.state.step,
+                           cfg.max_train_steps, self.state.step)  # fmt: skip
         logger.info("training %d steps from step %d: %d images, batch %d x %d accumulation x %d process(es) = %d, "
                     "lr %.3g, text encoder %s, %s latents", cfg.max_train_steps, self.state.step, len(self.dataset),
                     cfg.train_batch_size, cfg.gradient_accumulation_steps, p,
@@ -801,6 +831,11 @@ class LDMTrainer:
         pipe.sampling_defaults = {"sampler": ldm.validation_sampler,
                                   "num_inference_steps": ldm.validation_num_inference_steps,
                                   "guidance_scale": ldm.validation_guidance_scale}
+        if ldm.pretrained_model and self.cfg.lora.rank is None:  # a fine-tune samples on the base's grid, if any
+            base = base_sampling_defaults(self.cfg)
+            same = ("validation_sampler", "validation_num_inference_steps")  # what the grid was chosen for
+            if all(base.get(VALIDATION_SAMPLING[k]) == getattr(ldm, k) for k in same):
+                pipe.sampling_defaults |= {k: base[k] for k in ("timesteps", "height", "width") if k in base}
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -1068,7 +1103,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
     if cfg.ldm.cache_latents:
         from .latent_cache import check_cacheable
 
-        check_cacheable(dataset)
+        check_cacheable(dataset, cfg.ldm.cache_dir)
     check_enough_images(len(dataset), cfg.train.train_batch_size, launched_processes(), dataset.bucket_ids)
     check_embedding_captions(cfg, dataset.captions)
     cond = cfg.conditioning
@@ -1078,6 +1113,8 @@ def main(argv: list[str] | None = None) -> TrainResult:
     if cond.uses_scalar:
         read_scalars(dataset, cond.scalar_column)
     LDMTrainer.check_class_embedding(cfg, models.unet)
+    check_output_dir(args.output_dir, {"--pretrained_model": cfg.ldm.pretrained_model,
+                                       "--pretrained_vae": cfg.ldm.pretrained_vae})
     with lock_run_folder(args.output_dir):
         record = {**to_dict(cfg), LOADED_WEIGHTS: models.loaded_weights, TRAINING_ROWS: rows_sha256(dataset)}
         out, checkpoint = open_run_folder(args.output_dir, record, args.resume_from_checkpoint, MAY_DIFFER_ON_RESUME)

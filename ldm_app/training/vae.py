@@ -38,9 +38,10 @@ from ..errors import ArgumentParser, UserError
 from ..first_stage import HOLDOUT_FILE, TRAIN_CONFIG_FILE, encode_latents  # noqa: F401 (names of the run folder)
 from ..losses import (NLayerDiscriminator, autoencoder_nll, disc_factor, generator_objective, hinge_d_loss,
                       load_lpips, reconstruction_loss)
-from .common import (REPORT_TO, EmptyBatchGuard, Position, TrainProgress, batches, check_report_to, effective_lr,
-                     launched_processes, make_accelerator, make_lr_scheduler, make_optimizer, open_run_folder, psnr,
-                     release_freed_memory, rows_sha256, setup_logging, step_generator, weights_sha256)
+from .common import (REPORT_TO, EmptyBatchGuard, Position, TrainProgress, batches, check_output_dir, check_report_to,
+                     effective_lr, launched_processes, make_accelerator, make_lr_scheduler, make_optimizer,
+                     open_run_folder, psnr, release_freed_memory, rows_sha256, setup_logging, step_generator,
+                     weights_sha256)
 
 logger = logging.getLogger("train_vae")
 
@@ -542,6 +543,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
     train_set = train_set.readable(f"the training split of {source} ({len(holdout['indices'])} held out)"
                                    if holdout["indices"] else str(source))
     check_enough_images(len(train_set), cfg.train.train_batch_size, launched_processes())
+    check_output_dir(args.output_dir, {"--pretrained_vae": cfg.init_from})
     with lock_run_folder(args.output_dir):
         record = {**to_dict(cfg), LOADED_WEIGHTS: loaded, TRAINING_ROWS: rows_sha256(train_set)}
         out, checkpoint = open_run_folder(args.output_dir, record, args.resume_from_checkpoint, MAY_DIFFER_ON_RESUME)
