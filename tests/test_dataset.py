@@ -168,6 +168,43 @@ def test_folder_errors_are_one_line_user_errors(shapes_dir, tmp_path, cache):
     assert "exactly one of" in _one_line_error(str(shapes_dir), "user/data", 16, cache_dir=cache)
 
 
+def _write_images(folder, names, sidecars):
+    """A small PNG for each relative name, captioned "caption of NAME" by a .txt beside it or, with
+    sidecars=False, by one metadata.jsonl line each."""
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (200, 40, 40)).save(folder / name)
+        if sidecars:
+            (folder / name).with_suffix(".txt").write_text(f"caption of {name}\n")
+    if not sidecars:
+        (folder / "metadata.jsonl").write_text(
+            "".join(json.dumps({"file_name": name, "text": f"caption of {name}"}) + "\n" for name in names))
+    return folder
+
+
+def _rows(ds, folder) -> dict[str, str]:
+    """{image path relative to the folder: caption} of a built dataset."""
+    return {os.path.relpath(ds.image_name(i), folder).replace(os.sep, "/"): ds.captions[i] for i in range(len(ds))}
+
+
+SPLIT_LIKE_NAMES = {
+    "words at the start": ["training_day1.png", "beach.png", "test_shot.png", "val_x.png", "photo2.png"],
+    "no train-like name": ["img1.png", "test_1.png", "val_2.png"],
+    "a val sub-folder": ["photos/a.png", "val/b.png"],
+    "train and test sub-folders": ["train/a.png", "test/b.png", "validation/c.png", "dev/d.png"],
+}
+
+
+@pytest.mark.parametrize("sidecars", [True, False], ids=["sidecars", "metadata"])
+@pytest.mark.parametrize("names", SPLIT_LIKE_NAMES.values(), ids=SPLIT_LIKE_NAMES.keys())
+def test_names_that_look_like_split_names_are_ordinary_images(tmp_path, cache, names, sidecars):
+    # `datasets` reads "test_..." / "val/" / "train/" as split names when it is left to infer splits: every image
+    # must be a row, with its own caption, whatever its file or folder is called.
+    folder = _write_images(tmp_path / "data", names, sidecars)
+    ds = build_dataset(str(folder), None, 8, cache_dir=cache)
+    assert _rows(ds, folder) == {name: f"caption of {name}" for name in names}
+
+
 @pytest.mark.skipif(os.environ.get("HF_HUB_OFFLINE") != "1", reason="would try the network")
 def test_unreachable_hub_dataset_is_a_user_error(cache):
     assert "from the hub" in _one_line_error(None, "someone/no-such-dataset", 16, cache_dir=cache)

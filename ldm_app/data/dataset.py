@@ -1,6 +1,7 @@
 """Image-caption data for training: a local `imagefolder` folder (or a hub dataset) as a torch Dataset.
 
-The folder layout is the one `datasets` reads with `load_dataset("imagefolder", data_dir=...)`: image files and a
+The folder layout is the one `datasets` reads as an `imagefolder` (every file under the folder, whatever its name, as
+the one split: names like "test_1.png" or "val/" are not splits here): image files and a
 `metadata.jsonl` with one `{"file_name": "0001.png", "text": "a caption"}` a line. A folder without metadata.jsonl
 may instead hold a caption file beside each image (`0001.png` + `0001.txt`, kohya's convention): its text,
 lines joined by spaces, is the caption. docs/training.md describes both for users.
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 METADATA_FILE = "metadata.jsonl"
 CAPTION_SUFFIX = ".txt"  # a caption file beside its image: 0001.png + 0001.txt
+_ALL_FILES = "**"  # the data_files pattern for every file under the folder (hidden ones left out by `datasets`)
 _LAYOUT = (f'image files plus a {METADATA_FILE} with lines like {{"file_name": "0001.png", "text": "a caption"}}, '
            f'or a caption file beside each image (0001.png + 0001{CAPTION_SUFFIX})')
 # What PIL raises for an unreadable image: missing/truncated/unidentified files are OSError (incl.
@@ -448,9 +450,12 @@ def _load(train_data_dir: str | None, dataset_name: str | None, cache_dir: str |
         raise UserError("give exactly one of train_data_dir (a local imagefolder) or dataset_name (a hub dataset)")
     try:
         if train_data_dir is not None:
+            # Every file of the folder as the one split: with `data_dir` alone, `datasets` infers splits from
+            # file and folder names, so "test_1.png", "val/" or "training_day1.png" became splits of their own
+            # and were dropped (or the load failed with 'Unknown split "train"').
             with _quiet_datasets():
-                return datasets.load_dataset("imagefolder", data_dir=train_data_dir, split="train",
-                                             cache_dir=cache_dir)
+                return datasets.load_dataset("imagefolder", data_dir=train_data_dir,
+                                             data_files={"train": _ALL_FILES}, split="train", cache_dir=cache_dir)
         return datasets.load_dataset(dataset_name, split="train", cache_dir=cache_dir)
     except (DatasetNotFoundError, ConnectionError) as e:
         raise UserError(
