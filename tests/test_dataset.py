@@ -205,6 +205,24 @@ def test_names_that_look_like_split_names_are_ordinary_images(tmp_path, cache, n
     assert _rows(ds, folder) == {name: f"caption of {name}" for name in names}
 
 
+def test_metadata_with_a_byte_order_mark_is_read(shapes_dir, tmp_path, cache):
+    # Windows editors save UTF-8 with a byte-order mark: the file is accepted, and the mark is not read as part of
+    # the first line's first key (which would leave the first image without its file_name).
+    folder = tmp_path / "bom"
+    shutil.copytree(shapes_dir, folder)
+    metadata = folder / "metadata.jsonl"
+    metadata.write_bytes(b"\xef\xbb\xbf" + metadata.read_bytes())
+    ds = build_dataset(str(folder), None, 16, cache_dir=cache)
+    assert ds.captions == _captions(shapes_dir)
+    assert sorted(ds.hf_dataset.column_names) == ["image", "text"]
+    assert [os.path.basename(ds.image_name(i)) for i in range(N)] == [f"{i:06d}.png" for i in range(N)]
+    # A byte that is not UTF-8 after the mark is still reported at its place in the file (line 2).
+    lines = (shapes_dir / "metadata.jsonl").read_bytes().split(b"\n")
+    metadata.write_bytes(b"\xef\xbb\xbf" + lines[0] + b"\n" + b"\xff" + lines[1])
+    message = _one_line_error(str(folder), None, 16, cache_dir=cache)
+    assert f"byte {3 + len(lines[0]) + 1}, line 2" in message
+
+
 @pytest.mark.skipif(os.environ.get("HF_HUB_OFFLINE") != "1", reason="would try the network")
 def test_unreachable_hub_dataset_is_a_user_error(cache):
     assert "from the hub" in _one_line_error(None, "someone/no-such-dataset", 16, cache_dir=cache)

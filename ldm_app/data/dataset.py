@@ -21,6 +21,7 @@ workers is `batch["num_skipped"]` from `collate_fn`: sum it over the run for the
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import io
 import json
@@ -379,13 +380,18 @@ def _check_folder(folder: Path, caption_column: str) -> bool:
         raise UserError(f"train_data_dir {folder} has no {METADATA_FILE} and no {CAPTION_SUFFIX} caption files: "
                         f"expected {_LAYOUT}")
     try:
-        text = metadata.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = metadata.read_bytes()[: e.start].count(b"\n") + 1
-        raise UserError(f"{metadata} is not UTF-8 text (byte {e.start}, line {line}): save it as UTF-8, "
-                        f"{_LAYOUT}") from None
+        raw = metadata.read_bytes()
     except OSError as e:
         raise UserError(f"cannot read {metadata}: {e.strerror or e}") from None
+    # A UTF-8 byte-order mark (Windows editors write one) is not part of the first line; pyarrow, which `datasets`
+    # reads the lines with, skips it too.
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[bom: bom + e.start].count(b"\n") + 1
+        raise UserError(f"{metadata} is not UTF-8 text (byte {bom + e.start}, line {line}): save it as UTF-8, "
+                        f"{_LAYOUT}") from None
     first = next((line for line in text.splitlines() if line.strip()), None)
     if first is None:
         raise UserError(f"{metadata} is empty: expected one line per image, like {_LAYOUT}")
