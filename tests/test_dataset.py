@@ -155,7 +155,7 @@ def test_folder_errors_are_one_line_user_errors(shapes_dir, tmp_path, cache):
     shutil.copytree(shapes_dir, bad_json)
     with (bad_json / "metadata.jsonl").open("a") as f:
         f.write("{not json\n")
-    assert "could not read" in _one_line_error(str(bad_json), None, 16, cache_dir=cache)
+    assert "metadata.jsonl line 9 is not JSON" in _one_line_error(str(bad_json), None, 16, cache_dir=cache)
 
     no_caption = tmp_path / "no_caption"
     shutil.copytree(shapes_dir, no_caption)
@@ -221,6 +221,20 @@ def test_metadata_with_a_byte_order_mark_is_read(shapes_dir, tmp_path, cache):
     metadata.write_bytes(b"\xef\xbb\xbf" + lines[0] + b"\n" + b"\xff" + lines[1])
     message = _one_line_error(str(folder), None, 16, cache_dir=cache)
     assert f"byte {3 + len(lines[0]) + 1}, line 2" in message
+
+
+@pytest.mark.parametrize("bad", ['{"file_name": "000003.png", "text": "unclosed', '["000003.png", "a caption"]'])
+def test_a_bad_metadata_line_is_named_by_its_line_number(shapes_dir, tmp_path, cache, bad):
+    # Line 5 of the file (1-based, counting a blank line before it) is the bad one: the message says line 5, not
+    # a row number counted from 0 or without blank lines.
+    folder = tmp_path / "bad_line"
+    shutil.copytree(shapes_dir, folder)
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    lines[2:4] = [lines[2], "", bad]  # line 3, a blank line 4, and the bad line 5 in place of 000003.png's
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    message = _one_line_error(str(folder), None, 16, cache_dir=cache)
+    assert "metadata.jsonl line 5 is not" in message
+    assert "row" not in message and "line 4" not in message
 
 
 @pytest.mark.skipif(os.environ.get("HF_HUB_OFFLINE") != "1", reason="would try the network")

@@ -392,14 +392,11 @@ def _check_folder(folder: Path, caption_column: str) -> bool:
         line = raw[bom: bom + e.start].count(b"\n") + 1
         raise UserError(f"{metadata} is not UTF-8 text (byte {bom + e.start}, line {line}): save it as UTF-8, "
                         f"{_LAYOUT}") from None
-    first = next((line for line in text.splitlines() if line.strip()), None)
-    if first is None:
+    records = _metadata_records(metadata, text)
+    if not records:
         raise UserError(f"{metadata} is empty: expected one line per image, like {_LAYOUT}")
-    try:
-        record = json.loads(first)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{metadata} is not JSON lines ({e}): expected {_LAYOUT}") from None
-    if not isinstance(record, dict) or "file_name" not in record:
+    record = records[0][1]
+    if "file_name" not in record:
         raise UserError(f"{metadata}: first record has no 'file_name' key: expected {_LAYOUT}")
     if caption_column not in record:
         raise UserError(
@@ -407,6 +404,25 @@ def _check_folder(folder: Path, caption_column: str) -> bool:
             "set caption_column to one of those keys or add the captions"
         )
     return False
+
+
+def _metadata_records(metadata: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
+    """(1-based line number, record) of each non-blank line of metadata.jsonl's text; a line that is not a JSON
+    object is a `UserError` naming it. Parsed here although `datasets` parses the file again: pyarrow's error names
+    a "row" counted from 0, without the blank lines and within its read block, not a line a user can find."""
+    records = []
+    for number, line in enumerate(text.split("\n"), 1):  # JSON lines end at "\n" only (splitlines() also
+        if not line.strip():                             # splits at U+2028, which a JSON string may hold)
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{metadata} line {number} is not JSON ({e.msg}, column {e.colno}): expected "
+                            f"{_LAYOUT}") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{metadata} line {number} is not a JSON object ({{...}}): expected {_LAYOUT}")
+        records.append((number, record))
+    return records
 
 
 def _read_caption(path: Path) -> str:
