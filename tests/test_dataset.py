@@ -237,6 +237,25 @@ def test_a_bad_metadata_line_is_named_by_its_line_number(shapes_dir, tmp_path, c
     assert "row" not in message and "line 4" not in message
 
 
+@pytest.mark.parametrize("line", [1, 4])
+def test_a_line_without_a_caption_or_file_name_is_named(shapes_dir, tmp_path, cache, line):
+    # One line without the caption key, the first or another: the message names that line and its image (not "no
+    # caption column", which is for a file where no line has the key).
+    folder = tmp_path / "one_missing"
+    shutil.copytree(shapes_dir, folder)
+    metadata = folder / "metadata.jsonl"
+    lines = metadata.read_text().splitlines()
+    name = f"{line - 1:06d}.png"
+    lines[line - 1] = json.dumps({"file_name": name})
+    metadata.write_text("\n".join(lines) + "\n")
+    message = _one_line_error(str(folder), None, 16, cache_dir=cache)
+    assert f"line {line}: image {name} has no caption" in message and "caption column" not in message
+    # A line without a file_name (an image-less row, which crashed when images were checked): named too.
+    lines[line - 1] = json.dumps({"text": "a caption"})
+    metadata.write_text("\n".join(lines) + "\n")
+    assert f"line {line} has no 'file_name' key" in _one_line_error(str(folder), None, 16, cache_dir=cache)
+
+
 @pytest.mark.skipif(os.environ.get("HF_HUB_OFFLINE") != "1", reason="would try the network")
 def test_unreachable_hub_dataset_is_a_user_error(cache):
     assert "from the hub" in _one_line_error(None, "someone/no-such-dataset", 16, cache_dir=cache)

@@ -395,14 +395,20 @@ def _check_folder(folder: Path, caption_column: str) -> bool:
     records = _metadata_records(metadata, text)
     if not records:
         raise UserError(f"{metadata} is empty: expected one line per image, like {_LAYOUT}")
-    record = records[0][1]
-    if "file_name" not in record:
-        raise UserError(f"{metadata}: first record has no 'file_name' key: expected {_LAYOUT}")
-    if caption_column not in record:
+    for number, record in records:  # a line without one would be a row without an image
+        if "file_name" not in record:
+            raise UserError(f"{metadata} line {number} has no 'file_name' key (keys: {sorted(record)}): expected "
+                            f"{_LAYOUT}")
+    if not any(caption_column in record for _, record in records):
         raise UserError(
-            f"{metadata} has no caption column {caption_column!r} (keys: {sorted(record)}): "
+            f"{metadata} has no caption column {caption_column!r} (keys: {sorted(records[0][1])}): "
             "set caption_column to one of those keys or add the captions"
         )
+    for number, record in records:  # some lines have the caption key: this one lacks it
+        if caption_column not in record:
+            raise UserError(f"{metadata} line {number}: image {record['file_name']} has no caption (no "
+                            f"{caption_column!r} key, which other lines have): give every line one (an empty "
+                            "string for an unconditional example)")
     return False
 
 
