@@ -256,6 +256,22 @@ def test_a_line_without_a_caption_or_file_name_is_named(shapes_dir, tmp_path, ca
     assert f"line {line} has no 'file_name' key" in _one_line_error(str(folder), None, 16, cache_dir=cache)
 
 
+def test_caption_files_without_images_say_so(shapes_dir, tmp_path, cache):
+    # Only .txt files (an image in a hidden folder does not count: `datasets` does not read it either): the
+    # message says there are no images, not `datasets`' 'Instruction "train" corresponds to no data!'.
+    folder = tmp_path / "only_txt"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("a caption\n")
+    (folder / "sub" / "b.txt").write_text("another caption\n")
+    (folder / ".thumbnails").mkdir()
+    shutil.copy(shapes_dir / "000000.png", folder / ".thumbnails" / "a.png")
+    message = _one_line_error(str(folder), None, 16, cache_dir=cache)
+    assert "has caption files but no images" in message and "Instruction" not in message
+    # With images, an image column the folder does not have is named as such (it was "no images" too).
+    _write_images(folder, ["c.png"], sidecars=True)
+    assert "no image column 'photo'" in _one_line_error(str(folder), None, 16, image_column="photo", cache_dir=cache)
+
+
 @pytest.mark.skipif(os.environ.get("HF_HUB_OFFLINE") != "1", reason="would try the network")
 def test_unreachable_hub_dataset_is_a_user_error(cache):
     assert "from the hub" in _one_line_error(None, "someone/no-such-dataset", 16, cache_dir=cache)

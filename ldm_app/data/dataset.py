@@ -35,7 +35,9 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from datasets.data_files import resolve_pattern
 from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image, ImageOps
 
 from ldm_app.errors import UserError
@@ -366,6 +368,17 @@ def collate_fn(items: list[dict[str, Any] | None]) -> dict[str, Any]:
 # ---- loading and up-front checks ----
 
 
+def _image_files(folder: Path) -> list[str]:
+    """The image files that `_load` gives `datasets` under `folder`, as absolute paths, sorted. Found with
+    `datasets`' own pattern resolver and its imagefolder's extensions, so that the checks here see the files the
+    loader sees (hidden files and folders left out alike), which `datasets` does not tell once it has loaded."""
+    try:
+        files = resolve_pattern(_ALL_FILES, base_path=Path(folder).expanduser().resolve().as_posix())
+    except FileNotFoundError:  # it refuses a pattern that matches nothing
+        return []
+    return sorted(f for f in files if os.path.splitext(f)[1].lower() in ImageFolder.EXTENSIONS)
+
+
 def _check_folder(folder: Path, caption_column: str) -> bool:
     """Cheap checks of an imagefolder before anything is loaded: exists, not empty, metadata with the columns.
     Returns True when the captions come from caption files beside the images (no metadata.jsonl)."""
@@ -376,6 +389,8 @@ def _check_folder(folder: Path, caption_column: str) -> bool:
     metadata = folder / METADATA_FILE
     if not metadata.is_file():
         if next(folder.rglob(f"*{CAPTION_SUFFIX}"), None) is not None:
+            if not _image_files(folder):  # else `datasets` says 'Instruction "train" corresponds to no data!'
+                raise UserError(f"train_data_dir {folder} has caption files but no images: expected {_LAYOUT}")
             return True
         raise UserError(f"train_data_dir {folder} has no {METADATA_FILE} and no {CAPTION_SUFFIX} caption files: "
                         f"expected {_LAYOUT}")
@@ -530,8 +545,8 @@ def build_dataset(
     sidecars = train_data_dir is not None and _check_folder(Path(train_data_dir), caption_column)
     ds = _load(train_data_dir, dataset_name, cache_dir)
     if sidecars:
-        if image_column not in ds.column_names:
-            raise UserError(f"{train_data_dir} has caption files but no images: expected {_LAYOUT}")
+        if image_column not in ds.column_names:  # (a folder without images was refused by _check_folder)
+            raise UserError(f"{train_data_dir} has no image column {image_column!r} (columns: {ds.column_names})")
         ds = _add_sidecar_captions(ds, Path(train_data_dir), caption_column, image_column)
     ds = _check_columns(ds, str(train_data_dir or dataset_name), caption_column, image_column)
     if max_samples is not None:
