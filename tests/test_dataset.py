@@ -272,6 +272,30 @@ def test_caption_files_without_images_say_so(shapes_dir, tmp_path, cache):
     assert "no image column 'photo'" in _one_line_error(str(folder), None, 16, image_column="photo", cache_dir=cache)
 
 
+def test_images_missing_from_metadata_are_warned_about(shapes_dir, tmp_path, cache, caplog):
+    # 8 images plus one in a sub-folder, 4 listed: the 4 listed are the rows, and one warning line counts the 5
+    # left out and names the first of them.
+    folder = tmp_path / "partial"
+    shutil.copytree(shapes_dir, folder)
+    metadata = folder / "metadata.jsonl"
+    metadata.write_text("\n".join(metadata.read_text().splitlines()[:4]) + "\n")
+    (folder / "extra").mkdir()
+    shutil.copy(shapes_dir / "000000.png", folder / "extra" / "more.png")
+    with caplog.at_level(logging.WARNING, logger="ldm_app.data.dataset"):
+        ds = build_dataset(str(folder), None, 16, cache_dir=cache)
+    assert len(ds) == 4
+    [record] = caplog.records
+    message = record.getMessage()
+    assert record.levelno == logging.WARNING and "\n" not in message
+    assert "5 of 9 images" in message and "not listed in metadata.jsonl" in message
+    assert "000004.png, 000005.png, 000006.png, ..." in message
+    # Every image listed (the shapes folder itself): no warning.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ldm_app.data.dataset"):
+        build_dataset(str(shapes_dir), None, 16, cache_dir=cache)
+    assert not caplog.records
+
+
 @pytest.mark.skipif(os.environ.get("HF_HUB_OFFLINE") != "1", reason="would try the network")
 def test_unreachable_hub_dataset_is_a_user_error(cache):
     assert "from the hub" in _one_line_error(None, "someone/no-such-dataset", 16, cache_dir=cache)

@@ -379,6 +379,20 @@ def _image_files(folder: Path) -> list[str]:
     return sorted(f for f in files if os.path.splitext(f)[1].lower() in ImageFolder.EXTENSIONS)
 
 
+def _warn_unlisted(ds: datasets.Dataset, folder: Path, image_column: str) -> None:
+    """One warning line for the images in `folder` that metadata.jsonl does not list: `datasets` makes a row of
+    each line only, so they are not trained on (left out, not refused: a partial list can be on purpose)."""
+    listed = {os.path.normpath(source["path"]) for source in ds[image_column] if source and source.get("path")}
+    images = _image_files(folder)
+    unlisted = [path for path in images if os.path.normpath(path) not in listed]
+    if unlisted:
+        base = Path(folder).expanduser().resolve()
+        names = ", ".join(os.path.relpath(path, base) for path in unlisted[:3])
+        names += ", ..." if len(unlisted) > 3 else ""
+        logger.warning("%d of %d images in %s are not listed in %s and are left out (%s): add a line for each one "
+                       "to train on it", len(unlisted), len(images), folder, METADATA_FILE, names)
+
+
 def _check_folder(folder: Path, caption_column: str) -> bool:
     """Cheap checks of an imagefolder before anything is loaded: exists, not empty, metadata with the columns.
     Returns True when the captions come from caption files beside the images (no metadata.jsonl)."""
@@ -549,6 +563,8 @@ def build_dataset(
             raise UserError(f"{train_data_dir} has no image column {image_column!r} (columns: {ds.column_names})")
         ds = _add_sidecar_captions(ds, Path(train_data_dir), caption_column, image_column)
     ds = _check_columns(ds, str(train_data_dir or dataset_name), caption_column, image_column)
+    if train_data_dir is not None and not sidecars:
+        _warn_unlisted(ds, Path(train_data_dir), image_column)
     if max_samples is not None:
         ds = ds.select(range(min(max_samples, len(ds))))
     dataset = ImageCaptionDataset(ds, resolution, center_crop, random_flip, caption_column, image_column)
