@@ -394,7 +394,8 @@ def _warn_unlisted(ds: datasets.Dataset, folder: Path, image_column: str) -> Non
 
 
 def _check_folder(folder: Path, caption_column: str) -> bool:
-    """Cheap checks of an imagefolder before anything is loaded: exists, not empty, metadata with the columns.
+    """Cheap checks of an imagefolder before anything is loaded: exists, not empty, images beside caption files, or
+    every metadata line JSON with a file_name and the caption key.
     Returns True when the captions come from caption files beside the images (no metadata.jsonl)."""
     if not folder.is_dir():
         raise UserError(f"train_data_dir {folder} is not a folder: expected a folder of {_LAYOUT}")
