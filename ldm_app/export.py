@@ -125,6 +125,12 @@ def check_out(model: Path, out: Path) -> None:
     by nesting, not a link or a file, empty or an earlier export, and its folder writable."""
     if out.name in ("", ".", ".."):
         raise UserError(f"--out {out} has no folder name of its own: give a path like DIR/my_export")
+    if out.suffix.lower() in (".safetensors", ".ckpt"):  # a folder by that name would be no single file
+        raise UserError(f"--out {out} names a {out.suffix} file, but the export is a folder: add --single_file for "
+                        "one file, or give a folder name")  # fmt: skip
+    if not (model / "model_index.json").is_file() and model.is_dir():
+        raise UserError(f"--model {model} is not a model folder (no model_index.json): give a pipeline folder, "
+                        "e.g. train_ldm.py's output or ldm_app/assets/default_model")  # fmt: skip
     real_model, real_out = model.resolve(), out.resolve()
     if real_out == real_model:
         raise UserError(f"--out {out} is the model folder {model} itself: --out must differ from --model")

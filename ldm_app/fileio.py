@@ -21,8 +21,9 @@ from typing import Callable, Iterator
 from .errors import UserError
 
 # OSErrors that are the user's situation, not a bug: a full disk, a quota, a read-only or forbidden place.
+# ENOENT: the folder went away mid-write, or a pseudo file system (/proc) that takes no new files
 USER_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
-                     errno.ENAMETOOLONG}
+                     errno.ENAMETOOLONG, errno.ENOENT}
 
 
 @contextlib.contextmanager

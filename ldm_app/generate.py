@@ -147,6 +147,10 @@ def generate(
 def prepare(req: Request) -> OutputSink:
     """The checks that need no model (so they answer before torch loads); returns where the images will go."""
     check_request(req)
+    if req.output.endswith(("/", os.sep)) and Path(req.output).suffix.lower() == ".png":  # Path drops the slash
+        raise UserError(f"--output {req.output} ends with a slash (a folder) but names a .png file: drop one of them")
+    if not req.output.strip():
+        raise UserError("--output is empty: give a .png path or a folder (default: outputs/)")
     return OutputSink.plan(Path(req.output), len(req.prompts) * req.num_images, req.overwrite)
 
 

@@ -109,10 +109,14 @@ def previous_export(tiny_pipeline_dir, tmp_path_factory) -> Path:
         ("R", "link_to_R", "--out {tmp}/link_to_R is the model folder {tmp}/R itself"),
         ("link_to_R/checkpoint-6", "R", "--out {tmp}/R contains the model folder {tmp}/link_to_R/checkpoint-6"),
         ("R/checkpoint-6", "link_to_R", "--out {tmp}/link_to_R contains the model folder"),
+        ("R", "mine.safetensors", "--out {tmp}/mine.safetensors names a .safetensors file, but the export is a folder"),
+        ("notes", "exported", "--model {tmp}/notes is not a model folder (no model_index.json)"),
     ],
 )
 def test_export_never_writes_over_its_own_source(run_dir, tmp_path, no_model_load, capsys, model, out, message):
     (tmp_path / "link_to_R").symlink_to(run_dir)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("not a model")
     before = snapshot(tmp_path)
     line = one_line_error(export_main, ["--model", tmp_path / model, "--out", tmp_path / out], capsys)
     assert line.startswith("error: " + message.format(tmp=tmp_path)), line
