@@ -52,7 +52,10 @@ Choices where we differ from A1111 or map onto ldm_app:
   `inpaint_full_res` ("only masked") is ignored with a note.
 - `infotext` (A1111's request field: an image's `parameters` text): the fields the request does not set are read
   from it, as A1111's `apply_infotext` does (a field the request sets wins): prompt, negative prompt, steps,
-  sampler, CFG scale, seed, size, schedule type, and for img2img denoising strength and mask blur. Its `Timesteps:` (ours: the
+  sampler, CFG scale, seed, size, schedule type, and for img2img denoising strength and mask blur. Where the prompt
+  is the infotext's, its `Lora: NAME:SCALE NAME2:SCALE2` line (ours: a LoRA image's tags, taken out of its prompt)
+  applies those LoRAs by name, as tags would (an unknown one is a 400); a request with its own prompt gets a note
+  ("infotext.Lora") instead. `Clip skip` other than 1 is not applied, with a note. Its `Timesteps:` (ours: the
   grid text-to-image sampled on) applies where the steps and sampler are the infotext's, so a txt2img request
   with an ldm_app image's infotext remakes it on its grid even after the model's stored grid changed. Its
   `Model:` does not switch the model (A1111's default, "do not change selected model when reading generation
@@ -456,6 +459,33 @@ class PromptNetworks:
     notes: dict[str, str] = field(default_factory=dict)
 
 
+def _lora_name(name: str, names: list[str], service: GenerationService) -> str:
+    """The catalog name of LoRA `name` (an exact or unique case-insensitive match); UserError for an unknown one."""
+    if name not in names:
+        folded = [n for n in names if n.lower() == name.lower()]
+        name = folded[0] if len(folded) == 1 else name
+    service.loras.path(name)  # UserError "unknown LoRA ...; expected one of ..."
+    return name
+
+
+# pngmeta's `Lora: NAME:SCALE NAME2:SCALE2`: NAME may hold spaces (the separator too), SCALE is a number ("%g")
+_LORA_ENTRY = re.compile(r"\s*(.+?):([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)(?=\s|$)")
+
+
+def parse_lora_field(text: str) -> list[tuple[str, float]]:
+    """The (name, scale) entries of an infotext's `Lora:` value, as pngmeta.format_parameters writes it; UserError
+    for a value that is not NAME:SCALE entries."""
+    entries, position = [], 0
+    text = text.strip()
+    while position < len(text):
+        match = _LORA_ENTRY.match(text, position)
+        if match is None:
+            raise UserError(f"infotext: Lora {limits.shown(text, 80)} is not NAME:SCALE entries separated by spaces")
+        entries.append((match.group(1).strip(), float(match.group(2))))
+        position = match.end()
+    return entries
+
+
 def parse_extra_networks(prompt: str, service: GenerationService, apply: bool = True) -> PromptNetworks:
     """Take A1111's `<lora:NAME:SCALE>` tags out of `prompt`; the LoRAs by catalog name (UserError for an unknown
     one or a scale that is not a number)."""
@@ -469,11 +499,7 @@ def parse_extra_networks(prompt: str, service: GenerationService, apply: bool = 
         if kind not in ("lora", "lyco"):
             notes[f"<{match.group(1)}:...>"] = f"'{match.group(1)}' extra networks are not supported; removed"
             continue
-        name = args[0].strip()
-        if name not in names:
-            folded = [n for n in names if n.lower() == name.lower()]
-            name = folded[0] if len(folded) == 1 else name
-        service.loras.path(name)  # UserError "unknown LoRA ...; expected one of ..."
+        name = _lora_name(args[0].strip(), names, service)
         try:
             scale = float(args[1]) if len(args) > 1 and args[1].strip() else 1.0
         except ValueError:
@@ -532,6 +558,11 @@ def _common_spec(req: _Generation, service: GenerationService,
     notes: dict[str, str] = {}
     networks = parse_extra_networks(req.prompt or "", service, apply=not req.disable_extra_networks)
     notes.update(networks.notes)
+    loras = _with_infotext_loras(req, service, infotext, dict(networks.loras), notes)
+    clip_skip = str(infotext.get("Clip skip", "1")).strip()
+    if clip_skip != "1":
+        notes["infotext.Clip skip"] = f"{limits.shown(clip_skip, 20)} not applied: the text encoder's last layer " \
+                                      "is used (clip skip 1)"  # fmt: skip
     sampler_field = req.sampler_name if req.sampler_name not in (None, "") else req.sampler_index
     sampler = resolve_sampler(sampler_field) if sampler_field not in (None, "") else None
     if req.seed is not None and req.seed < -1:
@@ -549,9 +580,30 @@ def _common_spec(req: _Generation, service: GenerationService,
         prompt=networks.prompt, negative_prompt=req.negative_prompt or "",
         seed=None if req.seed in (None, -1) else req.seed, steps=req.steps,
         guidance_scale=req.cfg_scale, sampler=sampler, height=req.height, width=req.width,
-        batch_size=req.batch_size, n_iter=req.n_iter, loras=networks.loras, model=model, save=req.save_images,
+        batch_size=req.batch_size, n_iter=req.n_iter, loras=loras, model=model, save=req.save_images,
     )  # fmt: skip
     return fields, notes
+
+
+def _with_infotext_loras(req: _Generation, service: GenerationService, infotext: dict[str, Any],
+                         scales: dict[str, float], notes: dict[str, str]) -> tuple[tuple[str, float], ...]:  # fmt: skip
+    """`scales` (the prompt's LoRAs) with the infotext's `Lora:` entries added where the job's prompt is the
+    infotext's (ours writes a LoRA image's tags there, not in its prompt); a note where they are not applied."""
+    text = infotext.get("Lora")
+    if text in (None, ""):
+        return tuple(scales.items())
+    if not infotext.get(PROMPT_FROM_INFOTEXT):
+        notes["infotext.Lora"] = f"{limits.shown(text, 80)} not applied: the request's own prompt replaces the " \
+                                 "infotext's (put <lora:NAME:SCALE> tags in it)"  # fmt: skip
+    elif req.disable_extra_networks:
+        notes["infotext.Lora"] = f"{limits.shown(text, 80)} not applied: disable_extra_networks"
+    else:
+        names = list(service.loras.entries())
+        for name, scale in parse_lora_field(str(text)):
+            name = _lora_name(name, names, service)
+            limits.check_number(f"the LoRA scale of {name} in the infotext", scale)
+            scales[name] = scales.get(name, 0.0) + scale
+    return tuple(scales.items())
 
 
 def _defaults_used(req: _Generation) -> list[str]:
@@ -575,12 +627,15 @@ INFOTEXT_FIELDS = {"Prompt": "prompt", "Negative prompt": "negative_prompt", "St
                    "Sampler": "sampler_name", "CFG scale": "cfg_scale", "Seed": "seed", "Size-1": "width",
                    "Size-2": "height", "Schedule type": "scheduler"}  # fmt: skip
 INFOTEXT_IMG2IMG_FIELDS = {"Denoising strength": "denoising_strength", "Mask blur": "mask_blur"}
+# apply_infotext's mark in the parsed infotext (no "Key: value" of a text can be this: parse_infotext's keys start
+# with a word character): the job's prompt is the infotext's, so its `Lora:` line applies
+PROMPT_FROM_INFOTEXT = " prompt from infotext"
 
 
 def apply_infotext(req: RequestT) -> tuple[RequestT, dict[str, Any]]:
     """A1111's apply_infotext: a copy of `req` whose fields the request did not set are read from its `infotext`
-    (see the module doc), and the parsed infotext; `(req, {})` when it has none. UserError for a value of the
-    wrong kind."""
+    (see the module doc), and the parsed infotext, with `PROMPT_FROM_INFOTEXT` true when the prompt was read from
+    it; `(req, {})` when it has none. UserError for a value of the wrong kind."""
     if _unset(req.infotext):
         return req, {}
     if not isinstance(req.infotext, str):
@@ -603,7 +658,7 @@ def apply_infotext(req: RequestT) -> tuple[RequestT, dict[str, Any]]:
             raise UserError(f"infotext: {key} {limits.shown(value, 40)} is not {expected}") from None
     if "sampler_index" in req.model_fields_set and "sampler_name" in updates:
         del updates["sampler_name"]  # the request's sampler, by its older field
-    return req.model_copy(update=updates), params
+    return req.model_copy(update=updates), {**params, PROMPT_FROM_INFOTEXT: "prompt" in updates}
 
 
 def _sampler_of(value: Any) -> str | None:

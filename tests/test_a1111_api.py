@@ -434,6 +434,65 @@ def test_lora_tags_in_the_prompt(server, api):
     assert response.status_code == 400 and "unknown LoRA 'nope'" in response.json()["detail"]
 
 
+def _txt2img(server: Server, payload: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    response = server.post("txt2img", payload)
+    assert response.status_code == 200, response.text
+    image = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0])))
+    return pixels(image), json.loads(response.json()["info"])
+
+
+def test_infotext_of_a_lora_image_applies_its_lora_line(server, root):
+    """Our PNG text has the LoRAs on a `Lora:` line, not as tags in the prompt: an infotext's prompt brings them
+    back (by catalog name, a name with spaces too); a request with its own prompt gets a note instead."""
+    made, info = _txt2img(server, {"prompt": f"{PROMPT} <lora:style:0.8>", "seed": 1, **SMALL})
+    text = info["infotexts"][0]
+    assert "Lora: style:0.8" in text and "<lora" not in text
+    remade, again = _txt2img(server, {"infotext": text})
+    assert np.array_equal(remade, made) and again["ignored_fields"] == {}
+    assert "Lora: style:0.8" in again["infotexts"][0]
+    without, _ = _txt2img(server, {"infotext": text.replace(" Lora: style:0.8,", "")})
+    assert not np.array_equal(without, made)  # the LoRA is what made the difference
+    # the request's own prompt wins, and its LoRAs with it: the infotext's are not applied, with a note
+    own, info = _txt2img(server, {"infotext": text, "prompt": PROMPT})
+    assert np.array_equal(own, without) and "style" in info["ignored_fields"]["infotext.Lora"]
+    response = server.post("txt2img", {"infotext": text.replace("Lora: style:0.8", "Lora: nope:0.8")})
+    assert response.status_code == 400 and "unknown LoRA 'nope'" in response.json()["detail"]
+    response = server.post("txt2img", {"infotext": text.replace("Lora: style:0.8", "Lora: style")})
+    assert response.status_code == 400 and "infotext: Lora" in response.json()["detail"]
+    # a name with a space, next to another on the same line (pngmeta separates them with a space)
+    spaced = root / "loras" / "my style.safetensors"
+    shutil.copyfile(root / "loras" / "style.safetensors", spaced)
+    try:
+        two, info = _txt2img(server, {"prompt": f"{PROMPT} <lora:my style:0.5> <lora:style:0.3>", "seed": 1,
+                                      **SMALL})  # fmt: skip
+        text = info["infotexts"][0]
+        assert "Lora: my style:0.5 style:0.3" in text
+        remade, info = _txt2img(server, {"infotext": text})
+        assert np.array_equal(remade, two) and info["ignored_fields"] == {}
+    finally:
+        spaced.unlink()
+
+
+def test_lora_line_of_an_infotext_is_read_entry_by_entry():
+    from ldm_app.a1111 import parse_lora_field
+    from ldm_app.errors import UserError
+
+    assert parse_lora_field("my style:0.5 style:1 a:b:-2 tiny:1e-05") == \
+        [("my style", 0.5), ("style", 1.0), ("a:b", -2.0), ("tiny", 1e-05)]  # fmt: skip
+    for bad in ("style", "style:lots", "style:0.5x"):
+        with pytest.raises(UserError, match="NAME:SCALE"):
+            parse_lora_field(bad)
+
+
+def test_infotext_clip_skip_other_than_1_gets_a_note(server):
+    _, info = _txt2img(server, {"prompt": PROMPT, "seed": 1, **SMALL})
+    text = info["infotexts"][0]
+    _, info = _txt2img(server, {"infotext": text + ", Clip skip: 2"})
+    assert "infotext.Clip skip" in info["ignored_fields"]
+    _, info = _txt2img(server, {"infotext": text + ", Clip skip: 1"})  # what we do anyway
+    assert info["ignored_fields"] == {}
+
+
 # ---- bad input, auth, files ---------------------------------------------------------------------------------------
 
 
