@@ -37,6 +37,10 @@ Choices where we differ from A1111 or map onto ldm_app:
 - Seeds: -1 (or null) = random; image k of a job uses seed + k, as A1111's all_seeds. The seed used is in `info`.
 - `batch_size` / `n_iter` are the job's batch size and batch count. `save_images` (default false, as A1111's API)
   writes the PNGs under the server's outputs folder; `send_images` false returns no images. No grid is returned.
+- Prompt weights: a prompt or negative prompt with A1111's emphasis syntax (`(word:1.3)`, `(word)`, `[word]`, `\(`)
+  is read with the weights, as A1111 does by default (generate.py's `--weighting`, through compel); a prompt
+  without it is read as before. The PNG text says which reading a prompt with the syntax got (`Weighting: A1111`
+  or `Weighting: plain text`), `info["weighting"]` too.
 - LoRA: `<lora:NAME:SCALE>` (or `<lyco:...>`) tags are taken out of the prompt and applied by name from the
   server's LoRA folder (scale default 1; a second scale, A1111's U-Net multiplier, is ignored with a note; the
   same LoRA twice adds the scales). An unknown LoRA is a 400. Other `<kind:...>` tags (hypernetworks) are removed
@@ -55,7 +59,10 @@ Choices where we differ from A1111 or map onto ldm_app:
   sampler, CFG scale, seed, size, schedule type, and for img2img denoising strength and mask blur. Where the prompt
   is the infotext's, its `Lora: NAME:SCALE NAME2:SCALE2` line (ours: a LoRA image's tags, taken out of its prompt)
   applies those LoRAs by name, as tags would (an unknown one is a 400); a request with its own prompt gets a note
-  ("infotext.Lora") instead. `Clip skip` other than 1 is not applied, with a note. Its `Timesteps:` (ours: the
+  ("infotext.Lora") instead. `Clip skip` other than 1 is not applied, with a note. Its `Weighting:` (ours: "A1111"
+  or "plain text", how a prompt with weighting syntax was read) applies where the prompt is the infotext's; an
+  ldm_app text without it is read as plain text (made before the field, when that was the only reading). Its
+  `Timesteps:` (ours: the
   grid text-to-image sampled on) applies where the steps and sampler are the infotext's, so a txt2img request
   with an ldm_app image's infotext remakes it on its grid even after the model's stored grid changed. Its
   `Model:` does not switch the model (A1111's default, "do not change selected model when reading generation
@@ -576,8 +583,9 @@ def _common_spec(req: _Generation, service: GenerationService,
     if made_with and made_with not in (model, service.catalog.path(model).name):
         notes["infotext.Model"] = (f"the infotext's image was made with model {limits.shown(made_with, 60)}; this job "
                                    f"used {model!r} (override_settings.sd_model_checkpoint picks the model)")  # fmt: skip
+    weighting = _weighting(networks.prompt, req.negative_prompt or "", infotext, notes)
     fields = dict(
-        prompt=networks.prompt, negative_prompt=req.negative_prompt or "",
+        prompt=networks.prompt, negative_prompt=req.negative_prompt or "", weighting=weighting,
         seed=None if req.seed in (None, -1) else req.seed, steps=req.steps,
         guidance_scale=req.cfg_scale, sampler=sampler, height=req.height, width=req.width,
         batch_size=req.batch_size, n_iter=req.n_iter, loras=loras, model=model, save=req.save_images,
@@ -604,6 +612,28 @@ def _with_infotext_loras(req: _Generation, service: GenerationService, infotext:
             limits.check_number(f"the LoRA scale of {name} in the infotext", scale)
             scales[name] = scales.get(name, 0.0) + scale
     return tuple(scales.items())
+
+
+def _weighting(prompt: str, negative: str, infotext: dict[str, Any], notes: dict[str, str]) -> bool:
+    """Whether the job reads A1111 prompt weights: where the prompt or negative prompt uses their syntax (A1111's
+    default; a plain prompt is read as it always was), unless the prompt is an infotext's that says how it was
+    read (`Weighting: A1111` / `Weighting: plain text`, pngmeta's); an ldm_app text without that field was made
+    before it existed, when prompts were read as plain text."""
+    from ldm_app.adapters import uses_weighting_syntax
+    from ldm_app.pngmeta import PLAIN_TEXT, WEIGHTED
+
+    default = uses_weighting_syntax(prompt) or uses_weighting_syntax(negative)
+    stated = infotext.get("Weighting")
+    if stated not in (None, "") and stated not in (WEIGHTED, PLAIN_TEXT):
+        raise UserError(f"infotext: Weighting {limits.shown(stated, 40)} is not {WEIGHTED!r} or {PLAIN_TEXT!r}")
+    if not infotext.get(PROMPT_FROM_INFOTEXT):
+        if stated not in (None, "") and (stated == WEIGHTED) != default:
+            notes["infotext.Weighting"] = f"{stated} not applied: the request's own prompt is read " + \
+                ("with A1111 weights" if default else "as it is (no weighting syntax)")  # fmt: skip
+        return default
+    if stated in (None, ""):
+        return default and not str(infotext.get("Version", "")).startswith("ldm_app")
+    return stated == WEIGHTED
 
 
 def _defaults_used(req: _Generation) -> list[str]:
@@ -821,6 +851,7 @@ def run_job(service: GenerationService, prepared: _Prepared, req: _Generation, e
         "version": f"ldm_app {first.version}" if first else "ldm_app",
         # ours
         "sampler": sampler,
+        "weighting": spec.weighting,
         "inpaint": first.inpaint if first else spec.inpaint,
         "interrupted": result.interrupted,
         "job_id": job.id,

@@ -177,6 +177,22 @@ def _has_type(value: Any, annotation: str) -> bool:
     return isinstance(value, allowed)
 
 
+WEIGHTED, PLAIN_TEXT = "A1111", "plain text"  # the `Weighting:` field's values
+
+
+def weighting_field(p: ImageParams) -> str | None:
+    """How the prompts were read, for the text's `Weighting:` field: "A1111" (weights applied, --weighting), "plain
+    text" (a prompt with A1111 weighting syntax read as characters), None where it made no difference (no syntax,
+    no weighting): an A1111 reader applies the syntax by default, so the text must say when it was not."""
+    from ldm_app.adapters import uses_weighting_syntax
+
+    if p.weighting:
+        return WEIGHTED
+    if uses_weighting_syntax(p.prompt) or uses_weighting_syntax(p.negative_prompt):
+        return PLAIN_TEXT
+    return None
+
+
 def format_parameters(p: ImageParams) -> str:
     """The A1111 `parameters` text: prompt, optional negative prompt line, then one line of settings."""
     lines = [p.prompt]
@@ -203,6 +219,9 @@ def format_parameters(p: ImageParams) -> str:
         settings["Classifier scale"] = p.classifier_scale
     if p.loras:
         settings["Lora"] = " ".join(Path(spec.rsplit(":", 1)[0]).stem + ":" + spec.rsplit(":", 1)[1] for spec in p.loras)
+    reading = weighting_field(p)
+    if reading is not None:
+        settings["Weighting"] = reading
     settings["Version"] = f"ldm_app {p.version}"
     lines.append(", ".join(f"{k}: {v}" for k, v in settings.items()))
     return "\n".join(lines)

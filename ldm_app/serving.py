@@ -271,6 +271,7 @@ class JobSpec:
     mask_blur: float = 0.0
     paste_back: bool | None = None
     loras: tuple[tuple[str, float], ...] = ()
+    weighting: bool = False  # A1111 prompt weights, (word:1.3) (generate.py's --weighting)
     model: str | None = None
     save: bool = True
     # text-to-image's timestep grid, one per step (None: the model's stored grid where it applies, else the
@@ -383,7 +384,8 @@ class GenerationService:
             width=spec.width, num_images=batch * n_iter, batch_size=batch,
             output=str(self.outputs_dir / datetime.date.today().isoformat()), device=self.config.device,
             dtype=self.config.dtype, strength=spec.strength, inpaint=spec.inpaint, mask_blur=spec.mask_blur,
-            paste_back=spec.paste_back, loras=loras, timesteps=spec.timesteps, own_spacing=spec.own_spacing,
+            paste_back=spec.paste_back, loras=loras, weighting=spec.weighting, timesteps=spec.timesteps,
+            own_spacing=spec.own_spacing,
         )  # fmt: skip
         try:
             # the checks on everything but the input files first, so a bad request writes nothing

@@ -493,6 +493,58 @@ def test_infotext_clip_skip_other_than_1_gets_a_note(server):
     assert info["ignored_fields"] == {}
 
 
+def test_prompt_weights_are_applied_and_recorded(server):
+    """A1111 applies (word:1.3)-style emphasis by default: so does the API, for a prompt that uses the syntax (a
+    plain prompt is read as before); the PNG text says which reading was used, and its infotext remakes it."""
+    plain, info = _txt2img(server, {"prompt": "a red circle", "seed": 1, **SMALL})
+    assert "Weighting" not in info["infotexts"][0]
+    # (red) and (red:1.1) are the same weight: one image; read as plain text they are other characters
+    bare, info = _txt2img(server, {"prompt": "a (red) circle", "seed": 1, **SMALL})
+    weighted, info = _txt2img(server, {"prompt": "a (red:1.1) circle", "seed": 1, **SMALL})
+    assert np.array_equal(bare, weighted) and not np.array_equal(weighted, plain)
+    assert info["ignored_fields"] == {} and "Weighting: A1111" in info["infotexts"][0]
+    # the negative prompt's syntax counts too
+    _, info = _txt2img(server, {"prompt": "a red circle", "negative_prompt": "[blurry]", "seed": 1, **SMALL})
+    assert "Weighting: A1111" in info["infotexts"][0]
+    text = _txt2img(server, {"prompt": "a (red:1.1) circle", "seed": 1, **SMALL})[1]["infotexts"][0]
+    remade, _ = _txt2img(server, {"infotext": text})
+    assert np.array_equal(remade, weighted)
+    # the text's plain-text reading is honoured: other pixels, the same as a job made that way
+    plain_text = text.replace("Weighting: A1111", "Weighting: plain text")
+    as_text, info = _txt2img(server, {"infotext": plain_text})
+    assert not np.array_equal(as_text, weighted) and "Weighting: plain text" in info["infotexts"][0]
+    # our text without the field was made before it existed, when the API and generate.py read plain text
+    assert text.count(" Weighting: A1111,") == 1
+    older, _ = _txt2img(server, {"infotext": text.replace(" Weighting: A1111,", "")})
+    assert np.array_equal(older, as_text)
+    _, info = _txt2img(server, {"infotext": plain_text, "prompt": "a (red:1.1) circle"})  # the request's prompt wins
+    assert "Weighting: A1111" in info["infotexts"][0] and "infotext.Weighting" in info["ignored_fields"]
+    response = server.post("txt2img", {"infotext": text.replace("Weighting: A1111", "Weighting: maybe")})
+    assert response.status_code == 400 and "infotext: Weighting 'maybe'" in response.json()["detail"]
+
+
+def test_infotext_remakes_cli_images_made_with_and_without_weighting(server, root, tmp_path):
+    """generate.py reads (word:1.3) as plain text unless --weighting: its PNG text says which, so the API remakes
+    both exactly from their text (and `--from_png`, which reads the JSON chunk, is unchanged)."""
+    from ldm_app.generate import main
+    from ldm_app.pngmeta import read_params
+
+    made = {}
+    for flags, reading in (((), "plain text"), (("--weighting",), "A1111")):
+        path = main(["a (red:1.3) circle", "--model", str(root / "models" / "tiny"), "--seed", "3", "--steps", "2",
+                     "--width", "64", "--height", "64", "--output", str(tmp_path / f"{reading}.png"), *flags])[0]
+        with Image.open(path) as image:
+            text, made[reading] = image.info["parameters"], pixels(image)
+        assert f"Weighting: {reading}" in text
+        remade, info = _txt2img(server, {"infotext": text})
+        assert np.array_equal(remade, made[reading]), reading
+        assert read_params(path).weighting == bool(flags)
+        again = main(["--from_png", str(path), "--output", str(tmp_path / f"again {reading}.png")])[0]
+        with Image.open(again) as image:
+            assert np.array_equal(pixels(image), made[reading])
+    assert not np.array_equal(made["plain text"], made["A1111"])
+
+
 # ---- bad input, auth, files ---------------------------------------------------------------------------------------
 
 

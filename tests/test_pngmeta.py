@@ -56,6 +56,15 @@ def test_a1111_text_layout():
     assert "Negative prompt" not in format_parameters(_params(negative_prompt=""))
 
 
+def test_a1111_text_says_how_weighting_syntax_was_read():
+    # an A1111 reader applies (word:1.3) by default: the text says when it was read as plain characters
+    assert format_parameters(_params(prompt="a (red:1.3) cat")).endswith(
+        f"Model: tiny, Weighting: plain text, Version: ldm_app {__version__}")  # fmt: skip
+    assert "Weighting: plain text" in format_parameters(_params(negative_prompt="[blurry]"))
+    assert "Weighting: A1111" in format_parameters(_params(prompt="a (red:1.3) cat", weighting=True))
+    assert "Weighting" not in format_parameters(_params())  # no syntax, no weighting: the text as before
+
+
 def test_text_only_png_has_no_parameters(tmp_path):
     path = save_png(_image(), tmp_path / "grid.png", None, text="grid of 4 images")
     assert read_text_chunks(path) == {TEXT_KEY: "grid of 4 images"}
