@@ -17,7 +17,9 @@ Routes (the subset real clients use; field names, defaults and response shapes f
   `/prompt-styles`; `POST /sdapi/v1/refresh-checkpoints`, `/refresh-loras` (no-ops: the catalogs read the disk on
   every call).
 - `GET/POST /sdapi/v1/options`: `sd_model_checkpoint` selects the model for later jobs (webuiapi's
-  `util_set_model`); other options are accepted and ignored (logged).
+  `util_set_model`); other options are accepted and ignored: answered with A1111's null, logged as a warning,
+  and one that GET shows (CLIP_stop_at_last_layers, sd_vae, samples_format) set to another value than ours is
+  listed in the `ignored_fields` of every later job ("options.CLIP_stop_at_last_layers") until set back.
 - `GET /sdapi/v1/progress`, `POST /sdapi/v1/interrupt` (the running job, whoever sent it, as in A1111; it
   returns the images made so far, with `info["interrupted"]`), `POST /sdapi/v1/png-info`.
 
@@ -106,13 +108,13 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Callable, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 from starlette.exceptions import HTTPException
 
 from ldm_app import limits
@@ -285,6 +287,17 @@ class A1111Route(APIRoute):
 # ---- requests -----------------------------------------------------------------------------------------------------
 
 
+def _not_a_boolean(value: Any) -> Any:
+    """pydantic's lax mode reads true/false as 1/0 for a number: `"seed": true` is a client's mistake (422)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_boolean)]
+Float = Annotated[float, BeforeValidator(_not_a_boolean)]
+
+
 class _Generation(BaseModel):
     """The fields txt2img and img2img share (A1111's StableDiffusionProcessing API models). None = not given: the
     model's stored default. Fields below "accepted, not applied" only ever produce a note in info."""
@@ -293,17 +306,17 @@ class _Generation(BaseModel):
 
     prompt: str | None = ""  # null: "" (refused as an empty prompt)
     negative_prompt: str | None = ""
-    seed: int | None = -1
+    seed: Int | None = -1
     sampler_name: str | None = None
     sampler_index: str | int | None = None
     scheduler: str | None = None
-    batch_size: int = 1
-    n_iter: int = 1
-    steps: int | None = None
-    cfg_scale: float | None = None
-    width: int | None = None
-    height: int | None = None
-    denoising_strength: float | None = None
+    batch_size: Int = 1
+    n_iter: Int = 1
+    steps: Int | None = None
+    cfg_scale: Float | None = None
+    width: Int | None = None
+    height: Int | None = None
+    denoising_strength: Float | None = None
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool = True
     disable_extra_networks: bool = False
@@ -353,15 +366,15 @@ class Txt2ImgRequest(_Generation):
 
 
 class Img2ImgRequest(_Generation):
-    denoising_strength: float | None = 0.75
+    denoising_strength: Float | None = 0.75
     init_images: list[str] | None = None
-    resize_mode: int = 0
+    resize_mode: Int = 0
     mask: str | None = None
-    mask_blur: float | None = None
-    mask_blur_x: float = 4
-    mask_blur_y: float = 4
-    inpainting_fill: int = 0
-    inpainting_mask_invert: int = 0
+    mask_blur: Float | None = None
+    mask_blur_x: Float = 4
+    mask_blur_y: Float = 4
+    inpainting_fill: Int = 0
+    inpainting_mask_invert: Int = 0
     include_init_images: bool = False
     # accepted, not applied
     image_cfg_scale: Any = None
@@ -899,6 +912,12 @@ def parse_infotext(text: str) -> dict[str, Any]:
 # ---- the router ---------------------------------------------------------------------------------------------------
 
 
+# GET /options: what we do (besides sd_model_checkpoint); POST /options with another value is noted on later jobs
+OPTIONS: dict[str, Any] = {"sd_checkpoint_hash": None, "samples_format": "png", "CLIP_stop_at_last_layers": 1,
+                           "sd_vae": "Automatic"}  # fmt: skip
+OPTION_NO_EFFECT: dict[str, tuple[Any, ...]] = {"sd_vae": ("Automatic", "None", None)}
+
+
 def authorized(header: str | None, auth: tuple[str, str] | None) -> bool:
     """Whether an `Authorization: Basic ...` header carries the credentials `auth` (always, when auth is None);
     compared in constant time."""
@@ -920,17 +939,27 @@ def api_router(service: GenerationService, auth: tuple[str, str] | None = None) 
     if auth is not None and (len(auth) != 2 or not all(isinstance(s, str) and s for s in auth)):
         raise UserError("auth must be (user, password), both non-empty")
     route_class = type("A1111Route", (A1111Route,), {"auth": auth})
+    # options of OPTIONS a client set (POST /options) to a value we do not apply: noted on every later job
+    unapplied: dict[str, Any] = {}
+
+    def option_notes() -> dict[str, str]:
+        return {f"options.{key}": f"set to {limits.shown(value, 40)} by POST /options; not supported, "
+                f"{OPTIONS[key]!r} is used" for key, value in list(unapplied.items())}  # fmt: skip
+
     router = APIRouter(prefix=PREFIX, route_class=route_class, tags=["A1111"])
 
     @router.post("/txt2img", response_model=ImageResponse)
     def txt2img(req: Txt2ImgRequest) -> dict[str, Any]:
         req, infotext = apply_infotext(req)
-        return run_job(service, prepare_txt2img(req, service, infotext), req, _echo(req))
+        prepared = prepare_txt2img(req, service, infotext)
+        prepared.notes.update(option_notes())
+        return run_job(service, prepared, req, _echo(req))
 
     @router.post("/img2img", response_model=ImageResponse)
     def img2img(req: Img2ImgRequest) -> dict[str, Any]:
         req, infotext = apply_infotext(req)
         prepared = prepare_img2img(req, service, infotext)
+        prepared.notes.update(option_notes())
         drop = () if req.include_init_images else ("init_images", "mask")
         return run_job(service, prepared, req, _echo(req, drop))
 
@@ -980,17 +1009,26 @@ def api_router(service: GenerationService, auth: tuple[str, str] | None = None) 
 
     @router.get("/options")
     async def get_options() -> dict[str, Any]:
-        return {"sd_model_checkpoint": service.model_name, "sd_checkpoint_hash": None, "samples_format": "png",
-                "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"}  # fmt: skip
+        return {"sd_model_checkpoint": service.model_name, **OPTIONS}
 
     @router.post("/options")
     def set_options(options: dict[str, Any]) -> None:
         if "sd_model_checkpoint" in options:
             service.set_model(resolve_model(service, options["sd_model_checkpoint"]))
-        others = sorted(set(options) - {"sd_model_checkpoint"})
-        if others:
-            logger.info("options not supported, ignored: %s", ", ".join(others))
-        return None
+        ignored = {}
+        for key, value in options.items():
+            if key == "sd_model_checkpoint":
+                continue
+            if key in OPTIONS and value in OPTION_NO_EFFECT.get(key, (OPTIONS[key],)):
+                unapplied.pop(key, None)  # what we do anyway: a note set earlier goes
+                continue
+            ignored[key] = value
+            if key in OPTIONS:
+                unapplied[key] = value
+        if ignored:
+            logger.warning("POST /options: not supported, ignored: %s",
+                           ", ".join(f"{k}={limits.shown(v, 40)}" for k, v in ignored.items()))  # fmt: skip
+        return None  # A1111's answer (webuiapi's set_options returns it): there is no field for a note
 
     @router.get("/progress")
     async def progress(skip_current_image: bool = False) -> dict[str, Any]:

@@ -335,6 +335,21 @@ def test_models_options_and_model_switch(server, api):
         api.set_options({"sd_model_checkpoint": "tiny"})
 
 
+def test_options_we_do_not_apply_are_noted_on_later_jobs(server, api, caplog):
+    """POST /options answers A1111's null whatever it holds (webuiapi reads that): an option set to a value we do
+    not apply is logged, GET still shows what we do, and the jobs that follow list it in ignored_fields."""
+    try:
+        with caplog.at_level("WARNING", logger="ldm_app.a1111"):
+            assert api.set_options({"CLIP_stop_at_last_layers": 2, "samples_format": "png"}) is None
+        assert "CLIP_stop_at_last_layers" in caplog.text and "samples_format" not in caplog.text
+        assert api.get_options()["CLIP_stop_at_last_layers"] == 1
+        info = api.txt2img(prompt=PROMPT, seed=1, **SMALL).info
+        assert set(info["ignored_fields"]) == {"options.CLIP_stop_at_last_layers"}
+    finally:
+        api.set_options({"CLIP_stop_at_last_layers": 1})
+    assert api.txt2img(prompt=PROMPT, seed=1, **SMALL).info["ignored_fields"] == {}
+
+
 def test_progress_and_interrupt(server, api):
     assert api.get_progress()["state"]["job_count"] == 0  # idle: what util_wait_for_ready waits for
     outcome: dict[str, Any] = {}
@@ -567,6 +582,12 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str]] = [
     ("negative seed", "txt2img", {"prompt": PROMPT, "seed": -5, **SMALL}, 400, "seed"),
     ("unknown sampler", "txt2img", {"prompt": PROMPT, "sampler_name": "DPM++ 2M Karras", **SMALL}, 404, "Sampler"),
     ("wrong type", "txt2img", {"prompt": PROMPT, "width": "wide"}, 422, "width"),
+    ("seed true", "txt2img", {"prompt": PROMPT, "seed": True, **SMALL}, 422, "seed"),
+    ("steps true", "txt2img", {"prompt": PROMPT, "width": 64, "height": 64, "steps": True}, 422, "steps"),
+    ("cfg_scale false", "txt2img", {"prompt": PROMPT, "cfg_scale": False, **SMALL}, 422, "cfg_scale"),
+    ("inpainting_fill true", "img2img", {"prompt": PROMPT, "init_images": [b64_png(gradient_image())],
+                                         "mask": b64_png(square_mask()), "inpainting_fill": True, **SMALL}, 422,
+     "inpainting_fill"),
     ("unknown model", "txt2img", {"prompt": PROMPT, "override_settings": {"sd_model_checkpoint": "../../etc"},
                                   **SMALL}, 400, "unknown model"),  # fmt: skip
     ("unknown LoRA", "txt2img", {"prompt": "<lora:../../etc/passwd:1> x", **SMALL}, 400, "LoRA"),
