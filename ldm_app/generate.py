@@ -377,7 +377,9 @@ def sampling_grid(pipe: LatentDiffusionPipeline, req: Request, steps: int) -> tu
     stored = pipe.stored_timesteps(pipe.scheduler, None, steps)
     if stored is None or not req.own_spacing:
         return None if stored is None else tuple(stored)
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    from ldm_app.samplers import scheduler_from_config
+
+    scheduler = scheduler_from_config(type(pipe.scheduler), pipe.scheduler.config)
     scheduler.set_timesteps(steps)
     return tuple(int(t) for t in scheduler.timesteps)
 

@@ -32,7 +32,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from transformers.utils import logging as _transformers_logging
@@ -65,7 +65,7 @@ from ldm_app.first_stage import is_vq
 from ldm_app.limits import check_timestep_grid, shown
 from ldm_app.pngmeta import check_unicode
 from ldm_app.samplers import (check_sampler_name, make_scheduler, sampler_name, samplers_taking,
-                              set_timesteps_checked)
+                              scheduler_from_config, set_timesteps_checked)
 from ldm_app.vocabulary import Vocabulary, unknown_words_note
 
 logger = logging.getLogger(__name__)
@@ -307,6 +307,22 @@ class CallPlan:
     extras: dict[str, Any]  # ours, not diffusers' (inpainting: method, RePaint schedule, mask blur, paste-back)
 
 
+@contextlib.contextmanager
+def _library_warnings_off() -> Iterator[None]:
+    """diffusers' and transformers' loggers at ERROR for the block (process-wide: keep the block short)."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    saved = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(saved[0])
+        transformers_logging.set_verbosity(saved[1])
+
+
 def latent_safe(scheduler: SchedulerMixin) -> SchedulerMixin:
     """The scheduler with the two fixes diffusers' StableDiffusionPipeline applies on load, so both pipelines give
     the same image from one folder: no clipping of the predicted x0 (latents are not bounded to [-1, 1]) and
@@ -319,7 +335,7 @@ def latent_safe(scheduler: SchedulerMixin) -> SchedulerMixin:
         fixes["clip_sample"] = False
     if getattr(scheduler.config, "steps_offset", 1) != 1:
         fixes["steps_offset"] = 1
-    return type(scheduler).from_config(scheduler.config, **fixes) if fixes else scheduler
+    return scheduler_from_config(type(scheduler), scheduler.config, **fixes) if fixes else scheduler
 
 
 # What diffusers' __call__ stores on the pipeline object during a call (guidance_scale, num_timesteps, interrupt...).
@@ -559,7 +575,8 @@ class LdmAppPipelineMixin:
         """diffusers' encode_prompt (returns (prompt_embeds, negative_prompt_embeds)), under the tokenizer lock (a
         fast tokenizer's padding settings are shared state, and a LoRA scale is set on the shared text encoder for
         the call), and in the U-Net's dtype: the text encoder may be kept in another precision."""
-        with _TOKENIZER_LOCK:
+        with _TOKENIZER_LOCK, self._truncation_noted(prompt if prompt_embeds is None else None,
+                                                     negative_prompt if negative_prompt_embeds is None else None):
             prompt_embeds, negative_prompt_embeds = super().encode_prompt(
                 prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
                 prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, lora_scale=lora_scale,
@@ -570,6 +587,29 @@ class LdmAppPipelineMixin:
             if negative_prompt_embeds is not None:
                 negative_prompt_embeds = negative_prompt_embeds.to(self.unet.dtype)
         return prompt_embeds, negative_prompt_embeds
+
+    @contextlib.contextmanager
+    def _truncation_noted(self, *texts: Any) -> Iterator[None]:
+        """A prompt longer than the text encoder takes gets one warning line of ours (how long, the limit, the words
+        left out) in place of the libraries' two (transformers' "will result in indexing errors", which is not so
+        here, and diffusers' list of the cut words); both are silenced for the call, which encodes as before."""
+        long = []
+        tokenizer = getattr(self, "tokenizer", None)
+        for text in dict.fromkeys(t for group in texts for t in ([group] if isinstance(group, str) else group or ())
+                                  if isinstance(t, str)):  # fmt: skip
+            with _library_warnings_off():
+                ids = tokenizer(text, truncation=False)["input_ids"] if tokenizer is not None else []
+            limit = getattr(tokenizer, "model_max_length", len(ids))
+            if len(ids) > limit:
+                long.append(text)
+                logger.warning("the prompt is %d tokens, above the %d this model's text encoder takes: it is "
+                               "truncated, %r is left out", len(ids), limit,
+                               tokenizer.decode(ids[limit - 1 : -1]))  # fmt: skip
+        if not long:
+            yield
+            return
+        with _library_warnings_off():
+            yield
 
     # ---- checks -------------------------------------------------------------------------------------------
 
@@ -703,7 +743,7 @@ class LdmAppPipelineMixin:
             if not torch.isfinite(latents).all():
                 raise UserError("latents contain NaN or infinite values")
         scheduler = (make_scheduler(sampler, base.config) if sampler is not None
-                     else type(base).from_config(base.config))  # fmt: skip
+                     else scheduler_from_config(type(base), base.config))  # fmt: skip
         custom = args.get("timesteps") if args.get("timesteps") is not None else args.get("sigmas")
         stored = self.stored_timesteps(base, sampler, steps)
         grid_name = "timesteps"

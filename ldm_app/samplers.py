@@ -75,7 +75,21 @@ def make_scheduler(name: str, config: Mapping[str, Any]) -> SchedulerMixin:
     import diffusers
 
     cls_name, overrides = _REGISTRY[check_sampler_name(name)]
-    return getattr(diffusers, cls_name).from_config(config, **overrides)
+    return scheduler_from_config(getattr(diffusers, cls_name), config, **overrides)
+
+
+def scheduler_from_config(cls: type, config: Mapping[str, Any], **overrides: Any) -> SchedulerMixin:
+    """`cls.from_config(config, **overrides)` without diffusers' warning, a long line on every call, about the keys
+    of another sampler's config (DPM-Solver's given to LCM) that it keeps in the config but does not use: expected
+    here, where one model config serves every sampler."""
+    import diffusers
+
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()
+    try:
+        return cls.from_config(config, **overrides)
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
 
 
 def sampler_name(scheduler: SchedulerMixin) -> str | None:

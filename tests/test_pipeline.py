@@ -147,16 +147,20 @@ def test_progress_bar_config(tiny_pipeline, capsys):
     assert "sampling" not in capsys.readouterr().err
 
 
-def test_long_prompt_is_truncated_with_a_warning(tiny_pipeline, caplog):
-    long_prompt = " ".join(["word"] * 100)
-    diffusers_logger = logging.getLogger("diffusers")  # diffusers' own warning; its loggers don't propagate
-    diffusers_logger.addHandler(caplog.handler)
+def test_long_prompt_is_truncated_with_one_warning_of_ours(tiny_pipeline, caplog):
+    long_prompt = " ".join(["word"] * 100) + " tail"
+    libraries = [logging.getLogger("diffusers"), logging.getLogger("transformers")]  # they don't propagate
+    for lib in libraries:
+        lib.addHandler(caplog.handler)
     try:
         image = generate(tiny_pipeline, long_prompt)
     finally:
-        diffusers_logger.removeHandler(caplog.handler)
+        for lib in libraries:
+            lib.removeHandler(caplog.handler)
     assert image.shape == (1, 64, 64, 3)
-    assert any("truncated" in r.getMessage() for r in caplog.records)
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(messages) == 1 and "tokens, above the 77 this model's text encoder takes" in messages[0], messages
+    assert "is truncated" in messages[0] and messages[0].endswith("word tail' is left out"), messages
 
 
 @pytest.mark.parametrize(
