@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
 import warnings
 from pathlib import Path
@@ -47,6 +48,9 @@ def parse_lora_spec(text: str) -> tuple[str, float]:
     is a number, so `C:\\loras\\a.safetensors` or `dir:with:colons/a.safetensors` stay whole paths."""
     match = _SCALE_SUFFIX.match(text)
     path, scale = (match["path"], float(match["scale"])) if match else (text, 1.0)
+    head, colon, tail = text.rpartition(":")
+    if not match and colon and os.path.isfile(head) and not os.path.exists(text):  # FILE:not-a-number
+        raise UserError(f"--lora {text!r}: scale {tail!r} is not a number; expected PATH[:SCALE], e.g. {head}:0.8")
     if not path:
         raise UserError(f"--lora {text!r}: no file before the scale; expected PATH[:SCALE]")
     if not math.isfinite(scale) or abs(scale) > LORA_SCALE_LIMIT:

@@ -383,6 +383,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if not math.isfinite(number):
             raise UserError(f"{key} must be a finite number, got {value!r}")
         return number
+    if tp is str and type(value) in (int, float, bool):  # YAML read it as a number: "2024", "0123" (octal!), "yes"
+        kind = "true/false" if type(value) is bool else "a number"
+        raise UserError(f"{key} must be text, but YAML reads {value!r} as {kind}: quote it (--set {key}=\"'...'\" "
+                        f"or {key}: \"...\" in a config file)")  # fmt: skip
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise UserError(f"{key} must be of type {tp.__name__}, got {value!r}")
     return value

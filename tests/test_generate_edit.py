@@ -123,6 +123,7 @@ BAD = {
     "harmonize": (["--init_image", "{init}", "--mask", "{mask}", "--harmonize", "1"], r"--harmonize must be in \[0, 1\)"),
     "missing lora": (["--lora", "{tmp}/none.safetensors"], "no such file"),
     "misfit lora": (["--lora", "{tmp}/junk.png"], "LoRA"),
+    "lora scale not a number": (["--lora", "{init}:abc"], "scale 'abc' is not a number"),
     "single file junk": (["--model", "{tmp}/junk.safetensors"], "junk.safetensors"),
 }
 

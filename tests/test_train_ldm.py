@@ -154,7 +154,7 @@ def test_bad_input_from_the_command_line_is_one_line_without_traceback(ldm_files
 
 @pytest.mark.parametrize("case", ["missing_data", "empty_data", "not_a_vae", "missing_vae", "unknown_key",
                                   "channel_mismatch", "size_mismatch", "negative_seed", "huge_seed",
-                                  "cache_dir_is_a_file"])
+                                  "cache_dir_is_a_file", "vae_is_a_file", "digits_for_text"])
 def test_bad_input_is_a_one_line_error(case, ldm_files, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "junk").mkdir()
@@ -177,6 +177,10 @@ def test_bad_input_is_a_one_line_error(case, ldm_files, tmp_path, capsys):
     elif case in ("negative_seed", "huge_seed"):  # numpy / torch tracebacks before
         seed = "-1" if case == "negative_seed" else str(10**20)
         extra, words = ["--seed", seed], ["seed", seed, "4294967295"]
+    elif case == "vae_is_a_file":
+        files, words = LDMFiles(ldm_files.data, tmp_path / "junk" / "notes.txt", tmp_path), ["is a file"]
+    elif case == "digits_for_text":  # YAML reads 0123 as the octal number 83
+        extra, words = ["--set", "data.caption_column=0123"], ["data.caption_column must be text", "quote it"]
     elif case == "cache_dir_is_a_file":  # a FileExistsError traceback before, after encoding the whole cache
         extra, words = ["--cache_latents", "--cache_dir", str(tmp_path / "junk" / "notes.txt")], ["is a file"]
     rc, lines = cli(run_args(files, tmp_path / "out", *extra), capsys)

@@ -283,6 +283,8 @@ class Models:
 
 def load_folder(what: str, path: str | Path, loader: Any) -> Any:
     """`loader(path)` with the library's errors on a folder that is not a model turned into one line."""
+    if Path(path).is_file():
+        raise UserError(f"{what} folder {str(path)!r} is a file; expected a folder (config.json and weights)")
     if not Path(path).is_dir():
         raise UserError(f"{what} folder {str(path)!r} not found")
     try:
