@@ -396,11 +396,17 @@ def check_with_model(pipe: LatentDiffusionPipeline, req: Request, jobs: list[Ima
     check_sizes(min(req.batch_size, len(jobs)), len(jobs) if req.grid else 0, first.height, first.width)
     batch = jobs[: req.batch_size]
     images = inputs.call_arguments(first) if inputs is not None else {"height": first.height, "width": first.width}
-    pipe.check_call(
-        [job.prompt for job in batch], [job.negative_prompt for job in batch], num_inference_steps=first.steps,
-        guidance_scale=first.guidance_scale, class_labels=None if first.classifier else first.class_label,
-        scalars=first.scalar, timesteps=list(first.timesteps) if first.timesteps else None, **images,
-    )  # fmt: skip
+    try:
+        pipe.check_call(
+            [job.prompt for job in batch], [job.negative_prompt for job in batch], num_inference_steps=first.steps,
+            guidance_scale=first.guidance_scale, class_labels=None if first.classifier else first.class_label,
+            scalars=first.scalar, timesteps=list(first.timesteps) if first.timesteps else None, **images,
+        )  # fmt: skip
+    except UserError as e:  # the pipeline's argument names, as the flags that set them
+        raise UserError(re.sub(r"\b(class_labels|scalars)\b", lambda m: CALL_FLAGS[m.group(1)], str(e))) from None
+
+
+CALL_FLAGS = {"class_labels": "--class_label", "scalars": "--scalar"}
 
 
 def check_model_exists(model: str) -> None:

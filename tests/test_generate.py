@@ -81,6 +81,8 @@ BAD_INPUTS = {
     "output png is a folder": (["x", "--output", "{tmp}/adir.png"], "is a folder; expected a .png file path"),
     "output folder is a file": (["x", "--output", "{tmp}/afile"], "is a file; expected a folder"),
     "output not png": (["x", "--output", "{tmp}/x.jpg"], "only PNG is written"),
+    "class label on a text model": (["x", "--class_label", "1"],
+                                    "not class-conditional (its U-Net has no class embedding); drop --class_label\n"),
     "output png with a slash": (["x", "--output", "{tmp}/new.png/"], "ends with a slash (a folder) but names a .png"),
     "unknown flag": (["x", "--bogus"], "unrecognized arguments: --bogus"),
 }
