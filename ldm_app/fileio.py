@@ -21,9 +21,10 @@ from typing import Callable, Iterator
 from .errors import UserError
 
 # OSErrors that are the user's situation, not a bug: a full disk, a quota, a read-only or forbidden place.
-# ENOENT: the folder went away mid-write, or a pseudo file system (/proc) that takes no new files
+# Not ENOENT: a missing folder mid-write is more often our bug (a folder not made) than the user's situation, so it
+# keeps its traceback (tests/test_fileio.py); a pseudo file system such as /proc, which takes no new files, shows one.
 USER_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
-                     errno.ENAMETOOLONG, errno.ENOENT}
+                     errno.ENAMETOOLONG}
 
 
 @contextlib.contextmanager
