@@ -166,6 +166,10 @@ class RunHooks:
     should_stop: Callable[[], bool] | None = None
     on_image: Callable[[ImageParams, Any, Path | None], None] | None = None
     log: Callable[[str], None] | None = None  # where the "model: ..." line goes (default: stdout)
+    # images of a batch the stop flag cut short (some steps skipped): passed to on_image, never saved, since their
+    # parameters would not remake them
+    partial_images: int = 0
+    _cut_short: bool = False
 
     def stopped(self) -> bool:
         return self.should_stop is not None and self.should_stop()
@@ -176,10 +180,12 @@ class RunHooks:
             return None
 
         def callback(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            total = int(getattr(pipe, "_num_timesteps", 0) or 0)
             if self.on_step is not None:
-                self.on_step(step + 1, int(getattr(pipe, "_num_timesteps", 0) or 0))
+                self.on_step(step + 1, total)
             if self.stopped():
                 pipe._interrupt = True  # diffusers' loops skip the remaining steps, then decode
+                self._cut_short = self._cut_short or step + 1 < total
             return tensors
 
         return callback
@@ -224,15 +230,21 @@ def run(req: Request, sink: OutputSink | None, hooks: RunHooks | None = None) ->
         batch = jobs[start : start + req.batch_size]
         runner.set_progress_bar_config(**{**getattr(runner, "_progress_bar_config", {}),  # keeps e.g. disable=True
                                           "desc": f"images {start + 1}-{start + len(batch)} of {len(jobs)}"})
+        hooks._cut_short = False
         with unknown_words_noted_by_caller():
             batch_images = sample(runner, batch, inputs, req, classifier, hooks.step_callback())
+        partial = hooks._cut_short
+        if partial:
+            hooks.partial_images += len(batch)
+            logger.warning("stopped mid-sampling: the %d image(s) of this batch are cut short and not saved",
+                           len(batch))  # fmt: skip
         for params, image in zip(batch, batch_images):
-            path = sink.save_image(image, params) if sink is not None else None
+            path = sink.save_image(image, params) if sink is not None and not partial else None
             if path is not None:
                 paths.append(path)
             if hooks.on_image is not None:
                 hooks.on_image(params, image, path)
-            if req.grid:  # kept only for the grid: thousands of images must not pile up in memory
+            if req.grid and not partial:  # kept only for the grid: thousands of images must not pile up in memory
                 images.append(image)
     if req.grid and sink is not None and images:
         text = f"grid of {len(images)} images\n" + "\n".join(p.name for p in paths)

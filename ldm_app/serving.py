@@ -286,6 +286,7 @@ class JobResult:
     params: list[Any] = field(default_factory=list)  # ImageParams, one per image
     paths: list[Path] = field(default_factory=list)  # the saved PNGs (empty when the job was not saved)
     interrupted: bool = False
+    partial_images: int = 0  # the last images, cut short by an interrupt: in `images`, never saved
     model: str = ""  # the catalog name of the model used
 
 
@@ -550,4 +551,5 @@ class GenerationService:
             if job.request.loras:
                 unload_loras(pipe)
         result.interrupted = job.stop
+        result.partial_images = hooks.partial_images
         return result

@@ -500,11 +500,13 @@ class WebUI:
             with self._jobs_lock:
                 if self._jobs.get(key) is job:
                     del self._jobs[key]
-        texts = [format_parameters(p) for p in result.params]
-        pictures = [(str(path), f"seed {p.seed}") for path, p in zip(result.paths, result.params)]
+        saved = result.params[: len(result.params) - result.partial_images]  # the saved ones come first
+        texts = [format_parameters(p) for p in saved]
+        pictures = [(str(path), f"seed {p.seed}") for path, p in zip(result.paths, saved)]
         made = f"{len(pictures)} image{'s' if len(pictures) != 1 else ''}"
         if result.interrupted:
-            message = f"Cancelled: {made} of {job.total_images} made."
+            cut = f" ({result.partial_images} cut short mid-sampling, not saved)" if result.partial_images else ""
+            message = f"Cancelled: {made} of {job.total_images} made{cut}."
         else:
             message = f"Done: {made} with {result.model}."
         yield {

@@ -115,6 +115,18 @@ def test_bad_requests_are_refused_before_the_queue(service):
     assert not service.outputs_dir.exists()  # not even the input images of a refused edit
 
 
+def test_an_image_cut_short_by_an_interrupt_is_returned_but_never_saved(service, tmp_path):
+    """Its parameters (all the steps) would not remake it: the PNG would say what it is not."""
+    job = service.submit(JobSpec(PROMPT, seed=5, steps=400, batch_size=1, n_iter=3))  # saved, as the web UI's
+    deadline = time.monotonic() + 60
+    while (service.progress()["job"] or {}).get("step", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert service.interrupt()
+    result = job.future.result(timeout=120)
+    assert result.interrupted and result.partial_images == 1 and len(result.images) == 1
+    assert result.paths == [] and not list((tmp_path / "out").rglob("*.png"))
+
+
 def test_queue_order_bound_cancel_and_interrupt(service):
     long = JobSpec(PROMPT, steps=40, n_iter=20, save=False)
     first = service.submit(long)
