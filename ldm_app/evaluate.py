@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import ArgumentParser, UserError, run_cli
-from .fileio import check_output_file
+from .fileio import check_report_file
 from .first_stage import HOLDOUT_FILE, TRAIN_CONFIG_FILE, is_vq, reconstruct  # noqa: F401 (reconstruct: public here)
 
 logger = logging.getLogger("evaluate")
@@ -162,6 +162,7 @@ def save_grid(originals: list[torch.Tensor], recons: list[torch.Tensor], path: s
 
 def evaluate_vae(model: str | Path, data_dir: str | Path | None, num_images: int | None = None,
                  grid: str | Path | None = None, json_path: str | Path | None = None, batch_size: int = 16,
+                 overwrite: bool = False,
                  device: Any = None) -> dict[str, float]:
     """Score an autoencoder on its held-out images (see the module docstring); returns the metrics."""
     if num_images is not None and num_images < 1:
@@ -176,7 +177,7 @@ def evaluate_vae(model: str | Path, data_dir: str | Path | None, num_images: int
         _training_data_of(model, model_dir)  # refuse a folder that does not say where its data is, before work
     for flag, dest in (("--grid", grid), ("--json", json_path)):
         if dest:
-            check_output_file(flag, dest)
+            check_report_file(flag, dest, overwrite)
     from .data.dataset import build_dataset
     from .fileio import atomic_write_text
     from .models import load_autoencoder
@@ -192,7 +193,7 @@ def evaluate_vae(model: str | Path, data_dir: str | Path | None, num_images: int
     if grid:
         save_grid(originals, recons, grid)
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)  # checked by check_output_file
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)  # checked by check_report_file
         atomic_write_text(json_path, json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -208,7 +209,8 @@ def format_vae_metrics(metrics: dict[str, float]) -> str:
 
 
 def _run_vae(args: argparse.Namespace) -> None:
-    metrics = evaluate_vae(args.model, args.data, args.num_images, args.grid, args.json, args.batch_size)
+    metrics = evaluate_vae(args.model, args.data, args.num_images, args.grid, args.json, args.batch_size,
+                           overwrite=args.overwrite)
     print(format_vae_metrics(metrics))
     if args.grid:
         print(f"reconstruction grid (originals top, reconstructions below): {args.grid}")
@@ -229,6 +231,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     vae.add_argument("--num_images", type=int, help="score only the first N held-out images")
     vae.add_argument("--grid", help="write a reconstruction grid PNG here")
     vae.add_argument("--json", help="write the metrics as JSON here")
+    vae.add_argument("--overwrite", action="store_true", help="replace --grid / --json files that exist")
     vae.add_argument("--batch_size", type=int, default=16)
     vae.set_defaults(run=_run_vae)
     for name, module, add, run, help_text in SUBCOMMANDS:

@@ -197,6 +197,31 @@ def check_replaceable_dir(out: Path, expected: str, check_previous: Callable[[Pa
         Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent if existing == out else existing)).rmdir()
 
 
+REPORT_SUFFIXES = {"--json": ".json", "--grid": ".png"}  # what an evaluation's report files are
+
+
+def check_report_file(flag: str, dest: str | os.PathLike, overwrite: bool = False) -> None:
+    """`check_output_file` for an evaluation's `--json` / `--grid`: the path ends in the report's suffix, and a file
+    already there is replaced only with `--overwrite` (no command replaces what it did not write: a --json aimed at a
+    dataset's metadata.jsonl, a user's notes.json or photo.png had been written over)."""
+    dest = Path(dest)
+    suffix = REPORT_SUFFIXES.get(flag)
+    if suffix and dest.suffix.lower() != suffix:
+        raise UserError(f"{flag} {str(dest)!r}: the report is {suffix[1:].upper()}; give a path ending in {suffix}")
+    if dest.is_file() and not overwrite:
+        raise UserError(f"{flag} {str(dest)!r} exists; pass --overwrite to replace it, or give another path")
+    check_output_file(flag, dest)
+
+
+def check_report_folder(flag: str, folder: str | os.PathLike) -> None:
+    """An evaluation's --out folder, before the work: not a file, and one whose files we may write (found at the
+    first write, after minutes of sampling, it was a traceback)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {str(folder)!r} is a file; expected a folder for the report")
+    check_output_file(flag, folder / "report")
+
+
 def check_output_file(flag: str, dest: str | os.PathLike) -> None:
     """Fail before a long job, not after it, when the file `dest` (given as `flag`) cannot be written: a folder in
     its place, a file where one of its folders should be, or a folder we may not write into (one UserError line)."""

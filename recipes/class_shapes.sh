@@ -20,4 +20,4 @@ stage train "$OUT/run/model_index.json" launch train_ldm.py --config configs/ldm
     --set conditioning.kind=class --set conditioning.num_classes=18 --max_train_steps "$STEPS" \
     --set train.lr_warmup_steps=100 --set ldm.validation_steps=0 --resume_from_checkpoint latest
 python -m ldm_app.evaluate classes --model "$OUT/run" --per_class 10 --guidance 1,2,3,5 \
-    --json "$OUT/classes.json" --grid "$OUT/classes_grid.png"
+    --json "$OUT/classes.json" --grid "$OUT/classes_grid.png" --overwrite

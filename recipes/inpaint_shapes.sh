@@ -32,4 +32,5 @@ stage distill "$OUT/distilled/model_index.json" launch -m ldm_app.train_distill 
     --train_data_dir "$OUT/data" --output_dir "$OUT/distilled" --config configs/distill/inpaint_guidance.yaml \
     --max_train_steps "$DISTILL_STEPS" --resume_from_checkpoint latest
 python -m ldm_app.evaluate edit --model ldm_app/assets/default_model --inpaint_model "$OUT/run" \
-    --inpaint_model "$OUT/distilled" --num "$NUM" --json "$OUT/edit_eval.json" --grid "$OUT/edit_eval_grid.png"
+    --inpaint_model "$OUT/distilled" --num "$NUM" --json "$OUT/edit_eval.json" --grid "$OUT/edit_eval_grid.png" \
+    --overwrite

@@ -39,7 +39,8 @@ for TRY in 0 1 2; do
     stage "vae_eval (seed $((SEED + TRY)))" "$VAE_OUT/eval.json" \
         python -m ldm_app.evaluate vae --model "$VAE_OUT" --data "$OUT/data" --grid "$VAE_OUT/recon_grid.png" \
         --json "$VAE_OUT/eval.json"
-    if python -m ldm_app.evaluate ceiling --model "$VAE_OUT" --min_accuracy 0.95 --json "$VAE_OUT/ceiling.json"; then
+    if python -m ldm_app.evaluate ceiling --model "$VAE_OUT" --min_accuracy 0.95 --json "$VAE_OUT/ceiling.json" \
+        --overwrite; then
         VAE="$VAE_OUT"; break
     fi
     echo "== the autoencoder of seed $((SEED + TRY)) loses colours or shapes (above); training another"

@@ -56,7 +56,10 @@ def test_cli_gate_fails_on_an_untrained_autoencoder_and_keeps_the_report(tmp_pat
     report = json.loads(report_path.read_text())
     assert report["passed"] is False and report["one_object_all_attributes"] < 0.5  # random weights: grey mush
     assert "reconstructions:" in proc.stdout
-    proc = _cli(*common)  # no gate: the same report, passed
+    proc = _cli(*common)  # the report is there: refused in one line, before any work, and kept
+    assert proc.returncode == 2 and "exists; pass --overwrite" in proc.stderr, proc.stderr
+    assert json.loads(report_path.read_text())["passed"] is False
+    proc = _cli(*common, "--overwrite")  # no gate: the same report, passed
     assert proc.returncode == 0, proc.stderr
     assert json.loads(report_path.read_text())["passed"] is True
 

@@ -178,6 +178,15 @@ def test_sweep_refuses_bad_input_before_work(tmp_path):
         evaluate_main(["sweep", "--model", str(tmp_path), "--guidance_scales", "3", "-1"])
 
 
+def test_an_out_that_is_a_file_is_refused_before_any_sampling(tiny_pipeline_dir, tmp_path):
+    (tmp_path / "taken.png").write_bytes(b"mine")
+    for command in (["sweep", "--guidance_scales", "2"], ["ldm"]):  # a traceback after all the sampling, before
+        with pytest.raises(UserError, match="taken.png' is a file; expected a folder for the report"):
+            evaluate_main([*command, "--model", str(tiny_pipeline_dir), "--num_prompts", "4", "--two_object_prompts",
+                           "0", "--out", str(tmp_path / "taken.png"), "--judge_threshold", "0"])  # fmt: skip
+    assert (tmp_path / "taken.png").read_bytes() == b"mine"
+
+
 def test_markdown_table_marks_default():
     row = {"setting": "ddim-2-g1", "sampler": "ddim", "steps": 2, "guidance_scale": 1.0, "colour": 0.5,
            "shape": 1.0, "size": 1.0, "position": 0.25, "relation": None, "score": 0.6875, "kid": 0.1,

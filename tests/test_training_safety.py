@@ -426,14 +426,31 @@ def test_huge_resolutions_are_refused_by_the_limit_before_allocating(shapes, ldm
 def test_evaluate_vae_bad_arguments_are_one_line(tiny_vae_dir, shapes, tiny_pipeline_dir, readonly_dir, capsys):
     base = ["vae", "--model", str(tiny_vae_dir), "--data", str(shapes)]
     one_error_line(*cli(eval_main, [*base, "--batch_size", "0"], capsys), "--batch_size", ">= 1")
-    for flag in ("--grid", "--json"):
-        for dest in (readonly_dir / "grid.png", readonly_dir / "sub" / "grid.png"):
+    for flag, name in (("--grid", "grid.png"), ("--json", "report.json")):
+        for dest in (readonly_dir / name, readonly_dir / "sub" / name):
             one_error_line(*cli(eval_main, [*base, flag, str(dest)], capsys), "cannot write", str(dest.parent))
     assert not list(readonly_dir.iterdir())
     # a pipeline (LDM) folder: say what it is and what is expected, not "give exactly one of train_data_dir..."
     line = one_error_line(*cli(eval_main, ["vae", "--model", str(tiny_pipeline_dir)], capsys),
                           "pipeline folder", "--data")
     assert "exactly one of" not in line
+
+
+def test_evaluate_never_writes_over_a_file_it_was_not_told_to_replace(tiny_vae_dir, shapes, tmp_path, capsys):
+    base = ["vae", "--model", str(tiny_vae_dir), "--data", str(shapes), "--num_images", "4"]
+    captions = tmp_path / "metadata.jsonl"
+    notes, photo = tmp_path / "notes.json", tmp_path / "photo.png"
+    for path, content in ((captions, b'{"file_name": "a.png", "text": "mine"}\n'), (notes, b'{"my": "notes"}'),
+                          (photo, b"\x89PNG not really")):
+        path.write_bytes(content)
+    cases = (("--json", captions, "give a path ending in .json"), ("--json", notes, "exists; pass --overwrite"),
+             ("--grid", photo, "exists; pass --overwrite"), ("--grid", tmp_path / "g.jpg", "ending in .png"))
+    for flag, dest, words in cases:
+        one_error_line(*cli(eval_main, [*base, flag, str(dest)], capsys), str(dest), words)
+    assert captions.read_bytes().startswith(b'{"file_name"') and notes.read_bytes() == b'{"my": "notes"}'
+    assert photo.read_bytes() == b"\x89PNG not really" and not (tmp_path / "g.jpg").exists()
+    eval_main([*base, "--json", str(notes), "--overwrite"])  # asked: replaced
+    assert json.loads(notes.read_text())["num_images"] == 4
 
 
 def test_unreadable_held_out_images_are_one_line(tiny_vae_dir, unreadable, capsys):

@@ -507,11 +507,14 @@ def judge_from_args(args: argparse.Namespace) -> Judge:
 
 
 def run_ldm(args: argparse.Namespace) -> dict[str, Any]:
+    from ldm_app.fileio import check_report_folder
     from ldm_app.pipeline import LatentDiffusionPipeline, check_model_folder, resolve_device_dtype
 
     check_counts(args.num_prompts, args.two_object_prompts, args.batch_size)
     check_prompt_style(args.prompt_style)
     check_model_folder(Path(args.model))  # before the judge, which may take minutes to train on a new machine
+    out = args.out or Path(args.model) / "eval"
+    check_report_folder("--out", out)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     judge = judge_from_args(args)
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, dtype=dtype).to(device)
@@ -532,7 +535,7 @@ def run_ldm(args: argparse.Namespace) -> dict[str, Any]:
         prompt_style=args.prompt_style,
     )
     result.report["model"] = str(Path(args.model).resolve())
-    report_path, grid_path = write_outputs(result, args.out or Path(args.model) / "eval")
+    report_path, grid_path = write_outputs(result, out)
     for line in summary_lines(result.report):
         print(line)
     print(f"wrote {report_path} and {grid_path}")

@@ -86,12 +86,13 @@ def add_ceiling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fail (exit 2) when the one-object all-attributes accuracy by the harsher judge is "
                         "below this")
     parser.add_argument("--json", default=None, help="write the report here (also when --min_accuracy fails)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a --json file that exists")
     add_judge_arguments(parser)
 
 
 def run_ceiling_cli(args: argparse.Namespace) -> dict[str, Any]:
     from ldm_app.evaluate import resolve_model_dir
-    from ldm_app.fileio import atomic_write_text, check_output_file
+    from ldm_app.fileio import atomic_write_text, check_report_file
 
     from .adherence import check_counts, judge_from_args
 
@@ -101,7 +102,7 @@ def run_ceiling_cli(args: argparse.Namespace) -> dict[str, Any]:
     if args.min_accuracy is not None and not 0 <= args.min_accuracy <= 1:
         raise UserError(f"--min_accuracy must be between 0 and 1, got {args.min_accuracy}")
     if args.json:
-        check_output_file("--json", args.json)
+        check_report_file("--json", args.json, args.overwrite)
     folder = Path(args.model)
     if not (resolve_model_dir(folder) / "config.json").is_file():
         raise UserError(f"{str(folder)!r} is not an autoencoder folder (no config.json in it or in its vae/): pass "

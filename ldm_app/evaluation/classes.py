@@ -102,6 +102,7 @@ def add_classes_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", default="1,2,3,5", help="comma-separated guidance scales")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", default=None, help="write the report here")
+    parser.add_argument("--overwrite", action="store_true", help="replace --json / --grid files that exist")
     parser.add_argument("--grid", default=None, help="write a PNG: one row per guidance, the first image of each class")
     add_judge_arguments(parser)
 
@@ -111,7 +112,7 @@ def run_classes_cli(args: argparse.Namespace) -> dict[str, Any]:
     from PIL import Image
 
     from ldm_app.evaluation.adherence import judge_from_args
-    from ldm_app.fileio import atomic_path, atomic_write_text, check_output_file
+    from ldm_app.fileio import atomic_path, atomic_write_text, check_report_file
     from ldm_app.pipeline import LatentDiffusionPipeline
 
     if args.per_class < 1:
@@ -122,7 +123,7 @@ def run_classes_cli(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--guidance must be comma-separated numbers, got {args.guidance!r}") from None
     for flag, dest in (("--json", args.json), ("--grid", args.grid)):
         if dest:
-            check_output_file(flag, dest)
+            check_report_file(flag, dest, args.overwrite)
     pipe = LatentDiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     judge = judge_from_args(args)

@@ -654,6 +654,7 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num", type=int, default=50, help="fresh scenes per task (each setting edits all of them)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the scenes and of the images")
     parser.add_argument("--json", default=None, help="write the report (with per-example verdicts) as JSON here")
+    parser.add_argument("--overwrite", action="store_true", help="replace --json / --grid files that exist")
     parser.add_argument("--grid", default=None, help="write a PNG of examples here (input | mask | outputs)")
     parser.add_argument("--batch_size", type=int, default=10)
     parser.add_argument("--mask_margin", type=int, default=4, help="pixels added around the masked object's box")
@@ -668,7 +669,7 @@ def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_edit_cli(args: argparse.Namespace) -> dict[str, Any]:
     from ldm_app.evaluation.adherence import judge_from_args
-    from ldm_app.fileio import atomic_write_text, check_output_file
+    from ldm_app.fileio import atomic_write_text, check_report_file
     from ldm_app.pipeline import LatentDiffusionPipeline, check_model_folder, resolve_device_dtype
 
     check_num(args.num, args.batch_size)
@@ -681,7 +682,7 @@ def run_edit_cli(args: argparse.Namespace) -> dict[str, Any]:
         check_model_folder(Path(folder))
     for flag, dest in (("--json", args.json), ("--grid", args.grid)):
         if dest:
-            check_output_file(flag, dest)
+            check_report_file(flag, dest, args.overwrite)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     judge = judge_from_args(args)
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, dtype=dtype).to(device)

@@ -40,7 +40,7 @@ from ldm_app.evaluation.adherence import (
     run_adherence,
     write_outputs,
 )
-from ldm_app.fileio import atomic_write_text
+from ldm_app.fileio import atomic_write_text, check_report_folder
 from ldm_app.limits import check_timestep_grid
 
 SWEEP_FILE = "sweep.json"
@@ -252,12 +252,13 @@ def run_sweep_cli(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise UserError("--write_defaults needs candidates (--guidance_scales or --candidate)")
     model = Path(args.model)
     check_model_folder(model)  # before the judge, which may take minutes to train on a new machine
+    out = Path(args.out) if args.out else model / "sweep"
+    check_report_folder("--out", out)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     judge = judge_from_args(args)
     judge.net.to(device)
     pipe = LatentDiffusionPipeline.from_pretrained(model, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
-    out = Path(args.out) if args.out else model / "sweep"
     rows = run_sweep(pipe, candidates, extra, args.num_prompts, args.two_object_prompts, args.seed,
                      args.batch_size, judge, out, args.judge_threshold, prompt_style=args.prompt_style)
     chosen = choose(rows, args.tolerance) if candidates else None
