@@ -168,7 +168,7 @@ def test_scalars_steer_sampling_and_are_recorded(trained, tmp_path, capsys):
     capsys.readouterr()
     code = run_cli(generate_main, [prompt, "--model", str(trained), "--output", str(tmp_path / "x.png")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "give scalars" in err[0] and not (tmp_path / "x.png").exists()
+    assert code == 2 and len(err) == 1 and "give --scalar " in err[0] and not (tmp_path / "x.png").exists()
 
 
 def _open(path):
