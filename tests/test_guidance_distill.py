@@ -163,6 +163,7 @@ def _refused(capsys, argv: list[str], out: Path, *words: str) -> None:
     ("ldm.caption_dropout=0.1", ("caption_dropout=0",)),
     ("ldm.cache_latents=true", ("cannot use cached latents",)),
     ("distill.method=progressive", ("distill.method must be one of",)),
+    ("data.resolution=32", ("data.resolution (32) must be the teacher's image size 64",)),  # it trained at 32
 ])
 def test_bad_settings_are_one_line(teacher, tmp_path, capsys, setting, words):
     out = tmp_path / "out"

@@ -134,6 +134,7 @@ def test_two_process_cpu_run(teacher, tmp_path):
     ("distill.student_timesteps=[100,400]", ("strictly decreasing",)),
     ("distill.student_timesteps=[1200,700,400,100]", ("beyond this model's 1000 training timesteps",)),
     ("distill.teacher_steps=0", ("teacher_steps must be >= 1",)),
+    ("data.resolution=32", ("data.resolution (32) must be the teacher's image size 64",)),  # it trained at 32
 ])
 def test_bad_settings_are_one_line(teacher, tmp_path, capsys, setting, words):
     out = tmp_path / "out"

@@ -307,6 +307,11 @@ def build_distill_models(cfg: DistillRunConfig) -> tuple[Models, Any]:
         raise UserError(f"--teacher {str(teacher)!r} is already guidance-distilled (its run_config.json has "
                         "distill.method=guidance): give the model it came from, or distil it to fewer steps without "
                         "more guidance (distill.w_min=0 distill.w_max=0, ldm.validation_guidance_scale=1)")
+    f = downsampling_factor(models.vae)
+    side = unet.config.sample_size * f  # every method: the student learns at the size the teacher samples at
+    if cfg.data.resolution != side:
+        raise UserError(f"data.resolution ({cfg.data.resolution}) must be the teacher's image size {side} (latent side "
+                        f"{unet.config.sample_size} x autoencoder factor {f}): --set data.resolution={side}")
     if cfg.distill.method in ("guidance", "trajectory"):  # the student starts as an exact copy of the teacher
         LDMTrainer.check_class_embedding(cfg, unet)
         if cfg.distill.method == "trajectory":  # now that the teacher's training timesteps are known
@@ -315,11 +320,6 @@ def build_distill_models(cfg: DistillRunConfig) -> tuple[Models, Any]:
         models.unet = copy.deepcopy(unet)
         return models, unet.requires_grad_(False).eval()
     LDMTrainer.check_class_embedding(cfg, unet)  # a class- or scalar-conditioned U-Net is refused here
-    f = downsampling_factor(models.vae)
-    side = unet.config.sample_size * f
-    if cfg.data.resolution != side:
-        raise UserError(f"data.resolution ({cfg.data.resolution}) must be the teacher's image size {side} (latent side "
-                        f"{unet.config.sample_size} x autoencoder factor {f}): --set data.resolution={side}")
     T = models.diffusion.scheduler.config.num_train_timesteps
     if cfg.distill.num_ddim_timesteps > T:
         raise UserError(f"distill.num_ddim_timesteps ({cfg.distill.num_ddim_timesteps}) exceeds the teacher's {T} "
