@@ -35,6 +35,7 @@ LOADED_WEIGHTS = "loaded_weights_sha256"
 # ... and of its training rows (captions, files with their sizes and times; training.common.rows_sha256)
 TRAINING_ROWS = "training_rows_sha256"
 LOCK_FILE = ".lock"
+PROCESSES = "num_processes"  # training_state.json: how many processes saved it
 
 
 def checkpoint_step(path: Path) -> int:
@@ -144,7 +145,7 @@ def save_checkpoint(
     def finish() -> None:
         if write_extra is not None:
             write_extra(tmp)
-        (tmp / STATE_FILE).write_text(json.dumps(dict(state), indent=2))
+        (tmp / STATE_FILE).write_text(json.dumps({**state, PROCESSES: accelerator.num_processes}, indent=2))
         _fsync_tree(tmp)
         if final.exists():  # same step saved twice (e.g. final save right after a periodic one)
             shutil.rmtree(final)
@@ -199,9 +200,17 @@ def _as_write_error(error: BaseException, dest: Path) -> UserError | None:
 
 
 def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
-    """Restore accelerate's state from `path` and return its training position."""
+    """Restore accelerate's state from `path` and return its training position. A checkpoint of another number of
+    processes is refused: the LR scheduler's count and the data position are per process (accelerate steps the
+    scheduler once per process), so the run would go on, with no word, on another schedule and other data."""
+    state = json.loads((path / STATE_FILE).read_text())
+    saved = state.pop(PROCESSES, None)  # absent in checkpoints from before it was recorded
+    if saved is not None and saved != accelerator.num_processes:
+        raise UserError(f"checkpoint {str(path)!r} was saved by a run of {saved} process(es), this one has "
+                        f"{accelerator.num_processes}: resume it with {saved} (torchrun --nproc_per_node {saved}, or "
+                        f"accelerate launch --num_processes {saved}), or the run would not go on where it stopped")
     accelerator.load_state(str(path))
-    return json.loads((path / STATE_FILE).read_text())
+    return state
 
 
 def prune_checkpoints(output_dir: Path, total_limit: int | None, upto: int | None = None) -> None:

@@ -219,7 +219,13 @@ def check_report_folder(flag: str, folder: str | os.PathLike) -> None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} {str(folder)!r} is a file; expected a folder for the report")
-    check_output_file(flag, folder / "report")
+    existing = folder  # nothing is made yet: a run refused later (a weak judge) leaves no empty folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write {flag} {str(folder)!r}: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {flag} {str(folder)!r}: {str(existing)!r} is not writable")
 
 
 def check_output_file(flag: str, dest: str | os.PathLike) -> None:

@@ -1,5 +1,6 @@
 """Checkpoint folders: atomic, pruned, corrupt-latest fallback, run-folder identity."""
 
+import json
 import logging
 
 import pytest
@@ -86,3 +87,20 @@ def test_run_saved_before_a_new_field_resumes_with_its_legacy_value(tmp_path, ac
     check_run_folder(tmp_path, {"train": {"seed": 0, "max_train_steps": 10, "fused_adam": False}}, resuming=True)
     with pytest.raises(UserError, match="train.fused_adam"):
         check_run_folder(tmp_path, {"train": {"seed": 0, "max_train_steps": 10, "fused_adam": True}}, resuming=True)
+
+
+def test_a_checkpoint_of_another_number_of_processes_is_refused(tmp_path, acc_and_model):
+    """The LR scheduler's count and the data position are per process: resumed with another number of processes,
+    the run would go on on another schedule and other data, with no word."""
+    from ldm_app.checkpointing import load_checkpoint
+
+    acc, _, _ = acc_and_model
+    path = save_checkpoint(acc, tmp_path, 4, {"step": 4})
+    state_file = path / "training_state.json"
+    assert json.loads(state_file.read_text()) == {"step": 4, "num_processes": 1}
+    assert load_checkpoint(acc, path) == {"step": 4}
+    state_file.write_text(json.dumps({"step": 4, "num_processes": 2}))  # as a 2-process run saves it
+    with pytest.raises(UserError, match=r"saved by a run of 2 process\(es\), this one has 1: resume it with 2"):
+        load_checkpoint(acc, path)
+    state_file.write_text(json.dumps({"step": 4}))  # saved before the count was recorded: resumed as before
+    assert load_checkpoint(acc, path) == {"step": 4}

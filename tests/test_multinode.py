@@ -92,7 +92,8 @@ def test_two_nodes_match_one_node_of_two_processes(ldm_files, tmp_path):
     log = run_two_nodes(ldm_files, nodes, tmp_path)
     assert "2 x 1 accumulation x 2 process(es) = 4" in log
     assert json.loads((nodes / "checkpoint-3" / "training_state.json").read_text()) == {
-        "step": 3, "micro_step": 3, "epoch": 1, "batch": 1}  # 8 images / (2 x 2 processes): 2 batches an epoch
+        "step": 3, "micro_step": 3, "epoch": 1, "batch": 1,  # 8 images / (2 x 2 processes): 2 batches an epoch
+        "num_processes": 2}
     assert {p.name for p in (nodes / "checkpoint-3").glob("random_states_*.pkl")} == {
         "random_states_0.pkl", "random_states_1.pkl"}  # both nodes took part in the checkpoint
     assert (nodes / "model_index.json").is_file()

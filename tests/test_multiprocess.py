@@ -29,7 +29,8 @@ def test_two_process_cpu_run(ldm_files, tmp_path):
     proc = torchrun_train(ldm_files, out)
     assert "2 x 1 accumulation x 2 process(es) = 4" in proc.stderr
     assert json.loads((out / "checkpoint-2" / "training_state.json").read_text()) == {
-        "step": 2, "micro_step": 2, "epoch": 0, "batch": 2}  # 8 images / (2 x 2 processes): 2 batches an epoch
+        "step": 2, "micro_step": 2, "epoch": 0, "batch": 2,  # 8 images / (2 x 2 processes): 2 batches an epoch
+        "num_processes": 2}
     assert (out / "checkpoint-3").is_dir() and (out / "model_index.json").is_file()
     assert len(list((out / "latent_cache").glob("latents-*.safetensors"))) == 1
     assert not list((out / "latent_cache").glob(".*part*"))  # shards merged and removed

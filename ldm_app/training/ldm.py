@@ -712,7 +712,7 @@ class LDMTrainer:
 
     def _log_start(self) -> None:
         cfg, p = self.cfg.train, self.acc.num_processes
-        if self.state.step >= cfg.max_train_steps:
+        if self.state.step >= cfg.max_train_steps and self.acc.is_main_process:
             logger.warning("the run is at step %d already, at or past max_train_steps %d: nothing to train; the "
                            "output is step %d's weights again (raise --max_train_steps to go on)", self.state.step,
                            cfg.max_train_steps, self.state.step)  # fmt: skip
