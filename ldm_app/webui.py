@@ -339,9 +339,9 @@ class WebUI:
                 # an edit keeps its image's size unless told (0); a blank number box reads as 0 in gradio too
                 size_info = "0: the image's size; else a multiple of 8" if edit else "a multiple of 8"
                 with gr.Row():
-                    width = gr.Number(0 if edit else defaults["width"], label="Width", precision=0,
+                    width = gr.Number(0 if edit else defaults["width"], label="Width",
                                       elem_id=f"{name}_width", info=size_info)  # fmt: skip
-                    height = gr.Number(0 if edit else defaults["height"], label="Height", precision=0,
+                    height = gr.Number(0 if edit else defaults["height"], label="Height",
                                        elem_id=f"{name}_height", info=size_info)  # fmt: skip
                 with gr.Row():
                     batch_count = gr.Slider(1, MAX_BATCH_COUNT, value=1, step=1, label="Batch count",
@@ -349,7 +349,8 @@ class WebUI:
                     batch_size = gr.Slider(1, MAX_BATCH_SIZE, value=1, step=1, label="Batch size",
                                            elem_id=f"{name}_batch_size")  # fmt: skip
                 with gr.Row(equal_height=True):
-                    seed = gr.Number(-1, label="Seed (-1: random)", precision=0, elem_id=f"{name}_seed", scale=4)
+                    # no `precision=0`: gradio would round 71.6 to 72 (and seed 3.7 to 4) without a word; _size / count refuse
+                    seed = gr.Number(-1, label="Seed (-1: random)", elem_id=f"{name}_seed", scale=4)
                     random_seed = gr.Button("🎲", elem_id=f"{name}_random_seed", scale=0, min_width=48)
                     reuse_seed = gr.Button("♻", elem_id=f"{name}_reuse_seed", scale=0, min_width=48)
                 with gr.Row():

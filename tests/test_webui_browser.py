@@ -245,6 +245,14 @@ def test_errors_are_shown_in_the_page_and_the_server_keeps_serving(page):
     page.fill("#txt2img_width input", "4096")
     page.click("#txt2img_generate")
     expect(status).to_contain_text("Error: width is 4096 pixels, above the limit of 2048")
+    page.fill("#txt2img_width input", "71.6")  # gradio had rounded it to 72 and generated at 72 with no word
+    page.click("#txt2img_generate")
+    expect(status).to_contain_text("Error: a size must be a whole number of pixels, got 71.6")
+    page.fill("#txt2img_width input", "64")
+    page.fill("#txt2img_seed input", "3.7")
+    page.click("#txt2img_generate")
+    expect(status).to_contain_text("Error: seed must be a whole number, got 3.7")
+    page.fill("#txt2img_seed input", "-1")
     assert page.locator("#txt2img_gallery img").count() == 0
     page.fill("#txt2img_width input", "48")
     page.click("#txt2img_generate")
