@@ -26,6 +26,7 @@ from ldm_app.pipeline import (
     DEFAULTS_FILE,
     LatentDiffusionPipeline,
     read_sampling_defaults,
+    write_sampling_defaults,
 )
 
 
@@ -151,6 +152,8 @@ def test_sweep_writes_a_chosen_timestep_grid_as_the_models_defaults(tiny_pipelin
     grid, and the model then samples on it; the tolerance is recorded."""
     model = tmp_path / "model"
     shutil.copytree(tiny_pipeline_dir, model)
+    before = {"sampler": "euler", "num_inference_steps": 5, "guidance_scale": 2.0}
+    write_sampling_defaults(model, before)
     out = tmp_path / "sweep"
     evaluate_main([
         "sweep", "--model", str(model), "--sampler", "dpm++", "--steps", "6", "--guidance_scales", "1",
@@ -161,6 +164,7 @@ def test_sweep_writes_a_chosen_timestep_grid_as_the_models_defaults(tiny_pipelin
     result = json.loads((out / SWEEP_FILE).read_text())
     assert [r["candidate"] for r in result["rows"]] == [True, True]
     assert result["chosen"] == "dpm++-3-g1-t900.400.50" and result["tolerance"] == 0.99
+    assert result["previous_defaults"] == before  # what --write_defaults replaced, kept to undo it
     defaults = read_sampling_defaults(model)
     assert defaults["num_inference_steps"] == 3 and defaults["timesteps"] == [900, 400, 50]
     pipe = LatentDiffusionPipeline.from_pretrained(model)

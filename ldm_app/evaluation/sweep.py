@@ -235,6 +235,7 @@ def run_sweep_cli(args: argparse.Namespace) -> list[dict[str, Any]]:
     from ldm_app.pipeline import (
         LatentDiffusionPipeline,
         check_model_folder,
+        read_sampling_defaults,
         resolve_device_dtype,
         write_sampling_defaults,
     )
@@ -272,6 +273,8 @@ def run_sweep_cli(args: argparse.Namespace) -> list[dict[str, Any]]:
         "tolerance": args.tolerance,
         "defaults_written": bool(args.write_defaults),
     }
+    if args.write_defaults:  # what they replace, so that a sweep on a few prompts can be undone
+        result["previous_defaults"] = read_sampling_defaults(model)
     atomic_write_text(out / SWEEP_FILE, json.dumps(result, indent=2) + "\n")
     print(markdown_table(rows, chosen))
     if chosen is not None:
@@ -283,6 +286,7 @@ def run_sweep_cli(args: argparse.Namespace) -> list[dict[str, Any]]:
         write_sampling_defaults(model, {"sampler": chosen["sampler"], "num_inference_steps": chosen["steps"],
                                         "guidance_scale": chosen["guidance_scale"], "height": height,
                                         "width": width, **grid})
-        print(f"wrote the model's sampling defaults to {model}/ldm_app.json")
+        print(f"wrote the model's sampling defaults to {model}/ldm_app.json (the previous ones are in "
+              f"{out / SWEEP_FILE}, previous_defaults)")
     print(f"wrote {out / SWEEP_FILE}")
     return rows
