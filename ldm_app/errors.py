@@ -20,10 +20,24 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
-def run_cli(main, argv=None) -> int:
-    """Call `main(argv)` and turn a `UserError` (or Ctrl-C) into one line on stderr and exit status 2 (130)."""
-    import sys
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a scheduler), raised like Ctrl-C so that the same clean-up runs: temporary
+    folders and files removed, nothing half-written left behind."""
 
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
+def run_cli(main, argv=None) -> int:
+    """Call `main(argv)` and turn a `UserError` (or Ctrl-C, or SIGTERM) into one line on stderr and exit status 2
+    (130, 143)."""
+    import signal
+    import sys
+    import threading
+
+    in_main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
     try:
         main(argv)
     except UserError as e:
@@ -31,7 +45,13 @@ def run_cli(main, argv=None) -> int:
         message = str(e).encode("utf-8", "backslashreplace").decode("utf-8")
         print(f"error: {message}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     return 0

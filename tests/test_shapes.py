@@ -4,9 +4,12 @@ folder that `datasets` loads."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections import deque
 from pathlib import Path
 
@@ -241,3 +244,21 @@ def test_refuses_to_replace_a_foreign_folder_but_replaces_a_dataset(tmp_path):
     out = shapes.make_dataset(tmp_path / "ds", 3, 16, seed=0)
     shapes.make_dataset(out, 2, 16, seed=1)
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "metadata.jsonl", shapes.MANIFEST_FILE]
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_a_killed_generator_leaves_no_temporary_folder(tmp_path, sig, code, word):
+    """SIGTERM (kill, timeout, a job scheduler) cleans up as Ctrl-C does: --out untouched, nothing hidden left."""
+    out = tmp_path / "data"
+    proc = subprocess.Popen([sys.executable, "-m", "ldm_app.data.shapes", "--out", str(out), "--num_images",
+                             "200000", "--resolution", "32"], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    deadline = time.time() + 120
+    while not any(p.name.startswith(".data.tmp-") for p in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # well inside the rendering
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code and err.strip().splitlines()[-1] == word, err[-500:]
+    assert list(tmp_path.iterdir()) == []
