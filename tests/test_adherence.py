@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,3 +142,12 @@ def test_cli_writes_report_and_refuses_weak_judge(tiny_pipeline_dir, tiny_judge_
     assert len(report["per_prompt"]) == 4 and report["model"] == str(model.resolve())
     assert (tmp_path / "eval" / adherence.GRID_FILE).is_file()
     assert "domain KID" in capsys.readouterr().out
+
+
+def test_reports_of_the_bundled_model_go_outside_the_package(tmp_path):
+    """The bundled model lives in the package (site-packages when installed): its reports go to runs/, another
+    model's beside it."""
+    from ldm_app import DEFAULT_MODEL
+
+    assert adherence.report_folder(Path(DEFAULT_MODEL), "eval") == Path("runs/eval/default_model")
+    assert adherence.report_folder(tmp_path / "mine", "sweep") == tmp_path / "mine" / "sweep"

@@ -473,7 +473,8 @@ def add_ldm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: the model's stored number of steps")
     parser.add_argument("--guidance_scale", type=float, default=None, help="default: the model's stored scale")
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--out", default=None, help=f"folder for {REPORT_FILE} and {GRID_FILE} (default: MODEL/eval)")
+    parser.add_argument("--out", default=None, help=f"folder for {REPORT_FILE} and {GRID_FILE} (default: MODEL/eval; for the "
+                        "bundled model, runs/eval/default_model)")
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda[:n]|mps")
     parser.add_argument("--dtype", default="auto", help="auto|fp32|fp16|bf16")
     parser.add_argument("--kid_subsets", type=int, default=100)
@@ -506,6 +507,15 @@ def judge_from_args(args: argparse.Namespace) -> Judge:
     )
 
 
+def report_folder(model: Path, name: str) -> Path:
+    """Where a report goes by default: MODEL/NAME, but runs/NAME/MODEL_NAME for a model shipped inside the package
+    (the bundled one): a report is no part of the model, and the package may be read-only (site-packages)."""
+    package = Path(__file__).resolve().parents[1]
+    if package in model.resolve().parents:
+        return Path("runs") / name / model.resolve().name
+    return model / name
+
+
 def run_ldm(args: argparse.Namespace) -> dict[str, Any]:
     from ldm_app.fileio import check_report_folder
     from ldm_app.pipeline import LatentDiffusionPipeline, check_model_folder, resolve_device_dtype
@@ -513,7 +523,7 @@ def run_ldm(args: argparse.Namespace) -> dict[str, Any]:
     check_counts(args.num_prompts, args.two_object_prompts, args.batch_size)
     check_prompt_style(args.prompt_style)
     check_model_folder(Path(args.model))  # before the judge, which may take minutes to train on a new machine
-    out = args.out or Path(args.model) / "eval"
+    out = args.out or report_folder(Path(args.model), "eval")
     check_report_folder("--out", out)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     judge = judge_from_args(args)

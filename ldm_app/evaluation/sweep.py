@@ -37,6 +37,7 @@ from ldm_app.evaluation.adherence import (
     check_counts,
     check_prompt_style,
     judge_from_args,
+    report_folder,
     run_adherence,
     write_outputs,
 )
@@ -222,7 +223,8 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the images")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--out", default=None, help=f"folder for {SWEEP_FILE} and per-setting reports "
-                                                    "(default: MODEL/sweep)")
+                                                    "(default: MODEL/sweep; for the bundled model, "
+                                                    "runs/sweep/default_model)")
     parser.add_argument("--write_defaults", action="store_true",
                         help="store the best candidate as the model's sampling defaults (its ldm_app.json)")
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda[:n]|mps")
@@ -253,7 +255,7 @@ def run_sweep_cli(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise UserError("--write_defaults needs candidates (--guidance_scales or --candidate)")
     model = Path(args.model)
     check_model_folder(model)  # before the judge, which may take minutes to train on a new machine
-    out = Path(args.out) if args.out else model / "sweep"
+    out = Path(args.out) if args.out else report_folder(model, "sweep")
     check_report_folder("--out", out)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     judge = judge_from_args(args)
