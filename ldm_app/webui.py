@@ -456,8 +456,13 @@ class WebUI:
             init_image = _checked_image(data[tab.image], "the image")
         elif tab.name == "inpaint":
             init_image, mask = _image_and_mask(data[tab.image])
+        from ldm_app.adapters import uses_weighting_syntax
+
+        prompt, negative = data[tab.prompt] or "", data[tab.negative] or ""
         return JobSpec(
-            prompt=data[tab.prompt] or "", negative_prompt=data[tab.negative] or "", seed=seed,
+            prompt=prompt, negative_prompt=negative, seed=seed,
+            # A1111's web UI reads (word:1.3) as weights: so does this one, as the API (a plain prompt is unchanged)
+            weighting=uses_weighting_syntax(prompt) or uses_weighting_syntax(negative),
             steps=steps, guidance_scale=real(tab.guidance, "guidance"),
             sampler=None if sampler in (None, MODEL_DEFAULT_SAMPLER) else sampler,
             width=_size(data[tab.width], tab.name != "txt2img"), height=_size(data[tab.height], tab.name != "txt2img"),

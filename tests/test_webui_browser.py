@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -254,6 +255,10 @@ def test_errors_are_shown_in_the_page_and_the_server_keeps_serving(page):
     page.click("#txt2img_generate")
     expect(status).to_contain_text("Done: 1 image")
     assert "Size: 48x64" in page.input_value("#txt2img_info textarea")
+    assert "Weighting" not in page.input_value("#txt2img_info textarea")  # a plain prompt: read as before
+    page.fill("#txt2img_prompt textarea", "a (blue:1.3) square")  # A1111's web UI applies the weights: so does ours
+    page.click("#txt2img_generate")
+    expect(page.locator("#txt2img_info textarea")).to_have_value(re.compile("Weighting: A1111"))
 
 
 def test_inpaint_with_a_mask_painted_in_the_browser(page, app_env, tmp_path):
