@@ -64,9 +64,9 @@ Choices where we differ from A1111 or map onto ldm_app:
   ("infotext.Lora") instead. `Clip skip` other than 1 is not applied, with a note. Its `Weighting:` (ours: "A1111"
   or "plain text", how a prompt with weighting syntax was read) applies where the prompt is the infotext's; an
   ldm_app text without it is read as plain text (made before the field, when that was the only reading). Its
-  `Timesteps:` (ours: the
-  grid text-to-image sampled on) applies where the steps and sampler are the infotext's, so a txt2img request
-  with an ldm_app image's infotext remakes it on its grid even after the model's stored grid changed. Its
+  `Timesteps:` (ours: the grid text-to-image sampled on) applies where the steps and sampler are the infotext's, so
+  a txt2img request with an ldm_app image's infotext remakes it on its grid even after the model's stored grid
+  changed. Its
   `Model:` does not switch the model (A1111's default, "do not change selected model when reading generation
   parameters"): a job on another model than the infotext's gets a note in `ignored_fields` ("infotext.Model").
   An image made on the sampler's own spacing says nothing of its grid in its text, so where the model has since
@@ -84,9 +84,10 @@ Choices where we differ from A1111 or map onto ldm_app:
   `ldm_app.limits`; invalid base64; an image whose header claims a size above the limit, refused before decoding;
   a mask of another size than the image, which A1111 would stretch; an unknown model or LoRA), 404 for an unknown
   sampler, 422 for a body that is not the right JSON shape, 401 without the credentials, 413 for a body above
-  `MAX_BODY_BYTES` (refused before it is read; a chunked body, as soon as it passes the limit), 503 when the queue is full ("try again later"). These are refused
-  before the job is queued: nothing is sampled or written. The few checks that need the loaded model (e.g. more
-  steps than a sampler can take on it) answer 400 when the job reaches the worker. The server keeps serving.
+  `MAX_BODY_BYTES` (refused before it is read; a chunked body, as soon as it passes the limit), 503 when the queue
+  is full ("try again later"). These are refused before the job is queued: nothing is sampled or written. The few
+  checks that need the loaded model (e.g. more steps than a sampler can take on it) answer 400 when the job
+  reaches the worker. The server keeps serving.
 - Auth: `auth=(user, password)` puts HTTP basic auth on every route (webuiapi's `set_auth`).
 - Generating routes are plain `def`: FastAPI runs them in its thread pool, where they block on the job's future;
   the cheap status routes (progress, interrupt, GET options) are `async`, so they answer while every pool thread
@@ -124,6 +125,7 @@ from ldm_app.serving import (
     JobCancelled,
     JobSpec,
     QueueFull,
+    a1111_weighting,
     decode_base64,
     decode_image,
     encode_png,
@@ -632,10 +634,9 @@ def _weighting(prompt: str, negative: str, infotext: dict[str, Any], notes: dict
     default; a plain prompt is read as it always was), unless the prompt is an infotext's that says how it was
     read (`Weighting: A1111` / `Weighting: plain text`, pngmeta's); an ldm_app text without that field was made
     before it existed, when prompts were read as plain text."""
-    from ldm_app.adapters import uses_weighting_syntax
     from ldm_app.pngmeta import PLAIN_TEXT, WEIGHTED
 
-    default = uses_weighting_syntax(prompt) or uses_weighting_syntax(negative)
+    default = a1111_weighting(prompt, negative)
     stated = infotext.get("Weighting")
     if stated not in (None, "") and stated not in (WEIGHTED, PLAIN_TEXT):
         raise UserError(f"infotext: Weighting {limits.shown(stated, 40)} is not {WEIGHTED!r} or {PLAIN_TEXT!r}")

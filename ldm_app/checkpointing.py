@@ -99,8 +99,8 @@ def resolve_resume(output_dir: str | Path, spec: str | None) -> Path | None:
         problem = check_checkpoint(path)
         if problem:
             raise UserError(f"checkpoint {spec!r} cannot be resumed: {problem}")
-        newer = [c.name for c in list_checkpoints(output_dir) if _is_checkpoint_name(path)
-                 and checkpoint_step(c) > checkpoint_step(path)]  # fmt: skip
+        step = checkpoint_step(path) if _is_checkpoint_name(path) else None
+        newer = [c.name for c in list_checkpoints(output_dir) if step is not None and checkpoint_step(c) > step]
         if newer:  # their steps would be written again on another timeline, and `latest` would go back to them
             raise UserError(f"--resume_from_checkpoint {spec!r} is older than {', '.join(newer[:3])} in "
                             f"{str(output_dir)!r}: resuming from it would fork the run; move the newer checkpoints "

@@ -213,19 +213,25 @@ def check_report_file(flag: str, dest: str | os.PathLike, overwrite: bool = Fals
     check_output_file(flag, dest)
 
 
+def check_writable_folder(flag: str, folder: Path) -> None:
+    """`folder` (given as `flag`, created later if missing) can receive files: its nearest existing ancestor is a
+    writable folder. Nothing is made: a run refused later (a weak judge, a bad prompt) leaves no empty folder."""
+    existing = folder
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write to {folder}: {existing} is a file; expected a folder path for the output")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {folder}: {existing} is not writable; choose another {flag}")
+
+
 def check_report_folder(flag: str, folder: str | os.PathLike) -> None:
     """An evaluation's --out folder, before the work: not a file, and one whose files we may write (found at the
     first write, after minutes of sampling, it was a traceback)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} {str(folder)!r} is a file; expected a folder for the report")
-    existing = folder  # nothing is made yet: a run refused later (a weak judge) leaves no empty folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"cannot write {flag} {str(folder)!r}: {str(existing)!r} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write {flag} {str(folder)!r}: {str(existing)!r} is not writable")
+    check_writable_folder(flag, folder)
 
 
 def check_output_file(flag: str, dest: str | os.PathLike) -> None:

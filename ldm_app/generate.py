@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ldm_app import DEFAULT_MODEL, __version__, edit_inputs, limits
 from ldm_app.errors import ArgumentParser, UserError
-from ldm_app.fileio import write_errors
+from ldm_app.fileio import check_writable_folder, write_errors
 from ldm_app.limits import shown
 from ldm_app.pngmeta import MAX_SEED, ImageParams, check_unicode, read_chunk, save_png
 from ldm_app.samplers import SAMPLERS, check_sampler_name
@@ -582,7 +582,7 @@ class OutputSink:
                 raise UserError(f"--output {path} is a file; expected a folder, or a path ending in .png")
             if not is_file and path.suffix and not path.exists():
                 raise UserError(f"--output {path}: only PNG is written; expected a path ending in .png or a folder")
-            check_writable(path.parent if is_file else path)
+            check_writable_folder("--output", path.parent if is_file else path)
         return cls(path, is_file, total, overwrite)
 
     def save_image(self, image: Image.Image, p: ImageParams) -> Path:
@@ -619,17 +619,6 @@ class OutputSink:
         path = save_png(image, folder / f"{first:05d}-{name}", params, text, alternatives=names)
         self.log(f"wrote {path}")
         return path
-
-
-def check_writable(folder: Path) -> None:
-    """`folder` (created later if missing) can receive files: its nearest existing ancestor is a writable folder."""
-    existing = folder
-    while not os.path.lexists(existing) and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"cannot write to {folder}: {existing} is a file; expected a folder path for the output")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to {folder}: {existing} is not writable; choose another --output")
 
 
 # ---- the command line -------------------------------------------------------------------------------------------

@@ -593,22 +593,20 @@ class LdmAppPipelineMixin:
         """A prompt longer than the text encoder takes gets one warning line of ours (how long, the limit, the words
         left out) in place of the libraries' two (transformers' "will result in indexing errors", which is not so
         here, and diffusers' list of the cut words); both are silenced for the call, which encodes as before."""
-        long = []
         tokenizer = getattr(self, "tokenizer", None)
-        for text in dict.fromkeys(t for group in texts for t in ([group] if isinstance(group, str) else group or ())
-                                  if isinstance(t, str)):  # fmt: skip
-            with _library_warnings_off():
-                ids = tokenizer(text, truncation=False)["input_ids"] if tokenizer is not None else []
-            limit = getattr(tokenizer, "model_max_length", len(ids))
-            if len(ids) > limit:
-                long.append(text)
-                logger.warning("the prompt is %d tokens, above the %d this model's text encoder takes: it is "
-                               "truncated, %r is left out", len(ids), limit,
-                               tokenizer.decode(ids[limit - 1 : -1]))  # fmt: skip
-        if not long:
+        prompts = list(dict.fromkeys(t for group in texts for t in ([group] if isinstance(group, str) else group or ())
+                                     if isinstance(t, str)))  # fmt: skip
+        if tokenizer is None or not prompts:
             yield
             return
-        with _library_warnings_off():
+        with _library_warnings_off():  # transformers' own "indexing errors" line, for a long one
+            token_ids = tokenizer(prompts, truncation=False)["input_ids"]
+        limit = tokenizer.model_max_length
+        long = [ids for ids in token_ids if len(ids) > limit]
+        for ids in long:
+            logger.warning("the prompt is %d tokens, above the %d this model's text encoder takes: it is truncated, "
+                           "%r is left out", len(ids), limit, tokenizer.decode(ids[limit - 1 : -1]))  # fmt: skip
+        with _library_warnings_off() if long else contextlib.nullcontext():
             yield
 
     # ---- checks -------------------------------------------------------------------------------------------

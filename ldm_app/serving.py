@@ -215,6 +215,14 @@ def read_png_text(data: bytes) -> dict[str, str]:
         return {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
 
 
+def a1111_weighting(prompt: str, negative_prompt: str) -> bool:
+    """Whether a served job reads A1111 prompt weights by default: where the prompt or negative prompt uses their
+    syntax, as A1111's web UI and API do (a plain prompt reads the same either way)."""
+    from ldm_app.adapters import uses_weighting_syntax
+
+    return uses_weighting_syntax(prompt) or uses_weighting_syntax(negative_prompt)
+
+
 def _store_input(image: Any, folder: Path) -> str:
     """Write a client's input image under `folder` named by its pixels' SHA-256 (the same image is stored once);
     returns the path."""

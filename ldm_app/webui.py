@@ -349,7 +349,8 @@ class WebUI:
                     batch_size = gr.Slider(1, MAX_BATCH_SIZE, value=1, step=1, label="Batch size",
                                            elem_id=f"{name}_batch_size")  # fmt: skip
                 with gr.Row(equal_height=True):
-                    # no `precision=0`: gradio would round 71.6 to 72 (and seed 3.7 to 4) without a word; _size / count refuse
+                    # no `precision=0` on the three: gradio would round 71.6 to 72 (and seed 3.7 to 4) without a
+                    # word; _size and count refuse what is not whole
                     seed = gr.Number(-1, label="Seed (-1: random)", elem_id=f"{name}_seed", scale=4)
                     random_seed = gr.Button("🎲", elem_id=f"{name}_random_seed", scale=0, min_width=48)
                     reuse_seed = gr.Button("♻", elem_id=f"{name}_reuse_seed", scale=0, min_width=48)
@@ -427,7 +428,7 @@ class WebUI:
 
     def _spec(self, tab: _Tab, data: dict) -> Any:
         """The JobSpec of a tab's fields; UserError for what the service does not check itself."""
-        from ldm_app.serving import JobSpec
+        from ldm_app.serving import JobSpec, a1111_weighting
 
         def real(component: Any, what: str) -> float:
             value = data[component]
@@ -456,13 +457,9 @@ class WebUI:
             init_image = _checked_image(data[tab.image], "the image")
         elif tab.name == "inpaint":
             init_image, mask = _image_and_mask(data[tab.image])
-        from ldm_app.adapters import uses_weighting_syntax
-
         prompt, negative = data[tab.prompt] or "", data[tab.negative] or ""
         return JobSpec(
-            prompt=prompt, negative_prompt=negative, seed=seed,
-            # A1111's web UI reads (word:1.3) as weights: so does this one, as the API (a plain prompt is unchanged)
-            weighting=uses_weighting_syntax(prompt) or uses_weighting_syntax(negative),
+            prompt=prompt, negative_prompt=negative, seed=seed, weighting=a1111_weighting(prompt, negative),
             steps=steps, guidance_scale=real(tab.guidance, "guidance"),
             sampler=None if sampler in (None, MODEL_DEFAULT_SAMPLER) else sampler,
             width=_size(data[tab.width], tab.name != "txt2img"), height=_size(data[tab.height], tab.name != "txt2img"),
