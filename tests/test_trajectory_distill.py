@@ -139,3 +139,26 @@ def test_two_process_cpu_run(teacher, tmp_path):
 def test_bad_settings_are_one_line(teacher, tmp_path, capsys, setting, words):
     out = tmp_path / "out"
     assert_refused_in_one_line(main, args(teacher, out, "--set", setting), capsys, out, *words)
+
+
+def test_a_teacher_that_samples_with_guidance_is_named(teacher, tmp_path, caplog):
+    """Trajectory distillation follows its teacher at guidance 1: a teacher stored to sample at guidance 3 would
+    give a student drawing as the teacher does without it. The run says so in one warning (and still runs: a user
+    may mean it); a teacher without guidance in its defaults gets no such line."""
+    from ldm_app.pipeline import write_sampling_defaults
+
+    guided = tmp_path / "guided"
+    shutil.copytree(teacher, guided)
+    (tmp_path / "data").symlink_to(teacher.parent / "data")  # the renders beside it, as distill_argv expects
+    write_sampling_defaults(guided, {"sampler": "dpm++", "num_inference_steps": 8, "guidance_scale": 3.0})
+    one_step = ["--set", "train.max_train_steps=1"]
+    with caplog.at_level("WARNING", logger="train_distill"):
+        run_in_process(main, args(guided, tmp_path / "from_guided", *one_step))
+    named = [r.getMessage() for r in caplog.records if "samples at guidance 3" in r.getMessage()]
+    assert len(named) == 1 and "distill.method=guidance" in named[0], named
+    assert (tmp_path / "from_guided" / "model_index.json").exists()
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="train_distill"):
+        run_in_process(main, args(teacher, tmp_path / "from_plain", *one_step))
+    assert not [r for r in caplog.records if "samples at guidance" in r.getMessage()]

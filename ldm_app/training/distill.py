@@ -317,6 +317,7 @@ def build_distill_models(cfg: DistillRunConfig) -> tuple[Models, Any]:
         if cfg.distill.method == "trajectory":  # now that the teacher's training timesteps are known
             check_timestep_grid(cfg.distill.student_timesteps, None, "distill.student_timesteps",
                                 models.diffusion.scheduler.config.num_train_timesteps)
+            warn_if_guided(teacher)
         models.unet = copy.deepcopy(unet)
         return models, unet.requires_grad_(False).eval()
     LDMTrainer.check_class_embedding(cfg, unet)  # a class- or scalar-conditioned U-Net is refused here
@@ -326,6 +327,19 @@ def build_distill_models(cfg: DistillRunConfig) -> tuple[Models, Any]:
                         "training timesteps")
     models.unet = make_student(unet, cfg.distill.time_cond_proj_dim)
     return models, unet.requires_grad_(False).eval()
+
+
+def warn_if_guided(teacher: Path) -> None:
+    """Trajectory distillation follows the teacher at guidance 1. A teacher whose stored defaults sample with
+    classifier-free guidance would give a student that draws as the teacher does without it: say so once (a
+    user may mean it; the student's own defaults say guidance 1)."""
+    from ..pipeline import read_sampling_defaults
+
+    scale = read_sampling_defaults(teacher).get("guidance_scale", 1.0)
+    if scale > 1:
+        logger.warning(f"--teacher {str(teacher)!r} samples at guidance {scale:g} (its ldm_app.json), and "
+                       "distill.method=trajectory follows it without guidance: the student will draw as the teacher "
+                       "does at guidance 1. Fold the guidance in first (distill.method=guidance) and distil that")
 
 
 def _distilled_by_guidance(folder: Path) -> bool:
