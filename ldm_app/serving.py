@@ -210,7 +210,20 @@ def encode_png(image: Any, params: Any = None, text: str | None = None) -> bytes
 
 
 def read_png_text(data: bytes) -> dict[str, str]:
-    """The text chunks of PNG bytes (the `parameters` of an A1111 or ldm_app image); {} for an image without."""
+    """The text chunks of PNG bytes (the `parameters` of an A1111 or ldm_app image); {} for an image without.
+
+    Reading text needs no pixels, so an image above the generation limits (an upscaled 4096 px image) is read too:
+    from the chunks before its pixel data, where Pillow, and so A1111 and ldm_app, write them; its pixels are never
+    decoded. Pillow's own decompression-bomb refusal, from the header, still applies."""
+    from PIL import Image, UnidentifiedImageError
+
+    side = limits.current().max_image_side
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # the header and the chunks before the pixel data
+            if image.width > side or image.height > side:
+                return {str(k): str(v) for k, v in image.info.items() if isinstance(v, str)}
+    except (Image.DecompressionBombError, UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        pass  # worded in one line by `_opened` below
     with _opened(data, "the image", "a PNG") as image:
         return {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
 
