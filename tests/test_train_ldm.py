@@ -323,6 +323,18 @@ def test_output_dir_that_is_or_holds_a_source_or_a_foreign_model_is_refused_unto
     assert folder_digest(tmp_path / "mine") == before and not (foreign / ".lock").exists()
 
 
+def test_output_dir_inside_the_data_folder_is_refused_untouched(ldm_files, tmp_path, capsys):
+    """The data reader takes every image under --train_data_dir: a run folder inside it would add the run's
+    validation grids to the data of the next run (or of this one, resumed)."""
+    data = tmp_path / "data"
+    shutil.copytree(ldm_files.data, data)
+    before = folder_digest(data)
+    for out in (data / "runs" / "ldm", data):
+        rc, lines = cli(run_args(ldm_files, out, "--train_data_dir", str(data)), capsys)
+        assert_one_error_line(rc, lines, str(out), "inside --train_data_dir", "read as training data")
+    assert folder_digest(data) == before
+
+
 def test_an_older_checkpoint_is_not_resumed_under_newer_ones_and_pruning_keeps_the_good(ldm_files, tmp_path, capsys,
                                                                                         caplog):  # fmt: skip
     out = tmp_path / "out"

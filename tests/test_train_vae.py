@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -182,6 +183,16 @@ def test_missing_data_folder_is_one_line_error(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: train_data_dir") and "is not a folder" in lines[0], \
         proc.stderr
+
+
+def test_output_dir_inside_the_data_folder_is_refused(tmp_path, data_dir, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    out = data / "vae_run"
+    code = run_cli(train_vae.main, ["--config", TINY, "--train_data_dir", str(data), "--output_dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "inside --train_data_dir" in err[0], err
+    assert not out.exists()
 
 
 def test_unknown_config_key_is_one_line_error(tmp_path, data_dir, capsys):

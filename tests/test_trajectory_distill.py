@@ -162,3 +162,8 @@ def test_a_teacher_that_samples_with_guidance_is_named(teacher, tmp_path, caplog
     with caplog.at_level("WARNING", logger="train_distill"):
         run_in_process(main, args(teacher, tmp_path / "from_plain", *one_step))
     assert not [r for r in caplog.records if "samples at guidance" in r.getMessage()]
+
+
+def test_output_dir_inside_the_data_folder_is_refused(teacher, capsys):
+    out = teacher.parent / "data" / "student"
+    assert_refused_in_one_line(main, args(teacher, out), capsys, out, "inside --train_data_dir")

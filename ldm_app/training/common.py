@@ -70,15 +70,22 @@ def rows_sha256(dataset: Any) -> str:
 MODEL_MARKERS = ("model_index.json", "*.safetensors", "*.ckpt", "*.bin", "*/config.json")
 
 
-def check_output_dir(output_dir: str, sources: Mapping[str, str | None]) -> None:
+def check_output_dir(output_dir: str, sources: Mapping[str, str | None], data_dir: str | None = None) -> None:
     """Before the run folder is locked or written: `--output_dir` is none of the folders the run loads weights from
     (`sources`, flag -> path) nor holds one, and holds no model that a run of ours did not make (no
     run_config.json beside it: a folder from `save_pretrained`, a download). The run's final export writes unet/,
-    vae/, model_index.json... into it, over whatever is there."""
+    vae/, model_index.json... into it, over whatever is there. Nor is it inside the training data folder
+    `data_dir`: the data reader takes every image under it, so the run's validation grids would join the data of
+    the next run, or of this one resumed (which then refuses: its data changed)."""
     from ..checkpointing import RUN_CONFIG_FILE
     from ..errors import UserError
 
     out = Path(output_dir)
+    if data_dir and Path(data_dir).is_dir():
+        data, dest = Path(data_dir).resolve(), out.resolve()
+        if dest == data or data in dest.parents:
+            raise UserError(f"--output_dir {output_dir!r} is inside --train_data_dir {data_dir!r}: the run's images "
+                            "would be read as training data; choose an --output_dir outside the data folder")
     if not out.is_dir():
         return
     for flag, source in sources.items():

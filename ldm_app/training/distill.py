@@ -580,7 +580,7 @@ def main(argv: list[str] | None = None) -> Any:
 
         check_cacheable(dataset, cfg.ldm.cache_dir)
     check_enough_images(len(dataset), cfg.train.train_batch_size, launched_processes())
-    check_output_dir(args.output_dir, {"--teacher": cfg.ldm.pretrained_model})
+    check_output_dir(args.output_dir, {"--teacher": cfg.ldm.pretrained_model}, cfg.data.train_data_dir)
     with lock_run_folder(args.output_dir):
         record = {**to_dict(cfg), LOADED_WEIGHTS: models.loaded_weights,  # the teacher's, as loaded
                   TRAINING_ROWS: rows_sha256(dataset)}

@@ -1116,7 +1116,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
         read_scalars(dataset, cond.scalar_column)
     LDMTrainer.check_class_embedding(cfg, models.unet)
     check_output_dir(args.output_dir, {"--pretrained_model": cfg.ldm.pretrained_model,
-                                       "--pretrained_vae": cfg.ldm.pretrained_vae})
+                                       "--pretrained_vae": cfg.ldm.pretrained_vae}, cfg.data.train_data_dir)
     with lock_run_folder(args.output_dir):
         record = {**to_dict(cfg), LOADED_WEIGHTS: models.loaded_weights, TRAINING_ROWS: rows_sha256(dataset)}
         out, checkpoint = open_run_folder(args.output_dir, record, args.resume_from_checkpoint, MAY_DIFFER_ON_RESUME)

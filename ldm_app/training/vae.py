@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
     train_set = train_set.readable(f"the training split of {source} ({len(holdout['indices'])} held out)"
                                    if holdout["indices"] else str(source))
     check_enough_images(len(train_set), cfg.train.train_batch_size, launched_processes())
-    check_output_dir(args.output_dir, {"--pretrained_vae": cfg.init_from})
+    check_output_dir(args.output_dir, {"--pretrained_vae": cfg.init_from}, cfg.data.train_data_dir)
     with lock_run_folder(args.output_dir):
         record = {**to_dict(cfg), LOADED_WEIGHTS: loaded, TRAINING_ROWS: rows_sha256(train_set)}
         out, checkpoint = open_run_folder(args.output_dir, record, args.resume_from_checkpoint, MAY_DIFFER_ON_RESUME)
