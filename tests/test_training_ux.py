@@ -28,7 +28,8 @@ from ldm_app.config import TrainConfig
 from ldm_app.data.dataset import build_dataset
 from ldm_app.data.shapes import make_dataset
 from ldm_app.errors import UserError, run_cli
-from ldm_app.training.common import Machine, TrainProgress, check_launch, check_report_to, log_image, make_accelerator
+from ldm_app.training.common import (Machine, TrainProgress, check_launch, check_launchable, check_report_to, log_image,
+                                     make_accelerator)
 
 VAE_TINY = str(ROOT / "configs" / "vae" / "tiny.yaml")
 LDM_TINY = str(ROOT / "configs" / "ldm" / "tiny.yaml")
@@ -276,6 +277,37 @@ def test_each_mismatch_is_one_warning(precision, machine, env, want, words):
 def test_a_launch_that_fits_has_no_warning(precision, cpu, env, machine):
     got, _, warnings = check_launch(precision, cpu, env, machine)
     assert got == precision and warnings == []
+
+
+# what `accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2` sets that matters here
+FSDP_2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_SYNC_MODULE_STATES": "true", "FSDP_VERSION": "1", "WORLD_SIZE": "2",
+          "LOCAL_WORLD_SIZE": "2"}
+
+
+def test_fsdp_that_torch_refuses_on_cpus_is_one_line_before_the_run_folder(shapes, tmp_path, monkeypatch, capsys,
+                                                                           cache):  # fmt: skip
+    """fsdp.yaml's sync_module_states on a machine without a GPU: torch stopped both processes in its own
+    RuntimeError; now one line before anything is written. Launches torch runs are let through."""
+    with pytest.raises(UserError, match="needs GPUs .* torchrun --nproc_per_node"):
+        check_launchable(False, FSDP_2, CPU_2)
+    for fits, machine in (({**FSDP_2, "FSDP_SYNC_MODULE_STATES": "false"}, CPU_2),  # runs, as plain DDP
+                          ({**FSDP_2, "FSDP_VERSION": "2"}, CPU_2),  # FSDP2 has no sync_module_states
+                          ({**FSDP_2, "ACCELERATE_USE_CPU": "true"}, CPU_2),  # --cpu: one process, no FSDP
+                          ({**FSDP_2, "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}, CPU_2),
+                          (FSDP_2, Machine(True, 2, True, 16))):  # where it belongs
+        check_launchable(False, fits, machine)
+    check_launchable(True, FSDP_2, CPU_2)  # the trainer's --cpu
+    for name, value in FSDP_2.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(Machine, "here", classmethod(lambda cls: CPU_2))
+    monkeypatch.setenv("HF_DATASETS_CACHE", cache)
+    out = tmp_path / "run"
+    from ldm_app.training import vae as train_vae
+
+    code = run_cli(train_vae.main, ["--config", VAE_TINY, "--train_data_dir", str(shapes), "--output_dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "FSDP launch with fsdp_sync_module_states needs GPUs" in err[0], err
+    assert not out.exists()
 
 
 def test_make_accelerator_applies_and_logs_the_checks(tmp_path, monkeypatch, caplog, fresh_accelerate):

@@ -222,6 +222,22 @@ def check_launch(precision: str, cpu: bool, env: Mapping[str, str], machine: Mac
     return precision, on_cpu, warnings
 
 
+def check_launchable(cpu: bool, env: Mapping[str, str] | None = None, machine: Machine | None = None) -> None:
+    """Before the run folder is touched: refuse a launch that torch would stop at its first step, in its own
+    traceback. FSDP (version 1) with fsdp_sync_module_states, configs/accelerate/fsdp.yaml's setting, started on
+    a machine without a GPU: "FSDP parameter initialization with `sync_module_states=True` is not supported on cpu"
+    (docs/training.md; on the CPU accelerate would run it as plain DDP anyway)."""
+    from ..errors import UserError
+
+    env = os.environ if env is None else env
+    machine = machine or Machine.here()
+    fsdp1 = _env_flag(env, "ACCELERATE_USE_FSDP") and env.get("FSDP_VERSION", "1").strip() == "1"
+    if (not machine.cuda and not cpu and not _env_flag(env, "ACCELERATE_USE_CPU") and fsdp1
+            and _env_flag(env, "FSDP_SYNC_MODULE_STATES") and _env_int(env, "WORLD_SIZE", 1) > 1):
+        raise UserError("an FSDP launch with fsdp_sync_module_states needs GPUs (torch refuses it on the CPU), and "
+                        "this machine has none: on CPUs train with DDP, torchrun --nproc_per_node N SCRIPT ...")
+
+
 def make_accelerator(cfg: TrainConfig, output_dir: str | Path, cpu: bool = False, report_to: str = "tensorboard",
                      machine: Machine | None = None):
     """accelerate owns device placement, mixed precision, distribution and gradient accumulation; `check_launch`

@@ -77,8 +77,8 @@ from ..config import flag_overrides, from_dict, merge, parse_overrides, read_yam
 from ..errors import ArgumentParser, UserError
 from ..first_stage import downsampling_factor
 from ..limits import check_timestep_grid
-from .common import (REPORT_TO, check_output_dir, check_report_to, launched_processes, make_accelerator, open_run_folder,
-                     rows_sha256, setup_logging)
+from .common import (REPORT_TO, check_launchable, check_output_dir, check_report_to, launched_processes,
+                     make_accelerator, open_run_folder, rows_sha256, setup_logging)
 from .ldm import MAY_DIFFER_ON_RESUME as LDM_MAY_DIFFER
 from .ldm import (LDMRunConfig, LDMTrainer, Models, build_models, build_train_dataset, check_concat,
                   check_enough_images, check_strategy)
@@ -571,6 +571,7 @@ def main(argv: list[str] | None = None) -> Any:
     cfg = load_run_config(args)
     setup_logging()
     check_report_to(args.report_to)
+    check_launchable(args.cpu)
     models, teacher = build_distill_models(cfg)
     dataset = build_train_dataset(cfg)
     dataset = dataset.readable(str(cfg.data.train_data_dir or cfg.data.dataset_name))

@@ -47,11 +47,11 @@ from ..conditioning import (NULL_CAPTION, concat_channels, drop_captions, drop_l
                             scalar_condition, unet_input)
 from ..errors import ArgumentParser, UserError
 from ..first_stage import downsampling_factor, is_vq, latent_channels, latent_stats, sample_x0
-from .common import (REPORT_TO, EmptyBatchGuard, Position, TrainProgress, batches, batches_per_epoch, check_output_dir,
-                     bucket_batches_per_epoch, check_report_to,
-                     effective_lr, launched_processes, log_image, make_accelerator, make_lr_scheduler, make_optimizer,
-                     no_transformers_bars, open_run_folder, release_freed_memory, setup_logging, step_generator,
-                     rows_sha256, weights_sha256)
+from .common import (EmptyBatchGuard, Position, REPORT_TO, TrainProgress, batches, batches_per_epoch,
+                     bucket_batches_per_epoch, check_launchable, check_output_dir, check_report_to, effective_lr,
+                     launched_processes, log_image, make_accelerator, make_lr_scheduler, make_optimizer,
+                     no_transformers_bars, open_run_folder, release_freed_memory, rows_sha256, setup_logging,
+                     step_generator, weights_sha256)
 from .lora import (add_embedding, add_lora, check_embedding_captions, check_embedding_run, check_lora_base,
                    check_lora_run, expand_token, keep_other_rows, restore_other_rows, save_embedding, save_lora)
 
@@ -1098,6 +1098,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
     cfg = load_run_config(args)
     setup_logging()
     check_report_to(args.report_to)
+    check_launchable(args.cpu)
     models = build_models(cfg)
     dataset = build_train_dataset(cfg)
     dataset = dataset.readable(str(cfg.data.train_data_dir or cfg.data.dataset_name))

@@ -38,10 +38,10 @@ from ..errors import ArgumentParser, UserError
 from ..first_stage import HOLDOUT_FILE, TRAIN_CONFIG_FILE, encode_latents  # noqa: F401 (names of the run folder)
 from ..losses import (NLayerDiscriminator, autoencoder_nll, disc_factor, generator_objective, hinge_d_loss,
                       load_lpips, reconstruction_loss)
-from .common import (REPORT_TO, EmptyBatchGuard, Position, TrainProgress, batches, check_output_dir, check_report_to,
-                     effective_lr, launched_processes, make_accelerator, make_lr_scheduler, make_optimizer,
-                     open_run_folder, psnr, release_freed_memory, rows_sha256, setup_logging, step_generator,
-                     weights_sha256)
+from .common import (EmptyBatchGuard, Position, REPORT_TO, TrainProgress, batches, check_launchable, check_output_dir,
+                     check_report_to, effective_lr, launched_processes, make_accelerator, make_lr_scheduler,
+                     make_optimizer, open_run_folder, psnr, release_freed_memory, rows_sha256, setup_logging,
+                     step_generator, weights_sha256)
 
 logger = logging.getLogger("train_vae")
 
@@ -530,6 +530,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
     cfg = load_run_config(args)
     setup_logging()
     check_report_to(args.report_to)
+    check_launchable(args.cpu)
     loaded = {}  # run_config.json records the starting weights: a resume from other files is refused
     if cfg.init_from:  # checked before the output folder is touched, like the config and the data
         from ..models import build_autoencoder
