@@ -147,7 +147,8 @@ def test_sweep_cli_measures_every_setting_and_writes_chosen_defaults(tiny_pipeli
     assert pipe.resolve_defaults(None, None, None, None)[2:] == (2, chosen["guidance_scale"])
 
 
-def test_sweep_writes_a_chosen_timestep_grid_as_the_models_defaults(tiny_pipeline_dir, tiny_judge_cache, tmp_path):
+def test_sweep_writes_a_chosen_timestep_grid_as_the_models_defaults(tiny_pipeline_dir, tiny_judge_cache, tmp_path,
+                                                                    capsys):
     """A grid candidate chosen by --tolerance (fewer passes, score within the tolerance) lands in ldm_app.json with its
     grid, and the model then samples on it; the tolerance is recorded."""
     model = tmp_path / "model"
@@ -169,6 +170,16 @@ def test_sweep_writes_a_chosen_timestep_grid_as_the_models_defaults(tiny_pipelin
     assert defaults["num_inference_steps"] == 3 and defaults["timesteps"] == [900, 400, 50]
     pipe = LatentDiffusionPipeline.from_pretrained(model)
     assert pipe.stored_timesteps(pipe.scheduler, None, 3) == [900, 400, 50]
+
+    # a later sweep into the same --out keeps the earlier reports and names those it did not measure
+    evaluate_main(["sweep", "--model", str(model), "--sampler", "dpm++", "--steps", "6", "--guidance_scales", "2",
+                   "--num_prompts", "3", "--two_object_prompts", "1", "--batch_size", "4", "--judge_cache",
+                   str(tiny_judge_cache), "--judge_threshold", "0", "--device", "cpu", "--out", str(out)])
+    again = json.loads((out / SWEEP_FILE).read_text())
+    assert [r["setting"] for r in again["rows"]] == ["dpm++-6-g2"]
+    assert again["other_reports"] == ["dpm++-3-g1-t900.400.50", "dpm++-6-g1"]
+    assert all((out / name / "adherence.json").is_file() for name in again["other_reports"])
+    assert "also holds the reports of 2 setting(s) this sweep did not measure" in capsys.readouterr().out
 
 
 def test_sweep_refuses_bad_input_before_work(tmp_path):

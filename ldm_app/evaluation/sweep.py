@@ -32,6 +32,7 @@ import numpy as np
 from ldm_app.errors import UserError
 from ldm_app.evaluation.judge import DEFAULT_THRESHOLD
 from ldm_app.evaluation.adherence import (
+    REPORT_FILE,
     add_judge_arguments,
     add_prompt_style_argument,
     check_counts,
@@ -277,8 +278,18 @@ def run_sweep_cli(args: argparse.Namespace) -> list[dict[str, Any]]:
     }
     if args.write_defaults:  # what they replace, so that a sweep on a few prompts can be undone
         result["previous_defaults"] = read_sampling_defaults(model)
+    # an earlier sweep's per-setting reports in the same --out are left as they are (they are the user's results),
+    # but named: beside this sweep.json, whose rows are this sweep's only, they could pass for its own
+    measured = {r["setting"] for r in rows}
+    others = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name not in measured
+                    and (p / REPORT_FILE).is_file())
+    if others:
+        result["other_reports"] = others
     atomic_write_text(out / SWEEP_FILE, json.dumps(result, indent=2) + "\n")
     print(markdown_table(rows, chosen))
+    if others:
+        print(f"note: {out} also holds the reports of {len(others)} setting(s) this sweep did not measure (an "
+              f"earlier sweep's; {SWEEP_FILE} lists them as other_reports): {', '.join(others)}")
     if chosen is not None:
         rule = f", the fewest U-Net passes within {args.tolerance:g} of the best" if args.tolerance > 0 else ""
         print(f"chosen: {chosen['setting']} (score {chosen['score']:.3f}{rule})")
