@@ -25,8 +25,30 @@ class Terminated(KeyboardInterrupt):
     folders and files removed, nothing half-written left behind."""
 
 
+# The stop signal received by this process's run_cli, if any (Terminated or KeyboardInterrupt). C code can swallow
+# the exception a signal handler raises: numpy's array coercion clears it (seen in `rng.choice` of a list of
+# strings, about 1 SIGTERM in 25 in the shapes generator), and the loop then runs to its end as if never told to
+# stop. Long loops call `raise_if_stopped()` once an item, so the stop is raised again from plain Python code.
+_stop: type[KeyboardInterrupt] | None = None
+
+
 def _terminated(signum, frame):
+    global _stop
+    _stop = Terminated
     raise Terminated()
+
+
+def _interrupted(signum, frame):
+    global _stop
+    _stop = KeyboardInterrupt
+    raise KeyboardInterrupt()
+
+
+def raise_if_stopped() -> None:
+    """Raise the stop (SIGTERM or Ctrl-C) this process received again, if one came and was swallowed. Call it in
+    a long loop's body only, never in clean-up code."""
+    if _stop is not None:
+        raise _stop()
 
 
 def run_cli(main, argv=None) -> int:
@@ -36,8 +58,15 @@ def run_cli(main, argv=None) -> int:
     import sys
     import threading
 
+    global _stop
+    _stop = None
     in_main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
+    # Ctrl-C as Python's own handler does (KeyboardInterrupt), recorded for raise_if_stopped; a SIGINT that this
+    # process was started ignoring (nohup, `cmd &` in a script) stays ignored
+    previous_int = signal.getsignal(signal.SIGINT) if in_main else None
+    if previous_int is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted)
     try:
         main(argv)
     except UserError as e:
@@ -54,4 +83,6 @@ def run_cli(main, argv=None) -> int:
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
+            if previous_int is signal.default_int_handler:
+                signal.signal(signal.SIGINT, previous_int)
     return 0

@@ -262,3 +262,25 @@ def test_a_killed_generator_leaves_no_temporary_folder(tmp_path, sig, code, word
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code and err.strip().splitlines()[-1] == word, err[-500:]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("handler, code", [("_terminated", 143), ("_interrupted", 130)])
+def test_a_stop_that_numpy_swallowed_is_raised_again_by_the_next_image(tmp_path, handler, code):
+    """numpy's array coercion can clear the exception a signal handler raises (1 SIGTERM in ~25 in the test above
+    ran the generator to its end): the stop is recorded, and the writer raises it again before the next file."""
+    from ldm_app import errors
+    from ldm_app.data.generated import Writer
+
+    def main(argv):
+        writer = Writer(tmp_path)
+        writer.write("before.png", b"x")  # no stop yet: written
+        try:
+            getattr(errors, handler)(signal.SIGTERM, None)
+        except KeyboardInterrupt:
+            pass  # swallowed, as inside numpy
+        writer.write("after.png", b"x")
+        raise AssertionError("the generator went on after the stop")
+
+    assert errors.run_cli(main) == code
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["before.png"]
+    assert errors.run_cli(lambda argv: Writer(tmp_path).write("next.png", b"x")) == 0  # a new run starts unstopped

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm_app import limits
-from ldm_app.errors import UserError
+from ldm_app.errors import UserError, raise_if_stopped
 from ldm_app.fileio import atomic_dir, check_replaceable_dir, file_sha256, read_written_record, some_entries
 
 MIN_RESOLUTION = 16
@@ -34,6 +34,7 @@ class Writer:
     files: dict[str, dict] = field(default_factory=dict)
 
     def write(self, name: str, data: bytes) -> None:
+        raise_if_stopped()  # a SIGTERM/Ctrl-C that numpy swallowed while this item was made (ldm_app.errors)
         (self.folder / name).write_bytes(data)
         self.files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
