@@ -65,10 +65,10 @@ def test_unknown_words_listed_once_in_order_of_first_appearance():
 
 def test_the_bundled_model_knows_its_captions_and_not_corgi():
     """Its captions: the 30,000 canonical ones of its first training's data and the 29,400 training captions of each
-    of its four free-form fine-tunes (recipes/shapes.sh with LONG=2); its vocabulary is exactly their words,
+    of its five free-form fine-tunes (recipes/shapes.sh with LONG=3); its vocabulary is exactly their words,
     synonyms included."""
     vocab = Vocabulary.read(DEFAULT_MODEL)
-    assert vocab is not None and vocab.num_captions == 30000 + 4 * 29400
+    assert vocab is not None and vocab.num_captions == 30000 + 5 * 29400
     known = {w for phrase in [*shapes.SHAPES, *shapes.COLOURS, *shapes.SIZES, *shapes.BACKGROUNDS,
                               *shapes.POSITIONS.values(), *shapes.RELATIONS] for w in words(phrase)}  # fmt: skip
     rng = np.random.default_rng(0)
