@@ -32,16 +32,13 @@ class Terminated(KeyboardInterrupt):
 _stop: type[KeyboardInterrupt] | None = None
 
 
-def _terminated(signum, frame):
-    global _stop
-    _stop = Terminated
-    raise Terminated()
+def _stopped(signum, frame):
+    """SIGTERM raises Terminated, SIGINT KeyboardInterrupt (as Python's own handler), each recorded in _stop."""
+    import signal
 
-
-def _interrupted(signum, frame):
     global _stop
-    _stop = KeyboardInterrupt
-    raise KeyboardInterrupt()
+    _stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    raise _stop()
 
 
 def raise_if_stopped() -> None:
@@ -61,12 +58,12 @@ def run_cli(main, argv=None) -> int:
     global _stop
     _stop = None
     in_main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
-    previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
+    previous = signal.signal(signal.SIGTERM, _stopped) if in_main else None
     # Ctrl-C as Python's own handler does (KeyboardInterrupt), recorded for raise_if_stopped; a SIGINT that this
     # process was started ignoring (nohup, `cmd &` in a script) stays ignored
     previous_int = signal.getsignal(signal.SIGINT) if in_main else None
     if previous_int is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _interrupted)
+        signal.signal(signal.SIGINT, _stopped)
     try:
         main(argv)
     except UserError as e:

@@ -77,9 +77,10 @@ check_trained_on "$OUT/ldm" pretrained_vae
 check_trained_on "$OUT/decoder" init_from
 
 # The teacher of the sweep and the distillation: the last free-form fine-tune, or with LONG (below) the last long
-# fine-tune with the second decoder fine-tune's decoder (`longN_teacher`); TEACHER_DATA: the scenes it was tuned on.
-TEACHER=free_ft2; TEACHER_DATA="$OUT/free_ft2_data"
-if [ "$LONG" -gt 0 ]; then TEACHER="long${LONG}_teacher"; TEACHER_DATA="$OUT/long${LONG}_data"; fi
+# fine-tune (LAST) with the second decoder fine-tune's decoder (`longN_teacher`); TEACHER_DATA: LAST's scenes.
+LAST=free_ft2; TEACHER=free_ft2
+if [ "$LONG" -gt 0 ]; then LAST="long$LONG"; TEACHER="long${LONG}_teacher"; fi
+TEACHER_DATA="$OUT/${LAST}_data"
 # A sweep or student of an earlier run with another LONG would be taken as done: stop instead.
 check_made_from_teacher() {  # check_made_from_teacher FILE KEY
     if ! named_in "$1" "$2" "$OUT/$TEACHER"; then
@@ -104,10 +105,12 @@ stage decoder "$OUT/decoder/vae/config.json" \
     --pretrained_vae "$VAE/vae" --set train_decoder_only=true --set train.learning_rate=5e-4 \
     --set train.max_train_steps=2000 --set loss.disc_start=0 --seed "$SEED" --resume_from_checkpoint latest
 
-stage assemble "$OUT/model/model_index.json" \
-    bash -c "rm -rf '$OUT/model.tmp' && cp -r '$OUT/ldm' '$OUT/model.tmp' && rm -rf '$OUT/model.tmp/vae' \
-             '$OUT/model.tmp'/checkpoint-* '$OUT/model.tmp/latent_cache' && cp -r '$OUT/decoder/vae' '$OUT/model.tmp/vae' \
-             && mv '$OUT/model.tmp' '$OUT/model'"
+with_decoder() {  # with_decoder MODEL VAE DEST: MODEL's folder with VAE as its autoencoder, as DEST (atomically; no
+    # checkpoints or latent cache)
+    rm -rf "$3.tmp" && cp -r "$1" "$3.tmp" && rm -rf "$3.tmp/vae" "$3.tmp"/checkpoint-* "$3.tmp/latent_cache" \
+        && cp -r "$2" "$3.tmp/vae" && mv "$3.tmp" "$3"
+}
+stage assemble "$OUT/model/model_index.json" with_decoder "$OUT/ldm" "$OUT/decoder/vae" "$OUT/model"
 
 # Free-form prompts (issue #19, part 3): two fine-tunes of the assembled model, text encoder included, each on
 # 30,000 new scenes of which half are captioned free-form (some attributes left out, any phrase order, synonyms;
@@ -157,13 +160,10 @@ if [ "$LONG" -gt 0 ]; then
             --set train.learning_rate="$3" --set train.max_train_steps="$4" --set loss.disc_start=0 --seed "$5" \
             --resume_from_checkpoint latest
     }
-    decoder_stage "long${LONG}_decoder" "$OUT/decoder" 5e-4 3000 "$((SEED + 7))"
-    decoder_stage "long${LONG}_decoder2" "$OUT/long${LONG}_decoder" 3e-4 4000 "$((SEED + 8))"
+    decoder_stage "${LAST}_decoder" "$OUT/decoder" 5e-4 3000 "$((SEED + 7))"
+    decoder_stage "${LAST}_decoder2" "$OUT/${LAST}_decoder" 3e-4 4000 "$((SEED + 8))"
     stage "$TEACHER" "$OUT/$TEACHER/model_index.json" \
-        bash -c "rm -rf '$OUT/$TEACHER.tmp' && mkdir '$OUT/$TEACHER.tmp' && for f in '$OUT/long$LONG'/*; do \
-                 case \"\$(basename \"\$f\")\" in checkpoint-*|latent_cache|logs|validation|vae) ;; \
-                 *) cp -r \"\$f\" '$OUT/$TEACHER.tmp/' ;; esac; done && \
-                 cp -r '$OUT/long${LONG}_decoder2/vae' '$OUT/$TEACHER.tmp/vae' && mv '$OUT/$TEACHER.tmp' '$OUT/$TEACHER'"
+        with_decoder "$OUT/$LAST" "$OUT/${LAST}_decoder2/vae" "$OUT/$TEACHER"
 fi
 
 # Sampling defaults chosen by measurement: adherence at guidance 1 / 1.5 / 2 / 3 / 5 with DPM-Solver++ 20 steps,

@@ -1,7 +1,8 @@
 """recipes/shapes.sh's LONG=N, run as bash runs it with `python` replaced by a recorder: N more free-form fine-tunes
 (4,000 steps x 64 images, LR 2e-4, fresh scenes), each on the previous one, two more decoder fine-tunes on the last
-scenes, and the sweep and guidance distillation on the last fine-tune with that decoder; LONG=0 (the default) is the recipe as before. A sweep or student made from another teacher by an
-earlier run stops the recipe, rather than being taken as done."""
+scenes, and the sweep and guidance distillation on the last fine-tune with that decoder; LONG=0 (the default) is the
+recipe as before. A sweep or student made from another teacher by an earlier run stops the recipe, rather than being
+taken as done."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 
 from recipe_helpers import run_recipe
 
-# Every stage leaves the file the recipe waits for (a fine-tune also a latent cache and its autoencoder); the sweep names its model as evaluate sweep does; the guidance
-# the recipe reads back from the teacher's ldm_app.json is 1.5.
+# Every stage leaves the file the recipe waits for (a fine-tune also a latent cache and its autoencoder); the sweep
+# names its model as evaluate sweep does; the guidance the recipe reads back from the teacher's ldm_app.json is 1.5.
 RECORDER = r"""made() { mkdir -p "$1" && touch "$1/$2"; }
 case "$*" in
   *ldm_app.data.shapes*) made "$(arg --out "$@")" metadata.jsonl ;;
@@ -58,7 +59,8 @@ def test_long_adds_fine_tunes_and_the_rest_builds_on_the_last(tmp_path, long):
     decoders = [c for c in calls if "train_vae.py" in c and "train_decoder_only=true" in c]
     last, data = names[-1], f"{out}/{names[-1]}_data"
     if long:  # the decoder fine-tuned twice more on the last scenes, each round from the one before
-        assert [_value(c, "--pretrained_vae") for c in decoders[1:]] == [f"{out}/decoder/vae", f"{out}/{last}_decoder/vae"]
+        assert [_value(c, "--pretrained_vae") for c in decoders[1:]] == [
+            f"{out}/decoder/vae", f"{out}/{last}_decoder/vae"]
         assert all(_value(c, "--train_data_dir") == data for c in decoders[1:])
         assert ["train.max_train_steps=3000" in decoders[1], "train.max_train_steps=4000" in decoders[2]] == [True] * 2
         teacher = out / f"{last}_teacher"  # the last fine-tune with the last decoder, checkpoints left behind
@@ -96,7 +98,8 @@ def test_a_sweep_or_student_of_another_teacher_stops_the_recipe(tmp_path):
     proc, calls = run_recipe(tmp_path, "shapes.sh", RECORDER, out, LONG="1")
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: {out}/sweep was made from {out}/free_ft2, not from {out}/long1_teacher (LONG=1)"), last
+    assert last.startswith(
+        f"error: {out}/sweep was made from {out}/free_ft2, not from {out}/long1_teacher (LONG=1)"), last
     assert not any("train_ldm.py" in c or "ldm_app.train_distill" in c for c in calls)  # before any training
     # the student alone, of another teacher (its run_config.json names it), stops it too
     (out / "sweep").rename(tmp_path / "old_sweep")
