@@ -99,6 +99,44 @@ def test_the_student_moves_toward_the_guided_teacher(trained, teacher):
     assert before > 0 and after < 0.8 * before, (before, after)
 
 
+def test_guidance_by_noise_level_is_folded_in(teacher, tmp_path):
+    """distill.high_noise_guidance_scale: two runs alike but for guidance 6 at t >= 500 in one (1.5 elsewhere and
+    in the other). On held-out inputs at t = 900 and 600, the first student is nearer the teacher's guidance-6
+    output than the second. (Which timesteps take which scale: test_guidance_by_timestep.)"""
+    from diffusers import UNet2DConditionModel
+
+    from ldm_app.conditioning import NULL_CAPTION, encode_text
+    from ldm_app.models import load_text_encoder, load_tokenizer
+
+    outs = {}
+    for name, extra in (("by_level", ["--set", "distill.high_noise_guidance_scale=6", "--set",
+                                      "distill.high_noise_from=500"]), ("single", [])):
+        outs[name] = tmp_path / name
+        run_in_process(main, args(teacher, outs[name], "--set", "distill.guidance_scale=1.5", *extra))
+    assert json.loads((outs["by_level"] / "run_config.json").read_text())["distill"]["high_noise_guidance_scale"] == 6
+    t_unet = UNet2DConditionModel.from_pretrained(teacher / "unet").eval()
+    te = load_text_encoder(teacher / "text_encoder")
+    tok = load_tokenizer(teacher / "tokenizer", model_max_length=te.config.max_position_embeddings)
+    x, t = _probe()
+    x, t = x[:2], t[:2]  # t = 900, 600
+    with torch.no_grad():
+        c = encode_text(tok, te, ["a small red circle on the left on a white background"] * 2, "cpu")
+        null = encode_text(tok, te, [NULL_CAPTION] * 2, "cpu")
+        cond, uncond = (t_unet(x, t, encoder_hidden_states=e).sample for e in (c, null))
+        guided = uncond + 6 * (cond - uncond)
+        dist = {name: (UNet2DConditionModel.from_pretrained(out / "unet").eval()(x, t, encoder_hidden_states=c).sample
+                       - guided).pow(2).mean().item() for name, out in outs.items()}
+    assert dist["by_level"] < 0.95 * dist["single"], dist
+
+
+def test_guidance_by_timestep():
+    from ldm_app.training.distill import guidance_by_timestep
+
+    t = torch.tensor([999, 850, 849, 0])
+    assert guidance_by_timestep(t, 1.5, 2.5, 850).flatten().tolist() == [2.5, 2.5, 1.5, 1.5]
+    assert guidance_by_timestep(t, 1.5, None, 850).flatten().tolist() == [1.5] * 4
+
+
 def test_the_folder_samples_without_guidance_in_ours_and_in_diffusers(trained, teacher):
     """Stored defaults: the teacher's sampler (dpm++) and guidance 1; our pipeline runs the U-Net once a step (no
     unconditional pass) and diffusers' StableDiffusionInpaintPipeline gives the same image from the folder."""
@@ -158,6 +196,8 @@ def _refused(capsys, argv: list[str], out: Path, *words: str) -> None:
 @pytest.mark.parametrize("setting, words", [
     ("distill.guidance_scale=1", ("guidance_scale must be > 1",)),
     ("distill.guidance_scale=nan", ("guidance_scale must be a finite number",)),
+    ("distill.high_noise_guidance_scale=1", ("high_noise_guidance_scale must be > 1",)),
+    ("distill.high_noise_from=0", ("high_noise_from must be a timestep >= 1",)),
     ("ldm.validation_guidance_scale=3", ("validation_guidance_scale=1",)),
     ("ldm.validation_sampler=lcm", ("keeps the teacher's sampler",)),
     ("ldm.caption_dropout=0.1", ("caption_dropout=0",)),
@@ -168,6 +208,12 @@ def _refused(capsys, argv: list[str], out: Path, *words: str) -> None:
 def test_bad_settings_are_one_line(teacher, tmp_path, capsys, setting, words):
     out = tmp_path / "out"
     _refused(capsys, args(teacher, out, "--set", setting), out, *words)
+
+
+def test_a_high_noise_scale_that_applies_nowhere_is_refused(teacher, tmp_path, capsys):
+    out = tmp_path / "out"
+    _refused(capsys, args(teacher, out, "--set", "distill.high_noise_guidance_scale=2", "--set",
+                          "distill.high_noise_from=1000"), out, "high_noise_from (1000) must be below", "applies nowhere")
 
 
 def test_a_text_to_image_teacher_is_refused_for_inpainting(tiny_pipeline_dir, teacher, tmp_path, capsys):

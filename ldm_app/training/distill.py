@@ -35,7 +35,7 @@ the teacher's vocabulary.json when it has one, and its run_config.json as teache
 run_config.json is this run's config, which ties the folder to it for --resume_from_checkpoint).
 
 `distill.method: guidance` is the other distillation here, guidance distillation (Meng et al. 2023, "On
-Distillation of Guided Diffusion Models", stage one, with one fixed guidance scale): the student, a plain copy of
+Distillation of Guided Diffusion Models", stage one, with a fixed guidance scale per noise level): the student, a plain copy of
 the teacher's U-Net, learns to give in ONE pass what the teacher gives in two under classifier-free guidance,
 
     t ~ U{0..T-1}, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
@@ -45,6 +45,12 @@ the teacher's U-Net, learns to give in ONE pass what the teacher gives in two un
 sampler and steps and stores guidance 1 (no classifier-free guidance, half the U-Net calls), and it works for an
 inpainting teacher too (`conditioning.concat: inpaint`: both see the same random mask and masked-image latents),
 whose output stays a diffusers StableDiffusionInpaintPipeline folder. configs/distill/inpaint_guidance.yaml.
+
+Guidance by noise level: with `distill.high_noise_guidance_scale` set, s is that scale where t >= high_noise_from
+and guidance_scale below it (cf. Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval", who vary
+guidance with the noise level too). Once folded in, no sampler can tell the two apart. Measured on the shapes model
+(docs/few_step/README.md): at 4 steps on the grid 999/700/400/100, guidance 2-2.5 at the first step and 1.5 after
+it keeps colour and relation where one scale must trade them (1.5 everywhere loses colour, 2 loses relation).
 
 `distill.method: trajectory` distils a model that samples without guidance (a guidance-distilled one) into fewer
 solver steps on a fixed grid: knowledge distillation of the sampler's output (Luhman & Luhman 2021, "Knowledge
@@ -102,6 +108,8 @@ class DistillSection:
 
     method: Literal["lcd", "guidance", "trajectory"] = "lcd"  # latent consistency, guidance or trajectory (above)
     guidance_scale: float = 3.0  # method guidance: the teacher's classifier-free guidance folded into the student
+    high_noise_guidance_scale: float | None = None  # method guidance: another scale folded in at t >= high_noise_from
+    high_noise_from: int = 850  # (None: guidance_scale at every t). Module doc, "guidance by noise level"
     teacher_steps: int = 8  # method trajectory: the teacher's steps (its sampler's own spacing) ...
     student_timesteps: list[int] = field(default_factory=lambda: [999, 700, 400, 100])  # ... and the student's grid
     num_ddim_timesteps: int = 50  # N: the teacher's DDIM solver grid (LCMScheduler's original_inference_steps)
@@ -116,6 +124,11 @@ class DistillSection:
         if self.guidance_scale <= 1:
             raise UserError(f"distill.guidance_scale must be > 1 (1 is the teacher without guidance), got "
                             f"{self.guidance_scale:g}")
+        if self.high_noise_guidance_scale is not None and self.high_noise_guidance_scale <= 1:
+            raise UserError(f"distill.high_noise_guidance_scale must be > 1 (or null: guidance_scale at every "
+                            f"timestep), got {self.high_noise_guidance_scale:g}")
+        if self.high_noise_from < 1:
+            raise UserError(f"distill.high_noise_from must be a timestep >= 1, got {self.high_noise_from}")
         if self.num_ddim_timesteps < 1:
             raise UserError(f"num_ddim_timesteps must be >= 1, got {self.num_ddim_timesteps}")
         if not 0 <= self.w_min <= self.w_max:
@@ -318,6 +331,11 @@ def build_distill_models(cfg: DistillRunConfig) -> tuple[Models, Any]:
             check_timestep_grid(cfg.distill.student_timesteps, None, "distill.student_timesteps",
                                 models.diffusion.scheduler.config.num_train_timesteps)
             warn_if_guided(teacher)
+        T = models.diffusion.scheduler.config.num_train_timesteps
+        d = cfg.distill
+        if d.method == "guidance" and d.high_noise_guidance_scale is not None and d.high_noise_from >= T:
+            raise UserError(f"distill.high_noise_from ({d.high_noise_from}) must be below the teacher's {T} training "
+                            f"timesteps, or high_noise_guidance_scale {d.high_noise_guidance_scale:g} applies nowhere")
         models.unet = copy.deepcopy(unet)
         return models, unet.requires_grad_(False).eval()
     LDMTrainer.check_class_embedding(cfg, unet)  # a class- or scalar-conditioned U-Net is refused here
@@ -349,6 +367,16 @@ def _distilled_by_guidance(folder: Path) -> bool:
     except (OSError, ValueError, AttributeError):
         return False  # no run config (a diffusers folder, the bundled model): nothing says it was distilled
     return isinstance(distill, dict) and distill.get("method") == "guidance"
+
+
+def guidance_by_timestep(t: torch.Tensor, scale: float, high_noise_scale: float | None,
+                         high_noise_from: int) -> torch.Tensor:
+    """(B, 1, 1, 1): the guidance scale guidance distillation folds in for each sample's timestep: `high_noise_scale`
+    where t >= high_noise_from, `scale` elsewhere (everywhere when high_noise_scale is None)."""
+    w = torch.full((len(t), 1, 1, 1), float(scale))
+    if high_noise_scale is not None:
+        w[t.detach().cpu() >= high_noise_from] = float(high_noise_scale)
+    return w.to(t.device)
 
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -482,13 +510,14 @@ class DistillTrainer(LDMTrainer):
         B = len(x0)
         c = self.text_states(list(batch["captions"]))
         c_null = self.text_states([NULL_CAPTION] * B)
-        scale = self.cfg.distill.guidance_scale
+        d = self.cfg.distill
 
         def guided_teacher(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x_in = unet_input(x_t, concat)
             with torch.no_grad(), self.acc.autocast():  # unconditional and conditional in one batch
                 out = self.teacher(torch.cat([x_in, x_in]), torch.cat([t, t]),
                                    encoder_hidden_states=torch.cat([c_null, c]), return_dict=False)[0].float()
+            scale = guidance_by_timestep(t, d.guidance_scale, d.high_noise_guidance_scale, d.high_noise_from)
             return out[:B] + scale * (out[B:] - out[:B])
 
         def student(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
