@@ -78,6 +78,7 @@ def run_cli(main, argv=None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
+        _stop = None  # handled here: a later main() called in this process (tests, notebooks) starts unstopped
         if in_main:
             signal.signal(signal.SIGTERM, previous)
             if previous_int is signal.default_int_handler:

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from ldm_app.errors import ArgumentParser, UserError, run_cli
+from ldm_app.errors import ArgumentParser, UserError, raise_if_stopped, run_cli
 
 CONFIG_NAMES = ("classifier.safetensors", "classifier_config.json", "training.json")
 NUM_BUCKETS = 5
@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     t0, losses, hits = time.perf_counter(), [], []
     model.train()
     for step in range(1, args.steps + 1):
+        raise_if_stopped()  # a SIGTERM/Ctrl-C that C code swallowed during the last step (ldm_app.errors)
         idx = torch.randint(0, len(mean), (args.batch_size,), generator=gen)
         x0 = sample_x0(mean[idx], None if std is None else std[idx], sf, gen)
         t = torch.randint(0, T, (args.batch_size,), generator=gen)

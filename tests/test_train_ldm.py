@@ -372,3 +372,29 @@ def test_a_checkpoint_of_another_run_is_refused(ldm_files, tmp_path, capsys):
     result = main(run_args(ldm_files, tmp_path / "branch", "--max_train_steps", "4", "--resume_from_checkpoint",
                            str(first / "checkpoint-2")))  # the same run's config: a branch of it, allowed
     assert result.step == 4
+
+
+def test_a_stop_swallowed_during_a_step_ends_the_run_before_the_next(ldm_files, tmp_path, monkeypatch):
+    """A SIGTERM whose exception C code cleared (as numpy can, ldm_app.errors) stops training at the next step:
+    exit status 143, no step after it, no final pipeline written as if the run had finished."""
+    import signal
+
+    from ldm_app import errors
+    from ldm_app.training.ldm import LDMTrainer
+
+    calls = []
+    step = LDMTrainer.train_step
+
+    def swallowing(self, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            try:
+                errors._stopped(signal.SIGTERM, None)  # run_cli's handler, as if the signal came now
+            except KeyboardInterrupt:
+                pass  # swallowed
+        return step(self, batch)
+
+    monkeypatch.setattr(LDMTrainer, "train_step", swallowing)
+    out = tmp_path / "run"
+    assert run_cli(main, run_args(ldm_files, out, "--max_train_steps", "6", "--checkpointing_steps", "3")) == 143
+    assert len(calls) == 2 and not (out / "model_index.json").exists() and not list_checkpoints(out)

@@ -250,3 +250,27 @@ def test_bad_pretrained_vae_is_a_one_line_error_before_anything_is_written(strai
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], err
         assert not out.exists()
+
+
+def test_a_stop_swallowed_during_a_step_ends_the_run_before_the_next(data_dir, tmp_path, monkeypatch):
+    """As train_ldm: a Ctrl-C whose exception C code cleared stops the run at the next step (exit status 130)."""
+    from ldm_app import errors
+
+    calls = []
+    step = train_vae.VAETrainer.train_step
+
+    def swallowing(self, x0, g):
+        calls.append(1)
+        if len(calls) == 2:
+            try:
+                errors._stopped(signal.SIGINT, None)
+            except KeyboardInterrupt:
+                pass
+        return step(self, x0, g)
+
+    monkeypatch.setattr(train_vae.VAETrainer, "train_step", swallowing)
+    out = tmp_path / "run"
+    argv = ["--config", TINY, "--train_data_dir", str(data_dir), "--output_dir", str(out), "--max_train_steps", "6",
+            "--checkpointing_steps", "3", "--set", "loss.disc_start=1000"]
+    assert run_cli(train_vae.main, argv) == 130
+    assert len(calls) == 2 and not list(out.glob("checkpoint-*"))

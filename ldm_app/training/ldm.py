@@ -45,7 +45,7 @@ from ..config import (ConditioningConfig, DataConfig, EmbeddingConfig, LoRAConfi
 from ..conditioning import (NULL_CAPTION, concat_channels, drop_captions, drop_labels, drop_scalars, encode_text,
                             inpaint_condition, is_scalar_unet, masked_image, read_labels, read_scalars,
                             scalar_condition, unet_input)
-from ..errors import ArgumentParser, UserError
+from ..errors import ArgumentParser, UserError, raise_if_stopped
 from ..first_stage import downsampling_factor, is_vq, latent_channels, latent_stats, sample_x0
 from .common import (EmptyBatchGuard, Position, REPORT_TO, TrainProgress, batches, batches_per_epoch,
                      bucket_batches_per_epoch, check_launchable, check_output_dir, check_report_to, effective_lr,
@@ -664,6 +664,7 @@ class LDMTrainer:
         with TrainProgress("train_ldm", cfg.max_train_steps, self.state.step, per_step,
                            acc.is_main_process) as progress:
             while self.state.step < cfg.max_train_steps:
+                raise_if_stopped()  # a SIGTERM/Ctrl-C that C code swallowed during the last step (ldm_app.errors)
                 self.state.position, batch = next(stream)
                 self.skipped += int(batch["num_skipped"])
                 # every image of the batch was unreadable (warned by the dataset), here or on another process

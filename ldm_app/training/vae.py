@@ -34,7 +34,7 @@ from ..checkpointing import (LOADED_WEIGHTS, TRAINING_ROWS, load_checkpoint, loc
                              write_run_config)
 from ..config import (AutoencoderConfig, DataConfig, TrainConfig, flag_overrides, load_config, merge, parse_overrides,
                       save_config, to_dict)
-from ..errors import ArgumentParser, UserError
+from ..errors import ArgumentParser, UserError, raise_if_stopped
 from ..first_stage import HOLDOUT_FILE, TRAIN_CONFIG_FILE, encode_latents  # noqa: F401 (names of the run folder)
 from ..losses import (NLayerDiscriminator, autoencoder_nll, disc_factor, generator_objective, hinge_d_loss,
                       load_lpips, reconstruction_loss)
@@ -378,6 +378,7 @@ class VAETrainer:
         guard = EmptyBatchGuard(len(self.dataset), train.train_batch_size, acc.num_processes)
         with TrainProgress("train_vae", train.max_train_steps, self.step, per_step, acc.is_main_process) as progress:
             while self.step < train.max_train_steps:
+                raise_if_stopped()  # a SIGTERM/Ctrl-C that C code swallowed during the last step (ldm_app.errors)
                 self.position, batch = next(stream)
                 self.skipped += int(batch["num_skipped"])
                 x0 = batch["pixel_values"]
