@@ -66,12 +66,12 @@ named_in() {  # named_in FILE KEY PATH: whether FILE, if it exists, names PATH u
     NAMED=${p:-none named}
     [ "$(realpath -m -- "${p:-?}")" = "$(realpath -m -- "$3")" ]
 }
+require_named() {  # require_named FILE KEY PATH MESSAGE: unless named_in, MESSAGE ({named}: what FILE names), exit 1
+    if ! named_in "$1" "$2" "$3"; then echo "error: ${4//\{named\}/$NAMED}" >&2; exit 1; fi
+}
 check_trained_on() {  # check_trained_on DIR KEY: DIR's run_config.json, if any, names $VAE/vae under KEY
-    if ! named_in "$1/run_config.json" "$2" "$VAE/vae"; then
-        echo "error: $1 was trained on another autoencoder ($NAMED) than $VAE/vae, the one that passed" \
-             "the check; delete $1 and the stages after it in recipes/shapes.sh" >&2
-        exit 1
-    fi
+    require_named "$1/run_config.json" "$2" "$VAE/vae" "$1 was trained on another autoencoder ({named}) than \
+$VAE/vae, the one that passed the check; delete $1 and the stages after it in recipes/shapes.sh"
 }
 check_trained_on "$OUT/ldm" pretrained_vae
 check_trained_on "$OUT/decoder" init_from
@@ -83,11 +83,9 @@ if [ "$LONG" -gt 0 ]; then LAST="long$LONG"; TEACHER="long${LONG}_teacher"; fi
 TEACHER_DATA="$OUT/${LAST}_data"
 # A sweep or student of an earlier run with another LONG would be taken as done: stop instead.
 check_made_from_teacher() {  # check_made_from_teacher FILE KEY
-    if ! named_in "$1" "$2" "$OUT/$TEACHER"; then
-        echo "error: $(dirname "$1") was made from $NAMED, not from $OUT/$TEACHER (LONG=$LONG); delete it and" \
-             "the stages after it (student_sweep, default_model, eval), or run with the LONG it was made with" >&2
-        exit 1
-    fi
+    require_named "$1" "$2" "$OUT/$TEACHER" "$(dirname "$1") was made from {named}, not from $OUT/$TEACHER \
+(LONG=$LONG); delete it and the stages after it (student_sweep, default_model, eval), or run with the LONG it was \
+made with"
 }
 check_made_from_teacher "$OUT/sweep/sweep.json" model
 check_made_from_teacher "$OUT/student/run_config.json" pretrained_model
@@ -147,10 +145,8 @@ done
 # judge, 0.905-0.92 -> 0.92-0.95). The teacher is the last fine-tune with that decoder.
 if [ "$LONG" -gt 0 ]; then
     check_decoder_from() {  # check_decoder_from DIR INIT: DIR's run_config.json, if any, starts from INIT/vae
-        if ! named_in "$1/run_config.json" init_from "$2/vae"; then
-            echo "error: $1 was fine-tuned from $NAMED, not from $2/vae; delete $1 and the stages after it" >&2
-            exit 1
-        fi
+        require_named "$1/run_config.json" init_from "$2/vae" \
+            "$1 was fine-tuned from {named}, not from $2/vae; delete $1 and the stages after it"
     }
     decoder_stage() {  # decoder_stage NAME INIT LR STEPS SEED
         check_decoder_from "$OUT/$1" "$2"
