@@ -78,6 +78,8 @@ Choices where we differ from A1111 or map onto ldm_app:
   subseeds, seed resize, sampler eta / churn / noise settings other than what our sampler does, override_settings
   other than `sd_model_checkpoint` (which picks the model for this job, and for later ones too with
   `override_settings_restore_afterwards: false`, as in A1111), unknown fields. Never an error.
+- `info["notes"]` (ours): lines about the prompt, as generate.py prints them: the words the model never saw in
+  training ("words unknown to this model: corgi, sushi"), for a model that stores its vocabulary.
 - Errors: every route answers a mistake with a 4xx and a JSON body close to A1111's
   `{"error": <kind>, "detail": <one-line message>, "body": "", "errors": <the same message>}`: 400 for bad values
   (an empty prompt, which A1111 would sample unconditionally and generate.py refuses; sizes or batches above
@@ -872,6 +874,7 @@ def run_job(service: GenerationService, prepared: _Prepared, req: _Generation, e
         "job_start_time": started,
         "model_defaults_used": prepared.defaults_used,
         "ignored_fields": notes,
+        "notes": result.notes,  # about the prompt: "words unknown to this model: corgi, sushi"
         "saved": len(result.paths),
     }
     return {"images": images, "parameters": echo, "info": json.dumps(info)}

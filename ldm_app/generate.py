@@ -17,7 +17,7 @@ import os
 import re
 import secrets
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -166,6 +166,7 @@ class RunHooks:
     should_stop: Callable[[], bool] | None = None
     on_image: Callable[[ImageParams, Any, Path | None], None] | None = None
     log: Callable[[str], None] | None = None  # where the "model: ..." line goes (default: stdout)
+    notes: list[str] = field(default_factory=list)  # what the run told the user besides images: the unknown words
     # images of a batch the stop flag cut short (some steps skipped): passed to on_image, never saved, since their
     # parameters would not remake them
     partial_images: int = 0
@@ -220,7 +221,9 @@ def run(req: Request, sink: OutputSink | None, hooks: RunHooks | None = None) ->
     runner = edit_inputs.pipeline_for(pipe, inputs)
     check_with_model(runner, req, jobs, inputs)  # the model's own limits (steps per sampler), before the first image
     (hooks.log or say)(describe(base, pipe) + (" (random)" if random_seed else ""))
-    note_unknown_words(pipe, req)  # once for the run: the pipeline's per-call line is off for its batches below
+    note = note_unknown_words(pipe, req)  # once for the run: the pipeline's per-call line is off for its batches below
+    if note:
+        hooks.notes.append(note)
     from ldm_app.pipeline import unknown_words_noted_by_caller
 
     paths, images = [], []
@@ -252,12 +255,13 @@ def run(req: Request, sink: OutputSink | None, hooks: RunHooks | None = None) ->
     return paths
 
 
-def note_unknown_words(pipe: Any, req: Request) -> None:
+def note_unknown_words(pipe: Any, req: Request) -> str | None:
     """One "words unknown to this model: ..." line (ldm_app.vocabulary) for all the prompts of the run, on the
-    module's logger at WARNING (generate.py shows it on stderr); nothing when the model stores no vocabulary. With
-    --weighting, the words of the A1111-weighted text, not its weights."""
+    module's logger at WARNING (generate.py shows it on stderr) and returned (the server passes it to its clients);
+    nothing when the model stores no vocabulary. With --weighting, the words of the A1111-weighted text, not its
+    weights."""
     if getattr(pipe, "vocabulary", None) is None:
-        return
+        return None
     texts, negatives = list(req.prompts), [req.negative_prompt]
     if req.weighting:
         from ldm_app.adapters import parse_a1111_weights
@@ -267,6 +271,7 @@ def note_unknown_words(pipe: Any, req: Request) -> None:
     note = pipe.unknown_words_note(texts, negatives)
     if note:
         logger.warning("%s", note)
+    return note
 
 
 def say(text: str) -> None:

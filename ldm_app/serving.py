@@ -309,6 +309,7 @@ class JobResult:
     interrupted: bool = False
     partial_images: int = 0  # the last images, cut short by an interrupt: in `images`, never saved
     model: str = ""  # the catalog name of the model used
+    notes: list[str] = field(default_factory=list)  # lines for the user: "words unknown to this model: corgi"
 
 
 @dataclass
@@ -573,4 +574,5 @@ class GenerationService:
                 unload_loras(pipe)
         result.interrupted = job.stop
         result.partial_images = hooks.partial_images
+        result.notes = list(hooks.notes)
         return result

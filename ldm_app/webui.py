@@ -512,6 +512,7 @@ class WebUI:
             message = f"Cancelled: {made} of {job.total_images} made{cut}."
         else:
             message = f"Done: {made} with {result.model}."
+        message += "".join(f" {note[:1].upper()}{note[1:]}." for note in result.notes)  # the words it never saw
         yield {
             tab.gallery: pictures, tab.status: _status(message), tab.infos: texts,
             tab.seed_used: str(result.params[0].seed) if result.params else "",

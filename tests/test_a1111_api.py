@@ -35,6 +35,7 @@ from conftest import build_tiny_components
 from ldm_app.a1111 import MAX_BODY_BYTES, api_router
 from ldm_app.pipeline import LatentDiffusionPipeline, write_sampling_defaults
 from ldm_app.serving import GenerationService, ServerConfig
+from ldm_app.vocabulary import Vocabulary
 
 PROMPT = "a red circle on a gray background"
 SMALL = dict(width=64, height=64, steps=2)  # webuiapi's defaults are A1111's 512x512 and 20 steps
@@ -112,6 +113,7 @@ def root(tiny_pipeline_dir, tmp_path_factory) -> Path:
     shutil.copytree(tiny_pipeline_dir, root / "models" / "tiny")
     write_sampling_defaults(root / "models" / "tiny", TINY_DEFAULTS)
     LatentDiffusionPipeline(**build_tiny_components(seed=1)).save_pretrained(root / "models" / "tiny2")
+    Vocabulary.from_captions([PROMPT]).write(root / "models" / "tiny2")  # its training words (tiny has none stored)
     (root / "loras").mkdir()
     unet_sd, te_sd = peft_lora(seed=1)
     save_diffusers_lora(root / "loras", "style.safetensors", unet_sd, te_sd)
@@ -254,6 +256,15 @@ def test_unsupported_fields_are_ignored_with_a_note(api):
     plain = api.txt2img(prompt=PROMPT, seed=3, sampler_name="DDIM", eta=0.0, **SMALL)
     assert plain.info["ignored_fields"] == {}
     assert np.array_equal(pixels(result.image), pixels(plain.image))  # the ignored fields really changed nothing
+
+
+def test_prompt_words_the_model_never_saw_are_named_in_info(api):
+    tiny2 = {"override_settings": {"sd_model_checkpoint": "tiny2"}}
+    result = api.txt2img(prompt="a red corgi on a gray sushi house", seed=1, **tiny2, **SMALL)
+    assert result.info["sd_model_name"] == "tiny2"
+    assert result.info["notes"] == ["words unknown to this model: corgi, sushi, house"]
+    assert api.txt2img(prompt=PROMPT, seed=1, **tiny2, **SMALL).info["notes"] == []
+    assert api.txt2img(prompt="a red corgi", seed=1, **SMALL).info["notes"] == []  # tiny: no vocabulary stored
 
 
 def test_img2img_keeps_the_init_size_when_width_and_height_are_omitted(server):

@@ -165,11 +165,13 @@ def app_env(tiny_pipeline_dir, tmp_path_factory) -> Iterator[dict[str, Any]]:
     """Two copies of the tiny model with different stored sampling defaults, a service and the served app."""
     from ldm_app.pipeline import write_sampling_defaults
     from ldm_app.serving import GenerationService, ServerConfig
+    from ldm_app.vocabulary import Vocabulary
 
     root = tmp_path_factory.mktemp("webui")
     models = root / "models"
     shutil.copytree(tiny_pipeline_dir, models / "tiny")
     write_sampling_defaults(models / "tiny", {"num_inference_steps": 2, "sampler": "ddim", "guidance_scale": 2.0})
+    Vocabulary.from_captions([PROMPT, "blurry"]).write(models / "tiny")  # the words it was "trained" on
     shutil.copytree(tiny_pipeline_dir, models / "tiny_b")
     write_sampling_defaults(models / "tiny_b", {"num_inference_steps": 5, "sampler": "euler", "guidance_scale": 6.5,
                                                 "height": 32, "width": 40})  # fmt: skip
@@ -198,6 +200,19 @@ def _expect() -> Any:
 
 
 # ---- tests ---------------------------------------------------------------------------------------------------------
+
+
+def test_words_the_model_never_saw_are_named_in_the_status(page, app_env):
+    expect = _expect()
+    page.fill("#txt2img_prompt textarea", "a small red corgi on a white sushi house")
+    page.click("#txt2img_generate")
+    status = page.locator("#txt2img_status")
+    expect(status).to_contain_text("Done: 1 image with tiny. Words unknown to this model: corgi, sushi, house.",
+                                   timeout=WAIT_MS)  # fmt: skip
+    page.fill("#txt2img_prompt textarea", PROMPT)
+    page.click("#txt2img_generate")
+    expect(status).to_contain_text("Done: 1 image with tiny.", timeout=WAIT_MS)
+    expect(status).not_to_contain_text("unknown")
 
 
 def test_txt2img_image_in_gallery_and_download_keeps_parameters(page, app_env):
