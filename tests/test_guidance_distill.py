@@ -212,8 +212,8 @@ def test_bad_settings_are_one_line(teacher, tmp_path, capsys, setting, words):
 
 def test_a_high_noise_scale_that_applies_nowhere_is_refused(teacher, tmp_path, capsys):
     out = tmp_path / "out"
-    _refused(capsys, args(teacher, out, "--set", "distill.high_noise_guidance_scale=2", "--set",
-                          "distill.high_noise_from=1000"), out, "high_noise_from (1000) must be below", "applies nowhere")
+    argv = args(teacher, out, "--set", "distill.high_noise_guidance_scale=2", "--set", "distill.high_noise_from=1000")
+    _refused(capsys, argv, out, "high_noise_from (1000) must be below", "applies nowhere")
 
 
 def test_a_text_to_image_teacher_is_refused_for_inpainting(tiny_pipeline_dir, teacher, tmp_path, capsys):
