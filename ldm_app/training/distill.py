@@ -329,25 +329,21 @@ def build_distill_models(cfg: DistillRunConfig) -> tuple[Models, Any]:
     if cfg.data.resolution != side:
         raise UserError(f"data.resolution ({cfg.data.resolution}) must be the teacher's image size {side} (latent side "
                         f"{unet.config.sample_size} x autoencoder factor {f}): --set data.resolution={side}")
-    if cfg.distill.method in ("guidance", "trajectory"):  # the student starts as an exact copy of the teacher
-        LDMTrainer.check_class_embedding(cfg, unet)
-        if cfg.distill.method == "trajectory":  # now that the teacher's training timesteps are known
-            check_timestep_grid(cfg.distill.student_timesteps, None, "distill.student_timesteps",
-                                models.diffusion.scheduler.config.num_train_timesteps)
-            warn_if_guided(teacher)
-        T = models.diffusion.scheduler.config.num_train_timesteps
-        d = cfg.distill
-        if d.method == "guidance" and d.high_noise_guidance_scale is not None and d.high_noise_from >= T:
-            raise UserError(f"distill.high_noise_from ({d.high_noise_from}) must be below the teacher's {T} training "
-                            f"timesteps, or high_noise_guidance_scale {d.high_noise_guidance_scale:g} applies nowhere")
+    LDMTrainer.check_class_embedding(cfg, unet)  # a class- or scalar-conditioned U-Net is refused here
+    d, T = cfg.distill, models.diffusion.scheduler.config.num_train_timesteps  # the teacher's training timesteps
+    if d.method == "trajectory":
+        check_timestep_grid(d.student_timesteps, None, "distill.student_timesteps", T)
+        warn_if_guided(teacher)
+    if d.method == "guidance" and d.high_noise_guidance_scale is not None and d.high_noise_from >= T:
+        raise UserError(f"distill.high_noise_from ({d.high_noise_from}) must be below the teacher's {T} training "
+                        f"timesteps, or high_noise_guidance_scale {d.high_noise_guidance_scale:g} applies nowhere")
+    if d.method in ("guidance", "trajectory"):  # the student starts as an exact copy of the teacher
         models.unet = copy.deepcopy(unet)
         return models, unet.requires_grad_(False).eval()
-    LDMTrainer.check_class_embedding(cfg, unet)  # a class- or scalar-conditioned U-Net is refused here
-    T = models.diffusion.scheduler.config.num_train_timesteps
-    if cfg.distill.num_ddim_timesteps > T:
-        raise UserError(f"distill.num_ddim_timesteps ({cfg.distill.num_ddim_timesteps}) exceeds the teacher's {T} "
+    if d.num_ddim_timesteps > T:
+        raise UserError(f"distill.num_ddim_timesteps ({d.num_ddim_timesteps}) exceeds the teacher's {T} "
                         "training timesteps")
-    models.unet = make_student(unet, cfg.distill.time_cond_proj_dim)
+    models.unet = make_student(unet, d.time_cond_proj_dim)
     return models, unet.requires_grad_(False).eval()
 
 
