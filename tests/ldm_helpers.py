@@ -111,3 +111,30 @@ def assert_refused_in_one_line(main: Any, argv: list[str], capsys: Any, out: Pat
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
     assert all(w in lines[0] for w in words), lines[0]
     assert not out.exists()
+
+
+def swallowed_stop(sig: int) -> None:
+    """Signal `sig` as run_cli's handler receives it (recorded for raise_if_stopped), its exception swallowed, as
+    numpy's array coercion can swallow it (ldm_app.errors)."""
+    from ldm_app import errors
+
+    try:
+        errors._stopped(sig, None)
+    except KeyboardInterrupt:
+        pass
+
+
+def swallow_a_stop_in(monkeypatch: Any, cls: type, name: str, sig: int, on_call: int = 2) -> list[int]:
+    """Patch method `cls.name` so that its `on_call`-th call gets a swallowed stop (above) before it runs as usual;
+    returns the list that records each call."""
+    calls: list[int] = []
+    method = getattr(cls, name)
+
+    def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == on_call:
+            swallowed_stop(sig)
+        return method(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, patched)
+    return calls

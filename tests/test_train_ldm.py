@@ -22,6 +22,7 @@ from ldm_helpers import (
     max_abs_diff,
     run_args,
     subprocess_env,
+    swallow_a_stop_in,
     weights,
 )
 
@@ -379,22 +380,9 @@ def test_a_stop_swallowed_during_a_step_ends_the_run_before_the_next(ldm_files, 
     exit status 143, no step after it, no final pipeline written as if the run had finished."""
     import signal
 
-    from ldm_app import errors
     from ldm_app.training.ldm import LDMTrainer
 
-    calls = []
-    step = LDMTrainer.train_step
-
-    def swallowing(self, batch):
-        calls.append(1)
-        if len(calls) == 2:
-            try:
-                errors._stopped(signal.SIGTERM, None)  # run_cli's handler, as if the signal came now
-            except KeyboardInterrupt:
-                pass  # swallowed
-        return step(self, batch)
-
-    monkeypatch.setattr(LDMTrainer, "train_step", swallowing)
+    calls = swallow_a_stop_in(monkeypatch, LDMTrainer, "train_step", signal.SIGTERM)
     out = tmp_path / "run"
     assert run_cli(main, run_args(ldm_files, out, "--max_train_steps", "6", "--checkpointing_steps", "3")) == 143
     assert len(calls) == 2 and not (out / "model_index.json").exists() and not list_checkpoints(out)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ldm_helpers import swallow_a_stop_in
 from safetensors.torch import load_file
 
 from ldm_app.data.shapes import make_dataset
@@ -254,21 +255,7 @@ def test_bad_pretrained_vae_is_a_one_line_error_before_anything_is_written(strai
 
 def test_a_stop_swallowed_during_a_step_ends_the_run_before_the_next(data_dir, tmp_path, monkeypatch):
     """As train_ldm: a Ctrl-C whose exception C code cleared stops the run at the next step (exit status 130)."""
-    from ldm_app import errors
-
-    calls = []
-    step = train_vae.VAETrainer.train_step
-
-    def swallowing(self, x0, g):
-        calls.append(1)
-        if len(calls) == 2:
-            try:
-                errors._stopped(signal.SIGINT, None)
-            except KeyboardInterrupt:
-                pass
-        return step(self, x0, g)
-
-    monkeypatch.setattr(train_vae.VAETrainer, "train_step", swallowing)
+    calls = swallow_a_stop_in(monkeypatch, train_vae.VAETrainer, "train_step", signal.SIGINT)
     out = tmp_path / "run"
     argv = ["--config", TINY, "--train_data_dir", str(data_dir), "--output_dir", str(out), "--max_train_steps", "6",
             "--checkpointing_steps", "3", "--set", "loss.disc_start=1000"]
