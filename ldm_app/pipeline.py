@@ -519,6 +519,12 @@ class LdmAppPipelineMixin:
             index["_class_name"] = self._diffusers_class.__name__ if is_kl else type(self).__name__
             index.pop("_name_or_path", None)  # where it was loaded from: stale once saved elsewhere
             atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+            for component_config in tmp.glob("*/config.json"):
+                # diffusers' models record the folder they were loaded from: a path on the maker's machine (often
+                # a temporary folder of an export), meaningless and private in a folder that is shared
+                config = json.loads(component_config.read_text(encoding="utf-8"))
+                if config.pop("_name_or_path", None) is not None:
+                    atomic_write_text(component_config, json.dumps(config, indent=2, sort_keys=True) + "\n")
             text_config = tmp / "text_encoder" / "config.json"
             if text_config.is_file():
                 # transformers 5 loads a model in its config's dtype, diffusers' models load in float32: a folder

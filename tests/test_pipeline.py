@@ -80,6 +80,26 @@ def test_save_load_round_trip(tiny_pipeline, tmp_path):
     assert max_diff(generate(load(tmp_path / "m")), generate(tiny_pipeline)) <= TOL
 
 
+def test_a_saved_folder_does_not_record_where_its_parts_were_loaded_from(tiny_pipeline_dir, tmp_path):
+    private = tmp_path / "alice_private_project"
+    shutil.copytree(tiny_pipeline_dir, private)
+    loaded = load(private)
+    assert loaded.unet.config._name_or_path == str(private / "unet")  # diffusers records it on load ...
+    loaded.save_pretrained(tmp_path / "shared")
+    written = [p.read_text() for p in (tmp_path / "shared").rglob("*.json")]
+    assert len(written) >= 5 and not any("alice_private_project" in text for text in written)  # ... we drop it
+    assert max_diff(generate(load(tmp_path / "shared")), generate(loaded)) <= TOL
+
+
+def test_bundled_model_records_no_maker_paths_in_its_component_configs():
+    from pathlib import Path
+
+    from ldm_app import DEFAULT_MODEL
+
+    configs = list(Path(DEFAULT_MODEL).glob("*/config.json"))
+    assert len(configs) >= 3 and not any("_name_or_path" in json.loads(p.read_text()) for p in configs)
+
+
 def test_vq_autoencoder_round_trip(tiny_components, tmp_path):
     pipe = LatentDiffusionPipeline(**tiny_components(vae="vq"))
     pipe.set_progress_bar_config(disable=True)
