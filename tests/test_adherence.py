@@ -144,6 +144,26 @@ def test_cli_writes_report_and_refuses_weak_judge(tiny_pipeline_dir, tiny_judge_
     assert "domain KID" in capsys.readouterr().out
 
 
+def test_a_stop_swallowed_while_sampling_ends_the_evaluation_before_the_next_batch(
+        tiny_pipeline_dir, tiny_judge_cache, tmp_path, monkeypatch):
+    """A Ctrl-C whose exception C code cleared (ldm_app.errors) stops `evaluate ldm` at its next batch: exit status
+    130, no batch after it, no report written as if all prompts had been judged."""
+    import signal
+
+    from ldm_helpers import swallow_a_stop_in
+
+    from ldm_app.errors import run_cli
+    from ldm_app.pipeline import LatentDiffusionPipeline
+
+    calls = swallow_a_stop_in(monkeypatch, LatentDiffusionPipeline, "__call__", signal.SIGINT)
+    out = tmp_path / "eval"
+    argv = ["ldm", "--model", str(tiny_pipeline_dir), "--num_prompts", "3", "--two_object_prompts", "3", "--steps",
+            "1", "--batch_size", "2", "--judge_cache", str(tiny_judge_cache), "--judge_threshold", "0", "--device",
+            "cpu", "--out", str(out)]
+    assert run_cli(evaluate_main, argv) == 130
+    assert len(calls) == 2 and not (out / adherence.REPORT_FILE).exists()
+
+
 def test_reports_of_the_bundled_model_go_outside_the_package(tmp_path):
     """The bundled model lives in the package (site-packages when installed): its reports go to runs/, another
     model's beside it."""

@@ -46,7 +46,7 @@ from ldm_app.data.shapes import (
     render_scene,
     sample_scene,
 )
-from ldm_app.errors import UserError
+from ldm_app.errors import UserError, raise_if_stopped
 from ldm_app.evaluation.geometry import GeometryJudge
 from ldm_app.evaluation.judge import (
     AXES,
@@ -155,6 +155,7 @@ def generate(
     grid = {} if timesteps is None else {"timesteps": list(timesteps)}
     images = []
     for start in range(0, len(prompts), batch_size):
+        raise_if_stopped()  # a SIGTERM/Ctrl-C that C code swallowed during the last batch (ldm_app.errors)
         batch = prompts[start : start + batch_size]
         generators = [torch.Generator("cpu").manual_seed(p.seed) for p in batch]
         out = pipe(
