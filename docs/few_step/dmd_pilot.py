@@ -6,12 +6,17 @@ sample moves along (fake - real), normalised per sample. Reverse KL is mode-seek
 open should come out as one of its values rather than their average.
 
     python docs/few_step/dmd_pilot.py STUDENT TEACHER OUT STEPS [GUIDANCE] [LR_G] [FAKE_PER_G] [WARMUP]
-    # the best run (runs/gs/dmd_d, ~15 min on 2 cores):
+    # all captions (runs/gs/dmd_d, ~15 min on 2 cores):
     python docs/few_step/dmd_pilot.py runs/dec/s3d2_model runs/long/cont3d runs/gs/dmd_d 400 1.5 1e-5 2 200
+    # free-form captions only, complete ones held to the student (runs/gs/dmd_f, ~16 min):
+    FREE_ONLY=1 ANCHOR_U=1 ANCHOR_TMIN=0 ANCHOR_TMAX=1000 python docs/few_step/dmd_pilot.py runs/dec/s3d2_model \
+        runs/long/cont3d runs/gs/dmd_f 400 1.5 1e-5 2 200
 
 Environment: B (batch, 16), LR_F (the fake score's learning rate, 5e-5), SEED, DMD_TMIN (the loss draws t in
 [DMD_TMIN, 980]), GRAD_FROM (solver steps before it run without gradient), ANCHOR_U / ANCHOR_TMIN / ANCHOR_TMAX (a
-squared error to the frozen student's output on the student's noised samples at t in [TMIN, TMAX)). It reads the
+squared error to the frozen student's output on the student's noised samples at t in [TMIN, TMAX)), FREE_ONLY=1
+(the loss and the fake on captions that leave an attribute out; the anchor on the complete ones instead, along the
+frozen student's own samples). It reads the
 captions of runs/long/data5 (v5's last fine-tune) and writes OUT/unet (and OUT/unet_200...): put it in a copy of
 STUDENT to sample. Figures: docs/few_step/README.md, "Distribution matching, a pilot".
 """
@@ -34,6 +39,7 @@ ANCHOR_U = float(os.environ.get("ANCHOR_U", "0"))  # weight of: G's eps = frozen
 ANCHOR_TMAX = int(os.environ.get("ANCHOR_TMAX", "900"))
 ANCHOR_TMIN = int(os.environ.get("ANCHOR_TMIN", "0"))  # anchor draws t in [ANCHOR_TMIN, ANCHOR_TMAX)
 DMD_TMIN = int(os.environ.get("DMD_TMIN", "20"))  # the distribution-matching loss draws t in [DMD_TMIN, 980]
+FREE_ONLY = os.environ.get("FREE_ONLY") == "1"  # the loss on incomplete captions; the anchor on complete ones
 GRAD_FROM = int(os.environ.get("GRAD_FROM", "0"))  # the solver's steps before this index run without gradient
 GRID = [999, 700, 400, 100]
 torch.set_num_threads(2); torch.manual_seed(SEED); random.seed(SEED)
@@ -49,6 +55,21 @@ abar = tp.scheduler.alphas_cumprod.float()
 solver_config = dict(sp.scheduler.config)
 
 captions = [json.loads(l)["text"] for l in open("runs/long/data5/metadata.jsonl")]
+canonical = []
+if FREE_ONLY:
+    from ldm_app.data.shapes import parse_caption
+
+    def complete(text):
+        """Every attribute stated: the canonical captions (one object: all five; two: both objects' size, colour and
+        shape, and the background)."""
+        p = parse_caption(text)
+        if "objects" in p:
+            return "background" in p and all(len(o) == 3 for o in p["objects"])
+        return len(p) == 5
+
+    canonical = [c for c in captions if complete(c)]
+    captions = [c for c in captions if not complete(c)]  # the distribution-matching loss and the fake see these
+    print(f"{len(canonical)} complete captions (held to the frozen student), {len(captions)} others", flush=True)
 with torch.no_grad():
     c_null = encode_text(tok, te, [""], "cpu")
     # the student's own (pruned) text encoder must give the same states as the teacher's
@@ -73,8 +94,8 @@ def x0_from_eps(eps, x_t, t):
     return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
 
 
-def batch():
-    caps = random.sample(captions, B)
+def batch(pool=None):
+    caps = random.sample(pool or captions, B)
     with torch.no_grad():
         c = encode_text(tok, te, caps, "cpu")
     return c, torch.randn(B, 4, 8, 8)
@@ -121,7 +142,16 @@ for step in range(1, steps + 1):
         target = (x - grad).detach()
     loss_dmd = 0.5 * F.mse_loss(x, target)
     loss = loss_dmd
-    if ANCHOR_U > 0:
+    if ANCHOR_U > 0 and FREE_ONLY:  # complete captions: G held to the frozen student along the latter's samples
+        ca, xa_T = batch(canonical)
+        ta = torch.randint(ANCHOR_TMIN, ANCHOR_TMAX, (B,)); na = torch.randn_like(x)
+        aba = abar[ta].view(-1, 1, 1, 1)
+        with torch.no_grad():
+            xs = solve(frozen, xa_T, ca)
+            xa = aba.sqrt() * xs + (1 - aba).sqrt() * na
+            ea = frozen(xa, ta, encoder_hidden_states=ca).sample
+        loss = loss + ANCHOR_U * F.mse_loss(G(xa, ta, encoder_hidden_states=ca).sample, ea)
+    elif ANCHOR_U > 0:  # the same captions: G held to the frozen student along G's own samples
         ta = torch.randint(ANCHOR_TMIN, ANCHOR_TMAX, (B,)); na = torch.randn_like(x)
         aba = abar[ta].view(-1, 1, 1, 1)
         xa = (aba.sqrt() * x.detach() + (1 - aba).sqrt() * na)
