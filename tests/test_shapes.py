@@ -253,7 +253,10 @@ def test_a_killed_generator_leaves_no_temporary_folder(tmp_path, sig, code, word
     proc = subprocess.Popen([sys.executable, "-m", "ldm_app.data.shapes", "--out", str(out), "--num_images",
                              "200000", "--resolution", "32"], cwd=Path(__file__).resolve().parents[1],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            # as from a terminal: a test run started in the background (`nohup ... &`) passes SIGINT on
+                            # ignored, and the generator rightly keeps a SIGINT it was started ignoring ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 120
     while not any(p.name.startswith(".data.tmp-") for p in tmp_path.iterdir()) and time.time() < deadline:
         time.sleep(0.05)
