@@ -519,21 +519,21 @@ class LdmAppPipelineMixin:
             index["_class_name"] = self._diffusers_class.__name__ if is_kl else type(self).__name__
             index.pop("_name_or_path", None)  # where it was loaded from: stale once saved elsewhere
             atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
-            for component_config in tmp.glob("*/config.json"):
+            for component_config in tmp.glob("*/config.json"):  # each component's, read and written once
+                config = json.loads(component_config.read_text(encoding="utf-8"))
                 # diffusers' models record the folder they were loaded from: a path on the maker's machine (often
                 # a temporary folder of an export), meaningless and private in a folder that is shared
-                config = json.loads(component_config.read_text(encoding="utf-8"))
-                if config.pop("_name_or_path", None) is not None:
+                changed = config.pop("_name_or_path", None) is not None
+                if component_config.parent.name == "text_encoder":
+                    # transformers 5 loads a model in its config's dtype, diffusers' models load in float32: a
+                    # folder stored in fp16 would give `StableDiffusionPipeline.from_pretrained(folder)` an fp16 text
+                    # encoder beside an fp32 U-Net ("mat1 and mat2 must have the same dtype"). The stored weights
+                    # keep their precision; the config says float32, like diffusers' default (a dtype= argument
+                    # still wins).
+                    config["dtype"] = "float32"
+                    changed = True
+                if changed:
                     atomic_write_text(component_config, json.dumps(config, indent=2, sort_keys=True) + "\n")
-            text_config = tmp / "text_encoder" / "config.json"
-            if text_config.is_file():
-                # transformers 5 loads a model in its config's dtype, diffusers' models load in float32: a folder
-                # stored in fp16 would give `StableDiffusionPipeline.from_pretrained(folder)` an fp16 text encoder
-                # beside an fp32 U-Net ("mat1 and mat2 must have the same dtype"). The stored weights keep their
-                # precision; the config says float32, like diffusers' default (a dtype= argument still wins).
-                config = json.loads(text_config.read_text(encoding="utf-8"))
-                config["dtype"] = "float32"
-                atomic_write_text(text_config, json.dumps(config, indent=2, sort_keys=True) + "\n")
             if self.sampling_defaults:
                 write_sampling_defaults(tmp, self.sampling_defaults)
 
