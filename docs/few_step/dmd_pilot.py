@@ -142,22 +142,17 @@ for step in range(1, steps + 1):
         target = (x - grad).detach()
     loss_dmd = 0.5 * F.mse_loss(x, target)
     loss = loss_dmd
-    if ANCHOR_U > 0 and FREE_ONLY:  # complete captions: G held to the frozen student along the latter's samples
-        ca, xa_T = batch(canonical)
+    # the anchor: G held to the frozen student, with FREE_ONLY on complete captions along the frozen student's own
+    # samples, else on G's captions and samples
+    if ANCHOR_U > 0:
+        ca, xa_T = batch(canonical) if FREE_ONLY else (c, None)
         ta = torch.randint(ANCHOR_TMIN, ANCHOR_TMAX, (B,)); na = torch.randn_like(x)
         aba = abar[ta].view(-1, 1, 1, 1)
         with torch.no_grad():
-            xs = solve(frozen, xa_T, ca)
+            xs = solve(frozen, xa_T, ca) if FREE_ONLY else x.detach()
             xa = aba.sqrt() * xs + (1 - aba).sqrt() * na
             ea = frozen(xa, ta, encoder_hidden_states=ca).sample
         loss = loss + ANCHOR_U * F.mse_loss(G(xa, ta, encoder_hidden_states=ca).sample, ea)
-    elif ANCHOR_U > 0:  # the same captions: G held to the frozen student along G's own samples
-        ta = torch.randint(ANCHOR_TMIN, ANCHOR_TMAX, (B,)); na = torch.randn_like(x)
-        aba = abar[ta].view(-1, 1, 1, 1)
-        xa = (aba.sqrt() * x.detach() + (1 - aba).sqrt() * na)
-        with torch.no_grad():
-            ea = frozen(xa, ta, encoder_hidden_states=c).sample
-        loss = loss + ANCHOR_U * F.mse_loss(G(xa, ta, encoder_hidden_states=c).sample, ea)
     opt_g.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(G.parameters(), 1.0); opt_g.step()
     if step % 10 == 0 or step == 1:
         print(f"step {step} dmd {loss_dmd.item():.4f} fake {lf:.4f} |grad| {grad.abs().mean():.3f} "
