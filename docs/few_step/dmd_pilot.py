@@ -11,12 +11,14 @@ open should come out as one of its values rather than their average.
     # free-form captions only, complete ones held to the student (runs/gs/dmd_f, ~16 min):
     FREE_ONLY=1 ANCHOR_U=1 ANCHOR_TMIN=0 ANCHOR_TMAX=1000 python docs/few_step/dmd_pilot.py runs/dec/s3d2_model \
         runs/long/cont3d runs/gs/dmd_f 400 1.5 1e-5 2 200
+    # the same with FREE_ONLY=one and OUT runs/gs/dmd_g: the loss on incomplete one-object captions only
 
 Environment: B (batch, 16), LR_F (the fake score's learning rate, 5e-5), SEED, DMD_TMIN (the loss draws t in
 [DMD_TMIN, 980]), GRAD_FROM (solver steps before it run without gradient), ANCHOR_U / ANCHOR_TMIN / ANCHOR_TMAX (a
 squared error to the frozen student's output on the student's noised samples at t in [TMIN, TMAX)), FREE_ONLY=1
 (the loss and the fake on captions that leave an attribute out; the anchor on the complete ones instead, along the
-frozen student's own samples). It reads the
+frozen student's own samples), FREE_ONLY=one (the same with only one-object captions that leave an attribute out:
+two-object captions, complete or not, go to the anchor). It reads the
 captions of runs/long/data5 (v5's last fine-tune) and writes OUT/unet (and OUT/unet_200...): put it in a copy of
 STUDENT to sample. Figures: docs/few_step/README.md, "Distribution matching, a pilot".
 """
@@ -39,7 +41,11 @@ ANCHOR_U = float(os.environ.get("ANCHOR_U", "0"))  # weight of: G's eps = frozen
 ANCHOR_TMAX = int(os.environ.get("ANCHOR_TMAX", "900"))
 ANCHOR_TMIN = int(os.environ.get("ANCHOR_TMIN", "0"))  # anchor draws t in [ANCHOR_TMIN, ANCHOR_TMAX)
 DMD_TMIN = int(os.environ.get("DMD_TMIN", "20"))  # the distribution-matching loss draws t in [DMD_TMIN, 980]
-FREE_ONLY = os.environ.get("FREE_ONLY") == "1"  # the loss on incomplete captions; the anchor on complete ones
+FREE_ONLY = os.environ.get("FREE_ONLY", "0")  # "1": the loss on incomplete captions, the anchor on complete ones;
+# "one": the loss on incomplete one-object captions only, the anchor on all others (complete or two-object)
+if FREE_ONLY not in ("0", "1", "one"):
+    sys.exit(f"error: FREE_ONLY must be 0, 1 or one, got {FREE_ONLY!r}")
+FREE_ONLY = {"0": None, "1": "free", "one": "free_one"}[FREE_ONLY]
 GRAD_FROM = int(os.environ.get("GRAD_FROM", "0"))  # the solver's steps before this index run without gradient
 GRID = [999, 700, 400, 100]
 torch.set_num_threads(2); torch.manual_seed(SEED); random.seed(SEED)
@@ -67,9 +73,12 @@ if FREE_ONLY:
             return "background" in p and all(len(o) == 3 for o in p["objects"])
         return len(p) == 5
 
-    canonical = [c for c in captions if complete(c)]
-    captions = [c for c in captions if not complete(c)]  # the distribution-matching loss and the fake see these
-    print(f"{len(canonical)} complete captions (held to the frozen student), {len(captions)} others", flush=True)
+    def held(text):
+        return complete(text) or (FREE_ONLY == "free_one" and "objects" in parse_caption(text))
+
+    canonical = [c for c in captions if held(c)]
+    captions = [c for c in captions if not held(c)]  # the distribution-matching loss and the fake see these
+    print(f"{len(canonical)} captions held to the frozen student, {len(captions)} others ({FREE_ONLY})", flush=True)
 with torch.no_grad():
     c_null = encode_text(tok, te, [""], "cpu")
     # the student's own (pruned) text encoder must give the same states as the teacher's
