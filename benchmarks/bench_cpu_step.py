@@ -1,0 +1,117 @@
+"""CPU training step: the recipe's plain fp32 step vs three ways to make it faster that a CPU user might reach for:
+`torch.compile` of the U-Net (inductor), channels-last weights, bf16 autocast (`--mixed_precision bf16`).
+
+Whether any of them shortens `recipes/shapes.sh` (issue #19 asks for the recipe in <= 2 h on 2 cores, and its LDM
+stages are the models' own compute: docs/training.md, "Where a CPU step goes"). Every variant runs the same
+LDMTrainer.train_step on cached latents (EMA update included), same initial weights and batches, in alternating
+rounds so that drifting machine load hits all alike; one process, one thread by default (the recipe runs two
+processes of one thread each). torch.compile's first steps (compilation) are timed apart and not counted.
+
+    python benchmarks/bench_cpu_step.py                                       # configs/ldm/shapes64_cpu.yaml
+    python benchmarks/bench_cpu_step.py --variants fp32 bf16 --json out.json
+
+Prints images/s per variant and its ratio to fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ldm_app.config import load_config  # noqa: E402
+from ldm_app.training.ldm import LDMRunConfig, LDMTrainer, build_models, build_train_dataset  # noqa: E402
+
+VARIANTS = ("fp32", "compile", "channels_last", "bf16")
+
+
+def make_trainer(args: argparse.Namespace, tmp: Path, variant: str) -> LDMTrainer:
+    from bench_train import make_inputs
+
+    from ldm_app.training.common import make_accelerator
+
+    if not (tmp / "data").exists():
+        make_inputs(tmp, args)
+    overrides = {"data": {"train_data_dir": str(tmp / "data"), "resolution": args.resolution,
+                          "holdout_fraction": 0.0},
+                 "unet": {"sample_size": args.resolution // 8},
+                 "train": {"train_batch_size": args.batch_size, "max_train_steps": 10**6},
+                 "ldm": {"pretrained_vae": str(tmp / "vae"), "validation_prompts": []}}
+    cfg = load_config(LDMRunConfig, args.config, overrides)
+    torch.manual_seed(0)
+    out = tmp / f"out-{variant}"
+    trainer = LDMTrainer(cfg, build_models(cfg), build_train_dataset(cfg), make_accelerator(cfg.train, out, cpu=True),
+                         out)
+    trainer.use_cache(tmp / "cache")
+    if variant == "channels_last":
+        trainer.unet.to(memory_format=torch.channels_last)
+    elif variant == "compile":
+        trainer.unet = torch.compile(trainer.unet)
+    elif variant == "bf16":
+        # what `--mixed_precision bf16` makes accelerate do to a prepared model (its forward under autocast, outputs
+        # back to fp32); done by hand because one process holds one AcceleratorState, whose precision is fixed
+        from accelerate.utils import convert_outputs_to_fp32
+
+        trainer.unet.forward = convert_outputs_to_fp32(
+            torch.autocast("cpu", dtype=torch.bfloat16)(trainer.unet.forward))
+    return trainer
+
+
+def time_steps(trainer: LDMTrainer, stream, steps: int) -> float:
+    """images/s of `steps` optimisation steps, EMA update included (as in LDMTrainer.run)."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(next(stream)[1])
+        trainer._after_optimizer_step()
+    return steps * trainer.cfg.train.train_batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    from bench_train import report
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/ldm/shapes64_cpu.yaml")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=32, help="per process, as in the recipe")
+    p.add_argument("--num_images", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5, help="steps per round")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    args = p.parse_args()
+    args.vae_levels, args.text_dim, args.workers = 4, 128, 0  # for bench_train.make_inputs
+    torch.set_num_threads(args.threads)
+    variants = ["fp32"] + [v for v in args.variants if v != "fp32"]
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        trainers = {v: make_trainer(args, tmp, v) for v in variants}
+        streams = {v: t.data_stream() for v, t in trainers.items()}
+        warmup: dict[str, float] = {}
+        for v, t in trainers.items():  # compilation (and the first allocations) outside the timed rounds
+            start = time.perf_counter()
+            time_steps(t, streams[v], 2)
+            warmup[v] = time.perf_counter() - start
+        speeds: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(args.rounds):
+            for v in variants:
+                speeds[v].append(time_steps(trainers[v], streams[v], args.steps))
+    figures: dict[str, float] = {"batch_size": args.batch_size, "threads": args.threads}
+    for v in variants:
+        figures[f"{v}_images_per_s"] = round(statistics.median(speeds[v]), 2)
+        figures[f"{v}_warmup_s"] = round(warmup[v], 1)
+        if v != "fp32":
+            figures[f"{v}_vs_fp32"] = round(statistics.median(speeds[v]) / statistics.median(speeds["fp32"]), 3)
+    report(figures, args.json)
+
+
+if __name__ == "__main__":
+    main()
