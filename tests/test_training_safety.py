@@ -285,6 +285,9 @@ def test_a_refused_two_process_run_ends_every_process(ldm_files, tmp_path):
         os.close(fd)
     assert proc.returncode != 0 and "error: output dir" in proc.stderr and "in use by another run" in proc.stderr
     assert time.time() - start < 110  # the peer did not wait for the process group
+    # the peer, waiting in C for rank 0 to join the process group, ended on torchrun's SIGTERM instead of sitting
+    # out its 30 s grace until SIGKILL (our Python SIGTERM handler cannot run during that wait)
+    assert "SIGKILL" not in proc.stderr, proc.stderr[-1500:]
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing written
 
 

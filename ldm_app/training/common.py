@@ -238,6 +238,26 @@ def check_launchable(cpu: bool, env: Mapping[str, str] | None = None, machine: M
                         "this machine has none: on CPUs train with DDP, torchrun --nproc_per_node N SCRIPT ...")
 
 
+@contextlib.contextmanager
+def sigterm_ends_the_rendezvous() -> Iterator[None]:
+    """SIGTERM at its default (the process ends at once) while a process of a multi-process launch waits in C
+    code for its peers to join the process group. Our SIGTERM handler (ldm_app.errors.run_cli) is Python, which
+    runs only when that wait returns: when rank 0 stops before joining (its run folder in use by another run, say),
+    torchrun SIGTERMs the waiting workers, and they sat out its 30 s grace until it SIGKILLed them. No file is
+    being written during the wait (the run config comes after it), so there is nothing to clean up."""
+    import signal
+    import threading
+
+    if launched_processes() <= 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def make_accelerator(cfg: TrainConfig, output_dir: str | Path, cpu: bool = False, report_to: str = "tensorboard",
                      machine: Machine | None = None):
     """accelerate owns device placement, mixed precision, distribution and gradient accumulation; `check_launch`
@@ -250,13 +270,14 @@ def make_accelerator(cfg: TrainConfig, output_dir: str | Path, cpu: bool = False
     precision, on_cpu, warnings = check_launch(cfg.mixed_precision, cpu, os.environ, machine or Machine.here())
     cpu = cpu or (on_cpu and launched_processes() > 1)
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs"))
-    accelerator = Accelerator(
-        mixed_precision=precision,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=None if report_to == "none" else report_to,
-        project_config=project,
-        cpu=cpu,
-    )
+    with sigterm_ends_the_rendezvous():
+        accelerator = Accelerator(
+            mixed_precision=precision,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            log_with=None if report_to == "none" else report_to,
+            project_config=project,
+            cpu=cpu,
+        )
     fill_deepspeed_batch(accelerator.state, cfg.train_batch_size)
     if accelerator.is_main_process:
         for line in warnings:
