@@ -64,31 +64,13 @@ def make_trainer(args: argparse.Namespace, tmp: Path, variant: str) -> LDMTraine
     return trainer
 
 
-def time_steps(trainer: LDMTrainer, stream, steps: int) -> float:
-    """images/s of `steps` optimisation steps, EMA update included (as in LDMTrainer.run)."""
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step(next(stream)[1])
-        trainer._after_optimizer_step()
-    return steps * trainer.cfg.train.train_batch_size / (time.perf_counter() - start)
-
-
 def main() -> None:
+    from bench_fused_adam import parse_step_args, step_parser, time_steps
     from bench_train import report
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/ldm/shapes64_cpu.yaml")
-    p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--batch_size", type=int, default=32, help="per process, as in the recipe")
-    p.add_argument("--num_images", type=int, default=256)
-    p.add_argument("--steps", type=int, default=5, help="steps per round")
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--threads", type=int, default=1)
+    p = step_parser(__doc__, 32, "per process, as in the recipe")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--json", help="also write the figures to this JSON file")
-    args = p.parse_args()
-    args.vae_levels, args.text_dim, args.workers = 4, 128, 0  # for bench_train.make_inputs
-    torch.set_num_threads(args.threads)
+    args = parse_step_args(p)
     variants = ["fp32"] + [v for v in args.variants if v != "fp32"]
 
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -57,21 +57,31 @@ def time_steps(trainer: LDMTrainer, stream, steps: int) -> float:
     return steps * trainer.cfg.train.train_batch_size / (time.perf_counter() - start)
 
 
-def main() -> None:
-    from bench_train import report
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def step_parser(doc: str, batch_size: int, batch_help: str | None = None) -> argparse.ArgumentParser:
+    """The options of a side-by-side CPU training-step benchmark (this one's and bench_cpu_step.py's)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--config", default="configs/ldm/shapes64_cpu.yaml")
     p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=batch_size, help=batch_help)
     p.add_argument("--num_images", type=int, default=256)
     p.add_argument("--steps", type=int, default=5, help="steps per round")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="also write the figures to this JSON file")
+    return p
+
+
+def parse_step_args(p: argparse.ArgumentParser) -> argparse.Namespace:
     args = p.parse_args()
     args.vae_levels, args.text_dim, args.workers = 4, 128, 0  # for bench_train.make_inputs
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    from bench_train import report
+
+    args = parse_step_args(step_parser(__doc__, 64))
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
