@@ -26,30 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm_app.config import load_config  # noqa: E402
-from ldm_app.training.ldm import LDMRunConfig, LDMTrainer, build_models, build_train_dataset  # noqa: E402
+from ldm_app.training.ldm import LDMTrainer  # noqa: E402
 
 VARIANTS = ("fp32", "compile", "channels_last", "bf16")
 
 
 def make_trainer(args: argparse.Namespace, tmp: Path, variant: str) -> LDMTrainer:
-    from bench_train import make_inputs
+    from bench_fused_adam import make_trainer as fused_adam_trainer
 
-    from ldm_app.training.common import make_accelerator
-
-    if not (tmp / "data").exists():
-        make_inputs(tmp, args)
-    overrides = {"data": {"train_data_dir": str(tmp / "data"), "resolution": args.resolution,
-                          "holdout_fraction": 0.0},
-                 "unet": {"sample_size": args.resolution // 8},
-                 "train": {"train_batch_size": args.batch_size, "max_train_steps": 10**6},
-                 "ldm": {"pretrained_vae": str(tmp / "vae"), "validation_prompts": []}}
-    cfg = load_config(LDMRunConfig, args.config, overrides)
-    torch.manual_seed(0)
-    out = tmp / f"out-{variant}"
-    trainer = LDMTrainer(cfg, build_models(cfg), build_train_dataset(cfg), make_accelerator(cfg.train, out, cpu=True),
-                         out)
-    trainer.use_cache(tmp / "cache")
+    trainer = fused_adam_trainer(args, tmp, True, variant)  # the recipe's step: fused AdamW (its default), fp32
     if variant == "channels_last":
         trainer.unet.to(memory_format=torch.channels_last)
     elif variant == "compile":

@@ -28,7 +28,9 @@ from ldm_app.config import load_config  # noqa: E402
 from ldm_app.training.ldm import LDMRunConfig, LDMTrainer, build_models, build_train_dataset  # noqa: E402
 
 
-def make_trainer(args: argparse.Namespace, tmp: Path, fused: bool) -> LDMTrainer:
+def make_trainer(args: argparse.Namespace, tmp: Path, fused: bool, name: str | None = None) -> LDMTrainer:
+    """A trainer of args.config on cached latents of a small shapes set in `tmp` (built once), seeded weights;
+    `name` (default: the fused flag) names its output folder. bench_cpu_step.py builds its variants with it."""
     from bench_train import make_inputs
 
     from ldm_app.training.common import make_accelerator
@@ -42,8 +44,9 @@ def make_trainer(args: argparse.Namespace, tmp: Path, fused: bool) -> LDMTrainer
                  "ldm": {"pretrained_vae": str(tmp / "vae"), "validation_prompts": []}}
     cfg = load_config(LDMRunConfig, args.config, overrides)  # text encoder built from the config: trained
     torch.manual_seed(0)
-    trainer = LDMTrainer(cfg, build_models(cfg), build_train_dataset(cfg),
-                         make_accelerator(cfg.train, tmp / f"out-{fused}", cpu=True), tmp / f"out-{fused}")
+    out = tmp / f"out-{fused if name is None else name}"
+    trainer = LDMTrainer(cfg, build_models(cfg), build_train_dataset(cfg), make_accelerator(cfg.train, out, cpu=True),
+                         out)
     trainer.use_cache(tmp / "cache")
     return trainer
 
