@@ -45,7 +45,7 @@ FREE_ONLY = os.environ.get("FREE_ONLY", "0")  # "1": the loss on incomplete capt
 # "one": the loss on incomplete one-object captions only, the anchor on all others (complete or two-object)
 if FREE_ONLY not in ("0", "1", "one"):
     sys.exit(f"error: FREE_ONLY must be 0, 1 or one, got {FREE_ONLY!r}")
-FREE_ONLY = {"0": None, "1": "free", "one": "free_one"}[FREE_ONLY]
+FREE_ONLY = None if FREE_ONLY == "0" else FREE_ONLY
 GRAD_FROM = int(os.environ.get("GRAD_FROM", "0"))  # the solver's steps before this index run without gradient
 GRID = [999, 700, 400, 100]
 torch.set_num_threads(2); torch.manual_seed(SEED); random.seed(SEED)
@@ -65,20 +65,19 @@ canonical = []
 if FREE_ONLY:
     from ldm_app.data.shapes import parse_caption
 
-    def complete(text):
-        """Every attribute stated: the canonical captions (one object: all five; two: both objects' size, colour and
-        shape, and the background)."""
-        p = parse_caption(text)
-        if "objects" in p:
-            return "background" in p and all(len(o) == 3 for o in p["objects"])
-        return len(p) == 5
-
     def held(text):
-        return complete(text) or (FREE_ONLY == "free_one" and "objects" in parse_caption(text))
+        """Held to the frozen student: a complete (canonical) caption, every attribute stated (one object: all five;
+        two: both objects' size, colour and shape, and the background); with FREE_ONLY=one any two-object caption."""
+        p = parse_caption(text)
+        two = "objects" in p
+        complete = "background" in p and all(len(o) == 3 for o in p["objects"]) if two else len(p) == 5
+        return complete or (FREE_ONLY == "one" and two)
 
-    canonical = [c for c in captions if held(c)]
-    captions = [c for c in captions if not held(c)]  # the distribution-matching loss and the fake see these
-    print(f"{len(canonical)} captions held to the frozen student, {len(captions)} others ({FREE_ONLY})", flush=True)
+    is_held = [held(c) for c in captions]
+    canonical = [c for c, h in zip(captions, is_held) if h]
+    captions = [c for c, h in zip(captions, is_held) if not h]  # the distribution-matching loss and the fake see these
+    print(f"{len(canonical)} captions held to the frozen student, {len(captions)} others (FREE_ONLY={FREE_ONLY})",
+          flush=True)
 with torch.no_grad():
     c_null = encode_text(tok, te, [""], "cpu")
     # the student's own (pruned) text encoder must give the same states as the teacher's
